@@ -1,0 +1,1 @@
+"""oogiri core: no platform (Telegram, Discord, XTuner) imports anywhere in here."""

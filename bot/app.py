@@ -1,0 +1,113 @@
+"""The assembled application: settings + plugins + store + engine + service + channels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import pluggy
+
+from bot.engines.base import Engine
+from bot.limits import Limiter, make_limiter
+from bot.metrics import Metrics
+from bot.plugins import Registry, call_hook, collect, make_manager
+from bot.service import JokeService
+from bot.settings import Settings, mask_url
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Channel(Protocol):
+    """A way people reach the bot. ``start`` returns once it is serving; ``stop`` drains it."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class App:
+    def __init__(
+        self,
+        settings: Settings,
+        pm: pluggy.PluginManager,
+        store: Store,
+        engine: Engine,
+        limiter: Limiter,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.pm = pm
+        self.store = store
+        self.engine = engine
+        self.limiter = limiter
+        self.metrics = metrics
+        self.service = JokeService(settings, pm, store, engine, limiter, metrics)
+        self.channel_registry: Registry = collect(
+            pm, "oogiri_register_channels", "channel", settings
+        )
+        self.channels: list[Channel] = []
+        self.state: dict[str, Any] = {}  # plugins keep their per-app objects here
+
+    @classmethod
+    async def create(
+        cls,
+        settings: Settings | None = None,
+        pm: pluggy.PluginManager | None = None,
+        engine: Engine | None = None,
+        plugins: Iterable[object] = (),
+    ) -> App:
+        settings = settings or Settings()
+        pm = pm or make_manager(settings.plugins, extra=plugins)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.database_url, settings.images_dir, echo=settings.store.echo)
+        log.info("store: %s", mask_url(settings.database_url))
+        await store.upgrade()
+        if engine is None:
+            engines = collect(pm, "oogiri_register_engines", "engine", settings)
+            factory = engines.get(settings.engine.name)
+            engine = await asyncio.to_thread(factory, settings)
+        app = cls(settings, pm, store, engine, make_limiter(settings.limits.backend), Metrics())
+        await call_hook(pm, "oogiri_startup", app=app)
+        return app
+
+    def swap_engine(self, engine: Engine) -> Engine:
+        """Route new requests to ``engine``; returns the old one (the caller drains and closes it)."""
+        old, self.engine, self.service.engine = self.engine, engine, engine
+        return old
+
+    async def start_channels(self, names: Iterable[str] | None = None) -> None:
+        for name in names if names is not None else self.settings.channels:
+            channel = self.channel_registry.get(name)(self)
+            await channel.start()
+            self.channels.append(channel)
+            log.info("channel %s started", name)
+
+    async def serve_forever(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await self.start_channels()
+        await stop.wait()
+        log.info("shutting down")
+
+    async def close(self) -> None:
+        for channel in reversed(self.channels):
+            try:
+                await channel.stop()
+            except Exception:
+                log.exception("channel %s failed to stop cleanly", channel.name)
+        self.channels.clear()
+        await call_hook(self.pm, "oogiri_shutdown", app=self)
+        await self.engine.close()
+        await self.limiter.close()
+        await self.store.close()

@@ -1,0 +1,71 @@
+"""Logging set-up with a filter that scrubs every configured secret from every record."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+from pydantic import BaseModel, SecretStr
+
+from bot.settings import Settings
+
+# Telegram bot tokens and bearer keys look like this even when they are not in settings.
+TOKEN_PATTERNS = (
+    re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b"),
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
+)
+
+
+def secret_values(model: BaseModel) -> list[str]:
+    found: list[str] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr):
+            raw = value.get_secret_value()
+            if len(raw) >= 4:
+                found.append(raw)
+        elif isinstance(value, BaseModel):
+            found.extend(secret_values(value))
+    return found
+
+
+class RedactingFilter(logging.Filter):
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = sorted(set(secrets), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "**********")
+        for pattern in TOKEN_PATTERNS:
+            text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "**********", text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.redact(message)
+        if record.exc_info and record.exc_info[1] is not None:
+            # Render the traceback now, so the redacted copy is what handlers print.
+            formatter = logging.Formatter()
+            clean = clean + "\n" + self.redact(formatter.formatException(record.exc_info))
+            record.exc_info = None
+            record.exc_text = None
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        return True
+
+
+def configure_logging(settings: Settings) -> RedactingFilter:
+    redactor = RedactingFilter(secret_values(settings))
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    handler.addFilter(redactor)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    # httpx logs full request URLs at INFO, and Telegram puts the token in the URL path.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return redactor

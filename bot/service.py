@@ -1,0 +1,205 @@
+"""JokeService: the one path every channel calls (validate → limit → hooks → engine → store)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import asdict
+
+import pluggy
+
+from bot import images
+from bot.engines.base import Engine
+from bot.limits import Limiter
+from bot.metrics import Metrics
+from bot.models import (
+    EngineBusy,
+    EngineError,
+    GenerationParams,
+    Joke,
+    JokeRequest,
+    OogiriError,
+    RateLimited,
+    Rating,
+    Rejected,
+)
+from bot.plugins import call_first, call_hook
+from bot.settings import Settings
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class JokeService:
+    def __init__(
+        self,
+        settings: Settings,
+        pm: pluggy.PluginManager,
+        store: Store,
+        engine: Engine,
+        limiter: Limiter,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pm = pm
+        self.store = store
+        self.engine = engine
+        self.limiter = limiter
+        self.metrics = metrics or Metrics()
+        self._slots = asyncio.Semaphore(settings.limits.max_concurrency)
+
+    def params(self) -> GenerationParams:
+        e = self.settings.engine
+        return GenerationParams(
+            max_new_tokens=e.max_new_tokens,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            max_dynamic_patch=e.max_dynamic_patch,
+        )
+
+    async def tell(self, request: JokeRequest) -> Joke:
+        """Answer one picture with a joke, or raise an ``OogiriError`` with a user message."""
+        started = time.perf_counter()
+        try:
+            joke = await self._tell(request)
+        except OogiriError as exc:
+            outcome = exc.code
+            await self._record(request, outcome, started, reason=str(exc))
+            raise
+        except Exception as exc:
+            log.exception("unexpected failure while telling a joke")
+            await self._record(request, "error", started, reason=type(exc).__name__)
+            raise EngineError(detail="internal error") from exc
+        await self._record(request, "ok", started, joke_id=joke.id)
+        return joke
+
+    async def _tell(self, request: JokeRequest) -> Joke:
+        limits = self.settings.limits
+        if request.hint and len(request.hint) > limits.max_hint_chars:
+            raise Rejected(key="hint_too_long", limit=limits.max_hint_chars)
+        await self._check_limits(request)
+        request.image = await asyncio.to_thread(
+            images.load,
+            request.image_bytes,
+            self.settings.images,
+            filename=request.filename,
+            content_type=request.content_type,
+        )
+        await call_hook(self.pm, "oogiri_before_joke", request=request)
+        prompt = await call_first(self.pm, "oogiri_prompt", request=request, settings=self.settings)
+        request.prompt = prompt or self.default_prompt(request)
+        params = self.params()
+
+        engine = self.engine  # a swap mid-request must not change the engine under us
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=limits.queue_timeout_s)
+        except TimeoutError:
+            raise EngineBusy() from None
+        try:
+            with self.metrics.in_flight.track_inprogress():
+                generation = await engine.generate(request.image, request.prompt, params)
+        finally:
+            self._slots.release()
+
+        joke = Joke(
+            id=0,
+            text=generation.text.strip(),
+            model_version=generation.model,
+            engine=engine.name,
+            image_sha256=request.image.sha256,
+            channel=request.channel,
+            user_id=request.user_id,
+            chat_id=request.chat_id,
+            prompt=request.prompt,
+            latency_ms=int(generation.latency_s * 1000),
+        )
+        for replacement in await call_hook(
+            self.pm, "oogiri_after_joke", request=request, joke=joke
+        ):
+            if isinstance(replacement, str) and replacement.strip():
+                joke.text = replacement.strip()
+
+        await self.store.save_image(request.image)
+        stored = await self.store.add_joke(
+            image_sha256=joke.image_sha256,
+            channel=joke.channel,
+            user_id=joke.user_id,
+            chat_id=joke.chat_id,
+            prompt=joke.prompt,
+            hint=request.hint,
+            text=joke.text,
+            model_version=joke.model_version,
+            engine=joke.engine,
+            params=asdict(params),
+            latency_ms=joke.latency_ms,
+            prompt_tokens=generation.usage.prompt_tokens,
+            completion_tokens=generation.usage.completion_tokens,
+        )
+        self.metrics.engine_latency.labels(joke.model_version).observe(generation.latency_s)
+        return stored
+
+    def default_prompt(self, request: JokeRequest) -> str:
+        if request.hint:
+            return f"{self.settings.prompt}\n提示：{request.hint.strip()}"
+        return self.settings.prompt
+
+    async def _check_limits(self, request: JokeRequest) -> None:
+        limits = self.settings.limits
+        wait = await self.limiter.hit(
+            f"user:{request.channel}:{request.user_id}", limits.per_user_per_minute, 60.0
+        )
+        if wait is not None:
+            raise RateLimited("rate_user", seconds=max(1, math.ceil(wait)))
+        if request.chat_id is not None:
+            wait = await self.limiter.hit(
+                f"chat:{request.channel}:{request.chat_id}", limits.per_chat_per_minute, 60.0
+            )
+            if wait is not None:
+                raise RateLimited("rate_chat", seconds=max(1, math.ceil(wait)))
+
+    async def _record(
+        self,
+        request: JokeRequest,
+        outcome: str,
+        started: float,
+        reason: str | None = None,
+        joke_id: int | None = None,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        self.metrics.requests.labels(request.channel, outcome).inc()
+        self.metrics.request_latency.labels(request.channel).observe(elapsed)
+        try:
+            await self.store.record_request(
+                channel=request.channel,
+                user_id=request.user_id,
+                chat_id=request.chat_id,
+                outcome=outcome,
+                reason=(reason or None) and reason[:500],
+                joke_id=joke_id,
+                latency_ms=int(elapsed * 1000),
+            )
+        except Exception:
+            # Losing an audit row must never turn a served joke into an error.
+            log.warning("could not record request outcome %s", outcome, exc_info=True)
+
+    async def rate(
+        self,
+        joke_id: int,
+        user_id: str,
+        value: int,
+        channel: str,
+        chat_id: str | None = None,
+    ) -> Rating:
+        """Record (or change) one user's vote; observers are told only after it is committed."""
+        rating = await self.store.rate(joke_id, user_id, value, channel, chat_id=chat_id)
+        self.metrics.ratings.labels(channel, "up" if value > 0 else "down").inc()
+        try:
+            await call_hook(self.pm, "oogiri_on_rating", rating=rating)
+        except Exception:
+            log.exception("an oogiri_on_rating hook failed (the vote is stored)")
+        return rating
+
+    async def get_joke(self, joke_id: int) -> Joke:
+        return await self.store.get_joke(joke_id)

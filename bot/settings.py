@@ -1,0 +1,223 @@
+"""Every knob of oogiri, from env (OOGIRI_*, nested with __), a .env file or a TOML file.
+
+Sections are grouped by concern so that a plugin reads only its own part. Secrets are SecretStr so
+that printing settings (``oogiri config show``) or logging them never leaks a token.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "oogiri"
+
+
+class EngineSettings(BaseModel):
+    """Which engine answers and how it samples."""
+
+    name: str = Field("transformers", description="registered engine name")
+    model: Path | None = Field(
+        None, description="local model folder; unset: the tiny demo model is built in data_dir"
+    )
+    model_version: str | None = Field(None, description="label stored with every joke")
+    device: str = "cpu"
+    threads: int = Field(0, description="torch threads for the local engine (0: torch's default)")
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_dynamic_patch: int = Field(6, ge=1, le=40, description="InternVL tiles per image")
+    timeout_s: float = Field(60.0, gt=0)
+    # HTTP engines (lmdeploy / openai-compatible)
+    base_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:23333"])
+    api_key: SecretStr | None = None
+    served_model_name: str | None = Field(None, description="unset: discovered from /v1/models")
+    retries: int = Field(2, ge=0, le=10)
+    max_in_flight: int = Field(64, ge=1)
+    breaker_failures: int = Field(5, ge=1, description="consecutive failures that open the breaker")
+    breaker_reset_s: float = Field(15.0, gt=0)
+    presize_to_tiles: bool = Field(True, description="resize images to the tile grid before upload")
+    # managed LMDeploy server
+    manage: bool = False
+    backend: Literal["pytorch", "turbomind"] = "pytorch"
+    tp: int = Field(1, ge=1)
+    session_len: int = 8192
+    cache_max_entry_count: float = Field(0.2, gt=0, le=1)
+    max_batch_size: int = 256
+    chat_template: Path | None = Field(None, description="unset: the shipped InternVL2 template")
+    port: int = 23333
+    server_threads: int = Field(2, ge=1, description="OMP/MKL threads of the managed server")
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class ImageSettings(BaseModel):
+    """Limits applied to untrusted uploads before and during decoding."""
+
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1, description="width*height before decoding")
+    max_side: int = Field(2048, ge=64, description="longest side after normalisation")
+    max_aspect: float = Field(20.0, ge=1.0, description="longest/shortest side")
+    jpeg_quality: int = Field(92, ge=50, le=100)
+
+
+class LimitSettings(BaseModel):
+    """Rate limits and the concurrency cap enforced by JokeService."""
+
+    per_user_per_minute: int = Field(6, ge=0, description="0: unlimited")
+    per_chat_per_minute: int = Field(30, ge=0, description="0: unlimited")
+    max_concurrency: int = Field(4, ge=1, description="engine calls in flight per process")
+    queue_timeout_s: float = Field(20.0, ge=0, description="wait for a slot before 'busy'")
+    backend: str = Field("memory", description="'memory', or a redis:// URL shared by replicas")
+    max_hint_chars: int = Field(200, ge=0)
+
+
+class StoreSettings(BaseModel):
+    url: str | None = Field(None, description="SQLAlchemy async URL; unset: SQLite in data_dir")
+    echo: bool = False
+
+
+class WebSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    cookie_secret: SecretStr | None = Field(
+        None, description="unset: a random secret is created once in data_dir"
+    )
+    secure_cookies: bool = Field(False, description="set when served over HTTPS")
+    public_stats: bool = True
+
+
+class TelegramSettings(BaseModel):
+    token: SecretStr | None = None
+    mode: Literal["polling", "webhook"] = "polling"
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_path: str = "/telegram/webhook"
+    admin_ids: list[int] = Field(default_factory=list)
+    language: Literal["auto", "zh", "en"] = "auto"
+    base_url: str | None = Field(None, description="Bot API base URL (tests, local Bot API server)")
+    base_file_url: str | None = None
+
+
+class DiscordSettings(BaseModel):
+    token: SecretStr | None = None
+    dev_guild_id: int | None = Field(None, description="sync commands here only (fast iteration)")
+    max_attachment_bytes: int = 10 * 1024 * 1024
+    shard_count: int | None = None
+    shard_ids: list[int] | None = None
+    api_base_url: str | None = Field(None, description="REST base (tests)")
+    gateway_url: str | None = Field(None, description="gateway override (tests)")
+
+
+class TrainingSettings(BaseModel):
+    base_model: Path | None = Field(None, description="model folder XTuner fine-tunes")
+    xtuner_python: Path | None = Field(None, description="python of the training venv")
+    work_dir: Path | None = Field(None, description="unset: data_dir/training")
+    base_dataset: Path | None = Field(None, description="XTuner-format JSON to mix in")
+    base_ratio: float = Field(1.0, ge=0.0, description="base samples per rated sample")
+    min_votes: int = Field(1, ge=1)
+    min_net_score: int = Field(1)
+    per_user_cap: int = Field(50, ge=1)
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    every_days: float | None = Field(7.0, description="retrain at least this often (None: never)")
+    min_new_ratings: int | None = Field(200, description="or after this many new ratings")
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    max_epochs: int = 1
+    batch_size: int = 4
+    accumulative_counts: int = 4
+    lr: float = 2e-5
+    max_length: int = 6656
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Precedence: init > env > .env > TOML file > defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OOGIRI_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        toml_file=os.environ.get("OOGIRI_CONFIG_FILE", "oogiri.toml"),
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    channels: list[str] = Field(default_factory=lambda: ["web"])
+    plugins: list[str] | None = Field(
+        None, description="load only these plugins (entry-point names); unset: all"
+    )
+    prompt: str = DEFAULT_PROMPT
+    language: Literal["zh", "en"] = "zh"
+    log_level: str = "INFO"
+
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    telegram: TelegramSettings = Field(default_factory=TelegramSettings)
+    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @field_validator("channels", "plugins", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        # OOGIRI_PLUGINS=web,telegram is friendlier than JSON for a list.
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            TomlConfigSettingsSource(settings_cls),
+            file_secret_settings,
+        )
+
+    @cached_property
+    def database_url(self) -> str:
+        if self.store.url:
+            return self.store.url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'oogiri.sqlite3'}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings as JSON-safe data with every secret replaced by '**********'."""
+        return self.model_dump(mode="json")
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in a database URL before it reaches a log line."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable url>"

@@ -1,0 +1,513 @@
+"""Persistence: SQLAlchemy 2 async over SQLite (default, WAL) or PostgreSQL; Alembic migrations.
+
+Images are content-addressed files (sha256) under ``images_dir``; a joke row is a snapshot of what
+the model saw (image hash, prompt, parameters, model version) so training needs no chat history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    case,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from bot.models import Joke, NormalizedImage, NotFound, OogiriError, Rating
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+# BigInteger primary keys autoincrement on PostgreSQL; SQLite needs plain INTEGER for rowid aliasing.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(String(255))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    source_format: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JokeRow(Base):
+    __tablename__ = "jokes"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    image_sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"), index=True)
+    channel: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str] = mapped_column(String(128), index=True)
+    chat_id: Mapped[str | None] = mapped_column(String(128))
+    prompt: Mapped[str] = mapped_column(Text)
+    hint: Mapped[str | None] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    model_version: Mapped[str] = mapped_column(String(128), index=True)
+    engine: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    latency_ms: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class RatingRow(Base):
+    __tablename__ = "ratings"
+    __table_args__ = (UniqueConstraint("joke_id", "user_id", name="uq_rating_joke_user"),)
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    joke_id: Mapped[int] = mapped_column(ForeignKey("jokes.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(String(128))
+    channel: Mapped[str] = mapped_column(String(32))
+    value: Mapped[int] = mapped_column(SmallInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class RequestRow(Base):
+    """Every outcome of ``JokeService.tell`` (success, rejection, engine error)."""
+
+    __tablename__ = "requests"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str] = mapped_column(String(128))
+    chat_id: Mapped[str | None] = mapped_column(String(128))
+    outcome: Mapped[str] = mapped_column(String(32), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    joke_id: Mapped[int | None] = mapped_column(BigInteger)
+    latency_ms: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ModelVersionRow(Base):
+    __tablename__ = "model_versions"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(String(128), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    parent: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default="candidate")
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    data_card: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    config: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class TrainingRunRow(Base):
+    __tablename__ = "training_runs"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    step: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    log_path: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStats:
+    model_version: str
+    jokes: int
+    up: int
+    down: int
+
+    @property
+    def rated(self) -> int:
+        return self.up + self.down
+
+    @property
+    def like_rate(self) -> float | None:
+        return self.up / self.rated if self.rated else None
+
+
+def _joke_from_row(row: JokeRow, up: int = 0, down: int = 0) -> Joke:
+    return Joke(
+        id=row.id,
+        text=row.text,
+        model_version=row.model_version,
+        engine=row.engine,
+        image_sha256=row.image_sha256,
+        channel=row.channel,
+        user_id=row.user_id,
+        chat_id=row.chat_id,
+        prompt=row.prompt,
+        latency_ms=row.latency_ms,
+        up=up,
+        down=down,
+        created_at=row.created_at,
+    )
+
+
+class Store:
+    def __init__(self, url: str, images_dir: Path, echo: bool = False) -> None:
+        self.url = url
+        self.images_dir = Path(images_dir)
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"echo": echo}
+        if not self.is_sqlite:
+            kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def upgrade(self, revision: str = "head") -> None:
+        """Bring the schema to ``revision`` with Alembic (creates the SQLite folder if needed)."""
+        if self.is_sqlite:
+            db_path = self.url.split("///", 1)[-1]
+            if db_path and db_path != ":memory:":
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        from bot.migrations import run_upgrade
+
+        async with self.engine.begin() as conn:
+            await conn.run_sync(run_upgrade, revision)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    # ------------------------------------------------------------------ images
+
+    def image_path(self, sha256: str) -> Path:
+        return self.images_dir / sha256[:2] / f"{sha256}.jpg"
+
+    async def save_image(self, image: NormalizedImage) -> Path:
+        path = self.image_path(image.sha256)
+        if not path.exists():
+            await asyncio.to_thread(_atomic_write, path, image.jpeg)
+        async with self.session() as s:
+            stmt = self._insert(ImageRow).values(
+                sha256=image.sha256,
+                path=str(path.relative_to(self.images_dir)),
+                width=image.width,
+                height=image.height,
+                size_bytes=len(image.jpeg),
+                source_format=image.source_format,
+                created_at=utcnow(),
+            )
+            await s.execute(stmt.on_conflict_do_nothing(index_elements=["sha256"]))
+        return path
+
+    def read_image(self, sha256: str) -> bytes:
+        return self.image_path(sha256).read_bytes()
+
+    # ------------------------------------------------------------------ jokes
+
+    async def add_joke(self, **fields: Any) -> Joke:
+        async with self.session() as s:
+            row = JokeRow(**fields)
+            s.add(row)
+            await s.flush()
+            return _joke_from_row(row)
+
+    async def get_joke(self, joke_id: int) -> Joke:
+        async with self.session() as s:
+            row = await s.get(JokeRow, joke_id)
+            if row is None:
+                raise NotFound()
+            up, down = await self._counts(s, joke_id)
+            return _joke_from_row(row, up, down)
+
+    async def record_request(self, **fields: Any) -> None:
+        async with self.session() as s:
+            s.add(RequestRow(**fields))
+
+    async def request_outcomes(self) -> dict[str, int]:
+        async with self.session() as s:
+            rows = await s.execute(
+                select(RequestRow.outcome, func.count()).group_by(RequestRow.outcome)
+            )
+            return {outcome: n for outcome, n in rows.all()}
+
+    # ------------------------------------------------------------------ ratings
+
+    async def rate(
+        self,
+        joke_id: int,
+        user_id: str,
+        value: int,
+        channel: str,
+        chat_id: str | None = None,
+    ) -> Rating:
+        """One vote per user per joke; a second vote replaces the first.
+
+        With ``chat_id`` the joke must belong to that chat, so a forged button from another chat
+        cannot vote on it.
+        """
+        if value not in (1, -1):
+            raise OogiriError("bad_vote")
+        async with self.session() as s:
+            joke = await s.get(JokeRow, joke_id)
+            if joke is None or (chat_id is not None and joke.chat_id != chat_id):
+                raise NotFound()
+            previous = await s.scalar(
+                select(RatingRow.value).where(
+                    RatingRow.joke_id == joke_id, RatingRow.user_id == user_id
+                )
+            )
+            now = utcnow()
+            stmt = self._insert(RatingRow).values(
+                joke_id=joke_id,
+                user_id=user_id,
+                channel=channel,
+                value=value,
+                created_at=now,
+                updated_at=now,
+            )
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["joke_id", "user_id"],
+                set_={"value": value, "updated_at": now},
+            )
+            await s.execute(stmt)
+            up, down = await self._counts(s, joke_id)
+        return Rating(
+            joke_id=joke_id,
+            user_id=user_id,
+            value=value,
+            previous=previous,
+            up=up,
+            down=down,
+            channel=channel,
+        )
+
+    async def ratings_for(self, joke_id: int) -> list[tuple[str, int]]:
+        async with self.session() as s:
+            rows = await s.execute(
+                select(RatingRow.user_id, RatingRow.value)
+                .where(RatingRow.joke_id == joke_id)
+                .order_by(RatingRow.id)
+            )
+            return [(u, v) for u, v in rows.all()]
+
+    async def count_ratings(self, since: datetime | None = None) -> int:
+        async with self.session() as s:
+            q = select(func.count()).select_from(RatingRow)
+            if since is not None:
+                q = q.where(RatingRow.updated_at > since)
+            return int(await s.scalar(q) or 0)
+
+    async def _counts(self, s: AsyncSession, joke_id: int) -> tuple[int, int]:
+        row = (
+            await s.execute(
+                select(
+                    func.coalesce(func.sum(case((RatingRow.value > 0, 1), else_=0)), 0),
+                    func.coalesce(func.sum(case((RatingRow.value < 0, 1), else_=0)), 0),
+                ).where(RatingRow.joke_id == joke_id)
+            )
+        ).one()
+        return int(row[0]), int(row[1])
+
+    async def stats(self) -> list[VersionStats]:
+        """Jokes, 👍 and 👎 per model version (each user's current vote counts once)."""
+        up = func.coalesce(func.sum(case((RatingRow.value > 0, 1), else_=0)), 0)
+        down = func.coalesce(func.sum(case((RatingRow.value < 0, 1), else_=0)), 0)
+        async with self.session() as s:
+            jokes = dict(
+                (
+                    await s.execute(
+                        select(JokeRow.model_version, func.count()).group_by(JokeRow.model_version)
+                    )
+                ).all()
+            )
+            votes = {
+                mv: (int(u), int(d))
+                for mv, u, d in (
+                    await s.execute(
+                        select(JokeRow.model_version, up, down)
+                        .join(RatingRow, RatingRow.joke_id == JokeRow.id)
+                        .group_by(JokeRow.model_version)
+                    )
+                ).all()
+            }
+        return [VersionStats(mv, int(n), *votes.get(mv, (0, 0))) for mv, n in sorted(jokes.items())]
+
+    async def rated_jokes(self) -> list[dict[str, Any]]:
+        """Every joke that has at least one vote, with its vote list (for training export)."""
+        async with self.session() as s:
+            rows = (
+                await s.execute(
+                    select(JokeRow, RatingRow.user_id, RatingRow.value)
+                    .join(RatingRow, RatingRow.joke_id == JokeRow.id)
+                    .order_by(JokeRow.id, RatingRow.id)
+                )
+            ).all()
+        out: dict[int, dict[str, Any]] = {}
+        for joke, voter, value in rows:
+            item = out.setdefault(
+                joke.id,
+                {
+                    "joke": _joke_from_row(joke),
+                    "params": joke.params,
+                    "hint": joke.hint,
+                    "votes": [],
+                },
+            )
+            item["votes"].append((voter, value))
+        return list(out.values())
+
+    # ------------------------------------------------------------------ model registry
+
+    async def add_model_version(
+        self,
+        version: str,
+        path: str,
+        parent: str | None = None,
+        status: str = "candidate",
+        metrics: dict[str, Any] | None = None,
+        data_card: dict[str, Any] | None = None,
+        config: str | None = None,
+    ) -> None:
+        async with self.session() as s:
+            s.add(
+                ModelVersionRow(
+                    version=version,
+                    path=path,
+                    parent=parent,
+                    status=status,
+                    metrics=metrics or {},
+                    data_card=data_card or {},
+                    config=config,
+                )
+            )
+
+    async def model_versions(self) -> Sequence[ModelVersionRow]:
+        async with self.session() as s:
+            return (
+                (await s.execute(select(ModelVersionRow).order_by(ModelVersionRow.id)))
+                .scalars()
+                .all()
+            )
+
+    async def get_model_version(self, version: str) -> ModelVersionRow | None:
+        async with self.session() as s:
+            return await s.scalar(select(ModelVersionRow).where(ModelVersionRow.version == version))
+
+    async def active_model(self) -> ModelVersionRow | None:
+        async with self.session() as s:
+            return await s.scalar(
+                select(ModelVersionRow).where(ModelVersionRow.status == "active").limit(1)
+            )
+
+    async def set_model_status(self, version: str, status: str, **fields: Any) -> None:
+        async with self.session() as s:
+            if status == "active":
+                await s.execute(
+                    update(ModelVersionRow)
+                    .where(ModelVersionRow.status == "active")
+                    .values(status="retired")
+                )
+                fields.setdefault("promoted_at", utcnow())
+            result = await s.execute(
+                update(ModelVersionRow)
+                .where(ModelVersionRow.version == version)
+                .values(status=status, **fields)
+            )
+            if result.rowcount == 0:
+                raise LookupError(f"no model version {version!r}")
+
+    # ------------------------------------------------------------------ training runs
+
+    async def start_training_run(self, log_path: str | None = None) -> int:
+        async with self.session() as s:
+            row = TrainingRunRow(log_path=log_path, status="running", started_at=utcnow())
+            s.add(row)
+            await s.flush()
+            return row.id
+
+    async def update_training_run(self, run_id: int, **fields: Any) -> None:
+        async with self.session() as s:
+            await s.execute(
+                update(TrainingRunRow).where(TrainingRunRow.id == run_id).values(**fields)
+            )
+
+    async def training_runs(self) -> Sequence[TrainingRunRow]:
+        async with self.session() as s:
+            return (
+                (await s.execute(select(TrainingRunRow).order_by(TrainingRunRow.id)))
+                .scalars()
+                .all()
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _insert(self, table: type[Base]) -> Any:
+        return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write then rename, so a crash or a full disk never leaves half an image behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "Base",
+    "ImageRow",
+    "JokeRow",
+    "ModelVersionRow",
+    "RatingRow",
+    "RequestRow",
+    "Store",
+    "TrainingRunRow",
+    "VersionStats",
+]

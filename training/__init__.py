@@ -1,0 +1,1 @@
+"""The offline retraining loop. Imports bot/, never the other way round."""
