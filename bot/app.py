@@ -77,7 +77,7 @@ class App:
         return app
 
     def swap_engine(self, engine: Engine) -> Engine:
-        """Route new requests to ``engine``; returns the old one (the caller drains and closes it)."""
+        """Route new requests to ``engine``; the caller drains and closes the returned old one."""
         old, self.engine, self.service.engine = self.engine, engine, engine
         return old
 

@@ -140,7 +140,8 @@ def joke(
                             )
                         else:
                             print(
-                                f"{path}: {result.text}  [model {result.model_version}, joke #{result.id}]",
+                                f"{path}: {result.text}  "
+                                f"[model {result.model_version}, joke #{result.id}]",
                                 flush=True,
                             )
                     progress.advance(task)

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -49,10 +49,13 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSON,
+    }
 
 
-# BigInteger primary keys autoincrement on PostgreSQL; SQLite needs plain INTEGER for rowid aliasing.
+# BigInteger keys autoincrement on PostgreSQL; SQLite needs plain INTEGER for rowid aliasing.
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 
 
