@@ -1,0 +1,117 @@
+"""Shared fixtures: settings in a temp dir, stores on SQLite and PostgreSQL, real sample images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.settings import Settings
+from bot.store import Store
+
+PG_ADMIN_URL = os.environ.get("OOGIRI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def skimage_data_dir() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return skimage_data_dir()
+
+
+@pytest.fixture(scope="session")
+def chelsea_png(sample_dir: Path) -> bytes:
+    return (sample_dir / "chelsea.png").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def photo_jpegs(sample_dir: Path) -> list[bytes]:
+    """A few real photos as JPEG bytes (what phones send)."""
+    out = []
+    for name in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg"):
+        img = Image.open(sample_dir / name).convert("RGB")
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(_env_file=None, data_dir=tmp_path / "data")
+
+
+def _run(coro_fn, *args):
+    """Run a coroutine to completion from sync code, even inside a running loop."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro_fn(*args)).result()
+
+
+async def _pg_available() -> bool:
+    import asyncpg
+
+    try:
+        conn = await asyncio.wait_for(asyncpg.connect(PG_ADMIN_URL), timeout=3)
+    except Exception:
+        return False
+    await conn.close()
+    return True
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session; dropped afterwards."""
+    import asyncpg
+
+    if not _run(_pg_available):
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL on 127.0.0.1:5432 is required in CI")
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    name = f"oogiri_test_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _run(admin, f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}".replace("postgresql://", "postgresql+asyncpg://", 1)
+    _run(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _reset_pg(url: str) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+        await conn.exec_driver_sql("CREATE SCHEMA public")
+    await engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A migrated, empty store on each backend."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
+    else:
+        url = request.getfixturevalue("pg_database")
+        await _reset_pg(url)
+    s = Store(url, tmp_path / "images")
+    await s.upgrade()
+    yield s
+    await s.close()
