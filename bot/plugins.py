@@ -78,6 +78,18 @@ async def call_first(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> Any:
     return None
 
 
+async def notify(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> None:
+    """Call an observer hook: each implementation runs even if another one fails."""
+    for impl in reversed(getattr(pm.hook, name).get_hookimpls()):
+        args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
+        try:
+            await resolve(impl.function(**args))
+        except Exception:
+            log.exception(
+                "%s in plugin %s failed; other observers still run", name, impl.plugin_name
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class PluginInfo:
     name: str

@@ -25,7 +25,7 @@ from bot.models import (
     Rating,
     Rejected,
 )
-from bot.plugins import call_first, call_hook
+from bot.plugins import call_first, call_hook, notify
 from bot.settings import Settings
 from bot.store import Store
 
@@ -195,10 +195,7 @@ class JokeService:
         """Record (or change) one user's vote; observers are told only after it is committed."""
         rating = await self.store.rate(joke_id, user_id, value, channel, chat_id=chat_id)
         self.metrics.ratings.labels(channel, "up" if value > 0 else "down").inc()
-        try:
-            await call_hook(self.pm, "oogiri_on_rating", rating=rating)
-        except Exception:
-            log.exception("an oogiri_on_rating hook failed (the vote is stored)")
+        await notify(self.pm, "oogiri_on_rating", rating=rating)  # the vote is already stored
         return rating
 
     async def get_joke(self, joke_id: int) -> Joke:

@@ -1,0 +1,297 @@
+"""One test per hook (``test_hook_<name>``), plus the discipline that keeps it so.
+
+Like datasette, a hook that has no documentation in docs/plugins.md or no test named after it
+fails the suite: the plugin contract is only as good as its weakest documented hook.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bot import hookspecs
+from bot.app import App
+from bot.engines.instant import InstantEngine
+from bot.hookspecs import hookimpl
+from bot.models import JokeRequest, Rejected
+from bot.plugins import Registry, call_first, collect, describe, make_manager
+from bot.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = sorted(
+    name
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+    if name.startswith("oogiri_")
+)
+
+
+def test_every_hook_is_documented() -> None:
+    doc = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^### (oogiri_\w+)", doc, flags=re.M))
+    assert set(HOOKS) - documented == set(), "document these hooks in docs/plugins.md"
+    assert documented - set(HOOKS) == set(), "docs/plugins.md documents hooks that do not exist"
+    for name in HOOKS:
+        section = doc.split(f"### {name}", 1)[1].split("\n### ", 1)[0]
+        assert "```python" in section, f"{name} needs an example in docs/plugins.md"
+
+
+def test_every_hook_has_a_test_of_its_own() -> None:
+    names: set[str] = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names |= {
+            n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+        }
+    missing = [h for h in HOOKS if f"test_hook_{h.removeprefix('oogiri_')}" not in names]
+    assert missing == [], f"write test_hook_<name> tests for: {missing}"
+
+
+def req(data: bytes, **kw) -> JokeRequest:
+    return JokeRequest(image_bytes=data, channel="test", user_id="test:u", **kw)
+
+
+class Recorder:
+    """A plugin that records the order in which the core calls it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def oogiri_before_joke(self, request: JokeRequest) -> None:
+        assert request.image is not None  # the image was validated first
+        self.calls.append("before")
+
+    @hookimpl
+    async def oogiri_prompt(self, request: JokeRequest, settings: Settings) -> str | None:
+        self.calls.append("prompt")
+        return None
+
+    @hookimpl
+    def oogiri_after_joke(self, request, joke) -> None:
+        self.calls.append("after")
+
+
+async def make_app(settings: Settings, *plugins: object, engine=None) -> App:
+    pm = make_manager([], extra=plugins)
+    return await App.create(settings, pm=pm, engine=engine or InstantEngine())
+
+
+def test_hook_register_engines(settings: Settings) -> None:
+    class P:
+        @hookimpl
+        def oogiri_register_engines(self, register, settings):
+            register("custom", lambda s: InstantEngine(model="custom-1"))
+
+    pm = make_manager([], extra=[P()])
+    engines = collect(pm, "oogiri_register_engines", "engine", settings)
+    assert engines.names() == ["custom"]
+    assert engines.get("custom")(settings).model == "custom-1"
+    with pytest.raises(LookupError, match="registered: custom"):
+        engines.get("nope")
+
+
+async def test_hook_register_engines_picks_engine_by_setting(settings: Settings) -> None:
+    settings.engine.name = "instant"
+    app = await App.create(settings, pm=make_manager(["engine_instant"]))
+    try:
+        assert app.engine.name == "instant"
+    finally:
+        await app.close()
+
+
+async def test_hook_register_channels(settings: Settings) -> None:
+    events: list[str] = []
+
+    class Chan:
+        name = "fake"
+
+        def __init__(self, app: App) -> None:
+            self.app = app
+
+        async def start(self) -> None:
+            events.append("start")
+
+        async def stop(self) -> None:
+            events.append("stop")
+
+    class P:
+        @hookimpl
+        def oogiri_register_channels(self, register, settings):
+            register("fake", Chan)
+
+    app = await make_app(settings, P())
+    assert app.channel_registry.names() == ["fake"]
+    await app.start_channels(["fake"])
+    await app.close()
+    assert events == ["start", "stop"]
+
+
+def test_registry_refuses_duplicates() -> None:
+    r = Registry("channel")
+    r.register("web", object)
+    with pytest.raises(ValueError, match="twice"):
+        r.register("web", object)
+
+
+async def test_hook_prompt(settings: Settings, chelsea_png: bytes) -> None:
+    class Sync:
+        @hookimpl
+        def oogiri_prompt(self, request, settings):
+            return None  # declines: the next implementation answers
+
+    class Async:
+        @hookimpl
+        async def oogiri_prompt(self, request, settings):
+            return f"用{request.language}讲个笑话"
+
+    app = await make_app(settings, Async(), Sync())
+    try:
+        joke = await app.service.tell(req(chelsea_png, language="en"))
+        assert joke.prompt == "用en讲个笑话"
+        assert await call_first(app.pm, "oogiri_prompt", request=req(b""), settings=settings)
+    finally:
+        await app.close()
+
+
+async def test_hook_before_joke(settings: Settings, chelsea_png: bytes) -> None:
+    class DenyList:
+        @hookimpl
+        async def oogiri_before_joke(self, request):
+            if request.user_id == "test:banned":
+                raise Rejected("You are not allowed here.")
+
+    app = await make_app(settings, DenyList())
+    try:
+        with pytest.raises(Rejected) as info:
+            await app.service.tell(JokeRequest(chelsea_png, channel="test", user_id="test:banned"))
+        assert info.value.user_message("en") == "You are not allowed here."
+        assert app.engine.calls == 0
+        assert await app.store.request_outcomes() == {"rejected": 1}
+        await app.service.tell(req(chelsea_png))
+    finally:
+        await app.close()
+
+
+async def test_hook_after_joke(settings: Settings, chelsea_png: bytes) -> None:
+    seen = []
+
+    class Shout:
+        @hookimpl
+        def oogiri_after_joke(self, request, joke):
+            seen.append(joke.text)
+            return joke.text.upper() + "!"
+
+    app = await make_app(settings, Shout())
+    try:
+        joke = await app.service.tell(req(chelsea_png))
+        assert joke.text == seen[0].upper() + "!"
+        assert (await app.store.get_joke(joke.id)).text == joke.text  # stored replaced text
+    finally:
+        await app.close()
+
+
+async def test_hooks_called_in_documented_order(settings: Settings, chelsea_png: bytes) -> None:
+    rec = Recorder()
+    app = await make_app(settings, rec)
+    try:
+        await app.service.tell(req(chelsea_png))
+        assert rec.calls == ["before", "prompt", "after"]
+    finally:
+        await app.close()
+
+
+async def test_hook_on_rating(settings: Settings, chelsea_png: bytes) -> None:
+    seen = []
+
+    class Observer:
+        @hookimpl
+        async def oogiri_on_rating(self, rating):
+            # Called after commit: the vote is already visible in the store.
+            seen.append(
+                (rating.value, rating.previous, await app.store.ratings_for(rating.joke_id))
+            )
+
+    class Broken:
+        @hookimpl
+        def oogiri_on_rating(self, rating):
+            raise RuntimeError("observer bug")
+
+    app = await make_app(settings, Observer(), Broken())
+    try:
+        joke = await app.service.tell(req(chelsea_png))
+        await app.service.rate(joke.id, "test:v", 1, "test")
+        await app.service.rate(joke.id, "test:v", -1, "test")
+        assert seen == [(1, None, [("test:v", 1)]), (-1, 1, [("test:v", -1)])]
+    finally:
+        await app.close()
+
+
+async def test_hook_startup(settings: Settings) -> None:
+    started = []
+
+    class P:
+        @hookimpl
+        async def oogiri_startup(self, app):
+            started.append(app.store is not None and app.service is not None)
+
+    app = await make_app(settings, P())
+    await app.close()
+    assert started == [True]
+
+
+async def test_hook_shutdown(settings: Settings) -> None:
+    order = []
+
+    class P:
+        @hookimpl
+        def oogiri_shutdown(self, app):
+            order.append("shutdown")
+
+    class Engine(InstantEngine):
+        async def close(self) -> None:
+            order.append("engine closed")
+
+    app = await make_app(settings, P(), engine=Engine())
+    await app.close()
+    assert order == ["shutdown", "engine closed"]
+
+
+def test_hook_register_commands(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import typer
+
+    import bot.cli
+
+    class P:
+        @hookimpl
+        def oogiri_register_commands(self, cli: typer.Typer) -> None:
+            @cli.command("hello")
+            def hello(name: str) -> None:
+                print(f"hello {name}")
+
+    monkeypatch.setenv("OOGIRI_DATA_DIR", str(tmp_path))
+    fresh = typer.Typer()
+    for info in bot.cli.cli.registered_commands:
+        fresh.registered_commands.append(info)
+    pm = make_manager([], extra=[P()])
+    pm.hook.oogiri_register_commands(cli=fresh)
+    result = CliRunner().invoke(fresh, ["hello", "world"])
+    assert result.exit_code == 0 and "hello world" in result.output
+
+
+def test_plugins_filter_and_describe(monkeypatch: pytest.MonkeyPatch) -> None:
+    pm = make_manager(["engine_instant"])
+    infos = describe(pm)
+    assert [i.name for i in infos] == ["engine_instant"]
+    assert infos[0].hooks == ("oogiri_register_engines",)
+    everything = {i.name for i in describe(make_manager(None))}
+    assert {"engine_instant", "engine_transformers", "web"} <= everything
+
+
+def test_unknown_plugin_name_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    make_manager(["no-such-plugin"])
+    assert "no-such-plugin" in caplog.text

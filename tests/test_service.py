@@ -1,0 +1,124 @@
+"""JokeService: the single request path, its limits and its bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bot.app import App
+from bot.engines.instant import InstantEngine
+from bot.models import (
+    EngineBusy,
+    EngineError,
+    ImageRejected,
+    JokeRequest,
+    NotFound,
+    RateLimited,
+    Rejected,
+)
+from bot.settings import Settings
+
+
+def req(data: bytes, user: str = "alice", chat: str | None = None, **kw) -> JokeRequest:
+    return JokeRequest(image_bytes=data, channel="test", user_id=f"test:{user}", chat_id=chat, **kw)
+
+
+@pytest.fixture
+async def app(settings: Settings):
+    app = await App.create(settings, engine=InstantEngine())
+    yield app
+    await app.close()
+
+
+async def test_tell_stores_image_joke_and_outcome(app: App, chelsea_png: bytes) -> None:
+    joke = await app.service.tell(req(chelsea_png, chat="c1"))
+    assert joke.id > 0 and joke.text and joke.model_version == "instant-0"
+    assert joke.engine == "instant" and joke.prompt == app.settings.prompt
+    stored = await app.store.get_joke(joke.id)
+    assert stored.image_sha256 == joke.image_sha256 and stored.chat_id == "c1"
+    # The stored image is exactly what the engine saw: the normalised JPEG.
+    saved = app.store.read_image(joke.image_sha256)
+    assert saved[:2] == b"\xff\xd8"
+    assert await app.store.request_outcomes() == {"ok": 1}
+    assert b'oogiri_requests_total{channel="test",outcome="ok"} 1.0' in app.metrics.render()
+
+
+async def test_hint_reaches_prompt_and_long_hint_rejected(app: App, chelsea_png: bytes) -> None:
+    joke = await app.service.tell(req(chelsea_png, hint="猫"))
+    assert joke.prompt.endswith("提示：猫")
+    with pytest.raises(Rejected) as info:
+        await app.service.tell(req(chelsea_png, hint="x" * 1000))
+    assert "200" in info.value.user_message("en")
+
+
+async def test_bad_image_is_rejected_and_recorded(app: App) -> None:
+    with pytest.raises(ImageRejected) as info:
+        await app.service.tell(req(b"this is not a picture"))
+    assert info.value.user_message("zh") and info.value.user_message("en")
+    assert await app.store.request_outcomes() == {"image_rejected": 1}
+    assert app.engine.calls == 0
+
+
+async def test_per_user_and_per_chat_limits(settings: Settings, chelsea_png: bytes) -> None:
+    settings.limits.per_user_per_minute = 2
+    settings.limits.per_chat_per_minute = 3
+    app = await App.create(settings, engine=InstantEngine())
+    try:
+        await app.service.tell(req(chelsea_png, "a", chat="g"))
+        await app.service.tell(req(chelsea_png, "a", chat="g"))
+        with pytest.raises(RateLimited) as info:
+            await app.service.tell(req(chelsea_png, "a", chat="g"))
+        assert info.value.key == "rate_user" and info.value.params["seconds"] >= 1
+        await app.service.tell(req(chelsea_png, "b", chat="g"))
+        with pytest.raises(RateLimited) as info:
+            await app.service.tell(req(chelsea_png, "c", chat="g"))
+        assert info.value.key == "rate_chat"
+        await app.service.tell(req(chelsea_png, "c", chat="other"))
+    finally:
+        await app.close()
+
+
+async def test_concurrency_cap_answers_busy(settings: Settings, chelsea_png: bytes) -> None:
+    settings.limits.max_concurrency = 1
+    settings.limits.queue_timeout_s = 0.05
+    app = await App.create(settings, engine=InstantEngine(delay_s=0.5))
+    try:
+        results = await asyncio.gather(
+            app.service.tell(req(chelsea_png, "a")),
+            app.service.tell(req(chelsea_png, "b")),
+            return_exceptions=True,
+        )
+        assert sum(isinstance(r, EngineBusy) for r in results) == 1
+        assert sum(not isinstance(r, Exception) for r in results) == 1
+        assert (await app.store.request_outcomes()) == {"ok": 1, "busy": 1}
+    finally:
+        await app.close()
+
+
+async def test_engine_failure_is_recorded(settings: Settings, chelsea_png: bytes) -> None:
+    app = await App.create(settings, engine=InstantEngine(fail=True))
+    try:
+        with pytest.raises(EngineError) as info:
+            await app.service.tell(req(chelsea_png))
+        assert "engine" in info.value.user_message("en").lower()
+        assert await app.store.request_outcomes() == {"engine_error": 1}
+    finally:
+        await app.close()
+
+
+async def test_rate_and_change_vote(app: App, chelsea_png: bytes) -> None:
+    joke = await app.service.tell(req(chelsea_png, chat="c"))
+    r = await app.service.rate(joke.id, "test:bob", 1, "test", chat_id="c")
+    assert (r.up, r.down) == (1, 0)
+    r = await app.service.rate(joke.id, "test:bob", -1, "test", chat_id="c")
+    assert (r.up, r.down, r.previous) == (0, 1, 1)
+    with pytest.raises(NotFound):
+        await app.service.rate(joke.id, "test:bob", 1, "test", chat_id="someone-else")
+
+
+async def test_swap_engine_routes_new_requests(app: App, chelsea_png: bytes) -> None:
+    old = app.swap_engine(InstantEngine(model="v2"))
+    assert old.model == "instant-0"
+    joke = await app.service.tell(req(chelsea_png))
+    assert joke.model_version == "v2"
