@@ -12,7 +12,7 @@ from bot.settings import Settings
 
 # Telegram bot tokens and bearer keys look like this even when they are not in settings.
 TOKEN_PATTERNS = (
-    re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b"),
+    re.compile(r"(?<!\d)\d{6,12}:[A-Za-z0-9_-]{30,}"),
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
 )
 
