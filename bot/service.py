@@ -63,7 +63,7 @@ class JokeService:
         """Answer one picture with a joke, or raise an ``OogiriError`` with a user message."""
         started = time.perf_counter()
         try:
-            joke = await self._tell(request)
+            joke = await self._tell(request, started)
         except OogiriError as exc:
             outcome = exc.code
             await self._record(request, outcome, started, reason=str(exc))
@@ -72,10 +72,10 @@ class JokeService:
             log.exception("unexpected failure while telling a joke")
             await self._record(request, "error", started, reason=type(exc).__name__)
             raise EngineError(detail="internal error") from exc
-        await self._record(request, "ok", started, joke_id=joke.id)
+        self._count(request, "ok", started)  # its request row was stored with the joke
         return joke
 
-    async def _tell(self, request: JokeRequest) -> Joke:
+    async def _tell(self, request: JokeRequest, started: float) -> Joke:
         limits = self.settings.limits
         if request.hint and len(request.hint) > limits.max_hint_chars:
             raise Rejected(key="hint_too_long", limit=limits.max_hint_chars)
@@ -121,9 +121,14 @@ class JokeService:
             if isinstance(replacement, str) and replacement.strip():
                 joke.text = replacement.strip()
 
-        await self.store.save_image(request.image)
         stored = await self.store.add_joke(
-            image_sha256=joke.image_sha256,
+            request.image,
+            request={
+                "channel": request.channel,
+                "user_id": request.user_id,
+                "chat_id": request.chat_id,
+                "latency_ms": int((time.perf_counter() - started) * 1000),
+            },
             channel=joke.channel,
             user_id=joke.user_id,
             chat_id=joke.chat_id,
@@ -159,17 +164,21 @@ class JokeService:
             if wait is not None:
                 raise RateLimited("rate_chat", seconds=max(1, math.ceil(wait)))
 
+    def _count(self, request: JokeRequest, outcome: str, started: float) -> float:
+        elapsed = time.perf_counter() - started
+        self.metrics.requests.labels(request.channel, outcome).inc()
+        self.metrics.request_latency.labels(request.channel).observe(elapsed)
+        return elapsed
+
     async def _record(
         self,
         request: JokeRequest,
         outcome: str,
         started: float,
         reason: str | None = None,
-        joke_id: int | None = None,
     ) -> None:
-        elapsed = time.perf_counter() - started
-        self.metrics.requests.labels(request.channel, outcome).inc()
-        self.metrics.request_latency.labels(request.channel).observe(elapsed)
+        """Record a failed request (a served one is stored together with its joke)."""
+        elapsed = self._count(request, outcome, started)
         try:
             await self.store.record_request(
                 channel=request.channel,
@@ -177,11 +186,10 @@ class JokeService:
                 chat_id=request.chat_id,
                 outcome=outcome,
                 reason=(reason or None) and reason[:500],
-                joke_id=joke_id,
                 latency_ms=int(elapsed * 1000),
             )
         except Exception:
-            # Losing an audit row must never turn a served joke into an error.
+            # Losing an audit row must never hide the real error from the user.
             log.warning("could not record request outcome %s", outcome, exc_info=True)
 
     async def rate(

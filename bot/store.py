@@ -217,32 +217,52 @@ class Store:
         return self.images_dir / sha256[:2] / f"{sha256}.jpg"
 
     async def save_image(self, image: NormalizedImage) -> Path:
+        path = await self._write_image_file(image)
+        async with self.session() as s:
+            await self._insert_image(s, image, path)
+        return path
+
+    async def _write_image_file(self, image: NormalizedImage) -> Path:
         path = self.image_path(image.sha256)
         if not path.exists():
             await asyncio.to_thread(_atomic_write, path, image.jpeg)
-        async with self.session() as s:
-            stmt = self._insert(ImageRow).values(
-                sha256=image.sha256,
-                path=str(path.relative_to(self.images_dir)),
-                width=image.width,
-                height=image.height,
-                size_bytes=len(image.jpeg),
-                source_format=image.source_format,
-                created_at=utcnow(),
-            )
-            await s.execute(stmt.on_conflict_do_nothing(index_elements=["sha256"]))
         return path
+
+    async def _insert_image(self, s: AsyncSession, image: NormalizedImage, path: Path) -> None:
+        stmt = self._insert(ImageRow).values(
+            sha256=image.sha256,
+            path=str(path.relative_to(self.images_dir)),
+            width=image.width,
+            height=image.height,
+            size_bytes=len(image.jpeg),
+            source_format=image.source_format,
+            created_at=utcnow(),
+        )
+        await s.execute(stmt.on_conflict_do_nothing(index_elements=["sha256"]))
 
     def read_image(self, sha256: str) -> bytes:
         return self.image_path(sha256).read_bytes()
 
     # ------------------------------------------------------------------ jokes
 
-    async def add_joke(self, **fields: Any) -> Joke:
+    async def add_joke(
+        self,
+        image: NormalizedImage,
+        request: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> Joke:
+        """Store the image file, its row, the joke and (optionally) the request outcome at once.
+
+        One transaction per served joke: either all of it is stored or none of it.
+        """
+        path = await self._write_image_file(image)
         async with self.session() as s:
-            row = JokeRow(**fields)
+            await self._insert_image(s, image, path)
+            row = JokeRow(image_sha256=image.sha256, **fields)
             s.add(row)
             await s.flush()
+            if request is not None:
+                s.add(RequestRow(joke_id=row.id, outcome="ok", **request))
             return _joke_from_row(row)
 
     async def get_joke(self, joke_id: int) -> Joke:

@@ -21,10 +21,8 @@ def fake_image(seed: bytes = b"x") -> NormalizedImage:
 
 
 async def add_joke(store: Store, chat: str | None = "c1", version: str = "v1", seed: bytes = b"x"):
-    img = fake_image(seed)
-    await store.save_image(img)
     return await store.add_joke(
-        image_sha256=img.sha256,
+        fake_image(seed),
         channel="test",
         user_id="test:alice",
         chat_id=chat,

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): JSON under bench/results, sections of docs/benchmarks.md."""

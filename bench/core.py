@@ -1,0 +1,142 @@
+"""Core overhead: images/s through JokeService (validate, normalise, store), instant engine.
+
+Not a test: it measures. Writes bench/results/core.json and the "Core" section of
+docs/benchmarks.md. Usage: python bench/core.py [--images 400] [--concurrency 8] [--store URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_section  # noqa: E402
+from bot.app import App  # noqa: E402
+from bot.engines.instant import InstantEngine  # noqa: E402
+from bot.models import JokeRequest  # noqa: E402
+from bot.plugins import make_manager  # noqa: E402
+from bot.settings import Settings  # noqa: E402
+
+
+def one_megapixel_jpegs(count: int) -> list[bytes]:
+    """Distinct ~1 MP JPEGs cut from scikit-image's real photos (distinct → no dedupe shortcut)."""
+    import skimage
+
+    data = Path(skimage.__file__).parent / "data"
+    sources = [
+        Image.open(data / n).convert("RGB")
+        for n in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+    ]
+    out = []
+    for i in range(count):
+        src = sources[i % len(sources)].resize((1155, 866), Image.Resampling.BICUBIC)
+        # a one-pixel signature makes every file distinct without changing its character
+        src.putpixel((i % 1155, (i // 1155) % 866), (i % 256, (i * 7) % 256, (i * 13) % 256))
+        buf = io.BytesIO()
+        src.save(buf, "JPEG", quality=88)
+        out.append(buf.getvalue())
+    return out
+
+
+async def run(n_images: int, concurrency: int, store_url: str | None) -> dict:
+    payloads = one_megapixel_jpegs(n_images)
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides: dict = {
+            "data_dir": Path(tmp),
+            "limits": {
+                "per_user_per_minute": 0,
+                "per_chat_per_minute": 0,
+                "max_concurrency": concurrency,
+            },
+        }
+        if store_url:
+            overrides["store"] = {"url": store_url}
+        settings = Settings(_env_file=None, **overrides)
+        app = await App.create(settings, pm=make_manager([]), engine=InstantEngine())
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for p in payloads:
+            queue.put_nowait(p)
+        latencies: list[float] = []
+
+        async def worker(w: int) -> None:
+            while not queue.empty():
+                data = queue.get_nowait()
+                t0 = time.perf_counter()
+                await app.service.tell(
+                    JokeRequest(image_bytes=data, channel="bench", user_id=f"bench:{w}")
+                )
+                latencies.append(time.perf_counter() - t0)
+
+        # warm-up (imports, first DB connection) outside the timed window
+        await app.service.tell(JokeRequest(image_bytes=payloads[0], channel="bench", user_id="w"))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+        outcomes = await app.store.request_outcomes()
+        await app.close()
+    latencies.sort()
+    return {
+        "images": n_images,
+        "concurrency": concurrency,
+        "store": "postgresql" if store_url else "sqlite",
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(n_images / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))] * 1000, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "outcomes": outcomes,
+        "image_bytes_mean": int(statistics.mean(len(p) for p in payloads)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--store", default=None, help="SQLAlchemy async URL (default: temp SQLite)")
+    ap.add_argument("--no-docs", action="store_true")
+    args = ap.parse_args()
+    result = asyncio.run(run(args.images, args.concurrency, args.store))
+    result["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"core-{result['store']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    if not args.no_docs:
+        rows = [
+            "| store | images | in flight | images/s | p50 ms | p95 ms | peak RSS MB |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for f in sorted(out.glob("core-*.json")):
+            r = json.loads(f.read_text())
+            rows.append(
+                f"| {r['store']} | {r['images']} | {r['concurrency']} | **{r['images_per_s']}** | "
+                f"{r['p50_ms']} | {r['p95_ms']} | {r['peak_rss_mb']} |"
+            )
+        write_section(
+            "core",
+            "Core overhead (`bench/core.py`)",
+            f"JokeService with the instant engine on distinct ~1-megapixel JPEGs "
+            f"(validate + normalise + store). Machine: {result['machine']}. "
+            "Goal: >= 200 images/s.\n\n" + "\n".join(rows),
+        )
+
+
+if __name__ == "__main__":
+    main()
