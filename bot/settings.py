@@ -62,6 +62,29 @@ class EngineSettings(BaseModel):
     port: int = 23333
     server_threads: int = Field(2, ge=1, description="OMP/MKL threads of the managed server")
     extra_args: list[str] = Field(default_factory=list)
+    # HTTP engine details (bot/engines/openai_http.py)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    retry_backoff_s: float = Field(
+        0.2, ge=0, description="first retry delay; doubles per retry, ±50% jitter, capped at 5 s"
+    )
+    request_extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra JSON fields for every chat request (e.g. ignore_eos for benchmarks)",
+    )
+    # managed server details (bot/engines/lmdeploy_server.py)
+    server_command: list[str] = Field(
+        default_factory=list,
+        description="argv that runs lmdeploy's CLI; empty: [this python, -m, lmdeploy]",
+    )
+    server_host: str = Field("127.0.0.1", description="--server-name of the managed server")
+    trust_remote_code: bool = Field(True, description="InternVL2 folders need remote config code")
+    startup_timeout_s: float = Field(900.0, gt=0, description="wait this long for /health")
+    drain_timeout_s: float = Field(
+        180.0, gt=0, description="swap: wait this long for in-flight requests on the old server"
+    )
+    control_socket: Path | None = Field(
+        None, description="admin socket of `oogiri serve`; unset: data_dir/run/engine.sock"
+    )
 
 
 class ImageSettings(BaseModel):
