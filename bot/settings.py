@@ -164,6 +164,61 @@ class TrainingSettings(BaseModel):
     accumulative_counts: int = 4
     lr: float = 2e-5
     max_length: int = 6656
+    # --- export (training/export.py)
+    base_image_folder: Path | None = Field(
+        None, description="image folder of base_dataset; unset: the JSON's own folder"
+    )
+    per_voter_cap: int | None = Field(
+        None, ge=1, description="votes counted per voter, earliest first (None: all)"
+    )
+    max_jokes_per_image: int = Field(1, ge=1, description="best-rated jokes kept per image")
+    min_examples: int = Field(4, ge=1, description="fewer training examples: the run is skipped")
+    seed: int = Field(0, description="seed of the base-dataset sampling")
+    # --- XTuner config and launch (training/config.py, training/run.py)
+    template: Path | None = Field(None, description="XTuner config template; unset: shipped QLoRA")
+    warmup_ratio: float = Field(0.03, gt=0.0, lt=1.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    max_norm: float = Field(1.0, gt=0.0, description="gradient clipping")
+    dataloader_num_workers: int = Field(4, ge=0)
+    save_steps: int = Field(1000, ge=1)
+    save_total_limit: int = Field(1, description="checkpoints kept (-1: all)")
+    quantization_llm: bool = Field(True, description="QLoRA: 4-bit LLM")
+    lora_r: int = Field(128, ge=1)
+    lora_alpha: int = Field(256, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    deepspeed: str | None = Field("deepspeed_zero1", description="None: no DeepSpeed")
+    convert_script: Path | None = Field(
+        None, description="convert_to_official.py; unset: found in the training venv's xtuner"
+    )
+    timeout_hours: float | None = Field(None, gt=0, description="kill a step running longer")
+    venv: Path | None = Field(None, description="where `oogiri train setup` builds the venv")
+    # --- evaluation gate (training/gate.py)
+    eval_python: Path | None = Field(None, description="python that evaluates; unset: xtuner's")
+    eval_device: str = Field("auto", description="auto, cuda, cpu")
+    eval_max_samples: int = Field(64, ge=1)
+    eval_max_new_tokens: int = Field(64, ge=1)
+    eval_max_dynamic_patch: int = Field(6, ge=1)
+    gate_loss_tolerance: float = Field(
+        0.0, ge=0.0, description="candidate held-out loss may exceed the active one by this share"
+    )
+    gate_min_sanity: float = Field(0.8, ge=0.0, le=1.0, description="share of sane generations")
+    gate_language: Literal["zh", "en", "any"] | None = Field(
+        None, description="language generations must be in; unset: settings.language"
+    )
+    gate_min_chars: int = Field(2, ge=0)
+    gate_max_chars: int = Field(200, ge=1)
+    # --- promotion and schedule (training/run.py, training/schedule.py)
+    auto_promote: bool = Field(True, description="promote a candidate that passes the gate")
+    promote_command: list[str] = Field(
+        default_factory=lambda: ["{python}", "-m", "bot.cli", "engine", "swap", "{model_dir}"],
+        description="engine swap command; {python} {model_dir} {version} are substituted",
+    )
+    schedule_mode: Literal["any", "all"] = Field(
+        "any", description="due when any (or all) of every_days / min_new_ratings is met"
+    )
+    retry_failed_after_hours: float = Field(6.0, ge=0.0)
+    schedule_in_serve: bool = Field(False, description="`oogiri serve` checks --if-due itself")
+    schedule_check_minutes: float = Field(10.0, gt=0.0)
 
 
 class Settings(BaseSettings):
