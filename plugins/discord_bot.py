@@ -1,0 +1,645 @@
+"""Discord channel: ``/joke``, the "Joke about this image" context menu, persistent 👍/👎 buttons.
+
+The module is named ``discord_bot`` so that it can never shadow the ``discord`` package. It needs
+the ``discord`` extra (discord.py 2.x); without it the plugin still loads, and starting the channel
+says what to install.
+
+Everything a user does goes through ``JokeService``: ``tell`` for a joke, ``rate`` for a vote. This
+module only translates between Discord interactions and the core's requests and jokes.
+
+Discord rules this channel follows:
+
+* An interaction must be answered within 3 seconds. Cheap checks (attachment size and content type,
+  both known from the interaction payload) are answered at once; everything else is deferred with a
+  "thinking…" state first and finished with a follow-up.
+* Rejections are ephemeral (only the person who asked sees them); jokes are public.
+* Vote buttons are ``DynamicItem`` s whose ``custom_id`` carries the joke id, so a button on a
+  message posted before a restart still works: nothing about it lives in memory.
+* No privileged intents, no message-content intent, no member or message cache: application
+  commands and components arrive through ``INTERACTION_CREATE`` whatever the intents.
+* Nobody is pinged (``AllowedMentions.none()``).
+"""
+
+import asyncio
+import io
+import logging
+import re
+from collections.abc import Callable
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any
+
+from bot.hookspecs import hookimpl
+from bot.models import ImageRejected, JokeRequest, OogiriError, message
+
+try:  # the `discord` extra
+    import aiohttp
+    import discord
+    import yarl
+    from discord import app_commands
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without the extra
+    discord = None  # type: ignore[assignment]
+    app_commands = None  # type: ignore[assignment]
+    _IMPORT_ERROR: ModuleNotFoundError | None = exc
+else:
+    _IMPORT_ERROR = None
+
+if TYPE_CHECKING:
+    from bot.app import App
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "discord"
+CONTEXT_MENU_NAME = "Joke about this image"
+#: custom_id of a vote button: ``oogiri:vote:<joke id>:<up|down>`` (at most 100 characters).
+VOTE_TEMPLATE = r"oogiri:vote:(?P<joke_id>[0-9]{1,19}):(?P<value>up|down)"
+VOTE_EMOJI = {"up": "👍", "down": "👎"}
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".avif"}
+)
+#: The picture is re-attached to the joke only up to this size (Discord's default upload limit).
+REUPLOAD_MAX_BYTES = 8 * 1024 * 1024
+MAX_CONTENT_CHARS = 2000
+
+TEXTS: dict[str, dict[str, str]] = {
+    "no_image": {
+        "en": "I can't find a picture in that message.",
+        "zh": "这条消息里没有图片。",
+    },
+    "download_failed": {
+        "en": "I couldn't fetch that picture from Discord; please try again.",
+        "zh": "没能从 Discord 取到这张图片，请再试一次。",
+    },
+    "failed": {
+        "en": "Something went wrong on my side; please try again.",
+        "zh": "我这边出了点问题，请再试一次。",
+    },
+    "help": {
+        "en": (
+            "**Joke bot — how to use me**\n"
+            "• `/joke image:<picture> [hint]` — I tell a joke about your picture "
+            "(the hint nudges the joke).\n"
+            "• On any message with a picture: *Apps → {menu}*.\n"
+            "• Vote with 👍 / 👎 under a joke; press the other one to change your vote. "
+            "Votes teach me better jokes.\n"
+            "Limits: pictures up to {limit_mb} MB; {per_minute} jokes per minute per person."
+        ),
+        "zh": (
+            "**讲梗机器人 · 用法**\n"
+            "• `/joke image:<图片> [hint]` —— 我根据图片讲一个梗（hint 可以给点提示）。\n"
+            "• 在任何带图片的消息上：*应用 → {menu}*。\n"
+            "• 在梗下面点 👍 / 👎 投票；点另一个可以改票。投票会让我越讲越好笑。\n"
+            "限制：图片最大 {limit_mb} MB；每人每分钟 {per_minute} 个梗。"
+        ),
+    },
+}
+
+#: Localised names and descriptions sent with the commands (Discord shows them per user locale).
+ZH_COMMAND_TEXT: dict[str, str] = {
+    CONTEXT_MENU_NAME: "用这张图讲个梗",
+    "Tell a joke about a picture": "根据图片讲一个脑洞大开的梗",
+    "The picture (JPEG, PNG, WebP, GIF, BMP or TIFF)": "图片（JPEG、PNG、WebP、GIF、BMP 或 TIFF）",
+    "Optional nudge for the joke": "可选：给梗一点提示",
+    "How to use the joke bot": "讲梗机器人的用法",
+}
+
+
+def text(key: str, lang: str, **params: Any) -> str:
+    table = TEXTS[key]
+    return (table.get(lang) or table["en"]).format(**params)
+
+
+def language_of(interaction: Any) -> str:
+    """The user's Discord locale mapped onto the core's languages (``zh`` or ``en``)."""
+    locale = getattr(interaction, "locale", None)
+    value = getattr(locale, "value", locale) or ""
+    return "zh" if str(value).lower().startswith("zh") else "en"
+
+
+def vote_custom_id(joke_id: int, value: str) -> str:
+    return f"oogiri:vote:{joke_id}:{value}"
+
+
+def looks_like_image(content_type: str | None, filename: str | None) -> bool:
+    """Decide from the metadata alone (before downloading) whether an attachment is a picture."""
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    if ctype:
+        return ctype.startswith("image/")
+    return PurePath(filename or "").suffix.lower() in IMAGE_SUFFIXES
+
+
+def format_mb(limit: int) -> str:
+    return f"{limit / (1024 * 1024):.1f}".removesuffix(".0")
+
+
+def _require_discord() -> None:
+    if discord is None:
+        raise RuntimeError(
+            "the Discord channel needs discord.py: pip install 'oogiri[discord]'"
+        ) from _IMPORT_ERROR
+
+
+class _Source:
+    """Where the picture of a request lives, and what Discord told us about it."""
+
+    __slots__ = ("content_type", "embedded", "filename", "size", "spoiler", "url")
+
+    def __init__(
+        self,
+        url: str,
+        filename: str | None,
+        content_type: str | None,
+        size: int | None,
+        spoiler: bool = False,
+        embedded: bool = False,
+    ) -> None:
+        self.url = url
+        self.filename = filename
+        self.content_type = content_type
+        self.size = size
+        self.spoiler = spoiler
+        self.embedded = embedded  # an embed's image: Discord already knows it is a picture
+
+
+class DiscordChannel:
+    """The Discord channel: one ``discord.Client`` (or ``AutoShardedClient``) per app."""
+
+    name = CHANNEL
+    #: How long ``start`` waits for login, command sync and the gateway's READY.
+    connect_timeout_s = 60.0
+    #: How long ``stop`` waits for the client to close.
+    close_timeout_s = 10.0
+    #: Bound on fetching one picture from Discord's CDN.
+    download_timeout_s = 30.0
+
+    def __init__(self, app: "App") -> None:
+        self.app = app
+        self.settings = app.settings
+        self.config = app.settings.discord
+        self.client: Any = None
+        self.tree: Any = None
+        self.vote_item: Any = None
+        self._runner: asyncio.Task[None] | None = None
+        self._http: Any = None
+        self._saved_endpoints: tuple[str, Any] | None = None
+
+    # ------------------------------------------------------------------ limits
+
+    @property
+    def service(self) -> Any:
+        # Read on every use: App.swap_engine keeps the service but a test may replace the app's.
+        return self.app.service
+
+    @property
+    def max_bytes(self) -> int:
+        return min(self.config.max_attachment_bytes, self.settings.images.max_bytes)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        _require_discord()
+        if self.config.token is None:
+            raise RuntimeError("the Discord channel needs a bot token: set OOGIRI_DISCORD__TOKEN")
+        if self.config.shard_ids and self.config.shard_count is None:
+            raise ValueError("discord.shard_ids needs discord.shard_count")
+
+        self._apply_endpoints()
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.download_timeout_s)
+        )
+        self.client = self._make_client()
+        connected = asyncio.Event()
+        expected = self._expected_shards()
+        seen: set[int | None] = set()
+
+        async def on_shard_connect(shard_id: int) -> None:
+            seen.add(shard_id)
+            if expected is not None and expected <= seen:
+                connected.set()
+
+        async def on_connect() -> None:
+            if expected is None:
+                connected.set()
+
+        self.client.event(on_connect)
+        self.client.event(on_shard_connect)
+        try:
+            await asyncio.wait_for(
+                self.client.login(self.config.token.get_secret_value()),
+                timeout=self.connect_timeout_s,
+            )
+            self._runner = asyncio.create_task(
+                self.client.connect(reconnect=True), name="oogiri-discord-gateway"
+            )
+            waiter = asyncio.create_task(connected.wait())
+            done, _ = await asyncio.wait(
+                {self._runner, waiter},
+                timeout=self.connect_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            waiter.cancel()
+            if self._runner in done:
+                self._runner.result()  # raises what stopped the gateway (bad token, intents…)
+                raise RuntimeError("the Discord gateway closed before it was ready")
+            if not connected.is_set():
+                raise TimeoutError(
+                    f"Discord gateway not ready after {self.connect_timeout_s:.0f} s"
+                )
+        except BaseException:
+            await self.stop()
+            raise
+        log.info(
+            "discord: connected as %s (application %s)",
+            self.client.user,
+            self.client.application_id,
+        )
+
+    async def stop(self) -> None:
+        client, self.client = self.client, None
+        runner, self._runner = self._runner, None
+        try:
+            if client is not None:
+                try:
+                    await asyncio.wait_for(client.close(), timeout=self.close_timeout_s)
+                except TimeoutError:
+                    log.warning("discord: client did not close within %.0f s", self.close_timeout_s)
+            if runner is not None:
+                if not runner.done():
+                    try:
+                        await asyncio.wait_for(runner, timeout=self.close_timeout_s)
+                    except (TimeoutError, asyncio.CancelledError):
+                        pass
+                    except Exception:
+                        log.debug("discord: gateway task ended with an error", exc_info=True)
+                elif not runner.cancelled() and runner.exception() is not None:
+                    log.debug("discord: gateway task ended with %r", runner.exception())
+            if self._http is not None:
+                await self._http.close()
+                self._http = None
+        finally:
+            self._restore_endpoints()
+
+    def _expected_shards(self) -> set[int | None] | None:
+        if self.config.shard_ids:
+            return set(self.config.shard_ids)
+        if self.config.shard_count is not None:
+            return set(range(self.config.shard_count))
+        return None
+
+    def _apply_endpoints(self) -> None:
+        """Point discord.py at another REST base / gateway (tests, proxies).
+
+        Both are class attributes in discord.py, so they hold for the whole process; they are put
+        back when the channel stops.
+        """
+        from discord.gateway import DiscordWebSocket
+        from discord.http import Route
+
+        self._saved_endpoints = (Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY)
+        if self.config.api_base_url:
+            Route.BASE = self.config.api_base_url.rstrip("/")
+        if self.config.gateway_url:
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.config.gateway_url)
+
+    def _restore_endpoints(self) -> None:
+        if self._saved_endpoints is None or discord is None:
+            return
+        from discord.gateway import DiscordWebSocket
+        from discord.http import Route
+
+        Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = self._saved_endpoints
+        self._saved_endpoints = None
+
+    def _make_client(self) -> Any:
+        options: dict[str, Any] = {
+            "intents": discord.Intents.none(),
+            "max_messages": None,
+            "chunk_guilds_at_startup": False,
+            "member_cache_flags": discord.MemberCacheFlags.none(),
+            "allowed_mentions": discord.AllowedMentions.none(),
+        }
+        if self.config.shard_count is not None or self.config.shard_ids:
+            client = discord.AutoShardedClient(
+                shard_count=self.config.shard_count,
+                shard_ids=self.config.shard_ids,
+                **options,
+            )
+        else:
+            client = discord.Client(**options)
+        self.tree = app_commands.CommandTree(client)
+        self.tree.on_error = self._on_tree_error
+        self.vote_item = self._make_vote_item()
+        client.setup_hook = self._setup_hook
+        return client
+
+    async def _setup_hook(self) -> None:
+        """Runs inside ``Client.login``: find the gateway, register handlers, sync commands."""
+        client = self.client
+        if self.config.api_base_url and not self.config.gateway_url:
+            # A non-default REST base means a non-default gateway too; ask it where that is.
+            from discord.gateway import DiscordWebSocket
+
+            _, url, _ = await client.http.get_bot_gateway()
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url).with_query(None)
+        client.add_dynamic_items(self.vote_item)
+        guild = discord.Object(id=self.config.dev_guild_id) if self.config.dev_guild_id else None
+        self._add_commands(guild)
+        await self.tree.set_translator(_make_translator())
+        try:
+            synced = await self.tree.sync(guild=guild)
+        except discord.Forbidden:
+            log.error(
+                "discord: not allowed to sync commands%s; invite the bot with the "
+                "'applications.commands' scope (see docs/discord.md)",
+                f" to guild {guild.id}" if guild else "",
+            )
+            raise
+        log.info(
+            "discord: synced %d commands %s",
+            len(synced),
+            f"to guild {guild.id}" if guild else "globally",
+        )
+
+    # ------------------------------------------------------------------ commands
+
+    def _add_commands(self, guild: Any) -> None:
+        channel = self
+        hint_max = max(1, min(self.settings.limits.max_hint_chars, 6000))
+        contexts = app_commands.AppCommandContext(guild=True, dm_channel=True)
+        installs = app_commands.AppInstallationType(guild=True)
+
+        @app_commands.describe(
+            image="The picture (JPEG, PNG, WebP, GIF, BMP or TIFF)",
+            hint="Optional nudge for the joke",
+        )
+        async def joke(
+            interaction: discord.Interaction,
+            image: discord.Attachment,
+            hint: app_commands.Range[str, 1, hint_max] | None = None,
+        ) -> None:
+            await channel.on_joke_command(interaction, image, hint)
+
+        async def joke_about_message(
+            interaction: discord.Interaction, message: discord.Message
+        ) -> None:
+            await channel.on_joke_context_menu(interaction, message)
+
+        async def joke_help(interaction: discord.Interaction) -> None:
+            await channel.on_help(interaction)
+
+        commands = [
+            app_commands.Command(
+                name="joke",
+                description="Tell a joke about a picture",
+                callback=joke,
+                allowed_contexts=contexts,
+                allowed_installs=installs,
+            ),
+            app_commands.Command(
+                name="joke-help",
+                description="How to use the joke bot",
+                callback=joke_help,
+                allowed_contexts=contexts,
+                allowed_installs=installs,
+            ),
+            app_commands.ContextMenu(
+                name=CONTEXT_MENU_NAME,
+                callback=joke_about_message,
+                allowed_contexts=contexts,
+                allowed_installs=installs,
+            ),
+        ]
+        for command in commands:
+            self.tree.add_command(command, guild=guild, override=True)
+
+    async def on_joke_command(self, interaction: Any, image: Any, hint: str | None = None) -> None:
+        lang = language_of(interaction)
+        source = _Source(
+            url=image.url,
+            filename=image.filename,
+            content_type=image.content_type,
+            size=image.size,
+            spoiler=image.is_spoiler(),
+        )
+        problem = self._precheck(source, lang)
+        if problem is not None:
+            await interaction.response.send_message(problem, ephemeral=True)
+            return
+        await self._tell(interaction, source, lang, hint=hint, reupload=True)
+
+    async def on_joke_context_menu(self, interaction: Any, target: Any) -> None:
+        lang = language_of(interaction)
+        source = find_image(target)
+        if source is None:
+            await interaction.response.send_message(text("no_image", lang), ephemeral=True)
+            return
+        problem = self._precheck(source, lang)
+        if problem is not None:
+            await interaction.response.send_message(problem, ephemeral=True)
+            return
+        guild = interaction.guild_id or "@me"
+        link = f"https://discord.com/channels/{guild}/{target.channel.id}/{target.id}"
+        await self._tell(interaction, source, lang, reupload=False, footer=f"-# ↪ {link}")
+
+    async def on_help(self, interaction: Any) -> None:
+        lang = language_of(interaction)
+        menu = ZH_COMMAND_TEXT[CONTEXT_MENU_NAME] if lang == "zh" else CONTEXT_MENU_NAME
+        per_minute = self.settings.limits.per_user_per_minute or "∞"
+        body = text(
+            "help", lang, menu=menu, limit_mb=format_mb(self.max_bytes), per_minute=per_minute
+        )
+        await interaction.response.send_message(body, ephemeral=True)
+
+    def _precheck(self, source: _Source, lang: str) -> str | None:
+        """What can be refused from the interaction payload alone, before any download."""
+        if source.size is not None and source.size > self.max_bytes:
+            return message("too_large", lang, limit_mb=format_mb(self.max_bytes))
+        if not source.embedded and not looks_like_image(source.content_type, source.filename):
+            return message("not_image", lang)
+        return None
+
+    async def _tell(
+        self,
+        interaction: Any,
+        source: _Source,
+        lang: str,
+        *,
+        hint: str | None = None,
+        reupload: bool,
+        footer: str | None = None,
+    ) -> None:
+        await interaction.response.defer(thinking=True)
+        try:
+            data = await self.download(source.url)
+            request = JokeRequest(
+                image_bytes=data,
+                channel=CHANNEL,
+                user_id=str(interaction.user.id),
+                chat_id=str(interaction.channel_id) if interaction.channel_id else None,
+                hint=hint,
+                language=lang,
+                filename=source.filename,
+                content_type=source.content_type,
+                meta={
+                    "guild_id": interaction.guild_id,
+                    "interaction_id": interaction.id,
+                    "command": interaction.command.name if interaction.command else None,
+                },
+            )
+            joke = await self.service.tell(request)
+        except OogiriError as exc:
+            await self._fail(interaction, exc.user_message(lang))
+            return
+        except (aiohttp.ClientError, TimeoutError, discord.HTTPException):
+            log.warning("discord: could not fetch %s", source.url, exc_info=True)
+            await self._fail(interaction, text("download_failed", lang))
+            return
+
+        lines = [joke.text]
+        if hint:
+            lines.append(f"-# 💡 {discord.utils.escape_markdown(hint)}")
+        if footer:
+            lines.append(footer)
+        content = "\n".join(lines)
+        if len(content) > MAX_CONTENT_CHARS:
+            content = content[: MAX_CONTENT_CHARS - 1] + "…"
+        files = []
+        if reupload and len(data) <= REUPLOAD_MAX_BYTES:
+            name = PurePath(source.filename or "image").name or "image"
+            files.append(discord.File(io.BytesIO(data), filename=name, spoiler=source.spoiler))
+        await interaction.followup.send(
+            content=content,
+            files=files,
+            view=self.vote_view(joke.id, joke.up, joke.down),
+            allowed_mentions=discord.AllowedMentions.none(),
+            wait=True,
+        )
+
+    async def _fail(self, interaction: Any, reason: str) -> None:
+        """Replace the public "thinking…" message with an ephemeral explanation."""
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException:
+            log.debug("discord: could not delete the deferred response", exc_info=True)
+        await interaction.followup.send(reason, ephemeral=True)
+
+    async def download(self, url: str) -> bytes:
+        """Fetch a picture, refusing (without reading on) anything over the byte limit."""
+        limit = self.max_bytes
+        too_large = ImageRejected("too_large", limit_mb=format_mb(limit))
+        async with self._http.get(url) as response:
+            response.raise_for_status()
+            if response.content_length is not None and response.content_length > limit:
+                raise too_large
+            buffer = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                buffer += chunk
+                if len(buffer) > limit:
+                    raise too_large
+        return bytes(buffer)
+
+    async def _on_tree_error(self, interaction: Any, error: Exception) -> None:
+        log.error("discord: command failed", exc_info=error)
+        reason = text("failed", language_of(interaction))
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(reason, ephemeral=True)
+            else:
+                await interaction.response.send_message(reason, ephemeral=True)
+        except discord.HTTPException:
+            log.debug("discord: could not report the failure", exc_info=True)
+
+    # ------------------------------------------------------------------ votes
+
+    def vote_view(self, joke_id: int, up: int = 0, down: int = 0) -> Any:
+        view = discord.ui.View(timeout=None)
+        view.add_item(self.vote_item(joke_id, "up", up))
+        view.add_item(self.vote_item(joke_id, "down", down))
+        return view
+
+    async def on_vote(self, interaction: Any, joke_id: int, value: str) -> None:
+        lang = language_of(interaction)
+        try:
+            rating = await self.service.rate(
+                joke_id,
+                str(interaction.user.id),
+                1 if value == "up" else -1,
+                CHANNEL,
+                chat_id=str(interaction.channel_id) if interaction.channel_id else None,
+            )
+        except OogiriError as exc:
+            await interaction.response.send_message(exc.user_message(lang), ephemeral=True)
+            return
+        await interaction.response.edit_message(
+            view=self.vote_view(joke_id, rating.up, rating.down)
+        )
+
+    def _make_vote_item(self) -> type:
+        channel = self
+
+        class VoteButton(
+            discord.ui.DynamicItem[discord.ui.Button], template=re.compile(VOTE_TEMPLATE)
+        ):
+            """👍 n / 👎 n; the custom_id is all the state there is."""
+
+            def __init__(self, joke_id: int, value: str, count: int = 0) -> None:
+                super().__init__(
+                    discord.ui.Button(
+                        style=(
+                            discord.ButtonStyle.success
+                            if value == "up"
+                            else discord.ButtonStyle.secondary
+                        ),
+                        label=str(count),
+                        emoji=VOTE_EMOJI[value],
+                        custom_id=vote_custom_id(joke_id, value),
+                    )
+                )
+                self.joke_id = joke_id
+                self.value = value
+
+            @classmethod
+            async def from_custom_id(
+                cls, interaction: Any, item: Any, match: re.Match[str], /
+            ) -> "VoteButton":
+                count = int(item.label) if (item.label or "").isdigit() else 0
+                return cls(int(match["joke_id"]), match["value"], count)
+
+            async def callback(self, interaction: Any) -> None:
+                await channel.on_vote(interaction, self.joke_id, self.value)
+
+        return VoteButton
+
+
+def find_image(target: Any) -> _Source | None:
+    """The first picture of a message: an image attachment, else an embed's image or thumbnail."""
+    for attachment in target.attachments:
+        if looks_like_image(attachment.content_type, attachment.filename):
+            return _Source(
+                url=attachment.url,
+                filename=attachment.filename,
+                content_type=attachment.content_type,
+                size=attachment.size,
+                spoiler=attachment.is_spoiler(),
+            )
+    for embed in target.embeds:
+        for media in (embed.image, embed.thumbnail):
+            url = getattr(media, "proxy_url", None) or getattr(media, "url", None)
+            if url and url.startswith(("https://", "http://")):
+                name = PurePath(yarl.URL(url).path).name or None
+                return _Source(url=url, filename=name, content_type=None, size=None, embedded=True)
+    return None
+
+
+def _make_translator() -> Any:
+    class Translator(app_commands.Translator):
+        async def translate(self, string: Any, locale: Any, context: Any) -> str | None:
+            if str(getattr(locale, "value", locale)).startswith("zh"):
+                return ZH_COMMAND_TEXT.get(string.message)
+            return None
+
+    return Translator()
+
+
+@hookimpl
+def oogiri_register_channels(register: Callable[..., None], settings: Any) -> None:
+    register(CHANNEL, DiscordChannel)
