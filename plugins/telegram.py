@@ -1,0 +1,907 @@
+"""The Telegram channel (python-telegram-bot v22): send a picture, get a joke, rate it.
+
+Private chats: every photo, image file or still sticker gets a joke as a reply, with 👍/👎 buttons.
+Groups: the bot speaks only when asked — a mention in a picture's caption, /joke (or a mention) in a
+reply to a picture, or a picture sent in reply to the bot. Polling by default; webhook mode (behind
+any number of replicas) through the web channel's server or, without one, a small server of its own.
+
+Everything goes through ``JokeService``; this module only translates Telegram ⇄ oogiri.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from fastapi import Request, Response
+
+from bot.hookspecs import hookimpl
+from bot.logs import RedactingFilter
+from bot.models import JokeRequest, NotFound, OogiriError
+from bot.models import message as core_message
+from plugins.telegram_texts import text
+
+try:  # the ``telegram`` extra; without it the plugin loads but its channel refuses to start
+    from telegram import (
+        BotCommand,
+        InlineKeyboardButton,
+        InlineKeyboardMarkup,
+        Message,
+        ReplyParameters,
+        Update,
+    )
+    from telegram.constants import ChatAction, ChatType, MessageEntityType, MessageLimit
+    from telegram.error import BadRequest, RetryAfter, TelegramError
+    from telegram.ext import (
+        AIORateLimiter,
+        Application,
+        ApplicationBuilder,
+        CallbackQueryHandler,
+        CommandHandler,
+        ContextTypes,
+        MessageHandler,
+        filters,
+    )
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    _PTB_MISSING: ImportError | None = exc
+else:
+    _PTB_MISSING = None
+
+if TYPE_CHECKING:
+    from telegram import Bot, User
+
+    from bot.app import App
+    from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "telegram"
+STATE_KEY = "telegram"  # app.state[STATE_KEY] is the running TelegramChannel
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+ALLOWED_UPDATES = ("message", "callback_query")
+BOT_API_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # getFile refuses bigger files on the public Bot API
+POLL_TIMEOUT_S = 10  # long-poll duration of getUpdates
+TYPING_EVERY_S = 4.5  # Telegram shows "typing…" for 5 s per chat action
+CONCURRENT_UPDATES = 256  # handlers in flight; the service's own semaphore bounds engine calls
+RATE_LIMIT_RETRIES = 3  # RetryAfter answers honoured per request before giving up
+MAX_WEBHOOK_BODY = 1 << 20
+VOTE_RE = re.compile(r"v:([1-9][0-9]{0,17}):([+-]1)")
+SECRET_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+SENSITIVE_LOGGERS = ("httpx", "httpcore")  # they print request URLs, which hold the token
+
+
+# --------------------------------------------------------------------------- small pure helpers
+
+
+def vote_data(joke_id: int, value: int) -> str:
+    """Callback data of a vote button: ``v:<joke id>:<+1|-1>`` (well under Telegram's 64 bytes)."""
+    return f"v:{joke_id}:{'+1' if value > 0 else '-1'}"
+
+
+def parse_vote(data: str | None) -> tuple[int, int] | None:
+    """``(joke_id, +1|-1)`` from callback data, or None for anything that is not a vote button."""
+    if not data or len(data) > 64:
+        return None
+    match = VOTE_RE.fullmatch(data)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def vote_keyboard(joke_id: int, up: int = 0, down: int = 0) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton(f"👍 {up}", callback_data=vote_data(joke_id, 1)),
+                InlineKeyboardButton(f"👎 {down}", callback_data=vote_data(joke_id, -1)),
+            ]
+        ]
+    )
+
+
+def bot_token(settings: Settings) -> str:
+    token = settings.telegram.token
+    value = token.get_secret_value().strip() if token is not None else ""
+    if not value:
+        raise RuntimeError(
+            "the telegram channel needs a bot token: set OOGIRI_TELEGRAM__TOKEN "
+            "(BotFather gives it; see docs/telegram.md)"
+        )
+    return value
+
+
+def webhook_secret(settings: Settings) -> str:
+    """The ``secret_token`` Telegram sends with every webhook call.
+
+    Configured, or derived from the bot token so that every replica agrees without extra config.
+    """
+    configured = settings.telegram.webhook_secret
+    if configured is not None and configured.get_secret_value():
+        secret = configured.get_secret_value()
+        if not SECRET_RE.fullmatch(secret):
+            raise RuntimeError(
+                "telegram.webhook_secret must be 1-256 characters of A-Z, a-z, 0-9, _ and -"
+            )
+        return secret
+    digest = hashlib.sha256(b"oogiri telegram webhook\0" + bot_token(settings).encode())
+    return digest.hexdigest()
+
+
+def webhook_target(settings: Settings) -> str:
+    """The public URL Telegram posts to: ``webhook_url``, plus ``webhook_path`` if it has none."""
+    url = (settings.telegram.webhook_url or "").strip()
+    if not url:
+        raise RuntimeError(
+            "telegram webhook mode needs OOGIRI_TELEGRAM__WEBHOOK_URL (public https)"
+        )
+    if urlsplit(url).path in ("", "/"):
+        url = url.rstrip("/") + "/" + settings.telegram.webhook_path.lstrip("/")
+    return url
+
+
+def file_base_url(settings: Settings) -> str | None:
+    """``base_file_url``, or one derived from a ``base_url`` ending in ``/bot`` (local servers)."""
+    tg = settings.telegram
+    if tg.base_file_url:
+        return tg.base_file_url
+    if tg.base_url:
+        base = tg.base_url.rstrip("/")
+        for tail in ("/bot{token}", "/bot"):
+            if base.endswith(tail):
+                return base[: -len(tail)] + "/file" + tail
+    return None
+
+
+def pick_language(settings: Settings, language_code: str | None) -> str:
+    """zh or en: forced by ``telegram.language``, else from the user's Telegram language."""
+    forced = settings.telegram.language
+    if forced != "auto":
+        return forced
+    if language_code:
+        return "zh" if language_code.lower().startswith("zh") else "en"
+    return settings.language
+
+
+def clean_hint(value: str | None, username: str | None) -> str | None:
+    """A caption or command text without the bot's mention and the /joke command."""
+    if not value:
+        return None
+    hint = value
+    if username:
+        hint = re.sub(rf"(?i)@{re.escape(username)}\b", " ", hint)
+        hint = re.sub(rf"(?i)^\s*/joke(@{re.escape(username)})?(?=\s|$)", " ", hint)
+    else:
+        hint = re.sub(r"(?i)^\s*/joke(?=\s|$)", " ", hint)
+    hint = " ".join(hint.split())
+    return hint or None
+
+
+@dataclass(frozen=True, slots=True)
+class Picture:
+    """A Telegram file that should be an image, and what Telegram told us about it."""
+
+    file_id: str
+    file_size: int | None
+    filename: str | None
+    content_type: str | None
+
+
+def find_picture(message: Message, limit: int) -> tuple[Picture | None, bool]:
+    """``(picture, unsupported)``: a message's image, or whether it held media we can't read."""
+    if message.photo:
+        sizes = sorted(message.photo, key=lambda p: p.width * p.height)
+        fitting = [p for p in sizes if not p.file_size or p.file_size <= limit]
+        best = (fitting or sizes)[-1]
+        return Picture(best.file_id, best.file_size, "photo.jpg", "image/jpeg"), False
+    if message.sticker:
+        sticker = message.sticker
+        if sticker.is_animated or sticker.is_video:
+            return None, True
+        return Picture(sticker.file_id, sticker.file_size, "sticker.webp", "image/webp"), False
+    if message.animation:  # GIFs arrive as MP4 animations (with ``document`` set too)
+        anim = message.animation
+        if (anim.mime_type or "").lower().startswith("image/"):
+            return Picture(anim.file_id, anim.file_size, anim.file_name, anim.mime_type), False
+        return None, True
+    if message.document:
+        doc = message.document
+        mime = (doc.mime_type or "").lower()
+        name = (doc.file_name or "").lower()
+        untyped = mime in ("", "application/octet-stream")
+        if mime.startswith("image/") or (untyped and name.endswith(IMAGE_SUFFIXES)):
+            return Picture(doc.file_id, doc.file_size, doc.file_name, doc.mime_type), False
+        return None, True
+    if (
+        message.video
+        or message.video_note
+        or message.voice
+        or message.audio
+        or message.paid_media
+        or message.story
+    ):
+        return None, True
+    return None, False
+
+
+def _mentions(message: Message, bot: Bot) -> bool:
+    username = (bot.username or "").lower()
+    kinds = [MessageEntityType.MENTION, MessageEntityType.TEXT_MENTION]
+    found = {**message.parse_entities(kinds), **message.parse_caption_entities(kinds)}
+    for entity, value in found.items():
+        if (
+            entity.type == MessageEntityType.MENTION
+            and username
+            and value.lower() == f"@{username}"
+        ):
+            return True
+        if (
+            entity.type == MessageEntityType.TEXT_MENTION
+            and entity.user
+            and entity.user.id == bot.id
+        ):
+            return True
+    return False
+
+
+def _caption_command(message: Message, bot: Bot, command: str = "joke") -> bool:
+    """A caption that starts with ``/joke`` or ``/joke@this_bot`` (not ``/joke@other_bot``)."""
+    entities = message.parse_caption_entities([MessageEntityType.BOT_COMMAND])
+    for entity, value in entities.items():
+        if entity.offset != 0:
+            continue
+        name, _, target = value[1:].partition("@")
+        if name.lower() == command and (
+            not target or target.lower() == (bot.username or "").lower()
+        ):
+            return True
+    return False
+
+
+def _is_reply_to_me(message: Message, bot: Bot) -> bool:
+    original = message.reply_to_message
+    return bool(original and original.from_user and original.from_user.id == bot.id)
+
+
+def _sender_id(message: Message) -> int:
+    sender = message.from_user or message.sender_chat
+    return sender.id if sender is not None else message.chat.id
+
+
+def _quiet_sensitive_logs(token: str) -> None:
+    """Keep the token (part of every Bot API URL) out of logs, whatever the log level."""
+    redactor = RedactingFilter([token])
+    for name in SENSITIVE_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)  # httpx logs every request URL at INFO
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] in ("telegram",)]
+    for name in [*SENSITIVE_LOGGERS, "telegram", *names]:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) and token in f.secrets for f in logger.filters):
+            logger.addFilter(redactor)
+
+
+# --------------------------------------------------------------------------- webhook
+
+
+async def ensure_webhook(
+    bot: Bot, settings: Settings, *, force: bool = False, **extra: Any
+) -> bool:
+    """Point Telegram at our webhook, only when it isn't already (idempotent, replica-safe).
+
+    Never drops pending updates and never deletes a webhook, so replicas starting or stopping in
+    any order cannot lose updates. ``force`` re-sends it (e.g. after changing the secret).
+    """
+    url = webhook_target(settings)
+    if not force:
+        info = await bot.get_webhook_info()
+        if info.url == url and set(info.allowed_updates or ()) == set(ALLOWED_UPDATES):
+            log.info("telegram webhook already set")
+            return False
+    await bot.set_webhook(
+        url=url,
+        secret_token=webhook_secret(settings),
+        allowed_updates=list(ALLOWED_UPDATES),
+        **extra,
+    )
+    log.info("telegram webhook set to %s", url)
+    return True
+
+
+def mount_webhook(router: Any, app: App) -> None:
+    """Add ``POST telegram.webhook_path`` to a FastAPI router; updates go to the running channel."""
+    settings = app.settings
+    secret = webhook_secret(settings).encode()
+
+    async def telegram_webhook(request: Request) -> Response:
+        given = request.headers.get(SECRET_HEADER, "").encode()
+        if not hmac.compare_digest(given, secret):
+            return Response(status_code=403)
+        channel = app.state.get(STATE_KEY)
+        if not isinstance(channel, TelegramChannel) or not channel.running:
+            # Not ready (starting, stopping): Telegram retries later, nothing is lost.
+            return Response(status_code=503)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_WEBHOOK_BODY):
+            return Response(status_code=413)
+        body = await request.body()
+        if len(body) > MAX_WEBHOOK_BODY:
+            return Response(status_code=413)
+        try:
+            await channel.feed(body)
+        except ValueError:
+            return Response(status_code=400)
+        return Response(status_code=200)
+
+    router.add_api_route(
+        settings.telegram.webhook_path,
+        telegram_webhook,
+        methods=["POST"],
+        include_in_schema=False,
+        name="telegram_webhook",
+    )
+
+
+class _WebhookServer:
+    """A minimal uvicorn server for the webhook route when the web channel isn't running."""
+
+    def __init__(self, app: App) -> None:
+        import uvicorn
+        from fastapi import APIRouter, FastAPI
+
+        api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        router = APIRouter()
+        mount_webhook(router, app)
+        api.include_router(router)
+        web = app.settings.web
+        config = uvicorn.Config(
+            api,
+            host=web.host,
+            port=web.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):  # the App owns SIGINT/SIGTERM
+                yield
+
+        self.server = Server(config)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+                raise RuntimeError("the telegram webhook server did not start")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        self.server.should_exit = True
+        try:
+            await asyncio.wait_for(self.task, timeout=10)
+        except TimeoutError:
+            self.task.cancel()
+
+
+# --------------------------------------------------------------------------- the channel
+
+
+class TelegramChannel:
+    name = CHANNEL
+
+    def __init__(self, app: App) -> None:
+        if _PTB_MISSING is not None:
+            raise RuntimeError(
+                "the telegram channel needs python-telegram-bot: pip install 'oogiri[telegram]'"
+            ) from _PTB_MISSING
+        self.app = app
+        self.settings = app.settings
+        self.application: Application | None = None
+        self.running = False
+        self._server: _WebhookServer | None = None
+        self._refreshing: dict[tuple[int, int], bool] = {}  # message → "counts changed again"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def build_application(self) -> Application:
+        tg = self.settings.telegram
+        token = bot_token(self.settings)
+        builder = (
+            ApplicationBuilder()
+            .token(token)
+            .rate_limiter(AIORateLimiter(max_retries=RATE_LIMIT_RETRIES))
+            .concurrent_updates(CONCURRENT_UPDATES)
+            .pool_timeout(30.0)  # under load, wait for a pooled connection rather than fail
+            .get_updates_pool_timeout(30.0)
+        )
+        if tg.base_url:
+            builder = builder.base_url(tg.base_url)
+        files = file_base_url(self.settings)
+        if files:
+            builder = builder.base_file_url(files)
+        if tg.mode == "webhook":
+            builder = builder.updater(None)
+        application = builder.build()
+        message_only = filters.UpdateType.MESSAGE
+        application.add_handler(CommandHandler(("start", "help"), self.on_help, message_only))
+        application.add_handler(CommandHandler("privacy", self.on_privacy, message_only))
+        application.add_handler(CommandHandler("stats", self.on_stats, message_only))
+        application.add_handler(CommandHandler("joke", self.on_joke_command, message_only))
+        application.add_handler(
+            MessageHandler(message_only & filters.COMMAND & filters.ChatType.PRIVATE, self.on_help)
+        )
+        application.add_handler(MessageHandler(message_only & ~filters.COMMAND, self.on_message))
+        application.add_handler(CallbackQueryHandler(self.on_callback))
+        application.add_error_handler(self.on_error)
+        return application
+
+    async def start(self) -> None:
+        tg = self.settings.telegram
+        token = bot_token(self.settings)
+        if tg.mode == "webhook":
+            webhook_target(self.settings)  # fail early on a missing URL or a bad secret
+            webhook_secret(self.settings)
+        _quiet_sensitive_logs(token)
+        application = self.build_application()
+        self.application = application
+        try:
+            await application.initialize()  # getMe: checks the token
+            await self._set_commands(application.bot)
+            await application.start()
+            self.app.state[STATE_KEY] = self
+            if tg.mode == "polling":
+                assert application.updater is not None
+                await application.updater.start_polling(
+                    timeout=POLL_TIMEOUT_S,
+                    allowed_updates=list(ALLOWED_UPDATES),
+                    drop_pending_updates=False,
+                    bootstrap_retries=3,
+                )
+            else:
+                if "web" not in self.settings.channels:
+                    self._server = _WebhookServer(self.app)
+                    await self._server.start()
+                self.running = True  # accept updates before Telegram is told where we are
+                await ensure_webhook(application.bot, self.settings)
+            self.running = True
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("telegram bot @%s running (%s)", application.bot.username or "?", tg.mode)
+
+    async def stop(self) -> None:
+        self.running = False  # webhook calls now get 503 and are retried by Telegram
+        application, self.application = self.application, None
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+        if application is not None:
+            with contextlib.suppress(Exception):
+                if application.updater is not None and application.updater.running:
+                    await application.updater.stop()
+            if application.running:
+                await application.stop()  # handles what is already queued
+            await application.shutdown()
+        if self.app.state.get(STATE_KEY) is self:
+            self.app.state.pop(STATE_KEY, None)
+
+    async def feed(self, body: bytes | dict[str, Any]) -> None:
+        """Queue one webhook update (raw JSON body or decoded dict) for processing."""
+        import json
+
+        application = self.application
+        if application is None:
+            raise RuntimeError("the telegram channel is not running")
+        data = body if isinstance(body, dict) else json.loads(body)
+        if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
+            raise ValueError("not a Telegram update")
+        update = Update.de_json(data, application.bot)
+        await application.update_queue.put(update)
+
+    async def _set_commands(self, bot: Bot) -> None:
+        try:
+            for lang, code in (("en", None), ("zh", "zh")):
+                commands = [
+                    BotCommand("joke", text("cmd_joke", lang)),
+                    BotCommand("help", text("cmd_help", lang)),
+                    BotCommand("privacy", text("cmd_privacy", lang)),
+                ]
+                await bot.set_my_commands(commands, language_code=code)
+        except TelegramError as exc:  # cosmetic: never a reason not to start
+            log.warning("could not set the bot's command list: %s", exc)
+
+    # ------------------------------------------------------------------ helpers
+
+    def language(self, user: User | None) -> str:
+        return pick_language(self.settings, user.language_code if user else None)
+
+    @property
+    def download_limit(self) -> int:
+        return min(self.settings.images.max_bytes, BOT_API_DOWNLOAD_LIMIT)
+
+    def _too_large(self, lang: str) -> str:
+        return core_message("too_large", lang, limit_mb=max(1, self.download_limit // (1 << 20)))
+
+    async def _reply(
+        self,
+        bot: Bot,
+        to: Message,
+        body: str,
+        markup: InlineKeyboardMarkup | None = None,
+    ) -> Message | None:
+        try:
+            return await bot.send_message(
+                chat_id=to.chat.id,
+                text=body[: MessageLimit.MAX_TEXT_LENGTH],
+                reply_parameters=ReplyParameters(
+                    message_id=to.message_id, allow_sending_without_reply=True
+                ),
+                reply_markup=markup,
+                message_thread_id=to.message_thread_id if to.is_topic_message else None,
+            )
+        except TelegramError as exc:
+            log.warning("telegram: could not reply in a chat: %s", exc)
+            return None
+
+    @contextlib.asynccontextmanager
+    async def _typing(self, bot: Bot, message: Message) -> AsyncIterator[None]:
+        thread = message.message_thread_id if message.is_topic_message else None
+
+        async def keep_typing() -> None:
+            while True:
+                with contextlib.suppress(TelegramError):
+                    await bot.send_chat_action(
+                        message.chat.id, ChatAction.TYPING, message_thread_id=thread
+                    )
+                await asyncio.sleep(TYPING_EVERY_S)
+
+        task = asyncio.create_task(keep_typing())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def tell(
+        self,
+        bot: Bot,
+        asking: Message,
+        picture: Picture,
+        hint: str | None,
+        user: User | None,
+    ) -> None:
+        """Download ``picture``, ask the service for a joke, reply to ``asking`` with it."""
+        lang = self.language(user)
+        limit = self.download_limit
+        if picture.file_size and picture.file_size > limit:
+            await self._reply(bot, asking, self._too_large(lang))
+            return
+        async with self._typing(bot, asking):
+            try:
+                tg_file = await bot.get_file(picture.file_id)
+                if tg_file.file_size and tg_file.file_size > limit:
+                    await self._reply(bot, asking, self._too_large(lang))
+                    return
+                data = bytes(await tg_file.download_as_bytearray())
+            except BadRequest as exc:
+                key = "too big" in str(exc).lower()
+                await self._reply(
+                    bot, asking, self._too_large(lang) if key else text("download_failed", lang)
+                )
+                return
+            except RetryAfter:
+                raise
+            except TelegramError as exc:
+                log.warning("telegram: download failed: %s", exc)
+                await self._reply(bot, asking, text("download_failed", lang))
+                return
+            request = JokeRequest(
+                image_bytes=data,
+                channel=CHANNEL,
+                user_id=f"tg:{_sender_id(asking)}",
+                chat_id=f"tg:{asking.chat.id}",
+                hint=hint,
+                language=lang,
+                filename=picture.filename,
+                content_type=picture.content_type,
+                meta={"chat_type": asking.chat.type, "message_id": asking.message_id},
+            )
+            try:
+                joke = await self.app.service.tell(request)
+            except OogiriError as exc:
+                await self._reply(bot, asking, exc.user_message(lang))
+                return
+        await self._reply(bot, asking, joke.text, vote_keyboard(joke.id, joke.up, joke.down))
+
+    async def _joke_on_reply(
+        self, bot: Bot, message: Message, hint: str | None, private: bool
+    ) -> None:
+        """``/joke`` or a mention: a joke about the picture this message replies to."""
+        lang = self.language(message.from_user)
+        original = message.reply_to_message
+        if original is not None:
+            picture, unsupported = find_picture(original, self.download_limit)
+            if picture is not None:
+                await self.tell(bot, message, picture, hint, message.from_user)
+                return
+            if unsupported:
+                await self._reply(bot, message, text("send_picture", lang))
+                return
+        # /joke with a picture of its own can only be a caption, handled in on_message
+        await self._reply(bot, message, text("send_picture" if private else "group_usage", lang))
+
+    # ------------------------------------------------------------------ handlers
+
+    async def on_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None:
+            return
+        await self._reply(context.bot, message, text("help", self.language(update.effective_user)))
+
+    async def on_privacy(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None:
+            return
+        lang = self.language(update.effective_user)
+        await self._reply(context.bot, message, text("privacy", lang))
+
+    async def on_stats(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message, user = update.effective_message, update.effective_user
+        if message is None:
+            return
+        lang = self.language(user)
+        if user is None or user.id not in self.settings.telegram.admin_ids:
+            await self._reply(context.bot, message, text("admin_only", lang))
+            return
+        rows = await self.app.store.stats()
+        if not rows:
+            await self._reply(context.bot, message, text("stats_empty", lang))
+            return
+        lines = [text("stats_header", lang)]
+        for row in rows:
+            rate = f"{row.like_rate:.0%}" if row.like_rate is not None else text("no_votes", lang)
+            lines.append(
+                text(
+                    "stats_line",
+                    lang,
+                    version=row.model_version,
+                    jokes=row.jokes,
+                    up=row.up,
+                    down=row.down,
+                    rate=rate,
+                )
+            )
+        await self._reply(context.bot, message, "\n".join(lines))
+
+    async def on_joke_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or (message.from_user and message.from_user.is_bot):
+            return
+        hint = " ".join(context.args or ()) or None
+        private = message.chat.type == ChatType.PRIVATE
+        await self._joke_on_reply(context.bot, message, hint, private)
+
+    async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.message
+        if message is None or (message.from_user and message.from_user.is_bot):
+            return
+        bot = context.bot
+        user = message.from_user
+        lang = self.language(user)
+        picture, unsupported = find_picture(message, self.download_limit)
+        own_text = message.caption if picture is not None or unsupported else message.text
+
+        if message.chat.type == ChatType.PRIVATE:
+            if picture is not None:
+                await self.tell(bot, message, picture, clean_hint(own_text, bot.username), user)
+            elif message.text and message.reply_to_message is not None:
+                # a text reply to a picture: a joke about it, nudged by the text
+                await self._joke_on_reply(
+                    bot, message, clean_hint(message.text, bot.username), True
+                )
+            elif unsupported or message.text or message.effective_attachment:
+                await self._reply(bot, message, text("send_picture", lang))
+            return
+
+        # Groups: speak only when spoken to.
+        asked = _mentions(message, bot) or _caption_command(message, bot)
+        if picture is not None:
+            if asked or _is_reply_to_me(message, bot):
+                await self.tell(bot, message, picture, clean_hint(own_text, bot.username), user)
+            return
+        if unsupported:
+            if asked or _is_reply_to_me(message, bot):
+                await self._reply(bot, message, text("send_picture", lang))
+            return
+        if message.text and asked:
+            await self._joke_on_reply(
+                bot, message, clean_hint(message.text, bot.username), private=False
+            )
+
+    async def on_callback(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query = update.callback_query
+        if query is None:
+            return
+        lang = self.language(query.from_user)
+        answered = False
+        try:
+            vote = parse_vote(query.data)
+            if vote is None or query.message is None:
+                answered = True
+                await query.answer(text("bad_button", lang), show_alert=True)
+                return
+            joke_id, value = vote
+            chat_id = query.message.chat.id
+            try:
+                rating = await self.app.service.rate(
+                    joke_id,
+                    f"tg:{query.from_user.id}",
+                    value,
+                    CHANNEL,
+                    chat_id=f"tg:{chat_id}",
+                )
+            except NotFound:
+                answered = True
+                await query.answer(text("bad_button", lang), show_alert=True)
+                return
+            except OogiriError as exc:
+                answered = True
+                await query.answer(exc.user_message(lang), show_alert=True)
+                return
+            if rating.previous is None:
+                toast = text("vote_up" if value > 0 else "vote_down", lang)
+            elif rating.previous == value:
+                toast = text("vote_same", lang)
+            else:
+                toast = text("vote_changed_up" if value > 0 else "vote_changed_down", lang)
+            answered = True
+            await query.answer(toast)
+            await self._refresh_counts(context.bot, joke_id, chat_id, query.message.message_id)
+        finally:
+            if not answered:  # whatever failed, the user's spinner must stop
+                with contextlib.suppress(Exception):
+                    await query.answer()
+
+    async def _refresh_counts(self, bot: Bot, joke_id: int, chat_id: int, message_id: int) -> None:
+        """Show the current 👍/👎 counts; concurrent votes on a message coalesce into few edits."""
+        key = (chat_id, message_id)
+        if key in self._refreshing:
+            self._refreshing[key] = True  # the running refresher will read the counts again
+            return
+        self._refreshing[key] = False
+        try:
+            while True:
+                self._refreshing[key] = False
+                joke = await self.app.service.get_joke(joke_id)
+                try:
+                    await bot.edit_message_reply_markup(
+                        chat_id=chat_id,
+                        message_id=message_id,
+                        reply_markup=vote_keyboard(joke.id, joke.up, joke.down),
+                    )
+                except BadRequest as exc:
+                    if "not modified" not in str(exc).lower():
+                        log.warning("telegram: could not update vote counts: %s", exc)
+                except TelegramError as exc:
+                    log.warning("telegram: could not update vote counts: %s", exc)
+                if not self._refreshing[key]:
+                    break
+        finally:
+            self._refreshing.pop(key, None)
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        error = context.error
+        if isinstance(error, RetryAfter):
+            log.warning("telegram: flood control still active after retries: %s", error)
+            return
+        log.error("telegram: an update failed: %r", error, exc_info=error)
+        if isinstance(update, Update) and update.effective_message is not None:
+            message = update.effective_message
+            if message.chat.type == ChatType.PRIVATE:
+                lang = self.language(update.effective_user)
+                await self._reply(context.bot, message, text("internal_error", lang))
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+@hookimpl
+def oogiri_register_channels(register: Callable[..., None], settings: Settings) -> None:
+    register(CHANNEL, TelegramChannel)
+
+
+@hookimpl
+def oogiri_web_routes(router: Any, app: App) -> None:
+    tg = app.settings.telegram
+    if tg.mode == "webhook" and tg.token is not None and _PTB_MISSING is None:
+        mount_webhook(router, app)
+
+
+@hookimpl
+def oogiri_register_commands(cli: Any) -> None:
+    import typer
+
+    group = typer.Typer(
+        help="Telegram: manage the webhook (run once per deployment, not per replica).",
+        no_args_is_help=True,
+    )
+
+    def _bot(settings: Settings) -> Bot:
+        from telegram import Bot
+
+        tg = settings.telegram
+        kwargs: dict[str, Any] = {}
+        if tg.base_url:
+            kwargs["base_url"] = tg.base_url
+        files = file_base_url(settings)
+        if files:
+            kwargs["base_file_url"] = files
+        return Bot(bot_token(settings), **kwargs)
+
+    def _run(work: Callable[[Bot, Settings], Any]) -> Any:
+        from bot.settings import Settings
+
+        settings = Settings()
+        _quiet_sensitive_logs(bot_token(settings))
+
+        async def main() -> Any:
+            async with _bot(settings) as bot:
+                return await work(bot, settings)
+
+        return asyncio.run(main())
+
+    @group.command("set-webhook")
+    def set_webhook(
+        drop_pending_updates: bool = typer.Option(
+            False, "--drop-pending-updates", help="discard updates Telegram is holding"
+        ),
+    ) -> None:
+        """Point Telegram at telegram.webhook_url with the secret token (always re-sends)."""
+
+        async def work(bot: Bot, settings: Settings) -> None:
+            extra = {"drop_pending_updates": True} if drop_pending_updates else {}
+            await ensure_webhook(bot, settings, force=True, **extra)
+            typer.echo(f"webhook set: {webhook_target(settings)}")
+
+        _run(work)
+
+    @group.command("delete-webhook")
+    def delete_webhook() -> None:
+        """Remove the webhook (needed before running in polling mode again)."""
+
+        async def work(bot: Bot, settings: Settings) -> None:
+            await bot.delete_webhook(drop_pending_updates=False)
+            typer.echo("webhook deleted")
+
+        _run(work)
+
+    @group.command("webhook-info")
+    def webhook_info() -> None:
+        """What Telegram knows about the webhook: URL, pending updates, last error."""
+
+        async def work(bot: Bot, settings: Settings) -> None:
+            info = await bot.get_webhook_info()
+            typer.echo(f"url: {info.url or '(none: polling)'}")
+            typer.echo(f"pending updates: {info.pending_update_count}")
+            typer.echo(f"allowed updates: {', '.join(info.allowed_updates or ()) or 'default'}")
+            if info.last_error_message:
+                typer.echo(f"last error: {info.last_error_message} ({info.last_error_date})")
+
+        _run(work)
+
+    cli.add_typer(group, name="telegram")

@@ -1,0 +1,100 @@
+"""Fixtures: a fake Bot API on 127.0.0.1 and a real PTB Application (the telegram channel) on it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakebotapi import TOKEN, FakeBotAPI
+from PIL import Image
+
+import plugins.telegram as telegram_plugin
+from bot.app import App
+from bot.engines.instant import InstantEngine
+from bot.settings import Settings
+
+ADMIN_ID = 4242
+STEP_TIMEOUT_S = 15.0
+
+StartBot = Callable[..., Awaitable[App]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+async def botapi() -> AsyncIterator[FakeBotAPI]:
+    api = FakeBotAPI()
+    await asyncio.wait_for(api.start(), STEP_TIMEOUT_S)
+    yield api
+    await asyncio.wait_for(api.stop(), STEP_TIMEOUT_S)
+
+
+def make_settings(tmp_path: Path, api: FakeBotAPI, **overrides: Any) -> Settings:
+    telegram = {
+        "token": TOKEN,
+        "base_url": api.base_url,
+        "base_file_url": api.base_file_url,
+        "admin_ids": [ADMIN_ID],
+        **overrides.pop("telegram", {}),
+    }
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "channels": ["telegram"],
+        "plugins": [],  # entry points off: the plugin under test is handed in directly
+        "language": "en",
+        **overrides,
+    }
+    return Settings(_env_file=None, telegram=telegram, **values)
+
+
+@pytest.fixture
+async def start_bot(tmp_path: Path, botapi: FakeBotAPI) -> AsyncIterator[StartBot]:
+    """``await start_bot(engine=…, telegram={…}, **settings)`` → a running App with the channel."""
+    apps: list[App] = []
+
+    async def start(engine: Any = None, channels: list[str] | None = None, **overrides: Any) -> App:
+        settings = make_settings(tmp_path / f"app{len(apps)}", botapi, **overrides)
+        app = await asyncio.wait_for(
+            App.create(settings, engine=engine or InstantEngine(), plugins=[telegram_plugin]),
+            STEP_TIMEOUT_S,
+        )
+        apps.append(app)
+        await asyncio.wait_for(app.start_channels(channels or ["telegram"]), STEP_TIMEOUT_S)
+        return app
+
+    yield start
+    for app in reversed(apps):
+        await asyncio.wait_for(app.close(), STEP_TIMEOUT_S)
+
+
+def _encode(path: Path, fmt: str, size: tuple[int, int] | None = None) -> bytes:
+    img = Image.open(path).convert("RGB")
+    if size:
+        img = img.resize(size)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def chelsea_jpeg(sample_dir: Path) -> bytes:
+    return _encode(sample_dir / "chelsea.png", "JPEG")
+
+
+@pytest.fixture(scope="session")
+def coffee_png(sample_dir: Path) -> bytes:
+    return (sample_dir / "coffee.png").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def sticker_webp(sample_dir: Path) -> bytes:
+    return _encode(sample_dir / "astronaut.png", "WEBP", (512, 512))
