@@ -1,0 +1,145 @@
+"""The upload page in a real browser: Debian's headless chromium driven by Playwright.
+
+The real WebChannel (uvicorn) serves a real App on a free loopback port; the browser picks a photo,
+gets a joke, votes 👍 then changes to 👎, and the store must hold exactly one vote of -1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import skimage
+
+from bot.app import App
+from bot.engines.instant import InstantEngine
+from bot.settings import Settings
+from plugins.web import WebChannel
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SAMPLES = Path(skimage.__file__).parent / "data"
+LEAD_SCREENSHOT = Path("/tmp/oogiri-web.png")
+
+
+@pytest.fixture
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is required in CI (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is not installed")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[App, WebChannel]]:
+    settings = Settings(
+        _env_file=None, data_dir=tmp_path / "data", web={"host": "127.0.0.1", "port": 0}
+    )
+    app = await App.create(settings, engine=InstantEngine())
+    channel = app.channel_registry.get("web")(app)
+    await channel.start()
+    try:
+        yield app, channel
+    finally:
+        await channel.stop()
+        await app.close()
+
+
+@pytest.fixture
+async def page(chromium: Path) -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844},  # a phone
+            device_scale_factor=2,
+            is_mobile=True,
+            has_touch=True,
+            locale="en-US",
+        )
+        p = await context.new_page()
+        p.problems = []  # console errors (a CSP violation shows up here) and page errors
+        p.on(
+            "console",
+            lambda msg: p.problems.append(msg.text) if msg.type == "error" else None,
+        )
+        p.on("pageerror", lambda exc: p.problems.append(str(exc)))
+        try:
+            yield p
+        finally:
+            await browser.close()
+
+
+async def test_upload_vote_and_change_vote(
+    served: tuple[App, WebChannel], page: Any, tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    app, channel = served
+    await page.goto(channel.url + "/")
+    await expect(page.locator("h1")).to_have_text("A joke for your picture")
+    await expect(page.locator("#demo-banner")).to_be_hidden()
+
+    await page.set_input_files("#file", str(SAMPLES / "chelsea.png"))
+    await expect(page.locator("#preview")).to_be_visible()
+    await expect(page.locator("#submit")).to_be_enabled()
+    await page.click("#submit")
+
+    result = page.locator("#result")
+    await expect(result).to_be_visible()
+    await expect(page.locator("#model-version")).to_have_text("instant-0")
+    joke_id = int(await result.get_attribute("data-joke-id"))
+    joke = await app.service.get_joke(joke_id)
+    await expect(page.locator("#joke-text")).to_have_text(joke.text)
+
+    await page.click("#vote-up")
+    await expect(page.locator("#vote-up")).to_have_attribute("aria-pressed", "true")
+    await expect(page.locator("#count-up")).to_have_text("1")
+    assert await app.store.ratings_for(joke_id) == [(joke.user_id, 1)]
+
+    await page.click("#vote-down")
+    await expect(page.locator("#vote-down")).to_have_attribute("aria-pressed", "true")
+    await expect(page.locator("#vote-up")).to_have_attribute("aria-pressed", "false")
+    await expect(page.locator("#count-down")).to_have_text("1")
+    await expect(page.locator("#count-up")).to_have_text("0")
+    assert await app.store.ratings_for(joke_id) == [(joke.user_id, -1)]
+
+    shot = tmp_path / "web.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    shutil.copyfile(shot, LEAD_SCREENSHOT)
+    assert page.problems == []
+
+
+async def test_rejection_is_shown(served: tuple[App, WebChannel], page: Any, tmp_path: Path):
+    from playwright.async_api import expect
+
+    app, channel = served
+    bogus = tmp_path / "notes.png"
+    bogus.write_bytes(b"these are my notes, not a picture\n" * 20)
+    await page.goto(channel.url + "/")
+    await page.set_input_files("#file", str(bogus))
+    await page.click("#submit")
+    error = page.locator("#error")
+    await expect(error).to_be_visible()
+    await expect(error).to_contain_text("doesn't look like a picture")
+    await expect(page.locator("#result")).to_be_hidden()
+    assert await app.store.request_outcomes() == {"image_rejected": 1}
+    # Chromium logs the refused upload itself; nothing else (no script error, no CSP report).
+    expected = "Failed to load resource: the server responded with a status of 400"
+    assert [p for p in page.problems if not p.startswith(expected)] == []
