@@ -1,0 +1,236 @@
+"""A tiny, randomly initialised InternVL model for tests and demos: real files, seconds to build.
+
+``make_tiny_model(dir)`` writes a folder that transformers loads natively
+(``InternVLForConditionalGeneration``: InternViT vision + Qwen2 text), with a byte-level BPE
+tokenizer trained here on a small built-in corpus, InternVL's special tokens and a chat template,
+the processor files (dynamic tiling into 448² tiles, 256 image tokens per tile) and
+``model.safetensors``. Nothing is downloaded. Its answers are random noise: it exists so that the
+whole path (processor → model → generate) runs for real on any CPU.
+
+``AutoProcessor`` loads the folder as ``InternVLProcessor`` only where torchvision is installed
+(transformers 5 needs it for InternVL's video processor); ``AutoTokenizer`` and
+``AutoImageProcessor`` load it everywhere, and that is what the transformers engine uses.
+
+Only the transformers-native layout ("hf") is built today; InternVL2's original remote-code layout
+("internvl2", what XTuner fine-tunes and LMDeploy serves) is a later addition.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+MARKER = "oogiri-model.json"
+LAYOUTS = ("hf",)
+
+# InternVL's tokens. The processor finds the image tokens through these tokenizer attributes.
+IMAGE_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+PAD = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = [PAD, IM_START, IM_END, *IMAGE_TOKENS.values()]
+
+TILE = 448  # InternVL's tile side; 448/14 = 32 patches a side, pixel-shuffled ×0.5 → 256 tokens
+PATCH = 14
+VOCAB_LIMIT = 1024  # BPE stops earlier when the corpus runs out (~920 tokens)
+HIDDEN = 64
+LAYERS = 2
+HEADS = 4
+MAX_POSITIONS = 16384  # 40 tiles (settings' upper bound) × 256 + text
+
+# A ChatML template; an image item becomes <IMG_CONTEXT>, which the processor expands to
+# <img> + <IMG_CONTEXT> × (256 × tiles) + </img>.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<IMG_CONTEXT>\\n' -}}"
+    "{%- elif item['type'] == 'video' -%}{{- '<video>\\n' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Enough text for BPE to learn the default prompt's characters, common English and some joke-ish
+# Chinese; written for this project.
+CORPUS = [
+    "请你根据这张图片，讲一个脑洞大开的梗",
+    "请你根据这张图片，讲一个脑洞大开的梗。",
+    "这张图片告诉我们：猫才是这个家真正的主人。",
+    "科学家发现，咖啡喝多了会让人以为自己是火箭。",
+    "宇航员说：我不是迷路了，我只是在找外星人的厕所。",
+    "老板说今天加班，我的摩托车先下班了。",
+    "当你以为周末到了，其实今天才星期一。",
+    "这只猫看起来很严肃，因为它刚刚发现冰箱是空的。",
+    "我们的梗图，你的笑声，大家的快乐。",
+    "一个人，一杯茶，一张图，一个笑话。",
+    "图片里的狗在想什么？它在想晚饭吃什么。",
+    "你好，世界！今天天气很好，我们去看电影吧。",
+    "Please tell a funny joke about this picture.",
+    "Plot twist: the cat was the photographer all along.",
+    "Breaking news: local coffee cup declares independence from the kitchen.",
+    "The astronaut forgot the keys, so the rocket stayed home.",
+    "When the motorcycle sees a speed bump, it pretends to be a horse.",
+    "Why did the picture go to school? To improve its resolution.",
+    "This is the face of someone who has read the terms and conditions.",
+    "I am not lazy, I am in energy saving mode.",
+    "The quick brown fox jumps over the lazy dog 0123456789 times.",
+    "What do you call a joke without a punchline? A meeting.",
+    "Hello, world! How are you today? Good morning and good night.",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z , . ! ? : ; ' \" ( ) - _ / @ #",
+]
+
+
+def _train_tokenizer() -> Any:
+    """A byte-level BPE shaped like Qwen2's (so ``Qwen2Tokenizer`` rebuilds it identically)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_LIMIT,
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
+    return tokenizer
+
+
+def _readable(text: str) -> bool:
+    return "\ufffd" not in text and all(c.isprintable() or c in "\n\t" for c in text)
+
+
+def make_tiny_model(out_dir: Path, *, seed: int = 0, layout: str = "hf") -> Path:
+    """Build the tiny random InternVL model into ``out_dir`` (created) and return it.
+
+    The same ``seed`` gives the same weights. ``oogiri-model.json`` records the version label
+    ``tiny-random-<seed>``, which engines report as the model version.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown tiny-model layout {layout!r}; supported: {', '.join(LAYOUTS)}")
+    try:
+        import torch
+        from transformers import (
+            GenerationConfig,
+            InternVLConfig,
+            InternVLForConditionalGeneration,
+            Qwen2Tokenizer,
+        )
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+            GotOcr2ImageProcessorPil,
+        )
+    except ImportError as exc:  # the core install has no torch/transformers
+        raise RuntimeError(
+            "building the tiny model needs torch and transformers: pip install 'oogiri[local]'"
+        ) from exc
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = Qwen2Tokenizer(
+        tokenizer_object=_train_tokenizer(),
+        eos_token=IM_END,
+        pad_token=PAD,
+        unk_token=None,
+        extra_special_tokens=IMAGE_TOKENS,
+        model_max_length=MAX_POSITIONS,
+        padding_side="left",
+    )
+    vocab_size = len(tokenizer)
+
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": TILE, "width": TILE},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=12,
+        image_mean=[0.485, 0.456, 0.406],  # ImageNet statistics, as InternVL uses
+        image_std=[0.229, 0.224, 0.225],
+    )
+    tokens_per_tile = (TILE // PATCH) ** 2 // 4  # pixel shuffle with downsample_ratio 0.5
+
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": HIDDEN,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS,
+            "intermediate_size": 2 * HIDDEN,
+            "image_size": [TILE, TILE],
+            "patch_size": [PATCH, PATCH],
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": vocab_size,
+            "hidden_size": HIDDEN,
+            "intermediate_size": 2 * HIDDEN,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS,
+            "num_key_value_heads": HEADS // 2,
+            "max_position_embeddings": MAX_POSITIONS,
+            "tie_word_embeddings": False,
+            "bos_token_id": None,
+            "eos_token_id": tokenizer.convert_tokens_to_ids(IM_END),
+            "pad_token_id": tokenizer.convert_tokens_to_ids(PAD),
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]),
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(seed)
+        model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
+    # Random weights pick byte tokens that are no whole character (shown as "�") or control
+    # characters; suppressing them keeps the demo's noise readable. A real model needs no such list.
+    unreadable = [i for i in range(vocab_size) if not _readable(tokenizer.decode([i]))]
+    model.generation_config = GenerationConfig(
+        eos_token_id=[
+            tokenizer.convert_tokens_to_ids(IM_END),
+            tokenizer.convert_tokens_to_ids(PAD),
+        ],
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
+        suppress_tokens=unreadable,
+        do_sample=False,
+    )
+
+    model.save_pretrained(out_dir)
+    # The processor is written as its parts: constructing ``InternVLProcessor`` (and loading it with
+    # ``AutoProcessor``) needs torchvision for its video processor, which CPU installs lack.
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)
+    processor_config = {"processor_class": "InternVLProcessor", "image_seq_length": tokens_per_tile}
+    (out_dir / "processor_config.json").write_text(
+        json.dumps(processor_config, indent=2) + "\n", encoding="utf-8"
+    )
+    marker = {"version": f"tiny-random-{seed}", "layout": layout, "seed": seed, "tiny": True}
+    (out_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def read_marker(model_dir: Path) -> dict[str, Any] | None:
+    """The ``oogiri-model.json`` of a model folder, or None when absent or unreadable."""
+    try:
+        data = json.loads((Path(model_dir) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
