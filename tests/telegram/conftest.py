@@ -58,17 +58,17 @@ def make_settings(tmp_path: Path, api: FakeBotAPI, **overrides: Any) -> Settings
 
 @pytest.fixture
 async def start_bot(tmp_path: Path, botapi: FakeBotAPI) -> AsyncIterator[StartBot]:
-    """``await start_bot(engine=…, telegram={…}, **settings)`` → a running App with the channel."""
+    """``await start_bot(engine=…, only=[channels], **settings)`` → an App running the channel."""
     apps: list[App] = []
 
-    async def start(engine: Any = None, channels: list[str] | None = None, **overrides: Any) -> App:
+    async def start(engine: Any = None, only: list[str] | None = None, **overrides: Any) -> App:
         settings = make_settings(tmp_path / f"app{len(apps)}", botapi, **overrides)
         app = await asyncio.wait_for(
             App.create(settings, engine=engine or InstantEngine(), plugins=[telegram_plugin]),
             STEP_TIMEOUT_S,
         )
         apps.append(app)
-        await asyncio.wait_for(app.start_channels(channels or ["telegram"]), STEP_TIMEOUT_S)
+        await asyncio.wait_for(app.start_channels(only or ["telegram"]), STEP_TIMEOUT_S)
         return app
 
     yield start
