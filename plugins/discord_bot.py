@@ -131,6 +131,20 @@ def format_mb(limit: int) -> str:
     return f"{limit / (1024 * 1024):.1f}".removesuffix(".0")
 
 
+class _QuietIrrelevantWarnings(logging.Filter):
+    """Drop discord.py's "Guilds intent seems to be disabled" warning.
+
+    It assumes a cache-driven bot; this channel uses no intents on purpose (interactions carry all
+    the guild, channel and member data it needs), so the warning would only alarm operators.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Guilds intent seems to be disabled")
+
+
+_QUIET = _QuietIrrelevantWarnings()
+
+
 def _require_discord() -> None:
     if discord is None:
         raise RuntimeError(
@@ -230,6 +244,7 @@ class DiscordChannel:
             self._runner = asyncio.create_task(
                 self.client.connect(reconnect=True), name="oogiri-discord-gateway"
             )
+            self._runner.add_done_callback(self._gateway_ended)
             waiter = asyncio.create_task(connected.wait())
             done, _ = await asyncio.wait(
                 {self._runner, waiter},
@@ -263,20 +278,27 @@ class DiscordChannel:
                 except TimeoutError:
                     log.warning("discord: client did not close within %.0f s", self.close_timeout_s)
             if runner is not None:
-                if not runner.done():
-                    try:
-                        await asyncio.wait_for(runner, timeout=self.close_timeout_s)
-                    except (TimeoutError, asyncio.CancelledError):
-                        pass
-                    except Exception:
-                        log.debug("discord: gateway task ended with an error", exc_info=True)
-                elif not runner.cancelled() and runner.exception() is not None:
-                    log.debug("discord: gateway task ended with %r", runner.exception())
+                try:
+                    await asyncio.wait_for(runner, timeout=self.close_timeout_s)
+                except (TimeoutError, asyncio.CancelledError):
+                    pass
+                except Exception:
+                    log.debug("discord: the gateway task ended with an error", exc_info=True)
             if self._http is not None:
                 await self._http.close()
                 self._http = None
         finally:
             self._restore_endpoints()
+
+    def _gateway_ended(self, task: asyncio.Task[None]) -> None:
+        if task is not self._runner:  # stopped on purpose
+            return
+        if task.cancelled():
+            log.error("discord: the gateway task was cancelled; the bot is offline")
+        elif (error := task.exception()) is not None:
+            log.error("discord: the gateway stopped; the bot is offline", exc_info=error)
+        else:
+            log.error("discord: the gateway closed; the bot is offline")
 
     def _expected_shards(self) -> set[int | None] | None:
         if self.config.shard_ids:
@@ -310,6 +332,12 @@ class DiscordChannel:
         self._saved_endpoints = None
 
     def _make_client(self) -> Any:
+        state_log = logging.getLogger("discord.state")
+        if _QUIET not in state_log.filters:
+            state_log.addFilter(_QUIET)
+        # A text-only bot: no voice libraries needed, so no warnings about their absence.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         options: dict[str, Any] = {
             "intents": discord.Intents.none(),
             "max_messages": None,
@@ -569,6 +597,10 @@ class DiscordChannel:
         except OogiriError as exc:
             await interaction.response.send_message(exc.user_message(lang), ephemeral=True)
             return
+        except Exception:
+            log.exception("discord: could not record a vote on joke %s", joke_id)
+            await interaction.response.send_message(text("failed", lang), ephemeral=True)
+            return
         await interaction.response.edit_message(
             view=self.vote_view(joke_id, rating.up, rating.down)
         )
@@ -623,8 +655,14 @@ def find_image(target: Any) -> _Source | None:
             )
     for embed in target.embeds:
         for media in (embed.image, embed.thumbnail):
-            url = getattr(media, "proxy_url", None) or getattr(media, "url", None)
-            if url and url.startswith(("https://", "http://")):
+            # Discord's media proxy first: it fetched the picture already and serves it publicly;
+            # otherwise only a public https URL (never a plain-http or internal address).
+            url = getattr(media, "proxy_url", None)
+            if not url:
+                url = getattr(media, "url", None)
+                if not (url and url.startswith("https://")):
+                    continue
+            if url.startswith(("https://", "http://")):
                 name = PurePath(yarl.URL(url).path).name or None
                 return _Source(url=url, filename=name, content_type=None, size=None, embedded=True)
     return None
