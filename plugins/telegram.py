@@ -39,7 +39,7 @@ try:  # the ``telegram`` extra; without it the plugin loads but its channel refu
         Update,
     )
     from telegram.constants import ChatAction, ChatType, MessageEntityType, MessageLimit
-    from telegram.error import BadRequest, RetryAfter, TelegramError
+    from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
     from telegram.ext import (
         AIORateLimiter,
         Application,
@@ -299,12 +299,18 @@ async def ensure_webhook(
     """Point Telegram at our webhook, only when it isn't already (idempotent, replica-safe).
 
     Never drops pending updates and never deletes a webhook, so replicas starting or stopping in
-    any order cannot lose updates. ``force`` re-sends it (e.g. after changing the secret).
+    any order cannot lose updates. It is re-sent when Telegram reports that our endpoint answered
+    403 (a changed secret), or always with ``force`` (``oogiri telegram set-webhook``).
     """
     url = webhook_target(settings)
     if not force:
         info = await bot.get_webhook_info()
-        if info.url == url and set(info.allowed_updates or ()) == set(ALLOWED_UPDATES):
+        rejected = "403" in (info.last_error_message or "")  # e.g. the secret was changed
+        if (
+            info.url == url
+            and set(info.allowed_updates or ()) == set(ALLOWED_UPDATES)
+            and not rejected
+        ):
             log.info("telegram webhook already set")
             return False
     await bot.set_webhook(
@@ -460,7 +466,13 @@ class TelegramChannel:
         application = self.build_application()
         self.application = application
         try:
-            await application.initialize()  # getMe: checks the token
+            try:
+                await application.initialize()  # getMe: checks the token
+            except InvalidToken:
+                # PTB's message quotes the token; this one doesn't (and hides PTB's).
+                raise RuntimeError(
+                    "Telegram rejected the bot token: check OOGIRI_TELEGRAM__TOKEN"
+                ) from None
             await self._set_commands(application.bot)
             await application.start()
             self.app.state[STATE_KEY] = self
@@ -510,7 +522,10 @@ class TelegramChannel:
         data = body if isinstance(body, dict) else json.loads(body)
         if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
             raise ValueError("not a Telegram update")
-        update = Update.de_json(data, application.bot)
+        try:
+            update = Update.de_json(data, application.bot)
+        except Exception as exc:  # malformed nested objects: a client error, not ours
+            raise ValueError("not a Telegram update") from exc
         await application.update_queue.put(update)
 
     async def _set_commands(self, bot: Bot) -> None:

@@ -573,6 +573,9 @@ class FakeBotAPI:
             info["max_connections"] = self.webhook.get("max_connections") or 40
             if self.webhook.get("allowed_updates"):
                 info["allowed_updates"] = self.webhook["allowed_updates"]
+            if self.webhook.get("last_error_message"):
+                info["last_error_date"] = int(time.time())
+                info["last_error_message"] = self.webhook["last_error_message"]
         return info
 
     async def api_setMyCommands(self, params: dict[str, Any]) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tomllib
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -615,6 +616,24 @@ async def test_webhook_served_by_the_real_web_channel(
         await asyncio.wait_for(app.close(), 15)
 
 
+async def test_webhook_is_reset_when_telegram_saw_403(
+    botapi: FakeBotAPI, start_bot: StartBot
+) -> None:
+    """A changed secret: Telegram's deliveries got 403, so a starting replica sets it again."""
+    botapi.webhook = {
+        "url": f"{WEBHOOK_BASE}/telegram/webhook",
+        "secret_token": "old-secret",
+        "allowed_updates": ["message", "callback_query"],
+        "last_error_message": "Wrong response from the webhook: 403 Forbidden",
+    }
+    app = await start_bot(
+        telegram={"mode": "webhook", "webhook_url": WEBHOOK_BASE},
+        web={"host": "127.0.0.1", "port": free_port()},
+    )
+    (hook,) = botapi.sent("setWebhook")
+    assert hook["secret_token"] == tg.webhook_secret(app.settings) != "old-secret"
+
+
 # --------------------------------------------------------------------------- hygiene
 
 
@@ -637,6 +656,16 @@ async def test_token_never_reaches_the_logs(
     secret_part = TOKEN.split(":", 1)[1]
     assert TOKEN not in logged and secret_part not in logged
     assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+
+
+async def test_rejected_token_is_not_echoed(
+    botapi: FakeBotAPI, start_bot: StartBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "987654321:AAWrongTokenWrongTokenWrongToken_xyz123"
+    with pytest.raises(RuntimeError, match="rejected the bot token") as info:
+        await start_bot(telegram={"token": wrong})
+    shown = "".join(traceback.format_exception(info.value))
+    assert wrong not in shown and wrong.split(":")[1] not in caplog.text
 
 
 def test_callback_data_and_helpers() -> None:
