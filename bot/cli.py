@@ -191,16 +191,26 @@ def db_upgrade(revision: str = "head") -> None:
 @dev.command("make-tiny-model")
 def make_tiny_model_cmd(
     out_dir: Path,
-    layout: Annotated[str, typer.Option(help="hf (transformers-native) or internvl2")] = "hf",
+    layout: Annotated[
+        str, typer.Option(help="hf (transformers-native) or internvl2 (XTuner/LMDeploy layout)")
+    ] = "hf",
+    size: Annotated[
+        str, typer.Option(help="tiny, or full (InternVL2-2B shapes; internvl2)")
+    ] = "tiny",
+    device: Annotated[str, typer.Option(help="where to build the weights (cuda for full)")] = "cpu",
     seed: int = 0,
 ) -> None:
-    """Build a tiny randomly initialised InternVL model (no downloads, seconds)."""
+    """Build a randomly initialised InternVL model (no downloads; tiny in seconds)."""
     from bot.tinymodel import make_tiny_model
 
-    with spinner() as progress:
-        progress.add_task(f"building tiny {layout} model …", total=None)
-        path = make_tiny_model(out_dir, seed=seed, layout=layout)
-    console.print(f"tiny model written to {path}")
+    try:
+        with spinner() as progress:
+            progress.add_task(f"building {size} {layout} model …", total=None)
+            path = make_tiny_model(out_dir, seed=seed, layout=layout, size=size, device=device)
+    except (ValueError, RuntimeError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(f"model written to {path}")
 
 
 def build_cli() -> typer.Typer:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 MARKER = "oogiri-model.json"
-LAYOUTS = ("hf",)
+LAYOUTS = ("hf", "internvl2")
 
 # InternVL's tokens. The processor finds the image tokens through these tokenizer attributes.
 IMAGE_TOKENS = {
@@ -119,14 +119,27 @@ def _readable(text: str) -> bool:
     return "\ufffd" not in text and all(c.isprintable() or c in "\n\t" for c in text)
 
 
-def make_tiny_model(out_dir: Path, *, seed: int = 0, layout: str = "hf") -> Path:
+def make_tiny_model(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    layout: str = "hf",
+    size: str = "tiny",
+    device: str = "cpu",
+) -> Path:
     """Build the tiny random InternVL model into ``out_dir`` (created) and return it.
 
     The same ``seed`` gives the same weights. ``oogiri-model.json`` records the version label
-    ``tiny-random-<seed>``, which engines report as the model version.
+    (``tiny-random-<seed>`` for "hf"), which engines report as the model version. ``layout=
+    "internvl2"`` writes InternVL2's original layout (what XTuner trains and LMDeploy serves);
+    only it has ``size="full"`` (InternVL2-2B's shapes; build that on a GPU with ``device="cuda"``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown tiny-model layout {layout!r}; supported: {', '.join(LAYOUTS)}")
+    if layout == "internvl2":
+        return _make_internvl2(Path(out_dir), seed=seed, size=size, device=device)
+    if size != "tiny":
+        raise ValueError("size='full' exists only for layout='internvl2'")
     try:
         import torch
         from transformers import (
@@ -225,6 +238,38 @@ def make_tiny_model(out_dir: Path, *, seed: int = 0, layout: str = "hf") -> Path
     marker = {"version": f"tiny-random-{seed}", "layout": layout, "seed": seed, "tiny": True}
     (out_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return out_dir
+
+
+def _make_internvl2(out_dir: Path, *, seed: int, size: str, device: str) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    from bot.tiny_internvl2 import SIZES, write_internvl2
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; supported: {', '.join(SIZES)}")
+    raw = _train_tokenizer()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token=IM_START,
+        eos_token=IM_END,
+        pad_token=PAD,
+        additional_special_tokens=list(IMAGE_TOKENS.values()),
+        model_max_length=MAX_POSITIONS,
+    )
+    tokenizer.chat_template = INTERNVL2_CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    ids = {name: raw.token_to_id(tok) for name, tok in (("pad", PAD), ("eos", IM_END))}
+    return write_internvl2(out_dir, raw, size=size, seed=seed, device=device, token_ids=ids)
+
+
+# InternLM2-chat's ChatML, as InternVL2 ships it (no system prompt here: servers add their own).
+INTERNVL2_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 
 
 def read_marker(model_dir: Path) -> dict[str, Any] | None:

@@ -1,0 +1,84 @@
+"""The InternVL2 (InternVLChatModel) layout that LMDeploy and XTuner load, with random weights."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from bot.tiny_internvl2 import build_config, weight_shapes
+from bot.tinymodel import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def iv2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("iv2") / "m", layout="internvl2", seed=3)
+
+
+def test_config_loads_through_remote_code_with_attribute_access(iv2: Path) -> None:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(iv2, trust_remote_code=True, local_files_only=True)
+    assert type(cfg).__name__ == "InternVLChatConfig"
+    # What LMDeploy reads (FIELD-NOTES): nested configs must be objects, not dicts.
+    assert cfg.llm_config.hidden_size == 64 and cfg.llm_config.architectures == [
+        "InternLM2ForCausalLM"
+    ]
+    assert cfg.vision_config.image_size == 448 and cfg.vision_config.patch_size == 14
+    assert (cfg.downsample_ratio, cfg.ps_version, cfg.select_layer) == (0.5, "v2", -1)
+    raw = json.loads((iv2 / "config.json").read_text())
+    assert raw["architectures"] == ["InternVLChatModel"]
+    assert raw["auto_map"]["AutoConfig"] == "configuration_internvl_chat.InternVLChatConfig"
+
+
+def test_weights_have_lmdeploy_names_and_shapes(iv2: Path) -> None:
+    config = json.loads((iv2 / "config.json").read_text())
+    expected = weight_shapes(config)
+    with safe_open(iv2 / "model.safetensors", "pt") as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert got == expected
+    assert "language_model.output.weight" in got and "mlp1.3.weight" in got
+    assert got["mlp1.1.weight"] == (64, 4 * 64)  # pixel shuffle ×0.5 → 4× vision width
+
+
+def test_tokenizer_has_internvl_special_tokens(iv2: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(iv2, trust_remote_code=True, local_files_only=True)
+    for special in ("<img>", "</img>", "<IMG_CONTEXT>", "<|im_start|>", "<|im_end|>"):
+        ids = tok.encode(special, add_special_tokens=False)
+        assert len(ids) == 1, special
+    cfg = json.loads((iv2 / "config.json").read_text())
+    assert cfg["llm_config"]["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert max(tok.get_vocab().values()) < cfg["llm_config"]["vocab_size"]
+
+
+def test_full_size_matches_internvl2_2b_parameter_count() -> None:
+    """2.206 B parameters, as measured for InternVL2-2B's shapes in FIELD-NOTES."""
+    n = sum(math.prod(s) for s in weight_shapes(build_config("full")).values())
+    assert 2.20e9 < n < 2.21e9
+
+
+def test_seed_is_reproducible_and_marker_written(tmp_path: Path, iv2: Path) -> None:
+    again = make_tiny_model(tmp_path / "again", layout="internvl2", seed=3)
+    assert (again / "model.safetensors").read_bytes() == (iv2 / "model.safetensors").read_bytes()
+    marker = json.loads((iv2 / "oogiri-model.json").read_text())
+    assert marker["version"] == "internvl2-tiny-random-3" and marker["layout"] == "internvl2"
+
+
+def test_cli_builds_layout_and_reports_bad_layout(tmp_path: Path) -> None:
+    from bot.cli import cli
+
+    ok = CliRunner().invoke(
+        cli, ["dev", "make-tiny-model", str(tmp_path / "m"), "--layout", "internvl2"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "m" / "configuration_internvl_chat.py").exists()
+    bad = CliRunner().invoke(
+        cli, ["dev", "make-tiny-model", str(tmp_path / "x"), "--layout", "nope"]
+    )
+    assert bad.exit_code == 2 and "unknown tiny-model layout" in bad.output
