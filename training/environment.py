@@ -1,0 +1,251 @@
+"""The training venv (``oogiri train setup``): XTuner's pins, apart from the serving environment.
+
+XTuner 0.2.0 needs transformers 4.48 (LMDeploy needs >= 4.56), so training gets its own venv.
+It is created with ``--system-site-packages`` so the machine's CUDA build of torch is reused (no
+multi-GB download, none possible offline); the venv's own pinned packages shadow the system ones.
+The pins are the recipe measured on the device (see shared FIELD-NOTES): ``--no-deps`` on purpose,
+because XTuner's declared pins (bitsandbytes 0.45, …) do not work on torch 2.11/CUDA 13.
+
+Offline machines: ``oogiri train setup --download DIR`` prints the ``pip download`` commands to
+run where PyPI is reachable; then ``oogiri train setup --wheels DIR`` installs from that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+XTUNER_VERSION = "0.2.0"
+TRANSFORMERS_VERSION = "4.48.0"
+MMENGINE_VERSION = "0.10.6"
+MIN_BITSANDBYTES = (0, 48)
+
+# Installed with --no-deps (every dependency listed), in this order.
+PINS: tuple[str, ...] = (
+    f"xtuner=={XTUNER_VERSION}",
+    f"mmengine=={MMENGINE_VERSION}",
+    f"transformers=={TRANSFORMERS_VERSION}",
+    "tokenizers==0.21.0",
+    "huggingface_hub==0.27.1",
+    "peft==0.14.0",
+    "accelerate==1.2.1",
+    "datasets==3.2.0",
+    "dill==0.3.8",
+    "multiprocess==0.70.16",
+    "fsspec==2024.9.0",
+    "xxhash",
+    "pyarrow",
+    "pydantic==2.10.6",
+    "pydantic-core==2.27.2",
+    "annotated-types",
+    "hjson",
+    "loguru",
+    "addict",
+    "yapf",
+    "termcolor",
+    "platformdirs",
+    "einops",
+    "sentencepiece",
+    "bitsandbytes==0.50.2",  # 0.45.0 (XTuner's pin) has no CUDA 13 build and imports triton.ops
+    "msgpack",
+    "ninja",
+    "py-cpuinfo",
+    "nvidia-ml-py",
+)
+DEEPSPEED = "deepspeed==0.16.2"  # an sdist: built with DS_BUILD_OPS=0 against the system torch
+
+CHECK_SCRIPT = r"""
+import importlib, importlib.util, json, pathlib, sys
+out = {"python": sys.version.split()[0], "executable": sys.executable, "versions": {}, "errors": {}}
+for name in ("torch", "transformers", "tokenizers", "mmengine", "xtuner", "peft", "bitsandbytes",
+             "deepspeed", "accelerate", "datasets"):
+    try:
+        mod = importlib.import_module(name)
+        out["versions"][name] = getattr(mod, "__version__", "?")
+    except Exception as exc:
+        out["errors"][name] = f"{type(exc).__name__}: {exc}"
+try:
+    from xtuner.model import InternVL_V1_5  # noqa: F401
+    from xtuner.dataset import InternVL_V1_5_Dataset  # noqa: F401
+    out["xtuner_internvl"] = True
+except Exception as exc:
+    out["xtuner_internvl"] = False
+    out["errors"]["xtuner.internvl"] = f"{type(exc).__name__}: {exc}"
+spec = importlib.util.find_spec("xtuner")
+if spec and spec.submodule_search_locations:
+    p = pathlib.Path(list(spec.submodule_search_locations)[0])
+    p = p / "configs" / "internvl" / "v1_5" / "convert_to_official.py"
+    out["convert_script"] = str(p)
+    out["convert_script_exists"] = p.is_file()
+try:
+    import torch
+    out["cuda"] = bool(torch.cuda.is_available())
+    out["gpus"] = torch.cuda.device_count()
+except Exception:
+    out["cuda"] = False
+print("OOGIRI-CHECK " + json.dumps(out))
+"""
+
+TORCHRUN_SHIM = """#!{python}
+# torchrun bound to this venv (the system torchrun would start workers with the system python)
+import sys
+
+from torch.distributed.run import main
+
+sys.exit(main())
+"""
+
+
+@dataclass
+class Step:
+    description: str
+    argv: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    action: Callable[[], None] | None = None
+
+    def shell(self) -> str:
+        if self.argv is None:
+            return f"# {self.description} (done by oogiri)"
+        env = " ".join(f"{k}={v}" for k, v in self.env.items())
+        return (env + " " if env else "") + " ".join(_quote(a) for a in self.argv)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def venv_python(venv: Path) -> Path:
+    return Path(venv) / "bin" / "python"
+
+
+def _pip(venv: Path, wheels: Path | None) -> list[str]:
+    cmd = [str(venv_python(venv)), "-m", "pip", "install", "--no-deps"]
+    if wheels is not None:
+        cmd += ["--no-index", "--find-links", str(wheels)]
+    return cmd
+
+
+def write_torchrun_shim(venv: Path) -> Path:
+    path = Path(venv) / "bin" / "torchrun"
+    path.write_text(TORCHRUN_SHIM.format(python=venv_python(venv)), encoding="utf-8")
+    path.chmod(0o755)
+    return path
+
+
+def setup_steps(
+    venv: Path,
+    python: str = "python3",
+    wheels: Path | None = None,
+    system_site_packages: bool = True,
+    extra: tuple[str, ...] = (),
+) -> list[Step]:
+    """Create the venv, install the pins, DeepSpeed, a venv-bound torchrun."""
+    venv = Path(venv)
+    create = [python, "-m", "venv"]
+    if system_site_packages:
+        create.append("--system-site-packages")
+    create.append(str(venv))
+    return [
+        Step("create the venv", create),
+        Step("install XTuner and its pinned dependencies", [*_pip(venv, wheels), *PINS, *extra]),
+        Step(
+            "install DeepSpeed without building its CUDA ops",
+            [*_pip(venv, wheels), "--no-build-isolation", DEEPSPEED],
+            env={"DS_BUILD_OPS": "0"},
+        ),
+        Step("bind torchrun to the venv", action=lambda: write_torchrun_shim(venv) and None),
+        Step("check the venv", [str(venv_python(venv)), "-c", CHECK_SCRIPT]),
+    ]
+
+
+def download_steps(
+    dest: Path, python_version: str = "3.12", platform: str = "manylinux_2_28_x86_64"
+) -> list[Step]:
+    """``pip download`` commands that fetch every pin for an offline ``--wheels`` install."""
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest)]
+    binary = [
+        *base,
+        "--only-binary=:all:",
+        "--python-version",
+        python_version,
+        "--platform",
+        platform,
+        "--platform",
+        "manylinux2014_x86_64",
+        "--platform",
+        "any",
+    ]
+    return [
+        Step("wheels for the pins", binary + list(PINS)),
+        Step("DeepSpeed (source distribution)", [*base, "--no-binary=:all:", DEEPSPEED]),
+    ]
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def parse_check(output: str) -> dict[str, Any]:
+    for line in reversed(output.splitlines()):
+        if line.startswith("OOGIRI-CHECK "):
+            return json.loads(line[len("OOGIRI-CHECK ") :])
+    raise ValueError("the check printed no report")
+
+
+def check_problems(report: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of a check report."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    versions = report.get("versions", {})
+    errors = report.get("errors", {})
+    if _version_tuple(report.get("python", "0")) >= (3, 13):
+        problems.append(f"python {report.get('python')}: XTuner 0.2.0 needs Python < 3.13")
+    for name, error in errors.items():
+        problems.append(f"{name} does not import: {error}")
+    expect = {
+        "xtuner": XTUNER_VERSION,
+        "transformers": TRANSFORMERS_VERSION,
+        "mmengine": MMENGINE_VERSION,
+    }
+    for name, wanted in expect.items():
+        got = versions.get(name)
+        if got is not None and got != wanted:
+            problems.append(f"{name} {got} (needs {wanted})")
+    bnb = versions.get("bitsandbytes")
+    if bnb is not None and _version_tuple(bnb) < MIN_BITSANDBYTES:
+        problems.append(f"bitsandbytes {bnb} has no CUDA 13 build (needs >= 0.48)")
+    if report.get("convert_script") and not report.get("convert_script_exists"):
+        problems.append(f"convert_to_official.py missing at {report['convert_script']}")
+    if not report.get("cuda"):
+        warnings.append("CUDA is not available here: training will only run on a GPU machine")
+    return problems, warnings
+
+
+def check_venv(python: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Run the check script with ``python``; returns (report, problems, warnings)."""
+    proc = subprocess.run(
+        [str(python), "-c", CHECK_SCRIPT], capture_output=True, text=True, check=False
+    )
+    try:
+        report = parse_check(proc.stdout)
+    except ValueError:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {}, [f"{python} could not run the check: {' | '.join(tail)}"], []
+    problems, warnings = check_problems(report)
+    return report, problems, warnings
