@@ -253,10 +253,22 @@ async def test_group_answers_mention_joke_command_and_replies_to_the_bot(
     joke_msg = bot_reply(botapi, msg)
     await ask_joke(botapi, group, alice, photo=botapi.photo(chelsea_jpeg), reply_to=joke_msg)
 
-    # 5. /joke with nothing to look at: a hint, not a joke
+    # 5. /joke as a picture's caption
+    await ask_joke(
+        botapi,
+        group,
+        alice,
+        photo=botapi.photo(coffee_png),
+        caption="/joke",
+        caption_entities=[{"type": "bot_command", "offset": 0, "length": 5}],
+    )
+
+    # 6. /joke with nothing to look at: a hint, not a joke; a mention on a video: no joke either
     _, hint = await ask_joke(botapi, group, bob, text="/joke")
     assert hint["text"] == tg_text("group_usage", "en")
-    assert await app.store.request_outcomes() == {"ok": 5}
+    _, hint = await ask_joke(botapi, group, bob, video=botapi.media("video"), **with_mention())
+    assert hint["text"] == tg_text("send_picture", "en")
+    assert await app.store.request_outcomes() == {"ok": 6}
 
 
 # --------------------------------------------------------------------------- votes
