@@ -200,7 +200,7 @@ class DiscordChannel:
 
     @property
     def service(self) -> Any:
-        # Read on every use: App.swap_engine keeps the service but a test may replace the app's.
+        # Always the app's current service (never a copy taken at construction).
         return self.app.service
 
     @property
@@ -407,9 +407,9 @@ class DiscordChannel:
             await channel.on_joke_command(interaction, image, hint)
 
         async def joke_about_message(
-            interaction: discord.Interaction, message: discord.Message
+            interaction: discord.Interaction, target: discord.Message
         ) -> None:
-            await channel.on_joke_context_menu(interaction, message)
+            await channel.on_joke_context_menu(interaction, target)
 
         async def joke_help(interaction: discord.Interaction) -> None:
             await channel.on_help(interaction)
