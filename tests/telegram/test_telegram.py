@@ -139,6 +139,24 @@ async def test_static_sticker_gets_joke(
     assert await app.store.request_outcomes() == {"ok": 1}
 
 
+async def test_typing_is_renewed_while_a_slow_joke_is_written(
+    botapi: FakeBotAPI,
+    start_bot: StartBot,
+    chelsea_jpeg: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tg, "TYPING_EVERY_S", 0.1)
+    await start_bot(engine=InstantEngine(delay_s=0.45))
+    user = botapi.user(1006)
+    chat = botapi.private_chat(user)
+    await ask_joke(botapi, chat, user, photo=botapi.photo(chelsea_jpeg))
+    assert len([c for c in botapi.calls_to(chat["id"]) if c.method == "sendChatAction"]) >= 3
+    # in a group, one "typing…" is enough (the group's flood budget is small)
+    group = botapi.group_chat(GROUP)
+    await ask_joke(botapi, group, user, photo=botapi.photo(chelsea_jpeg), **with_mention())
+    assert [c.method for c in botapi.calls_to(GROUP)].count("sendChatAction") == 1
+
+
 async def test_animated_media_get_a_polite_send_me_a_picture(
     botapi: FakeBotAPI, start_bot: StartBot
 ) -> None:
