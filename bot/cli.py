@@ -36,6 +36,11 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def one_line(text: str) -> str:
+    """One joke per line, so scripts can pair lines with images (--json keeps exact text)."""
+    return " ".join(text.splitlines())
+
+
 def spinner() -> Progress:
     return Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
@@ -140,7 +145,7 @@ def joke(
                             )
                         else:
                             print(
-                                f"{path}: {result.text}  "
+                                f"{path}: {one_line(result.text)}  "
                                 f"[model {result.model_version}, joke #{result.id}]",
                                 flush=True,
                             )
