@@ -295,3 +295,69 @@ def test_plugins_filter_and_describe(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_plugin_name_is_warned(caplog: pytest.LogCaptureFixture) -> None:
     make_manager(["no-such-plugin"])
     assert "no-such-plugin" in caplog.text
+
+
+async def test_hook_web_routes(settings: Settings) -> None:
+    import httpx
+
+    from plugins.web import create_api
+
+    class P:
+        @hookimpl
+        def oogiri_web_routes(self, router, app):
+            @router.get("/plugin/hello")
+            async def hello() -> dict:
+                return {"engine": app.engine.name}
+
+    app = await make_app(settings, P())
+    try:
+        transport = httpx.ASGITransport(app=create_api(app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.get("/plugin/hello")
+        assert response.status_code == 200 and response.json() == {"engine": "instant"}
+    finally:
+        await app.close()
+
+
+async def test_hook_training_examples(settings: Settings) -> None:
+    from training.export import apply_hooks
+
+    def example(i: int, text: str) -> dict:
+        return {"id": f"j{i}", "prompt": "讲个笑话", "text": text, "image_sha256": f"{i:064x}"}
+
+    class DropLong:
+        @hookimpl
+        def oogiri_training_examples(self, examples):
+            return [e for e in examples if len(e["text"]) <= 10]
+
+    pm = make_manager([], extra=[DropLong()])
+    kept = await apply_hooks(pm, [example(1, "short"), example(2, "far too long a joke")])
+    assert [e["id"] for e in kept] == ["j1"]
+
+
+async def test_hook_model_promoted(settings: Settings, tmp_path: Path) -> None:
+    from bot.store import Store
+    from training.run import CallablePromoter, promote_version
+
+    seen: list[tuple[str, str | None]] = []
+    swapped: list[str] = []
+
+    class Notify:
+        @hookimpl
+        async def oogiri_model_promoted(self, version, previous):
+            seen.append((version, previous))
+
+    store = Store(settings.database_url, settings.images_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await store.upgrade()
+    try:
+        for v in ("m1", "m2"):
+            (tmp_path / v).mkdir()
+            await store.add_model_version(v, str(tmp_path / v))
+        pm = make_manager([], extra=[Notify()])
+        promoter = CallablePromoter(lambda version, path: swapped.append(version))
+        await promote_version(store, pm, promoter, "m1")
+        await promote_version(store, pm, promoter, "m2")
+        assert seen == [("m1", None), ("m2", "m1")] and swapped == ["m1", "m2"]
+    finally:
+        await store.close()
