@@ -293,6 +293,10 @@ def _quiet_sensitive_logs(token: str) -> None:
 # --------------------------------------------------------------------------- webhook
 
 
+class NotRunning(RuntimeError):
+    """The channel is starting or stopping; the webhook answers 503 and Telegram retries."""
+
+
 async def ensure_webhook(
     bot: Bot, settings: Settings, *, force: bool = False, **extra: Any
 ) -> bool:
@@ -332,18 +336,20 @@ def mount_webhook(router: Any, app: App) -> None:
         given = request.headers.get(SECRET_HEADER, "").encode()
         if not hmac.compare_digest(given, secret):
             return Response(status_code=403)
-        channel = app.state.get(STATE_KEY)
-        if not isinstance(channel, TelegramChannel) or not channel.running:
-            # Not ready (starting, stopping): Telegram retries later, nothing is lost.
-            return Response(status_code=503)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_WEBHOOK_BODY):
             return Response(status_code=413)
         body = await request.body()
         if len(body) > MAX_WEBHOOK_BODY:
             return Response(status_code=413)
+        channel = app.state.get(STATE_KEY)
+        if not isinstance(channel, TelegramChannel):
+            return Response(status_code=503)
         try:
-            await channel.feed(body)
+            channel.feed(body)
+        except NotRunning:
+            # Starting or stopping: Telegram delivers it again later, so nothing is lost.
+            return Response(status_code=503)
         except ValueError:
             return Response(status_code=400)
         return Response(status_code=200)
@@ -520,21 +526,29 @@ class TelegramChannel:
         if self.app.state.get(STATE_KEY) is self:
             self.app.state.pop(STATE_KEY, None)
 
-    async def feed(self, body: bytes | dict[str, Any]) -> None:
-        """Queue one webhook update (raw JSON body or decoded dict) for processing."""
+    def feed(self, body: bytes | dict[str, Any]) -> None:
+        """Queue one webhook update (raw JSON body or decoded dict) for processing.
+
+        Raises ``NotRunning`` unless the channel accepts updates, ``ValueError`` for a body that is
+        not an update. Synchronous on purpose: nothing can stop the channel between the check and
+        the queueing, so an accepted update is always processed (``Application.stop`` drains).
+        """
         import json
 
         application = self.application
-        if application is None:
-            raise RuntimeError("the telegram channel is not running")
-        data = body if isinstance(body, dict) else json.loads(body)
+        if application is None or not self.running:
+            raise NotRunning("the telegram channel is not accepting updates")
+        try:
+            data = body if isinstance(body, dict) else json.loads(body)
+        except ValueError as exc:
+            raise ValueError("not JSON") from exc
         if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
             raise ValueError("not a Telegram update")
         try:
             update = Update.de_json(data, application.bot)
         except Exception as exc:  # malformed nested objects: a client error, not ours
             raise ValueError("not a Telegram update") from exc
-        await application.update_queue.put(update)
+        application.update_queue.put_nowait(update)  # unbounded: never blocks
 
     async def _set_commands(self, bot: Bot) -> None:
         try:
