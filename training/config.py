@@ -332,7 +332,11 @@ def log_interval_for(total_iters: int) -> int:
 
 
 def write_config(
-    out_file: Path, params: TrainParams, samples: int, world_size: int, template: Path | None = None
+    out_file: Path,
+    params: TrainParams,
+    samples: int,
+    world_size: int = 1,
+    template: Path | None = None,
 ) -> Plan:
     """Validate, render and write the config; returns the schedule plan."""
     plan = validate(params, samples, world_size)

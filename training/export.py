@@ -263,11 +263,12 @@ def select(
     positives = sorted((e for e in examples if e["kind"] == "positive"), key=_rank_key)
     negatives = sorted((e for e in examples if e["kind"] == "negative"), key=_rank_key)
 
-    # The same joke on the same picture counts once (best-rated copy wins).
+    # The same joke on the same picture counts once (best-rated copy wins; whitespace and case
+    # do not make a joke different).
     seen: set[tuple[str, str]] = set()
     unique: list[dict[str, Any]] = []
     for ex in positives:
-        key = (ex["image_sha256"], " ".join(ex["text"].split()))
+        key = (ex["image_sha256"], "".join(ex["text"].split()).casefold())
         if key in seen:
             counts["duplicates"] += 1
             continue
