@@ -597,8 +597,8 @@ class TelegramChannel:
 
     @contextlib.asynccontextmanager
     async def _typing(self, bot: Bot, message: Message) -> AsyncIterator[None]:
-        """ "typing…" while the body runs: renewed in private chats; once in a group, whose
-        flood budget (20 a minute) is better spent on jokes and vote counts."""
+        """Show "typing…" while the body runs: renewed in private chats, once in a group (whose
+        flood budget of 20 messages a minute is better spent on jokes and vote counts)."""
         thread = message.message_thread_id if message.is_topic_message else None
         renew = message.chat.type == ChatType.PRIVATE
 
@@ -641,9 +641,9 @@ class TelegramChannel:
                     return
                 data = bytes(await tg_file.download_as_bytearray())
             except BadRequest as exc:
-                key = "too big" in str(exc).lower()
+                too_big = "too big" in str(exc).lower()
                 await self._reply(
-                    bot, asking, self._too_large(lang) if key else text("download_failed", lang)
+                    bot, asking, self._too_large(lang) if too_big else text("download_failed", lang)
                 )
                 return
             except RetryAfter:
