@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakebotapi import TOKEN, FakeBotAPI
+from fakebotapi import FakeBotAPI
 from PIL import Image
+from tgsupport import STEP_TIMEOUT_S, StartBot, make_settings
 
 import plugins.telegram as telegram_plugin
 from bot.app import App
 from bot.engines.instant import InstantEngine
-from bot.settings import Settings
-
-ADMIN_ID = 4242
-STEP_TIMEOUT_S = 15.0
-
-StartBot = Callable[..., Awaitable[App]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -36,24 +24,6 @@ async def botapi() -> AsyncIterator[FakeBotAPI]:
     await asyncio.wait_for(api.start(), STEP_TIMEOUT_S)
     yield api
     await asyncio.wait_for(api.stop(), STEP_TIMEOUT_S)
-
-
-def make_settings(tmp_path: Path, api: FakeBotAPI, **overrides: Any) -> Settings:
-    telegram = {
-        "token": TOKEN,
-        "base_url": api.base_url,
-        "base_file_url": api.base_file_url,
-        "admin_ids": [ADMIN_ID],
-        **overrides.pop("telegram", {}),
-    }
-    values: dict[str, Any] = {
-        "data_dir": tmp_path / "data",
-        "channels": ["telegram"],
-        "plugins": [],  # entry points off: the plugin under test is handed in directly
-        "language": "en",
-        **overrides,
-    }
-    return Settings(_env_file=None, telegram=telegram, **values)
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 import typer
-from conftest import ADMIN_ID, StartBot, free_port, make_settings
 from fakebotapi import BOT_ID, BOT_USERNAME, TOKEN, FakeBotAPI, keyboard_counts
+from tgsupport import ADMIN_ID, StartBot, free_port, make_settings
 from typer.testing import CliRunner
 
 import plugins.telegram as tg
