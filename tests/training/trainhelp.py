@@ -74,3 +74,64 @@ async def vote(store: Store, joke_id: int, up: int = 0, down: int = 0, prefix: s
         await store.rate(joke_id, f"{prefix}-up-{i}", 1, "test")
     for i in range(down):
         await store.rate(joke_id, f"{prefix}-down-{i}", -1, "test")
+
+
+# --------------------------------------------------------------------------- a training rig
+
+FAKES = Path(__file__).parent / "fakes"
+
+
+def fake_base_model(path: Path, max_dynamic_patch: int = 1) -> Path:
+    """A base-model folder shaped like InternVL2-2B's (config, remote code, tokenizer, marker)."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["InternVLChatModel"],
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"},
+        "force_image_size": 448,
+        "downsample_ratio": 0.5,
+        "max_dynamic_patch": max_dynamic_patch,
+        "use_thumbnail": True,
+        "vision_config": {"patch_size": 14, "image_size": 448},
+        "llm_config": {"max_position_embeddings": 32768},
+    }
+    (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (path / "model.safetensors").write_bytes(b"base weights")
+    (path / "tokenizer_config.json").write_text("{}", encoding="utf-8")
+    for name in ("configuration_internvl_chat.py", "modeling_internvl_chat.py", "conversation.py"):
+        (path / name).write_text(f"# {name}\n", encoding="utf-8")
+    marker = {"version": "base-v0", "layout": "internvl2", "tiny": True}
+    (path / "oogiri-model.json").write_text(json.dumps(marker), encoding="utf-8")
+    return path
+
+
+def fake_venv(path: Path) -> Path:
+    """bin/python (this interpreter, seeing the stand-in ``xtuner`` package) and bin/xtuner."""
+    import sys
+
+    bin_dir = path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    python = bin_dir / "python"
+    python.write_text(
+        f'#!/bin/sh\nPYTHONPATH="{FAKES / "site"}" exec "{sys.executable}" "$@"\n', encoding="utf-8"
+    )
+    xtuner = bin_dir / "xtuner"
+    xtuner.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" "{FAKES / "fake_xtuner.py"}" "$@"\n', encoding="utf-8"
+    )
+    python.chmod(0o755)
+    xtuner.chmod(0o755)
+    return python
+
+
+async def seed_ratings(store: Store, n: int = 8) -> list[Joke]:
+    """n well-rated jokes on n photos, plus one thumbs-down joke."""
+    jokes = []
+    for i in range(n):
+        j = await add_joke(store, photo(i), f"第{i}个笑话：猫才是这个家真正的主人。")
+        await vote(store, j.id, up=2 + i % 3)
+        jokes.append(j)
+    bad = await add_joke(store, photo(n), "不好笑的笑话")
+    await vote(store, bad.id, down=2)
+    return jokes

@@ -1,0 +1,1 @@
+"""A stand-in ``xtuner`` package: only the convert script's location matters."""
