@@ -24,7 +24,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from bot.hookspecs import hookimpl
 
@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 train_cli = typer.Typer(no_args_is_help=True, help="Retrain the model from users' ratings.")
 models_cli = typer.Typer(no_args_is_help=True, help="The model registry: list, promote, roll back.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # paths and errors stay on one line
 
 EXIT_FAILED = 1
 EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the lock
@@ -450,7 +450,15 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
             )
         )
         return
-    table = Table("", "version", "status", "parent", "held-out loss", "promoted", "path")
+    table = Table(
+        "",
+        Column("version", no_wrap=True),
+        "status",
+        Column("parent", no_wrap=True),
+        "held-out loss",
+        "promoted",
+        "path",
+    )
     for r in rows:
         cand = ((r.metrics or {}).get("eval") or {}).get("candidate") or {}
         loss = cand.get("loss")

@@ -199,3 +199,19 @@ async def test_subprocess_evaluator_runs_a_script_and_reads_its_json(tmp_path: P
     assert cmd[1].endswith("fake_eval.py") and "--max-dynamic-patch" in cmd
     with pytest.raises(RuntimeError, match="exit code 3"):
         await ev.evaluate(tmp_path / "broken", tmp_path / "h.json", tmp_path)
+
+
+def test_evaluate_hf_tiling_matches_internvl_dynamic_resolution() -> None:
+    from PIL import Image
+
+    from training.evaluate_hf import image_tiles, pick_grid
+
+    assert pick_grid(896, 448, 12, 448) == (2, 1)
+    assert pick_grid(448, 1344, 12, 448) == (1, 3)
+    assert pick_grid(100, 100, 12, 448) == (1, 1)  # small square: one tile
+    assert pick_grid(1000, 1000, 12, 448) == (3, 3)  # enough pixels for a larger square grid
+    assert pick_grid(600, 600, 12, 448) == (1, 1)  # not enough for 2×2
+    assert pick_grid(896, 448, 1, 448) == (1, 1)
+    tiles = image_tiles(Image.new("RGB", (896, 448)), 12, 448, thumbnail=True)
+    assert len(tiles) == 3 and all(t.size == (448, 448) for t in tiles)
+    assert len(image_tiles(Image.new("RGB", (300, 300)), 12, 448, thumbnail=True)) == 1

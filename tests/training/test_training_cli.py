@@ -1,0 +1,315 @@
+"""``oogiri train …`` / ``oogiri models …`` end to end with the stand-in trainer, the training-venv
+set-up (a command builder: it cannot run in CI) and the scheduler inside ``oogiri serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import typer
+from trainhelp import FAKES, fake_base_model, fake_eval_python, fake_venv, seed_ratings
+from typer.testing import CliRunner
+
+import training.cli as tcli
+from bot.settings import Settings
+from bot.store import Store
+from training.environment import (
+    CHECK_SCRIPT,
+    DEEPSPEED,
+    PINS,
+    check_problems,
+    check_venv,
+    download_steps,
+    parse_check,
+    setup_steps,
+    write_torchrun_shim,
+)
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """oogiri (test)"""
+
+    tcli.oogiri_register_commands(cli=app)
+    return app
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.chdir(tmp_path)
+    for var in list(os.environ):
+        if var.startswith("OOGIRI_") or var.startswith("FAKE_") or var in ("NNODES", "PORT"):
+            monkeypatch.delenv(var)
+    db = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'oogiri.sqlite3'}"
+    swaps = tmp_path / "swaps.json"
+    values = {
+        "OOGIRI_DATA_DIR": str(tmp_path / "data"),
+        "OOGIRI_STORE__URL": db,
+        "OOGIRI_PLUGINS": "training",
+        "OOGIRI_TRAINING__BASE_MODEL": str(fake_base_model(tmp_path / "InternVL2-2B")),
+        "OOGIRI_TRAINING__XTUNER_PYTHON": str(fake_venv(tmp_path / "venv")),
+        "OOGIRI_TRAINING__EVAL_PYTHON": str(fake_eval_python(tmp_path / "evalpy" / "python")),
+        "OOGIRI_TRAINING__MIN_EXAMPLES": "2",
+        "OOGIRI_TRAINING__HELDOUT_FRACTION": "0.25",
+        "OOGIRI_TRAINING__BATCH_SIZE": "1",
+        "OOGIRI_TRAINING__ACCUMULATIVE_COUNTS": "1",
+        "OOGIRI_TRAINING__MAX_EPOCHS": "2",
+        "OOGIRI_TRAINING__WARMUP_RATIO": "0.1",
+        "OOGIRI_TRAINING__MAX_LENGTH": "1024",
+        "OOGIRI_TRAINING__PROMOTE_COMMAND": json.dumps(
+            ["{python}", str(FAKES / "fake_swap.py"), "{model_dir}", "{version}"]
+        ),
+        "FAKE_SWAP_RECORD": str(swaps),
+    }
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    return {"db": db, "swaps": swaps, "tmp": tmp_path}
+
+
+def seed(env: dict[str, Any], n: int = 8) -> None:
+    async def main() -> None:
+        store = Store(env["db"], env["tmp"] / "data" / "images")
+        await store.upgrade()
+        await seed_ratings(store, n)
+        await store.close()
+
+    asyncio.run(main())
+
+
+def invoke(*args: str) -> Any:
+    result = CliRunner().invoke(
+        make_app(), list(args), catch_exceptions=False, env={"COLUMNS": "200"}
+    )
+    return result
+
+
+def test_the_plugin_is_registered_through_its_entry_point() -> None:
+    eps = {ep.name: ep.value for ep in entry_points(group="oogiri")}
+    if "training" not in eps:
+        pytest.skip("the installed metadata predates the training entry point (pip install -e .)")
+    assert eps["training"] == "training.cli"
+
+
+def test_export_and_config_commands(env: dict[str, Any]) -> None:
+    seed(env)
+    out = env["tmp"] / "export"
+    r = invoke("train", "export", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    card = json.loads(r.stdout)
+    assert card["counts"]["train"] == 6 and (out / "train.json").is_file()
+    r = invoke("train", "config", str(out))
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert plan["total_iters"] == 12 and Path(plan["config"]).is_file()
+    r = invoke("train", "export", "--out", str(out))  # not empty any more
+    assert r.exit_code == 1 and "not empty" in r.output
+
+
+def test_run_list_rollback_promote(env: dict[str, Any]) -> None:
+    seed(env)
+    r = invoke("train", "run")
+    assert r.exit_code == 0, r.output
+    assert "succeeded" in r.output and "promoted" in r.output
+    swaps = json.loads(env["swaps"].read_text())
+    assert len(swaps) == 1 and "/models/ft-" in swaps[0][0]
+    version = swaps[0][1]
+
+    listed = json.loads(invoke("models", "list", "--json").stdout)
+    assert [(m["version"], m["status"]) for m in listed] == [
+        ("base-v0", "retired"),
+        (version, "active"),
+    ]
+    assert listed[1]["parent"] == "base-v0" and listed[1]["gate"] == "passed"
+    table = invoke("models", "list")
+    assert table.exit_code == 0 and version in table.stdout
+
+    r = invoke("models", "rollback")
+    assert r.exit_code == 0 and "active base-v0" in r.output
+    assert json.loads(env["swaps"].read_text())[-1] == [
+        str(env["tmp"] / "InternVL2-2B"),
+        "base-v0",
+    ]
+    r = invoke("models", "promote", version)
+    assert r.exit_code == 0 and f"active: {version} (was base-v0)" in r.output
+    r = invoke("models", "promote", "nope")
+    assert r.exit_code == 1 and "no model version 'nope'" in r.output
+
+    r = invoke("train", "run", "--if-due")  # period not over, not enough new ratings
+    assert r.exit_code == 0 and "not due" in r.output
+    r = invoke("train", "status")
+    assert r.exit_code == 0 and "succeeded" in r.stdout
+
+
+def test_failed_run_exits_non_zero(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    seed(env)
+    monkeypatch.setenv("FAKE_XTUNER", "rc")
+    r = invoke("train", "run", "--verbose")
+    assert r.exit_code == 1
+    assert "failed" in r.output and "RuntimeError: NCCL error" in r.output
+    assert not env["swaps"].exists()
+
+
+def test_gate_rejection_via_the_cli(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    seed(env)
+    monkeypatch.setenv("FAKE_EVAL_CANDIDATE_LOSS", "3.0")
+    r = invoke("train", "run")
+    assert r.exit_code == 0 and "rejected" in r.output and "FAIL heldout_loss" in r.output
+    assert not env["swaps"].exists()
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def test_setup_print_builds_the_field_notes_recipe(env: dict[str, Any]) -> None:
+    r = invoke("train", "setup", "--print", "--venv", "/opt/xt", "--python", "python3.12")
+    assert r.exit_code == 0
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "python3.12 -m venv --system-site-packages /opt/xt"
+    assert lines[1].startswith("/opt/xt/bin/python -m pip install --no-deps xtuner==0.2.0 ")
+    for pin in ("transformers==4.48.0", "mmengine==0.10.6", "peft==0.14.0", "bitsandbytes==0.50.2"):
+        assert pin in lines[1]
+    assert lines[2] == (
+        "DS_BUILD_OPS=0 /opt/xt/bin/python -m pip install --no-deps --no-build-isolation "
+        "deepspeed==0.16.2"
+    )
+    assert lines[3].startswith("# bind torchrun")
+    offline = invoke("train", "setup", "--print", "--venv", "/v", "--wheels", "/w")
+    assert "--no-index --find-links /w" in offline.stdout
+    dl = invoke("train", "setup", "--download", "/w")
+    assert "pip download --no-deps -d /w --only-binary=:all: --python-version 3.12" in dl.stdout
+    assert "--no-binary=:all: deepspeed==0.16.2" in dl.stdout
+
+
+def test_setup_steps_and_torchrun_shim(tmp_path: Path) -> None:
+    steps = setup_steps(tmp_path / "v", "python3", None, system_site_packages=False)
+    assert steps[0].argv == ["python3", "-m", "venv", str(tmp_path / "v")]
+    assert steps[1].argv[-len(PINS) :] == list(PINS)
+    assert steps[2].env == {"DS_BUILD_OPS": "0"} and steps[2].argv[-1] == DEEPSPEED
+    (tmp_path / "v" / "bin").mkdir(parents=True)
+    steps[3].action()
+    shim = tmp_path / "v" / "bin" / "torchrun"
+    assert os.access(shim, os.X_OK)
+    assert shim.read_text().startswith(f"#!{tmp_path / 'v' / 'bin' / 'python'}\n")
+    assert (
+        "from torch.distributed.run import main" in write_torchrun_shim(tmp_path / "v").read_text()
+    )
+    assert steps[4].argv == [str(tmp_path / "v" / "bin" / "python"), "-c", CHECK_SCRIPT]
+    assert download_steps(tmp_path)[0].argv[-1] == PINS[-1]
+
+
+GOOD_REPORT = {
+    "python": "3.12.3",
+    "versions": {
+        "torch": "2.11.0+cu130",
+        "transformers": "4.48.0",
+        "mmengine": "0.10.6",
+        "xtuner": "0.2.0",
+        "bitsandbytes": "0.50.2",
+        "deepspeed": "0.16.2",
+    },
+    "errors": {},
+    "xtuner_internvl": True,
+    "convert_script": "/v/lib/xtuner/configs/internvl/v1_5/convert_to_official.py",
+    "convert_script_exists": True,
+    "cuda": True,
+}
+
+
+def test_check_problems() -> None:
+    assert check_problems(GOOD_REPORT) == ([], [])
+    bad = json.loads(json.dumps(GOOD_REPORT))
+    bad["python"] = "3.13.1"
+    bad["versions"]["bitsandbytes"] = "0.45.0"
+    bad["versions"]["transformers"] = "4.56.1"
+    bad["errors"]["deepspeed"] = "ModuleNotFoundError: No module named 'deepspeed'"
+    bad["convert_script_exists"] = False
+    bad["cuda"] = False
+    problems, warnings = check_problems(bad)
+    assert len(problems) == 5 and len(warnings) == 1
+    assert "bitsandbytes 0.45.0 has no CUDA 13 build (needs >= 0.48)" in problems
+    assert "transformers 4.56.1 (needs 4.48.0)" in problems
+    assert parse_check('noise\nOOGIRI-CHECK {"python": "3.12"}\n') == {"python": "3.12"}
+
+
+def test_check_runs_in_a_real_interpreter(tmp_path: Path) -> None:
+    """This machine's python is not a training venv: the check says exactly why."""
+    report, problems, _ = check_venv(Path(sys.executable))
+    assert report["python"] == sys.version.split()[0]
+    assert any(p.startswith("xtuner does not import") for p in problems)
+    garbage = tmp_path / "python"
+    garbage.write_text("#!/bin/sh\necho oops >&2\nexit 1\n")
+    garbage.chmod(0o755)
+    _, problems, _ = check_venv(garbage)
+    assert problems == [f"{garbage} could not run the check: oops"]
+
+
+def test_setup_check_exit_code(env: dict[str, Any]) -> None:
+    venv = env["tmp"] / "realvenv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    r = invoke("train", "setup", "--check", "--venv", str(venv))
+    assert r.exit_code == 1 and "problem:" in r.output and "xtuner" in r.output
+
+
+def test_setup_runs_its_steps_in_order(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[list[str]] = []
+
+    def fake_run(argv: list[str], env: dict[str, str], check: bool) -> Any:
+        ran.append(argv)
+        if argv[1:3] == ["-m", "venv"]:
+            (Path(argv[-1]) / "bin").mkdir(parents=True)
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr("training.environment.check_venv", lambda python: (GOOD_REPORT, [], []))
+    venv = env["tmp"] / "newvenv"
+    r = invoke("train", "setup", "--venv", str(venv))
+    assert r.exit_code == 0, r.output
+    assert [a[1:3] for a in ran] == [["-m", "venv"], ["-m", "pip"], ["-m", "pip"]]
+    assert (venv / "bin" / "torchrun").is_file()
+    assert f"OOGIRI_TRAINING__XTUNER_PYTHON={venv / 'bin' / 'python'}" in r.output
+
+
+# --------------------------------------------------------------------------- inside oogiri serve
+
+
+async def test_scheduler_inside_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+
+    async def fake_run_guarded(settings: Any, store: Any, **kw: Any) -> Any:
+        calls.append(kw)
+        return SimpleNamespace(status="succeeded")
+
+    monkeypatch.setattr("training.run.run_guarded", fake_run_guarded)
+    settings = Settings(_env_file=None)
+    swapped: list[str] = []
+    app = SimpleNamespace(settings=settings, state={}, store=object(), pm=None)
+    assert tcli.oogiri_startup(app=app) is None  # off by default
+    settings.training.schedule_in_serve = True
+    settings.training.schedule_check_minutes = 0.0005
+    app.state["promote_model"] = lambda version, model_dir: swapped.append(version)
+    await tcli.oogiri_startup(app=app)
+    for _ in range(100):
+        if len(calls) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    await tcli.oogiri_shutdown(app=app)
+    assert "training_scheduler" not in app.state
+    assert len(calls) >= 2 and all(c["if_due"] for c in calls)
+    promoter = calls[0]["promoter"]
+    await promoter.promote("v9", Path("/m"))
+    assert swapped == ["v9"]
+    assert tcli.oogiri_shutdown(app=app) is None
