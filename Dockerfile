@@ -16,7 +16,8 @@ COPY pyproject.toml README.md ./
 RUN mkdir -p bot plugins training \
  && touch bot/__init__.py plugins/__init__.py training/__init__.py \
  && /opt/oogiri/bin/pip install '.[telegram,discord]' \
- && /opt/oogiri/bin/pip uninstall -y oogiri
+ && /opt/oogiri/bin/pip uninstall -y oogiri \
+ && rm -rf build ./*.egg-info bot plugins training
 COPY bot ./bot
 COPY plugins ./plugins
 COPY training ./training
