@@ -6,14 +6,16 @@ that printing settings (``oogiri config show``) or logging them never leaks a to
 
 from __future__ import annotations
 
+import json
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -234,8 +236,9 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Field(default_factory=_default_data_dir)
-    channels: list[str] = Field(default_factory=lambda: ["web"])
-    plugins: list[str] | None = Field(
+    # NoDecode: the env value is split by the validator below instead of parsed as JSON first.
+    channels: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["web"])
+    plugins: Annotated[list[str] | None, NoDecode] = Field(
         None, description="load only these plugins (entry-point names); unset: all"
     )
     prompt: str = DEFAULT_PROMPT
@@ -254,8 +257,10 @@ class Settings(BaseSettings):
     @field_validator("channels", "plugins", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
-        # OOGIRI_PLUGINS=web,telegram is friendlier than JSON for a list.
-        if isinstance(value, str) and not value.strip().startswith("["):
+        # OOGIRI_PLUGINS=web,telegram is friendlier than JSON for a list; both are accepted.
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 

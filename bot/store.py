@@ -55,6 +55,8 @@ class Base(DeclarativeBase):
     }
 
 
+MIGRATION_LOCK_ID = 0x006F6F6769726901  # "oogiri" + 1: the advisory lock held while migrating
+
 # BigInteger keys autoincrement on PostgreSQL; SQLite needs plain INTEGER for rowid aliasing.
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -201,6 +203,10 @@ class Store:
         from bot.migrations import run_upgrade
 
         async with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                # Replicas starting together must not race each other through the migrations;
+                # the transaction-scoped lock is released at commit.
+                await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
             await conn.run_sync(run_upgrade, revision)
 
     async def close(self) -> None:

@@ -21,10 +21,13 @@ REDIS_URL = os.environ.get("OOGIRI_TEST_REDIS", "redis://127.0.0.1:6379/15")
 def test_env_nested_and_csv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OOGIRI_ENGINE__MAX_DYNAMIC_PATCH", "3")
     monkeypatch.setenv("OOGIRI_PLUGINS", "web, telegram")
+    monkeypatch.setenv("OOGIRI_CHANNELS", "web,telegram")
     monkeypatch.setenv("OOGIRI_TELEGRAM__TOKEN", "123456:secret-token-value")
     s = Settings(_env_file=None, data_dir=tmp_path)
     assert s.engine.max_dynamic_patch == 3
-    assert s.plugins == ["web", "telegram"]
+    assert s.plugins == ["web", "telegram"] and s.channels == ["web", "telegram"]
+    monkeypatch.setenv("OOGIRI_CHANNELS", '["discord"]')  # JSON lists work too
+    assert Settings(_env_file=None, data_dir=tmp_path).channels == ["discord"]
     assert s.telegram.token is not None
     assert s.telegram.token.get_secret_value() == "123456:secret-token-value"
     assert "secret-token-value" not in repr(s)

@@ -142,3 +142,21 @@ async def test_sqlite_default_uses_wal(tmp_path: Path) -> None:
         mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar()
     await s.close()
     assert mode == "wal"
+
+
+async def test_concurrent_upgrades_do_not_race(tmp_path: Path, pg_database: str) -> None:
+    """Two replicas migrating the same empty PostgreSQL database at once both succeed."""
+    from tests.conftest import _reset_pg
+
+    await _reset_pg(pg_database)
+    stores = [Store(pg_database, tmp_path / f"img{i}") for i in range(3)]
+    try:
+        await asyncio.gather(*(s.upgrade() for s in stores))
+        async with stores[0].engine.connect() as conn:
+            version = (
+                await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
+            ).scalar()
+        assert version == "0001"
+    finally:
+        for s in stores:
+            await s.close()
