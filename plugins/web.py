@@ -935,6 +935,12 @@ def create_api(app: App) -> FastAPI:
             headers={"Cache-Control": "no-store"},
         )
 
+    @api.get("/livez")
+    async def livez() -> Response:
+        # Liveness: the process and its event loop answer. A dependency being down is /healthz's
+        # business (readiness); restarting the bot would not bring LMDeploy back.
+        return JSONResponse({"ok": True}, headers={"Cache-Control": "no-store"})
+
     @api.get("/metrics")
     async def metrics() -> Response:
         body = app.metrics.render() + state.metrics.render()

@@ -606,8 +606,11 @@ async def test_healthz_when_the_database_is_gone(make_app: AppFactory) -> None:
     app.store.session = broken  # type: ignore[method-assign]
     async with client_for(app) as client:
         r = await client.get("/healthz")
+        live = await client.get("/livez")
     assert r.status_code == 503
     assert r.json()["database"]["ok"] is False and r.json()["engine"]["ok"] is True
+    # Liveness stays green: a restart would not fix the database.
+    assert live.status_code == 200 and live.json() == {"ok": True}
 
 
 async def test_stats_page_and_json(make_app: AppFactory, chelsea: bytes, coffee_jpeg: bytes):
