@@ -212,7 +212,16 @@ class TrainingSettings(BaseModel):
     # --- promotion and schedule (training/run.py, training/schedule.py)
     auto_promote: bool = Field(True, description="promote a candidate that passes the gate")
     promote_command: list[str] = Field(
-        default_factory=lambda: ["{python}", "-m", "bot.cli", "engine", "swap", "{model_dir}"],
+        default_factory=lambda: [
+            "{python}",
+            "-m",
+            "bot.cli",
+            "engine",
+            "swap",
+            "{model_dir}",
+            "--label",
+            "{version}",
+        ],
         description="engine swap command; {python} {model_dir} {version} are substituted",
     )
     schedule_mode: Literal["any", "all"] = Field(

@@ -129,9 +129,7 @@ class RemoteInternVL2(Adapter):
             str(model_dir), torch_dtype=dtype, trust_remote_code=True, low_cpu_mem_usage=True
         ).to(device)
         self.model.eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            str(model_dir), trust_remote_code=True, use_fast=False
-        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
         self.model.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         vision = self.cfg.get("vision_config", {})
         self.tile = int(self.cfg.get("force_image_size") or _first(vision.get("image_size", 448)))

@@ -462,7 +462,7 @@ async def test_command_promoter_runs_the_swap_command(
         await promoter.promote("v2", tmp_path / "m")
     default = CommandPromoter(Settings(_env_file=None).training.promote_command)
     assert default.command("v", Path("/m")) == [
-        sys.executable, "-m", "bot.cli", "engine", "swap", "/m",
+        sys.executable, "-m", "bot.cli", "engine", "swap", "/m", "--label", "v",
     ]  # fmt: skip
 
 
