@@ -520,3 +520,89 @@ def models_rollback(
 
     got, previous = _registry_call(lambda s, pm, p: rollback(s, pm, p, to))
     console.print(f"rolled back: active {got} (was {previous})", highlight=False)
+
+
+# --------------------------------------------------------------------------- demo data
+
+DEMO_JOKES = (
+    "这只猫看起来很严肃，因为它刚刚发现冰箱是空的。",
+    "科学家发现，咖啡喝多了会让人以为自己是火箭。",
+    "宇航员说：我不是迷路了，我只是在找外星人的厕所。",
+    "老板说今天加班，我的摩托车先下班了。",
+    "当你以为周末到了，其实今天才星期一。",
+    "这张图片告诉我们：猫才是这个家真正的主人。",
+    "图片里的它在想什么？它在想晚饭吃什么。",
+    "我不是懒，我只是进入了省电模式。",
+)
+
+
+@train_cli.command("seed-demo", hidden=True)
+def seed_demo_cmd(
+    images: Annotated[
+        Path | None, typer.Option(help="folder of pictures (default: scikit-image's photos)")
+    ] = None,
+    jokes: Annotated[int, typer.Option(help="jokes to create")] = 32,
+    seed: int = 0,
+) -> None:
+    """Demo/dev only: jokes with votes on crops of real photos, through the Store API."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from bot.images import load
+    from bot.settings import DEFAULT_PROMPT
+
+    settings = load_settings()
+    folder = images
+    if folder is None:
+        import skimage
+
+        folder = Path(skimage.__file__).parent / "data"
+    photos = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+    )
+    if not photos:
+        console.print(f"[red]no pictures in {folder}[/red]")
+        raise typer.Exit(EXIT_FAILED)
+    rng = random.Random(seed)
+
+    def picture(i: int) -> Any:
+        img = Image.open(photos[i % len(photos)]).convert("RGB")
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.6, 0.95)), int(h * rng.uniform(0.6, 0.95))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        buf = io.BytesIO()
+        img.crop((x, y, x + cw, y + ch)).save(buf, "PNG")
+        return load(buf.getvalue(), settings.images)
+
+    async def main() -> tuple[int, int]:
+        async with open_store(settings) as store:
+            active = await store.active_model()
+            version = active.version if active else (settings.engine.model_version or "base")
+            up_total = down_total = 0
+            for i in range(jokes):
+                image = await asyncio.to_thread(picture, i)
+                joke = await store.add_joke(
+                    image,
+                    channel="demo",
+                    user_id=f"demo:user{i % 5}",
+                    chat_id=None,
+                    prompt=DEFAULT_PROMPT,
+                    text=DEMO_JOKES[i % len(DEMO_JOKES)],
+                    model_version=version,
+                    engine="demo",
+                    params={},
+                )
+                good = rng.random() < 0.75
+                ups, downs = (rng.randint(2, 4), rng.randint(0, 1)) if good else (0, 2)
+                for k in range(ups):
+                    await store.rate(joke.id, f"demo:voter{k}", 1, "demo")
+                for k in range(downs):
+                    await store.rate(joke.id, f"demo:critic{k}", -1, "demo")
+                up_total += ups
+                down_total += downs
+            return up_total, down_total
+
+    up, down = run_async(main)
+    console.print(f"{jokes} demo jokes, {up} 👍 and {down} 👎", highlight=False)

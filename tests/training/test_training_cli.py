@@ -313,3 +313,13 @@ async def test_scheduler_inside_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     await promoter.promote("v9", Path("/m"))
     assert swapped == ["v9"]
     assert tcli.oogiri_shutdown(app=app) is None
+
+
+def test_seed_demo_then_export(env: dict[str, Any]) -> None:
+    r = invoke("train", "seed-demo", "--jokes", "12")
+    assert r.exit_code == 0, r.output
+    assert "12 demo jokes" in r.output
+    r = invoke("train", "export", "--out", str(env["tmp"] / "e"))
+    assert r.exit_code == 0, r.output
+    card = json.loads(r.stdout)
+    assert card["counts"]["rated_jokes"] == 12 and card["counts"]["train"] >= 2
