@@ -63,6 +63,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "提示太长了（最多 {limit} 个字）。",
     },
     "no_such_joke": {"en": "That joke no longer exists.", "zh": "这个笑话不存在了。"},
+    "unavailable": {
+        "en": "I can't save anything right now; please try again in a minute.",
+        "zh": "暂时无法保存，请稍后再试。",
+    },
     "bad_vote": {"en": "A vote is 👍 or 👎.", "zh": "只能投 👍 或 👎。"},
 }
 
@@ -124,6 +128,16 @@ class EngineError(OogiriError):
 
 class NotFound(OogiriError):
     code = "no_such_joke"
+
+
+class StoreUnavailable(OogiriError):
+    """The database (or the image disk) cannot be reached or written right now: try again later.
+
+    Nothing was stored by the operation that raised it (or, for a commit whose answer was lost,
+    all of it was: every write is one transaction and idempotent on retry).
+    """
+
+    code = "unavailable"
 
 
 # --------------------------------------------------------------------------- images

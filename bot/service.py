@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from dataclasses import asdict
 
@@ -30,6 +31,18 @@ from bot.settings import Settings
 from bot.store import Store
 
 log = logging.getLogger(__name__)
+
+# C0 control characters other than tab and line breaks, and DEL: never meaningful in a hint, and
+# PostgreSQL cannot store NUL in text at all (the joke would be lost after the engine answered).
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_hint(hint: str | None) -> str | None:
+    """The hint as stored: the user's text minus control characters; None when nothing is left."""
+    if not hint:
+        return None
+    hint = _CONTROL_CHARS.sub("", hint)
+    return hint if hint.strip() else None
 
 
 class JokeService:
@@ -77,6 +90,7 @@ class JokeService:
 
     async def _tell(self, request: JokeRequest, started: float) -> Joke:
         limits = self.settings.limits
+        request.hint = clean_hint(request.hint)
         if request.hint and len(request.hint) > limits.max_hint_chars:
             raise Rejected(key="hint_too_long", limit=limits.max_hint_chars)
         await self._check_limits(request)
@@ -147,7 +161,8 @@ class JokeService:
 
     def default_prompt(self, request: JokeRequest) -> str:
         if request.hint:
-            return f"{self.settings.prompt}\n提示：{request.hint.strip()}"
+            # One line: a hint's own line breaks cannot start what looks like a new instruction.
+            return f"{self.settings.prompt}\n提示：{' '.join(request.hint.split())}"
         return self.settings.prompt
 
     async def _check_limits(self, request: JokeRequest) -> None:

@@ -7,6 +7,7 @@ the model saw (image hash, prompt, parameters, model version) so training needs 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -32,6 +33,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -41,7 +43,9 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from bot.models import Joke, NormalizedImage, NotFound, OogiriError, Rating
+from bot.models import Joke, NormalizedImage, NotFound, OogiriError, Rating, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -214,8 +218,15 @@ class Store:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        async with self.sessions() as session, session.begin():
-            yield session
+        """One transaction; a database that is down or restarting raises ``StoreUnavailable``."""
+        try:
+            async with self.sessions() as session, session.begin():
+                yield session
+        except (sa_exc.DBAPIError, sa_exc.TimeoutError, OSError) as exc:
+            if not is_unavailable(exc):
+                raise
+            log.warning("store: database unavailable: %s", _one_line(exc))
+            raise StoreUnavailable(detail=f"database unavailable: {type(exc).__name__}") from exc
 
     # ------------------------------------------------------------------ images
 
@@ -231,7 +242,11 @@ class Store:
     async def _write_image_file(self, image: NormalizedImage) -> Path:
         path = self.image_path(image.sha256)
         if not path.exists():
-            await asyncio.to_thread(_atomic_write, path, image.jpeg)
+            try:
+                await asyncio.to_thread(_atomic_write, path, image.jpeg)
+            except OSError as exc:  # disk full, read-only, quota: nothing was left behind
+                log.error("store: cannot write image %s: %s", image.sha256[:12], exc)
+                raise StoreUnavailable(detail=f"cannot write image: {exc.strerror}") from exc
         return path
 
     async def _insert_image(self, s: AsyncSession, image: NormalizedImage, path: Path) -> None:
@@ -503,6 +518,31 @@ class Store:
 
     def _insert(self, table: type[Base]) -> Any:
         return (sqlite.insert if self.is_sqlite else postgresql.insert)(table)
+
+
+#: SQLSTATE classes that mean "the server cannot serve now", not "this statement is wrong":
+#: 08 connection exception, 53 insufficient resources (disk full, too many connections),
+#: 57 operator intervention (shutting down, starting up), 58 system error (I/O).
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57", "58")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True for errors a retry later can fix: the database is down, restarting, locked or full."""
+    if isinstance(exc, OSError | sa_exc.TimeoutError):  # refused, reset; pool exhausted
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(
+        exc, sa_exc.OperationalError | sa_exc.InterfaceError
+    ):
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

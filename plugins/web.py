@@ -56,6 +56,7 @@ from bot.models import (
     OogiriError,
     RateLimited,
     Rejected,
+    StoreUnavailable,
     message,
 )
 from bot.plugins import resolve
@@ -551,6 +552,9 @@ def oogiri_error_response(exc: OogiriError, lang: str) -> JSONResponse:
     elif isinstance(exc, EngineError):
         status = 503
         headers["Retry-After"] = "30"
+    elif isinstance(exc, StoreUnavailable):
+        status = 503
+        headers["Retry-After"] = "5"
     elif isinstance(exc, NotFound):
         status = 404
     elif isinstance(exc, Rejected):
@@ -805,7 +809,13 @@ def create_api(app: App) -> FastAPI:
             return _too_large(request, lang, who)
         except TimeoutError:
             return remember(refuse(request, 408, "upload_timeout", lang), who)
-        except (MultiPartException, KeyError, ValueError):
+        except MultiPartException as exc:
+            if "maximum size" in str(exc):  # only text fields have a part limit: the hint
+                limit = settings.limits.max_hint_chars
+                refused = Rejected(key="hint_too_long", limit=limit)
+                return remember(oogiri_error_response(refused, lang), who)
+            return remember(refuse(request, 400, "bad_form", lang), who)
+        except (KeyError, ValueError):
             return remember(refuse(request, 400, "bad_form", lang), who)
         finally:
             if form is not None:
@@ -948,8 +958,10 @@ def create_api(app: App) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("web: unexpected error on %s %s", request.method, request.url.path)
         lang = request_language(request, settings)
+        if isinstance(exc, OogiriError):  # e.g. the database went away under the stats page
+            return oogiri_error_response(exc, lang)
+        log.exception("web: unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal", web_message("internal", lang))
 
     if not pending:

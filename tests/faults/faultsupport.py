@@ -1,0 +1,172 @@
+"""Helpers of the fault-injection suite: free ports, a bot server in a child process, PostgreSQL
+control, a tmpfs that fills up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTSERVER = Path(__file__).resolve().parent / "oogiri_testserver.py"
+PG_VERSION_DIR = Path("/etc/postgresql")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BotProcess:
+    """``oogiri serve`` (or the test wrapper) in a child process, on 127.0.0.1:<port>."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, **env: str) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OOGIRI_DATA_DIR": str(data_dir),
+            "OOGIRI_ENGINE__NAME": "instant",
+            "OOGIRI_PLUGINS": "web,engine_instant",
+            "OOGIRI_CHANNELS": "web",
+            "OOGIRI_WEB__HOST": "127.0.0.1",
+            "OOGIRI_WEB__PORT": str(self.port),
+            "OOGIRI_LIMITS__PER_USER_PER_MINUTE": "0",
+            "OOGIRI_LIMITS__PER_CHAT_PER_MINUTE": "0",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"server-{self.port}-{int(time.time() * 1000)}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, cli: bool = False, timeout_s: float = 30.0) -> BotProcess:
+        """Start it and wait for /livez. ``cli``: the real ``oogiri serve`` instead of the
+        wrapper (which can load test-only fault plugins)."""
+        argv = (
+            [sys.executable, "-m", "bot.cli", "serve"] if cli else [sys.executable, str(TESTSERVER)]
+        )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/livez", timeout=1.0).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server did not come up within {timeout_s} s:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no handler, no drain, no flush — what the OOM killer or a power cut does."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+
+@contextlib.contextmanager
+def running(bot: BotProcess, cli: bool = False) -> Iterator[BotProcess]:
+    bot.start(cli=cli)
+    try:
+        yield bot
+    finally:
+        bot.stop()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def pg_version() -> str | None:
+    try:
+        versions = sorted(p.name for p in PG_VERSION_DIR.iterdir() if p.name.isdigit())
+    except OSError:
+        return None
+    return versions[-1] if versions else None
+
+
+def pg_ctl(action: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    version = pg_version()
+    assert version is not None
+    return subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def pg_ready(timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ok = subprocess.run(
+            ["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"], check=False
+        ).returncode
+        if ok == 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# --------------------------------------------------------------------------- a small full disk
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` on ``path`` (root only); raises PermissionError where refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise PermissionError(done.stderr.strip() or "mount refused")
+    try:
+        yield path
+    finally:
+        for _ in range(20):
+            if subprocess.run(["umount", str(path)], check=False).returncode == 0:
+                break
+            time.sleep(0.1)
