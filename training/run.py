@@ -18,6 +18,7 @@ import asyncio
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -623,8 +624,8 @@ class TrainingPipeline:
                 str(model_dir),
                 parent=parent,
                 status="candidate" if decision.passed else "rejected",
-                metrics={k: metrics[k] for k in ("plan", "train", "eval", "gate")},
-                data_card=export.data_card,
+                metrics=_jsonable({k: metrics[k] for k in ("plan", "train", "eval", "gate")}),
+                data_card=_jsonable(export.data_card),
                 config=config_path.read_text(encoding="utf-8"),
             )
             registered = True
@@ -734,7 +735,7 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, float) and value != value:  # NaN is not JSON
+    if isinstance(value, float) and not math.isfinite(value):  # NaN/inf are not JSON
         return None
     return value
 

@@ -535,3 +535,13 @@ async def test_end_to_end_with_the_real_transformers_evaluator(
     assert (await tstore.active_model()).version == result.version
     marker = json.loads((result.model_dir / "oogiri-model.json").read_text())
     assert marker["version"] == result.version and marker["layout"] == "hf"
+
+
+async def test_non_finite_losses_are_stored_as_null(rig: Settings, tstore: Store) -> None:
+    await seed_ratings(tstore)
+    result = await pipeline(rig, tstore, evaluator=FakeEvaluator(cand=float("nan"))).run()
+    assert result.status == "rejected"
+    row = await tstore.get_model_version(result.version)
+    assert row.metrics["eval"]["candidate"]["loss"] is None
+    (run,) = await tstore.training_runs()
+    assert run.metrics["gate"]["checks"][0]["metrics"]["candidate_loss"] is None
