@@ -376,6 +376,9 @@ def setup_cmd(
     check_only: Annotated[
         bool, typer.Option("--check", help="only check an existing venv")
     ] = False,
+    extra: Annotated[
+        list[str] | None, typer.Option("--extra", help="one more package to install (repeatable)")
+    ] = None,
 ) -> None:
     """Create the training venv (XTuner 0.2.0 and its pins) and check it."""
     import subprocess
@@ -388,7 +391,7 @@ def setup_cmd(
             print(step.shell())
         return
     target = Path(venv or settings.training.venv or settings.data_dir / "xtuner-venv")
-    steps = setup_steps(target, python, wheels, system_site_packages)
+    steps = setup_steps(target, python, wheels, system_site_packages, tuple(extra or ()))
     if print_only:
         for step in steps:
             print(step.shell())

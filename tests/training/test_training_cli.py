@@ -184,8 +184,11 @@ def test_setup_print_builds_the_field_notes_recipe(env: dict[str, Any]) -> None:
         "deepspeed==0.16.2"
     )
     assert lines[3].startswith("# bind torchrun")
-    offline = invoke("train", "setup", "--print", "--venv", "/v", "--wheels", "/w")
+    offline = invoke(
+        "train", "setup", "--print", "--venv", "/v", "--wheels", "/w", "--extra", "opencv-python"
+    )
     assert "--no-index --find-links /w" in offline.stdout
+    assert offline.stdout.splitlines()[1].endswith("nvidia-ml-py opencv-python")
     dl = invoke("train", "setup", "--download", "/w")
     assert "pip download --no-deps -d /w --only-binary=:all: --python-version 3.12" in dl.stdout
     assert "--no-binary=:all: deepspeed==0.16.2" in dl.stdout
