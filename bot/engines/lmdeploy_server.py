@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
 import httpx
+import typer
 
 from bot.engines.base import EngineHealth
 from bot.engines.openai_http import (
@@ -159,6 +160,8 @@ def model_folder(model_dir: Path | str) -> Path:
 
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as uvicorn does: connections of a previous server in TIME_WAIT do not block the port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host if host not in ("", "0.0.0.0") else "127.0.0.1", port))
         except OSError:
@@ -363,6 +366,7 @@ class ServerProcess:
         grace_s = self.STOP_GRACE_S if grace_s is None else grace_s
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGCONT)  # a stopped process must run to handle TERM
         try:
             await asyncio.wait_for(proc.wait(), grace_s)
         except TimeoutError:
@@ -825,8 +829,6 @@ async def oogiri_shutdown(app: Any) -> None:
 
 @hookimpl
 def oogiri_register_commands(cli: Any) -> None:
-    import typer
-
     engine_cli = typer.Typer(no_args_is_help=True, help="The managed LMDeploy server.")
     cli.add_typer(engine_cli, name="engine")
 

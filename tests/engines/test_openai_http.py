@@ -263,7 +263,7 @@ async def test_dropped_connection_is_retried(fake_server, make_engine, image) ->
 async def test_read_timeout_is_not_retried(fake_server, make_engine, image) -> None:
     fake = fake_server(script=[{"sleep": 1.5}, "chat_success"])
     engine = make_engine(fake.url, timeout_s=0.3, retries=2, served_model_name="m")
-    with pytest.raises(EngineError, match="no answer .* within 0.3 s"):
+    with pytest.raises(EngineError, match=r"no answer .* within 0\.3 s"):
         await engine.generate(image, PROMPT, PARAMS)
     assert len(chats(fake)) == 1
 
@@ -292,7 +292,7 @@ async def test_401_is_a_clear_bad_key_error(fake_server, make_engine, image) -> 
 
 async def test_missing_key_fails_model_discovery_clearly(fake_server, make_engine, image) -> None:
     fake = fake_server(api_keys=["right"])
-    with pytest.raises(EngineError, match="bad API key.*set engine.api_key"):
+    with pytest.raises(EngineError, match=r"bad API key.*set engine\.api_key"):
         await make_engine(fake.url).generate(image, PROMPT, PARAMS)
     assert fake.requests[-1]["path"] == "/v1/models"
 
