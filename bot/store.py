@@ -195,6 +195,13 @@ class Store:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time. A writer that waits for it inside SQLite (busy_timeout)
+        # sleeps and polls while holding a pooled connection, and the holder keeps the lock across
+        # event-loop round trips (one per statement): under load the lock idles between polls,
+        # the pool runs dry ("QueuePool limit ... timed out") and unlucky writers give up after
+        # busy_timeout ("database is locked"). So this process's writers queue here instead:
+        # FIFO, without a connection, no timeout. (Other processes still meet busy_timeout.)
+        self._write_lock: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -217,8 +224,22 @@ class Store:
         await self.engine.dispose()
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        """One transaction; a database that is down or restarting raises ``StoreUnavailable``."""
+    async def session(self, write: bool = False) -> AsyncIterator[AsyncSession]:
+        """One transaction; a database that is down or restarting raises ``StoreUnavailable``.
+
+        ``write``: the transaction writes. On SQLite the writers of this process take turns on
+        ``_write_lock`` before they check out a connection (see ``__init__``).
+        """
+        if write and self._write_lock is not None:
+            async with self._write_lock:
+                async with self._session() as session:
+                    yield session
+        else:
+            async with self._session() as session:
+                yield session
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[AsyncSession]:
         try:
             async with self.sessions() as session, session.begin():
                 yield session
@@ -235,7 +256,7 @@ class Store:
 
     async def save_image(self, image: NormalizedImage) -> Path:
         path = await self._write_image_file(image)
-        async with self.session() as s:
+        async with self.session(write=True) as s:
             await self._insert_image(s, image, path)
         return path
 
@@ -277,7 +298,7 @@ class Store:
         One transaction per served joke: either all of it is stored or none of it.
         """
         path = await self._write_image_file(image)
-        async with self.session() as s:
+        async with self.session(write=True) as s:
             await self._insert_image(s, image, path)
             row = JokeRow(image_sha256=image.sha256, **fields)
             s.add(row)
@@ -295,7 +316,7 @@ class Store:
             return _joke_from_row(row, up, down)
 
     async def record_request(self, **fields: Any) -> None:
-        async with self.session() as s:
+        async with self.session(write=True) as s:
             s.add(RequestRow(**fields))
 
     async def request_outcomes(self) -> dict[str, int]:
@@ -322,7 +343,7 @@ class Store:
         """
         if value not in (1, -1):
             raise OogiriError("bad_vote")
-        async with self.session() as s:
+        async with self.session(write=True) as s:
             joke = await s.get(JokeRow, joke_id)
             if joke is None or (chat_id is not None and joke.chat_id != chat_id):
                 raise NotFound()
@@ -443,7 +464,7 @@ class Store:
         data_card: dict[str, Any] | None = None,
         config: str | None = None,
     ) -> None:
-        async with self.session() as s:
+        async with self.session(write=True) as s:
             s.add(
                 ModelVersionRow(
                     version=version,
@@ -475,7 +496,7 @@ class Store:
             )
 
     async def set_model_status(self, version: str, status: str, **fields: Any) -> None:
-        async with self.session() as s:
+        async with self.session(write=True) as s:
             if status == "active":
                 await s.execute(
                     update(ModelVersionRow)
@@ -494,14 +515,14 @@ class Store:
     # ------------------------------------------------------------------ training runs
 
     async def start_training_run(self, log_path: str | None = None) -> int:
-        async with self.session() as s:
+        async with self.session(write=True) as s:
             row = TrainingRunRow(log_path=log_path, status="running", started_at=utcnow())
             s.add(row)
             await s.flush()
             return row.id
 
     async def update_training_run(self, run_id: int, **fields: Any) -> None:
-        async with self.session() as s:
+        async with self.session(write=True) as s:
             await s.execute(
                 update(TrainingRunRow).where(TrainingRunRow.id == run_id).values(**fields)
             )
