@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # C0 control characters other than tab and line breaks, and DEL: never meaningful in a hint, and
 # PostgreSQL cannot store NUL in text at all (the joke would be lost after the engine answered).
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: A joke longer than this is cut: a server that ignores max_tokens must not fill the database
+#: (and no chat shows more: Telegram's message limit is 4096 characters).
+MAX_JOKE_CHARS = 4096
 
 
 def clean_hint(hint: str | None) -> str | None:
@@ -134,6 +137,8 @@ class JokeService:
         ):
             if isinstance(replacement, str) and replacement.strip():
                 joke.text = replacement.strip()
+        # Whatever the engine or a plugin produced: storable text (no NUL), of a sane length.
+        joke.text = _CONTROL_CHARS.sub("", joke.text)[:MAX_JOKE_CHARS]
 
         stored = await self.store.add_joke(
             request.image,

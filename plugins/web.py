@@ -956,12 +956,16 @@ def create_api(app: App) -> FastAPI:
         body = app.metrics.render() + state.metrics.render()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    @api.exception_handler(OogiriError)
+    async def oogiri_error(request: Request, exc: OogiriError) -> Response:
+        # A user-facing error outside the routes' own handling, e.g. the database went away
+        # under the stats page: its message and status, not a 500.
+        return oogiri_error_response(exc, request_language(request, settings))
+
     @api.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
-        lang = request_language(request, settings)
-        if isinstance(exc, OogiriError):  # e.g. the database went away under the stats page
-            return oogiri_error_response(exc, lang)
         log.exception("web: unexpected error on %s %s", request.method, request.url.path)
+        lang = request_language(request, settings)
         return error_response(500, "internal", web_message("internal", lang))
 
     if not pending:
