@@ -79,7 +79,8 @@ STOP_MARKERS = (
 STRAY_TOKENS = ("<s>", "<img>", "</img>", "<IMG_CONTEXT>", "<|im_end|>", "<|im_start|>")
 IMAGE_ERROR = re.compile(
     r"cannot identify|identify image|decod|truncat|corrupt|not a valid image|invalid image|"
-    r"unsupported image|image file|broken data stream|incorrect padding|base64|unidentified",
+    r"unsupported image|image file|broken data stream|incorrect padding|base64|unidentified|"
+    r"preprocess",  # LMDeploy ≥ 0.16 answers a picture it cannot open with "preprocessing failed"
     re.IGNORECASE,
 )
 # ``lmdeploy serve proxy`` error codes (its own, not HTTP): model not found / unavailable / timeout.

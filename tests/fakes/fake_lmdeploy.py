@@ -208,7 +208,13 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._authorized():
                 self._replay(fake.fixture("models_unauthorized"))
                 return
-            self._replay(fake.fixture("models"), {"fake-internvl2": fake.model_name})
+            doc = fake.fixture("models")
+            body = doc["response"].get("body")
+            if isinstance(body, dict) and isinstance(body.get("data"), list):
+                for card in body["data"]:  # a captured list names the captured model
+                    if isinstance(card, dict):
+                        card["id"] = card["root"] = fake.model_name
+            self._replay(doc)
         else:
             self._send(404, {"detail": "Not Found"})
 
