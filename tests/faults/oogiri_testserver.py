@@ -7,7 +7,8 @@ test-only:
 * ``OOGIRI_TEST_SLOW_RATING_S``: an ``oogiri_on_rating`` observer that, after a vote is
   committed, appends ``<joke_id> <user_id> <value>`` to ``OOGIRI_TEST_MARKER`` and then sleeps this
   long, so the HTTP answer to the vote is held back — the window "vote accepted, not yet
-  answered" in which a test SIGKILLs the process.
+  answered" in which a test SIGKILLs the process. ``OOGIRI_TEST_SLOW_RATING_JOKES`` (comma-separated
+  joke ids) limits this to votes on those jokes.
 
 Run: ``python tests/faults/oogiri_testserver.py``; it logs ``READY <url>`` once serving.
 """
@@ -36,12 +37,15 @@ log = logging.getLogger("oogiri.testserver")
 class SlowRatingObserver:
     """Holds the answer to every vote back, after the vote is stored."""
 
-    def __init__(self, delay_s: float, marker: Path | None) -> None:
+    def __init__(self, delay_s: float, marker: Path | None, jokes: set[int] | None) -> None:
         self.delay_s = delay_s
         self.marker = marker
+        self.jokes = jokes
 
     @hookimpl
     async def oogiri_on_rating(self, rating: Rating) -> None:
+        if self.jokes is not None and rating.joke_id not in self.jokes:
+            return
         if self.marker is not None:
             with self.marker.open("a") as fh:
                 fh.write(f"{rating.joke_id} {rating.user_id} {rating.value}\n")
@@ -57,7 +61,9 @@ async def main() -> None:
     slow = os.environ.get("OOGIRI_TEST_SLOW_RATING_S")
     if slow:
         marker = os.environ.get("OOGIRI_TEST_MARKER")
-        plugins.append(SlowRatingObserver(float(slow), Path(marker) if marker else None))
+        only = os.environ.get("OOGIRI_TEST_SLOW_RATING_JOKES")
+        jokes = {int(j) for j in only.split(",") if j.strip()} if only else None
+        plugins.append(SlowRatingObserver(float(slow), Path(marker) if marker else None, jokes))
     app = await App.create(settings, plugins=plugins)
     try:
         stop = asyncio.Event()
