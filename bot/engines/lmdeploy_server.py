@@ -43,10 +43,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import httpx
-import typer
 
 from bot.engines.base import EngineHealth
 from bot.engines.openai_http import (
@@ -214,8 +213,10 @@ class ServerProcess:
         served_name: str,
         label: str,
         log_dir: Path,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.settings = settings
+        self.env = env  # None: build_env(settings); benchmarks pass their own
         self.model_dir = model_dir
         self.port = port
         self.served_name = served_name
@@ -256,7 +257,7 @@ class ServerProcess:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=logf,
                     stderr=asyncio.subprocess.STDOUT,
-                    env=build_env(self.settings),
+                    env=self.env if self.env is not None else build_env(self.settings),
                     start_new_session=True,  # its own process group: stop() reaches its workers
                 )
             except OSError as exc:
@@ -829,59 +830,6 @@ async def oogiri_shutdown(app: Any) -> None:
 
 @hookimpl
 def oogiri_register_commands(cli: Any) -> None:
-    engine_cli = typer.Typer(no_args_is_help=True, help="The managed LMDeploy server.")
-    cli.add_typer(engine_cli, name="engine")
+    from bot.engines.cli import register
 
-    def err(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    @engine_cli.command("swap")
-    def swap_cmd(
-        model_dir: Annotated[Path, typer.Argument(help="model folder to serve")],
-        label: Annotated[str | None, typer.Option(help="model_version for jokes")] = None,
-    ) -> None:
-        """Blue/green: start MODEL_DIR beside the running model, switch, drain, stop the old."""
-        settings = Settings()
-        try:
-            answer = control_request(
-                socket_path(settings),
-                {"op": "swap", "model": str(model_dir.expanduser().resolve()), "label": label},
-                on_event=lambda doc: err(f"… {doc.get('message')}"),
-            )
-        except ControlUnavailable as exc:
-            err(str(exc))
-            raise typer.Exit(3) from None
-        if not answer.get("ok"):
-            err(f"swap failed: {answer.get('error')}")
-            raise typer.Exit(1)
-        print(json.dumps(answer["result"], indent=2, ensure_ascii=False))
-
-    @engine_cli.command("status")
-    def status_cmd() -> None:
-        """What the running `oogiri serve` is serving (model, server, health, swaps)."""
-        settings = Settings()
-        try:
-            answer = control_request(socket_path(settings), {"op": "status"}, timeout_s=30)
-        except ControlUnavailable as exc:
-            err(str(exc))
-            state = settings.data_dir / STATE_FILE
-            if state.exists():
-                err(f"last swapped-in model ({state}): {state.read_text(encoding='utf-8')}")
-            raise typer.Exit(3) from None
-        print(json.dumps(answer.get("result"), indent=2, ensure_ascii=False))
-
-    @engine_cli.command("command")
-    def command_cmd(
-        model_dir: Annotated[Path | None, typer.Argument(help="default: engine.model")] = None,
-    ) -> None:
-        """Print the lmdeploy command line managed mode runs (API key hidden)."""
-        settings = Settings()
-        e = settings.engine
-        model = model_dir or e.model
-        if model is None:
-            err("no model: pass MODEL_DIR or set engine.model")
-            raise typer.Exit(2)
-        label = e.model_version or Path(model).name
-        cmd = build_command(e, model, e.port, e.served_model_name or label)
-        env = f"OMP_NUM_THREADS={e.server_threads} MKL_NUM_THREADS={e.server_threads}"
-        print(env, " ".join(redact(cmd)))
+    register(cli)

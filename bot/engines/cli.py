@@ -1,0 +1,83 @@
+"""``oogiri engine …``: clients of a running ``oogiri serve``'s control socket.
+
+Registered through ``bot.engines.lmdeploy_server``'s ``oogiri_register_commands`` hook.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bot.engines.lmdeploy_server import (
+    STATE_FILE,
+    ControlUnavailable,
+    build_command,
+    control_request,
+    redact,
+    socket_path,
+)
+from bot.settings import Settings
+
+
+def register(cli: typer.Typer) -> None:
+    """Add ``oogiri engine swap|status|command`` (see ``bot.engines.lmdeploy_server``)."""
+    engine_cli = typer.Typer(no_args_is_help=True, help="The managed LMDeploy server.")
+    cli.add_typer(engine_cli, name="engine")
+
+    def err(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    @engine_cli.command("swap")
+    def swap_cmd(
+        model_dir: Annotated[Path, typer.Argument(help="model folder to serve")],
+        label: Annotated[str | None, typer.Option(help="model_version for jokes")] = None,
+    ) -> None:
+        """Blue/green: start MODEL_DIR beside the running model, switch, drain, stop the old."""
+        settings = Settings()
+        try:
+            answer = control_request(
+                socket_path(settings),
+                {"op": "swap", "model": str(model_dir.expanduser().resolve()), "label": label},
+                on_event=lambda doc: err(f"… {doc.get('message')}"),
+            )
+        except ControlUnavailable as exc:
+            err(str(exc))
+            raise typer.Exit(3) from None
+        if not answer.get("ok"):
+            err(f"swap failed: {answer.get('error')}")
+            raise typer.Exit(1)
+        print(json.dumps(answer["result"], indent=2, ensure_ascii=False))
+
+    @engine_cli.command("status")
+    def status_cmd() -> None:
+        """What the running `oogiri serve` is serving (model, server, health, swaps)."""
+        settings = Settings()
+        try:
+            answer = control_request(socket_path(settings), {"op": "status"}, timeout_s=30)
+        except ControlUnavailable as exc:
+            err(str(exc))
+            state = settings.data_dir / STATE_FILE
+            if state.exists():
+                err(f"last swapped-in model ({state}): {state.read_text(encoding='utf-8')}")
+            raise typer.Exit(3) from None
+        print(json.dumps(answer.get("result"), indent=2, ensure_ascii=False))
+
+    @engine_cli.command("command")
+    def command_cmd(
+        model_dir: Annotated[Path | None, typer.Argument(help="default: engine.model")] = None,
+    ) -> None:
+        """Print the lmdeploy command line managed mode runs (API key hidden)."""
+        settings = Settings()
+        e = settings.engine
+        model = model_dir or e.model
+        if model is None:
+            err("no model: pass MODEL_DIR or set engine.model")
+            raise typer.Exit(2)
+        label = e.model_version or Path(model).name
+        cmd = build_command(e, model, e.port, e.served_model_name or label)
+        env = f"OMP_NUM_THREADS={e.server_threads} MKL_NUM_THREADS={e.server_threads}"
+        print(env, " ".join(redact(cmd)))
