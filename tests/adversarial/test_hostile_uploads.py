@@ -148,3 +148,37 @@ def test_the_table_covers_the_issue() -> None:
     bombs = {c.id.split("-")[0] for c in CASES if c.kind == "bomb"}
     assert {"png", "gif", "webp", "tiff"} <= bombs
     assert message("too_large", "en", limit_mb=20)  # the key every size case expects exists
+
+
+PG_CASES = [c for c in CASES if c.kind in ("hint", "injection") and c.key is None]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("case", PG_CASES, ids=[c.id for c in PG_CASES])
+async def test_hostile_hint_on_postgres(
+    case: Case, pg_database: str, make_app, reliability: Reliability
+) -> None:
+    """The hint rows again on PostgreSQL, which refuses NUL in text: before the hint was
+    cleaned, such a joke was lost after the engine had answered (a 503 'engine error')."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    reliability.case(
+        "hostile input (web, PostgreSQL)", case.id, case.kind, case.what, case.expected
+    )
+    engine = create_async_engine(pg_database)
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+        await conn.exec_driver_sql("CREATE SCHEMA public")
+    await engine.dispose()
+    app = await make_app(store={"url": pg_database})
+    up = case.build()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_api(app)), base_url=BASE
+    ) as client:
+        with reliability.measure(time_limit_s=case.time_limit_s):
+            response, _ = await send(client, up, "en")
+    reliability.observe(f"{response.status_code} {response.json().get('error', 'joke')}")
+    assert response.status_code == 201, response.text
+    async with app.store.session() as s:
+        row = await s.get(JokeRow, response.json()["id"])
+        assert row is not None and "\x00" not in (row.hint or "") + row.prompt

@@ -5,7 +5,8 @@ is consumed first, one per request): ``ok`` a short joke; ``http-500`` / ``http-
 body; ``hang`` never answers (until the client gives up); ``html-200`` a 200 HTML page;
 ``no-choices`` 200 JSON without choices; ``bad-usage`` a good answer with nonsense ``usage``;
 ``nul-text`` a joke with NUL bytes in it; ``huge`` a 1 MB answer (ignoring max_tokens); ``die``
-reads the request, then drops the connection without a byte. ``stop()`` closes the port, so the
+reads the request, then drops the connection without a byte; ``echo-auth-500`` a 500 whose
+message quotes the request's Authorization header. ``stop()`` closes the port, so the
 engine meets "connection refused". Every request body is kept in ``requests``.
 """
 
@@ -69,6 +70,12 @@ class FakeOpenAI:
         if mode == "http-500":
             return web.json_response(
                 {"object": "error", "message": "CUDA error: an illegal memory access", "code": 500},
+                status=500,
+            )
+        if mode == "echo-auth-500":  # a careless server quoting our credentials back
+            auth = request.headers.get("Authorization", "")
+            return web.json_response(
+                {"object": "error", "message": f"rejected header Authorization: {auth}"},
                 status=500,
             )
         if mode == "http-503":
