@@ -1,0 +1,87 @@
+"""bench/serve.py runs end to end on CPU against the fake api_server (tiny counts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import FAKES
+from test_lmdeploy_server import free_port_block, model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_bench_smoke(tmp_path: Path) -> None:
+    plan = {
+        "model": str(model_dir(tmp_path, "model")),
+        "warmup_s": 0.3,
+        "measure_s": 1.0,
+        "max_new_tokens": 16,
+        "port": free_port_block(),
+        "configs": [
+            {
+                "name": "seed",
+                "launch": {
+                    "servers": 1,
+                    "server_threads": None,
+                    "server_command": [sys.executable, str(FAKES / "fake_lmdeploy.py")],
+                },
+                "cells": [
+                    {"path": "raw", "inflight": 1, "mdp": 6, "presize": False, "baseline": True}
+                ],
+            },
+            {
+                "name": "two servers",
+                "launch": {
+                    "servers": 2,
+                    "server_threads": 2,
+                    "server_command": [sys.executable, str(FAKES / "fake_lmdeploy.py")],
+                },
+                "cells": [
+                    {"path": ["raw", "engine", "service"], "inflight": [1, 4], "mdp": [1, 6]},
+                ],
+            },
+        ],
+    }
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    out = tmp_path / "out"
+    env = {**os.environ, "FAKE_LMDEPLOY_DELAY_S": "0.02", "FAKE_LMDEPLOY_STARTUP_S": "0.2"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--plan", str(plan_path),
+         "--no-phone-size", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((out / "serve-results.json").read_text())
+    rows = doc["rows"]
+    assert len(rows) == 1 + 3 * 2 * 2
+    assert len((out / "serve-results.jsonl").read_text().splitlines()) == len(rows)
+    for row in rows:
+        assert "skipped" not in row, row
+        assert row["ok"] > 0 and row["errors"] == {} and row["jokes_per_s"] > 0, row
+        assert row["completion_tokens"] == 16  # ignore_eos reached the server
+        assert row["p50_s"] <= row["p95_s"] <= row["p99_s"]
+    by = {(r["config"], r["path"], r["inflight"], r["mdp"]): r for r in rows}
+    assert (
+        by[("two servers", "raw", 4, 6)]["prompt_tokens"]
+        > by[("two servers", "raw", 4, 1)]["prompt_tokens"]
+    )
+    seed = by[("seed", "raw", 1, 6)]
+    assert seed["baseline"] and seed["server_threads"] is None and not seed["presize"]
+    md = (out / "serve.md").read_text()
+    assert "| two servers | 2 | 2 | service | 4 | 6 | yes |" in md
+    assert "raw (seed)" in md and "Best through the bot at 6 tiles" in md
+    assert (out / "logs" / f"lmdeploy-{plan['port']}.log").exists()
+    log = (out / "logs" / f"lmdeploy-{plan['port'] + 1}.log").read_text()
+    assert "OMP_NUM_THREADS=2" in log  # the second config set the thread env
+    # re-rendering saved results needs no server
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve.py"), "--render",
+         str(out / "serve-results.json")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert again.returncode == 0 and "| two servers |" in again.stdout
