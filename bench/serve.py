@@ -772,7 +772,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
-        doc = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        text = Path(args.render).read_text(encoding="utf-8")
+        if args.render.endswith(".jsonl"):  # a run cut short: its finished cells
+            doc = {"meta": {}, "rows": [json.loads(line) for line in text.splitlines() if line]}
+        else:
+            doc = json.loads(text)
     else:
         model: Path | None = None
         if args.plan:

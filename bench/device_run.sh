@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 3 on the GPU machine, one call each (the machine stays warm only ~30 s between calls):
+# BUDGET (default 585 s) is the call's limit; later steps get what is left.
+#   bash bench/device_run.sh test                        # ≈ 6 min: install, LMDeploy agreement
+#                                                         # tests, tests/gpu (serve, capture, swap)
+#   bash bench/device_run.sh bench bench/plans/serve-device-1.json   # ≈ 9 min: full-size model
+#   bash bench/device_run.sh bench bench/plans/serve-device-2.json
+# Needs .device/ from bench/device_prep.sh carried with the tree: run(carry=[".device"]).
+# Everything worth keeping goes to $OUT (the device tool's folder; ./device-out elsewhere).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+SITE=/tmp/oogiri-site
+if [ ! -f "$SITE/.done" ]; then
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .device/wheels/*.whl \
+    2>&1 | grep -v "^WARNING" | tail -3
+  touch "$SITE/.done"
+fi
+export PYTHONPATH="$SITE:$PWD/.device/lmdeploy:$PWD"
+export PYTHONDONTWRITEBYTECODE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import sys, lmdeploy, torch, transformers; print('python', sys.version.split()[0], \
+'lmdeploy', lmdeploy.__version__, 'torch', torch.__version__, 'transformers', \
+transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tail -1 | tee "$OUT/versions.txt"
+
+case "${1:-test}" in
+  test)
+    # LMDeploy's own template code and tiling agree with ours (these skip on CPU).
+    timeout 120 python3 -m pytest -q --noconftest -p no:cacheprovider \
+      tests/engines/test_chat_template.py tests/engines/test_tiling.py 2>&1 \
+      | tail -5 | tee "$OUT/lmdeploy-agreement.txt"
+    left=$(( ${BUDGET:-585} - SECONDS ))
+    OUT="$OUT/gpu" timeout "$left" python3 tests/gpu/test_lmdeploy_gpu.py 2>&1 | tail -40
+    echo "exit: ${PIPESTATUS[0]}"
+    ;;
+  bench)
+    PLAN=${2:?plan file}
+    MODEL=/tmp/oogiri-full-internvl2
+    if [ ! -f "$MODEL/config.json" ]; then
+      python3 -c "
+from pathlib import Path
+from bot.tinymodel import make_tiny_model
+make_tiny_model(Path('$MODEL'), layout='internvl2', size='full', device='cuda')
+" 2>&1 | tail -3
+    fi
+    python3 - "$PLAN" "$MODEL" "$OUT/plan.json" <<'PY'
+import json, sys
+plan = json.load(open(sys.argv[1]))
+plan["model"] = sys.argv[2]
+json.dump(plan, open(sys.argv[3], "w"), indent=1)
+PY
+    left=$(( ${BUDGET:-585} - SECONDS ))
+    timeout "$left" python3 bench/serve.py --plan "$OUT/plan.json" --images .device/photos \
+      --out "$OUT/bench" --deadline-s $(( left - 60 )) 2>&1 | tail -40
+    # killed at the limit: the finished cells are in serve-results.jsonl; render them anyway
+    [ -f "$OUT/bench/serve.md" ] || python3 bench/serve.py --render "$OUT/bench/serve-results.jsonl" \
+      > "$OUT/bench/serve.md" 2>/dev/null
+    ;;
+  *)
+    echo "usage: bench/device_run.sh test | bench PLAN" >&2
+    exit 2
+    ;;
+esac
