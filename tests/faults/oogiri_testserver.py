@@ -9,6 +9,9 @@ test-only:
   long, so the HTTP answer to the vote is held back — the window "vote accepted, not yet
   answered" in which a test SIGKILLs the process. ``OOGIRI_TEST_SLOW_RATING_JOKES`` (comma-separated
   joke ids) limits this to votes on those jokes.
+* ``OOGIRI_TEST_ENGINE_FAULT_FILE``: the configured engine is wrapped so that while this file
+  exists every generation fails with ``EngineError`` (a soak run creates and removes it to inject
+  engine outages into a running bot).
 
 Run: ``python tests/faults/oogiri_testserver.py``; it logs ``READY <url>`` once serving.
 """
@@ -26,9 +29,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bot.app import App  # noqa: E402
+from bot.engines.base import EngineHealth  # noqa: E402
 from bot.hookspecs import hookimpl  # noqa: E402
 from bot.logs import configure_logging  # noqa: E402
-from bot.models import Rating  # noqa: E402
+from bot.models import (  # noqa: E402
+    EngineError,
+    Generation,
+    GenerationParams,
+    NormalizedImage,
+    Rating,
+)
 from bot.settings import Settings  # noqa: E402
 
 log = logging.getLogger("oogiri.testserver")
@@ -54,6 +64,31 @@ class SlowRatingObserver:
         await asyncio.sleep(self.delay_s)
 
 
+class FlakyEngine:
+    """Any engine, failing while ``flag`` exists (checked per request)."""
+
+    def __init__(self, inner: object, flag: Path) -> None:
+        self.inner = inner
+        self.flag = flag
+        self.name = getattr(inner, "name", "engine")
+        self.is_demo = getattr(inner, "is_demo", False)
+
+    async def generate(
+        self, image: NormalizedImage, prompt: str, params: GenerationParams
+    ) -> Generation:
+        if self.flag.exists():
+            raise EngineError(detail="injected engine fault")
+        return await self.inner.generate(image, prompt, params)  # type: ignore[attr-defined]
+
+    async def health(self) -> EngineHealth:
+        if self.flag.exists():
+            return EngineHealth(ok=False, model="", detail="injected engine fault")
+        return await self.inner.health()  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        await self.inner.close()  # type: ignore[attr-defined]
+
+
 async def main() -> None:
     settings = Settings()
     configure_logging(settings)
@@ -65,6 +100,9 @@ async def main() -> None:
         jokes = {int(j) for j in only.split(",") if j.strip()} if only else None
         plugins.append(SlowRatingObserver(float(slow), Path(marker) if marker else None, jokes))
     app = await App.create(settings, plugins=plugins)
+    fault_file = os.environ.get("OOGIRI_TEST_ENGINE_FAULT_FILE")
+    if fault_file:
+        app.swap_engine(FlakyEngine(app.engine, Path(fault_file)))
     try:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -1,0 +1,555 @@
+"""Soak: mixed Telegram + web traffic against a running bot, with faults injected — 0 lost.
+
+Not a test: it measures. The bot runs as ``oogiri serve`` would, in a child process
+(tests/faults/oogiri_testserver.py: the real App with the web and Telegram channels, the engine
+wrapped so that a control file can make it fail), on PostgreSQL when one answers on 127.0.0.1:5432
+(a fresh database, dropped afterwards), else SQLite. This process plays the users:
+
+* web users (httpx against the real uvicorn server): upload a picture, vote on the joke, sometimes
+  change the vote;
+* Telegram users (python-telegram-bot in the bot polls the fake Bot API of
+  tests/telegram/fakebotapi.py served here): send a photo, press 👍/👎 under the joke;
+
+and injects faults on a schedule: the engine failing for a while (``--engine-fault``), then a real
+PostgreSQL restart (``pg_ctlcluster restart``). Afterwards it checks that nothing a user was told
+is lost — every joke delivered and every vote acknowledged (web 200, Telegram toast without alert)
+is in the database with that value — that every request got an answer, and it reports
+throughput, latency percentiles and the error answers per phase. Bounded in time and count,
+loopback only.
+
+Writes bench/results/soak-<engine>.json and the "Soak (<engine>)" section of docs/reliability.md.
+
+Usage:
+  python bench/soak.py                                 # 60 s, instant engine
+  python bench/soak.py --engine transformers --duration 30 --web-users 2 --tg-users 2
+  python bench/soak.py --duration 20 --no-db-restart --no-docs      # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+for extra in (ROOT, ROOT / "tests" / "telegram", ROOT / "tests" / "faults"):
+    sys.path.insert(0, str(extra))
+
+from fakebotapi import TOKEN, FakeBotAPI  # noqa: E402
+from faultsupport import BotProcess, pg_ctl, pg_ready, pg_version  # noqa: E402
+
+from bench.report import write_section  # noqa: E402
+from bot.models import message  # noqa: E402
+from plugins.web import CSRF_HEADER, USER_COOKIE, Identities  # noqa: E402
+
+DOC = ROOT / "docs" / "reliability.md"
+PG_ADMIN = os.environ.get("OOGIRI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+COOKIE_SECRET = "soak-cookie-secret-0123456789abcdef"
+ANSWER_TIMEOUT_S = 45.0
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+@dataclass
+class Op:
+    channel: str  # web / telegram
+    kind: str  # picture / vote
+    started: float
+    latency: float | None = None  # None: never answered
+    outcome: str = ""  # ok, or the error key the user was shown
+    phase: str = "normal"
+
+
+@dataclass
+class Ledger:
+    ops: list[Op] = field(default_factory=list)
+    jokes: set[int] = field(default_factory=set)  # delivered to a user
+    #: (joke, user) → (acknowledged value, values tried since then without an answer)
+    votes: dict[tuple[int, str], tuple[int | None, set[int]]] = field(default_factory=dict)
+    phases: list[tuple[str, float, float]] = field(default_factory=list)
+
+    def phase_of(self, op: Op) -> str:
+        """The fault window the request overlapped (from its start to its answer), if any."""
+        end = op.started + (op.latency if op.latency is not None else ANSWER_TIMEOUT_S)
+        for name, start, stop in self.phases:
+            if op.started <= stop and end >= start:
+                return name
+        return "normal"
+
+    def vote_sent(self, key: tuple[int, str], value: int) -> None:
+        acked, pending = self.votes.get(key, (None, set()))
+        self.votes[key] = (acked, pending | {value})
+
+    def vote_acked(self, key: tuple[int, str], value: int) -> None:
+        self.votes[key] = (value, set())
+
+
+def pictures(count: int) -> list[bytes]:
+    import skimage
+
+    data = Path(skimage.__file__).parent / "data"
+    sources = [
+        Image.open(data / n).convert("RGB").resize((640, 426))
+        for n in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg")
+    ]
+    out = []
+    for i in range(count):
+        im = sources[i % len(sources)].copy()
+        im.putpixel((i, 0), (i % 256, 7, 200))  # distinct files
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=88)
+        out.append(buf.getvalue())
+    return out
+
+
+# --------------------------------------------------------------------------- users
+
+
+async def web_user(n: int, url: str, ledger: Ledger, pics: list[bytes], args, stop: float) -> None:
+    rng = random.Random(n)
+    identities = Identities(COOKIE_SECRET.encode())
+    async with httpx.AsyncClient(base_url=url, timeout=ANSWER_TIMEOUT_S) as client:
+        session = await client.get("/api/session")
+        token = session.json()["csrf_token"]
+        me = identities.verify(session.cookies.get(USER_COOKIE))
+        assert me is not None
+        mine: list[int] = []
+
+        async def call(kind: str, coro) -> httpx.Response | None:
+            op = Op("web", kind, time.monotonic())
+            ledger.ops.append(op)
+            try:
+                r = await coro
+            except httpx.HTTPError:
+                op.outcome = "no answer"
+                return None
+            op.latency = time.monotonic() - op.started
+            op.outcome = "ok" if r.status_code < 300 else r.json().get("error", str(r.status_code))
+            return r
+
+        while time.monotonic() < stop:
+            if not mine or rng.random() < 0.5:
+                files = {"image": ("p.jpg", rng.choice(pics), "image/jpeg")}
+                r = await call("picture", client.post("/api/jokes", files=files))
+                if r is not None and r.status_code == 201:
+                    mine.append(r.json()["id"])
+                    ledger.jokes.add(r.json()["id"])
+            else:
+                joke = rng.choice(mine[-5:])
+                value = rng.choice((1, -1))
+                key = (joke, me)
+                ledger.vote_sent(key, value)
+                r = await call(
+                    "vote",
+                    client.post(
+                        f"/api/jokes/{joke}/rating",
+                        json={"value": value},
+                        headers={CSRF_HEADER: token, "Origin": url},
+                    ),
+                )
+                if r is not None and r.status_code == 200:
+                    ledger.vote_acked(key, value)
+            await asyncio.sleep(rng.expovariate(args.rate))
+
+
+class TelegramSide:
+    """Matches the bot's Bot API calls to the users' pending requests (one pass over calls)."""
+
+    def __init__(self, api: FakeBotAPI) -> None:
+        self.api = api
+        self.replies: dict[tuple[int, int], asyncio.Future[dict]] = {}
+        self.answers: dict[str, asyncio.Future[dict]] = {}
+        self._seen = 0
+
+    async def collect(self) -> None:
+        while True:
+            calls = self.api.calls
+            for call in calls[self._seen :]:
+                if call.status != 200:
+                    continue
+                p = call.params
+                if call.method == "sendMessage":
+                    to = (p.get("reply_parameters") or {}).get("message_id")
+                    fut = self.replies.pop((int(p.get("chat_id", 0)), to), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(p)
+                elif call.method == "answerCallbackQuery":
+                    fut = self.answers.pop(p.get("callback_query_id"), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(p)
+            self._seen = len(calls)
+            await asyncio.sleep(0.02)
+
+
+async def tg_user(n: int, side: TelegramSide, ledger: Ledger, pics: list[bytes], args, stop):
+    rng = random.Random(1000 + n)
+    api = side.api
+    user = api.user(700000 + n, language_code="en")
+    chat = api.private_chat(user)
+    me = f"tg:{user['id']}"
+    loop = asyncio.get_running_loop()
+    while time.monotonic() < stop:
+        op = Op("telegram", "picture", time.monotonic())
+        ledger.ops.append(op)
+        msg = api.message(chat, user, photo=api.photo(rng.choice(pics), 640, 426))
+        fut: asyncio.Future[dict] = loop.create_future()
+        side.replies[(chat["id"], msg["message_id"])] = fut
+        api.push(api.update(message=msg))
+        try:
+            reply = await asyncio.wait_for(fut, ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            op.outcome = "no answer"
+            continue
+        op.latency = time.monotonic() - op.started
+        keyboard = (reply.get("reply_markup") or {}).get("inline_keyboard")
+        if not keyboard:
+            op.outcome = _key_of(reply.get("text", ""))
+            await asyncio.sleep(rng.expovariate(args.rate))
+            continue
+        op.outcome = "ok"
+        sent = next(
+            m for (c, _), m in reversed(api.messages.items())
+            if c == chat["id"] and m.get("reply_to_message", {}).get("message_id")
+            == msg["message_id"]
+        )  # fmt: skip
+        data = keyboard[0][rng.randrange(2)]["callback_data"]
+        joke_id, value = int(data.split(":")[1]), int(data.split(":")[2])
+        ledger.jokes.add(joke_id)
+        await asyncio.sleep(rng.expovariate(args.rate))
+        vote = Op("telegram", "vote", time.monotonic())
+        ledger.ops.append(vote)
+        ledger.vote_sent((joke_id, me), value)
+        qfut: asyncio.Future[dict] = loop.create_future()
+        update = api.callback_update(user, sent, data)
+        side.answers[update["callback_query"]["id"]] = qfut
+        api.push(update)
+        try:
+            answer = await asyncio.wait_for(qfut, ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            vote.outcome = "no answer"
+            continue
+        vote.latency = time.monotonic() - vote.started
+        if answer.get("show_alert"):
+            vote.outcome = _key_of(answer.get("text", ""))
+        else:
+            vote.outcome = "ok"
+            ledger.vote_acked((joke_id, me), value)
+        await asyncio.sleep(rng.expovariate(args.rate))
+
+
+def _key_of(text: str) -> str:
+    for key in ("unavailable", "engine_error", "busy", "corrupt"):
+        if text in (message(key, "en"), message(key, "zh")):
+            return key
+    return "other: " + text[:40]
+
+
+# --------------------------------------------------------------------------- faults
+
+
+async def faults(args, ledger: Ledger, flag: Path, t0: float, use_pg: bool) -> None:
+    duration = args.duration
+    if args.engine_fault > 0:
+        await asyncio.sleep(max(0.0, t0 + 0.25 * duration - time.monotonic()))
+        start = time.monotonic()
+        await asyncio.to_thread(flag.write_text, "fail")
+        await asyncio.sleep(args.engine_fault)
+        await asyncio.to_thread(flag.unlink)
+        ledger.phases.append(("engine down", start, time.monotonic()))
+    if use_pg and not args.no_db_restart:
+        await asyncio.sleep(max(0.0, t0 + 0.55 * duration - time.monotonic()))
+        start = time.monotonic()
+        done = await asyncio.to_thread(pg_ctl, "restart")
+        if done.returncode != 0:
+            await asyncio.to_thread(pg_ctl, "start")
+        await asyncio.to_thread(pg_ready, 60)
+        ledger.phases.append(("database restart", start, time.monotonic() + 1.0))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+async def stored_state(db_url: str | None, sqlite_path: Path) -> tuple[set[int], dict]:
+    if db_url:
+        import asyncpg
+
+        conn = await asyncpg.connect(db_url)
+        try:
+            jokes = {r[0] for r in await conn.fetch("SELECT id FROM jokes")}
+            rows = await conn.fetch("SELECT joke_id, user_id, value FROM ratings")
+        finally:
+            await conn.close()
+    else:
+        import sqlite3
+
+        with sqlite3.connect(sqlite_path) as conn:
+            jokes = {r[0] for r in conn.execute("SELECT id FROM jokes")}
+            rows = conn.execute("SELECT joke_id, user_id, value FROM ratings").fetchall()
+    return jokes, {(r[0], r[1]): r[2] for r in rows}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def summarise(ledger: Ledger, elapsed: float) -> dict[str, Any]:
+    for op in ledger.ops:
+        op.phase = ledger.phase_of(op)
+    by: dict[str, list[Op]] = defaultdict(list)
+    for op in ledger.ops:
+        by[f"{op.channel} {op.kind}"].append(op)
+    rows = {}
+    for name, ops in sorted(by.items()):
+        lat = [o.latency for o in ops if o.latency is not None]
+        rows[name] = {
+            "requests": len(ops),
+            "ok": sum(o.outcome == "ok" for o in ops),
+            "told_error": dict(
+                Counter(o.outcome for o in ops if o.outcome not in ("ok", "no answer"))
+            ),
+            "unanswered": sum(o.outcome == "no answer" for o in ops),
+            "per_s": len(ops) / elapsed,
+            "p50_ms": _ms(percentile(lat, 0.50)),
+            "p95_ms": _ms(percentile(lat, 0.95)),
+            "p99_ms": _ms(percentile(lat, 0.99)),
+            "max_ms": _ms(max(lat) if lat else None),
+        }
+    phases = {}
+    for phase in ["normal", *[p for p, _, _ in ledger.phases]]:
+        ops = [o for o in ledger.ops if o.phase == phase]
+        lat = [o.latency for o in ops if o.latency is not None]
+        phases[phase] = {
+            "requests": len(ops),
+            "ok": sum(o.outcome == "ok" for o in ops),
+            "errors": dict(Counter(o.outcome for o in ops if o.outcome != "ok")),
+            "p95_ms": _ms(percentile(lat, 0.95)),
+        }
+    return {"by_kind": rows, "by_phase": phases}
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 1)
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def run(args) -> dict[str, Any]:
+    pics = pictures(24)
+    work = Path(tempfile.mkdtemp(prefix="oogiri-soak-"))
+    db_url = None
+    use_pg = not args.sqlite and pg_version() is not None and await _pg_up()
+    db_name = f"oogiri_soak_{uuid.uuid4().hex[:8]}"
+    if use_pg:
+        await _admin(f'CREATE DATABASE "{db_name}"')
+        db_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + db_name
+    flag = work / "engine-fault"
+    api = await FakeBotAPI().start()
+    env = {
+        "OOGIRI_CHANNELS": "web,telegram",
+        "OOGIRI_PLUGINS": f"web,telegram,engine_{args.engine}",
+        "OOGIRI_ENGINE__NAME": args.engine,
+        "OOGIRI_TELEGRAM__TOKEN": TOKEN,
+        "OOGIRI_TELEGRAM__BASE_URL": api.base_url,
+        "OOGIRI_TELEGRAM__BASE_FILE_URL": api.base_file_url,
+        "OOGIRI_TELEGRAM__LANGUAGE": "en",
+        "OOGIRI_WEB__COOKIE_SECRET": COOKIE_SECRET,
+        "OOGIRI_TEST_ENGINE_FAULT_FILE": str(flag),
+        "OOGIRI_LOG_LEVEL": "WARNING",
+    }
+    if db_url:
+        env["OOGIRI_STORE__URL"] = db_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    if args.engine == "transformers":
+        model = work / "tiny-model"
+        make = [sys.executable, "-m", "bot.cli", "dev", "make-tiny-model", str(model)]
+        await asyncio.to_thread(subprocess.run, make, cwd=ROOT, check=True, capture_output=True)
+        env["OOGIRI_ENGINE__MODEL"] = str(model)
+        env["OOGIRI_ENGINE__MODEL_VERSION"] = "tiny-random"
+        env["OOGIRI_ENGINE__MAX_NEW_TOKENS"] = "16"
+    bot = BotProcess(work / "data", **env)
+    ledger = Ledger()
+    side = TelegramSide(api)
+    collector = asyncio.create_task(side.collect())
+    try:
+        await asyncio.to_thread(bot.start, False, 120.0)
+        t0 = time.monotonic()
+        stop = t0 + args.duration
+        users = [web_user(i, bot.url, ledger, pics, args, stop) for i in range(args.web_users)]
+        users += [tg_user(i, side, ledger, pics, args, stop) for i in range(args.tg_users)]
+        await asyncio.gather(*users, faults(args, ledger, flag, t0, use_pg))
+        elapsed = time.monotonic() - t0
+        code = await asyncio.to_thread(bot.stop, 30.0)
+        jokes, ratings = await stored_state(db_url, work / "data" / "oogiri.sqlite3")
+    finally:
+        collector.cancel()
+        with contextlib.suppress(BaseException):
+            await collector
+        bot.kill()
+        await api.stop()
+        if use_pg:
+            if not await asyncio.to_thread(pg_ready, 5):
+                await asyncio.to_thread(pg_ctl, "start")
+                await asyncio.to_thread(pg_ready, 60)
+            with contextlib.suppress(Exception):
+                await _admin(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        log_tail = bot.log()[-3000:]
+        shutil.rmtree(work, ignore_errors=True)
+
+    lost_jokes = sorted(ledger.jokes - jokes)
+    lost_votes = []
+    for key, (acked, pending) in ledger.votes.items():
+        if acked is None:
+            continue
+        if ratings.get(key) not in {acked, *pending}:
+            lost_votes.append((key, acked, ratings.get(key)))
+    summary = summarise(ledger, elapsed)
+    total = len(ledger.ops)
+    answered = sum(o.latency is not None for o in ledger.ops)
+    result = {
+        "engine": args.engine,
+        "store": "postgresql" if use_pg else "sqlite",
+        "duration_s": round(elapsed, 1),
+        "web_users": args.web_users,
+        "tg_users": args.tg_users,
+        "requests": total,
+        "answered": answered,
+        "throughput_per_s": round(total / elapsed, 1),
+        "p95_ms": _ms(percentile([o.latency for o in ledger.ops if o.latency], 0.95)),
+        "ok": sum(o.outcome == "ok" for o in ledger.ops),
+        "told_error": sum(o.outcome not in ("ok", "no answer") for o in ledger.ops),
+        "unanswered": total - answered,
+        "jokes_delivered": len(ledger.jokes),
+        "votes_acknowledged": sum(o.outcome == "ok" for o in ledger.ops if o.kind == "vote"),
+        "votes_distinct": sum(a is not None for a, _ in ledger.votes.values()),
+        "lost_jokes": len(lost_jokes),
+        "lost_votes": len(lost_votes),
+        "lost_detail": [str(x) for x in lost_votes[:10]],
+        "faults": [
+            {"fault": name, "at_s": round(s - t0, 1), "for_s": round(e - s, 1)}
+            for name, s, e in ledger.phases
+        ],
+        "bot_exit_code": code,
+        **summary,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+    }
+    if lost_votes or lost_jokes or result["unanswered"]:
+        print(log_tail, file=sys.stderr)
+    return result
+
+
+async def _pg_up() -> bool:
+    import asyncpg
+
+    try:
+        conn = await asyncio.wait_for(asyncpg.connect(PG_ADMIN), 3)
+    except Exception:
+        return False
+    await conn.close()
+    return True
+
+
+async def _admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['duration_s']} s, {result['web_users']} web + {result['tg_users']} Telegram "
+        f"users, engine `{result['engine']}`, store {result['store']}, {result['machine']}; "
+        "bot in a child process, users and the fake Bot API in the driver process, all loopback.",
+        "",
+        f"- **requests: {result['requests']}**, {result['throughput_per_s']}/s; "
+        f"answered {result['answered']}, unanswered **{result['unanswered']}**",
+        f"- jokes delivered {result['jokes_delivered']}, votes acknowledged "
+        f"{result['votes_acknowledged']} (on {result['votes_distinct']} distinct joke × user); "
+        f"**lost: {result['lost_jokes']} jokes, {result['lost_votes']} votes**",
+        f"- p95 latency (all answered requests): {result['p95_ms']} ms; "
+        f"users told a clear error: {result['told_error']}",
+        "- faults: "
+        + (
+            "; ".join(f"{f['fault']} at {f['at_s']} s for {f['for_s']} s" for f in result["faults"])
+            or "none"
+        ),
+        "",
+        "| Requests | Count | /s | OK | Told an error | Unanswered | p50 ms | p95 ms | p99 ms "
+        "| max ms |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result["by_kind"].items():
+        told = ", ".join(f"{k} ×{v}" for k, v in sorted(r["told_error"].items())) or "–"
+        lines.append(
+            f"| {name} | {r['requests']} | {r['per_s']:.1f} | {r['ok']} | {told} | "
+            f"{r['unanswered']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} |"
+        )
+    lines += ["", "| Phase | Requests | OK | Errors shown | p95 ms |", "|---|---:|---:|---|---:|"]
+    for name, r in result["by_phase"].items():
+        errors = ", ".join(f"{k} ×{v}" for k, v in sorted(r["errors"].items())) or "–"
+        lines.append(f"| {name} | {r['requests']} | {r['ok']} | {errors} | {r['p95_ms']} |")
+    lines += [
+        "",
+        "Phase: the fault window a request overlapped between sending it and its answer (votes "
+        "need no engine, so they succeed while it is down). Lost: a joke a user received, or a "
+        "vote acknowledged to them, missing from the database after the run (a vote may instead "
+        "hold a later value the same user sent whose answer was lost in the outage).",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", default="instant", choices=["instant", "transformers"])
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--web-users", type=int, default=8)
+    parser.add_argument("--tg-users", type=int, default=6)
+    parser.add_argument("--rate", type=float, default=2.0, help="actions per second per user")
+    parser.add_argument("--engine-fault", type=float, default=5.0, help="seconds of engine errors")
+    parser.add_argument("--no-db-restart", action="store_true")
+    parser.add_argument("--sqlite", action="store_true", help="SQLite even if PostgreSQL is up")
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args()
+    if args.duration > 600:
+        parser.error("--duration is bounded to 600 s")
+    result = asyncio.run(run(args))
+    out = ROOT / "bench" / "results" / f"soak-{args.engine}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, ensure_ascii=False, indent=1))
+    print(render(result))
+    if not args.no_docs:
+        write_section(
+            f"soak-{args.engine}", f"Soak ({args.engine} engine)", render(result), doc=DOC
+        )
+    if result["lost_votes"] or result["lost_jokes"] or result["unanswered"]:
+        raise SystemExit("LOST OR UNANSWERED REQUESTS — see above")
+
+
+if __name__ == "__main__":
+    main()
