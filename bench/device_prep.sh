@@ -34,7 +34,7 @@ for req in fastapi==0.165.0 starlette==1.10.0 opentelemetry-api==1.45.2 pydantic
   apache-tvm-ffi==0.1.11 importlib-metadata zipp \
   httpx==0.28.1 httpcore==1.0.9 h11==0.16.0 anyio==4.16.0 idna certifi \
   pydantic-settings==2.16.3 python-dotenv pluggy sqlalchemy==2.1.9 greenlet aiosqlite alembic \
-  mako markupsafe pytest pytest-asyncio iniconfig pygments; do
+  mako markupsafe pytest pytest-asyncio iniconfig pygments typing-extensions; do
   dl "$req"
 done
 

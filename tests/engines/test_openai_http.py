@@ -537,11 +537,14 @@ async def test_presize_off_sends_the_original(fake_server, make_engine) -> None:
 
 
 async def test_switch_and_drain(fake_server, make_engine, image) -> None:
-    old = fake_server(model_name="old", delay_s=0.5)
+    old = fake_server(model_name="old", delay_s=1.5)
     new = fake_server(model_name="new")
     engine = make_engine(old.url, served_model_name="old")
     slow = asyncio.create_task(engine.generate(image, PROMPT, PARAMS))
-    await asyncio.sleep(0.1)
+    for _ in range(100):  # pre-sizing runs first, in a thread
+        if engine.in_flight_to([old.url]):
+            break
+        await asyncio.sleep(0.02)
     assert engine.in_flight_to([old.url]) == 1
     previous = engine.switch(Upstream.of([new.url], "new", "v2"))
     assert previous.base_urls == (old.url,)
