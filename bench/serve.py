@@ -765,18 +765,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-phone-size", action="store_true", help="send photos at their own size")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve"))
     p.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
-    p.add_argument("--render", default=None, help="only re-render a saved serve-results.json")
+    p.add_argument(
+        "--render", nargs="+", default=None, help="only re-render saved serve-results.json file(s)"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
-        text = Path(args.render).read_text(encoding="utf-8")
-        if args.render.endswith(".jsonl"):  # a run cut short: its finished cells
-            doc = {"meta": {}, "rows": [json.loads(line) for line in text.splitlines() if line]}
-        else:
-            doc = json.loads(text)
+        doc = {"meta": {}, "rows": []}
+        for name in args.render:  # several runs (device calls) make one table
+            text = Path(name).read_text(encoding="utf-8")
+            if name.endswith(".jsonl"):  # a run cut short: its finished cells
+                part = {
+                    "meta": {},
+                    "rows": [json.loads(line) for line in text.splitlines() if line],
+                }
+            else:
+                part = json.loads(text)
+            doc["meta"] = doc["meta"] or part.get("meta", {})
+            doc["rows"] += part.get("rows", [])
     else:
         model: Path | None = None
         if args.plan:
