@@ -71,7 +71,20 @@ class InternLM2Config(_Base):
             "eos_token_id": 2,
         }
         defaults.update(kwargs)
+        rope_scaling = defaults.pop("rope_scaling", None)
+        defaults.pop("rope_parameters", None)
         super().__init__(**defaults)
+        # transformers 5 (and LMDeploy on it) read rope settings from ``rope_parameters`` only;
+        # transformers 4 (XTuner) reads ``rope_theta``/``rope_scaling``. Keep both in step.
+        rope: dict[str, Any] = {"rope_type": "default"}
+        if isinstance(rope_scaling, dict):
+            rope = {k: v for k, v in rope_scaling.items() if k != "type"}
+            rope["rope_type"] = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        rope["rope_theta"] = defaults["rope_theta"]
+        if not hasattr(type(self), "rope_parameters"):  # transformers 4: plain attributes
+            self.rope_scaling = rope_scaling
+        self.rope_parameters = rope
+        self.rope_theta = defaults["rope_theta"]
 
 
 class InternVLChatConfig(_Base):
