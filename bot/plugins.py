@@ -47,7 +47,8 @@ def make_manager(
         for missing in sorted(wanted - found):
             log.warning("OOGIRI_PLUGINS names %r but no such plugin is installed", missing)
     for plugin in extra:
-        pm.register(plugin)
+        if not pm.is_registered(plugin):  # already loaded through its entry point
+            pm.register(plugin)
     return pm
 
 
