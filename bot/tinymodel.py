@@ -259,8 +259,32 @@ def _make_internvl2(out_dir: Path, *, seed: int, size: str, device: str) -> Path
     tokenizer.chat_template = INTERNVL2_CHAT_TEMPLATE
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
+    _portable_tokenizer_config(out_dir, INTERNVL2_CHAT_TEMPLATE)
     ids = {name: raw.token_to_id(tok) for name, tok in (("pad", PAD), ("eos", IM_END))}
     return write_internvl2(out_dir, raw, size=size, seed=seed, device=device, token_ids=ids)
+
+
+def _portable_tokenizer_config(out_dir: Path, chat_template: str) -> None:
+    """Make ``tokenizer_config.json`` loadable by transformers 4.x as well as 5.x.
+
+    transformers 5 writes ``tokenizer_class: "TokenizersBackend"`` and ``extra_special_tokens``;
+    XTuner's transformers 4.48 knows neither ("Tokenizer class TokenizersBackend does not exist")
+    and reads the chat template only from this file. ``PreTrainedTokenizerFast`` +
+    ``additional_special_tokens`` + an inline template load the same tokenizer in both.
+    """
+    path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = cfg.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        merged = list(cfg.get("additional_special_tokens") or [])
+        cfg["additional_special_tokens"] = merged + [t for t in extra if t not in merged]
+    elif isinstance(extra, dict):  # named extra tokens (4.x reads these too)
+        cfg["extra_special_tokens"] = extra
+    cfg.pop("backend", None)
+    cfg.setdefault("chat_template", chat_template)
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # InternLM2-chat's ChatML, as InternVL2 ships it (no system prompt here: servers add their own).

@@ -82,3 +82,12 @@ def test_cli_builds_layout_and_reports_bad_layout(tmp_path: Path) -> None:
         cli, ["dev", "make-tiny-model", str(tmp_path / "x"), "--layout", "nope"]
     )
     assert bad.exit_code == 2 and "unknown tiny-model layout" in bad.output
+
+
+def test_tokenizer_config_loads_in_transformers_4(iv2: Path) -> None:
+    """XTuner's transformers 4.48 loads the tokenizer too: no 5.x-only class or keys."""
+    cfg = json.loads((iv2 / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "backend" not in cfg and not isinstance(cfg.get("extra_special_tokens"), list)
+    assert {"<img>", "</img>", "<IMG_CONTEXT>"} <= set(cfg["additional_special_tokens"])
+    assert cfg["chat_template"].startswith("{%- for message in messages")
