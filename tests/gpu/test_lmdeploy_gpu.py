@@ -184,7 +184,7 @@ async def scenario(report: Report) -> None:
             "max_new_tokens": 16,
             "max_dynamic_patch": 6,
             "retries": 2,
-            "request_extra": {"min_new_tokens": 16},
+            "request_extra": {"min_new_tokens": 16, "ignore_eos": True},
             "server_command": (
                 [sys.executable, str(ROOT / "tests" / "fakes" / "fake_lmdeploy.py")] if FAKE else []
             ),
