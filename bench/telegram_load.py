@@ -310,8 +310,8 @@ class Crowd:
         self.silent_files: set[str] = set()
         self.open_votes: dict[str, tuple[int, tuple[int, int]]] = {}  # query → (update, pair)
         self.final: dict[tuple[int, int], int] = {}  # (joke, user) → last value sent
-        self.pending: set[tuple[int, int]] = set()  # pairs whose last vote isn't answered yet
-        self.pairs: list[tuple[Votable, dict[str, Any]]] = []
+        self.pending: dict[tuple[int, int], tuple[Votable, dict[str, Any]]] = {}  # not answered
+        self.answered: list[tuple[Votable, dict[str, Any]]] = []  # may change their vote now
         self.votable: list[Votable] = []
         self.jokes: dict[int, str] = {}  # joke id → text, from the replies
         self.n_users = n_users
@@ -435,21 +435,19 @@ class Crowd:
 
     def _vote(self) -> dict[str, Any] | None:
         choice: tuple[Votable, dict[str, Any], int] | None = None
-        if self.pairs and self.rng.random() < REVOTE_SHARE:
-            for _ in range(8):
-                target, user = self.rng.choice(self.pairs)
-                pair = (target.joke_id, user["id"])
-                if pair not in self.pending:
-                    last = self.final[pair]
-                    choice = (target, user, -last if self.rng.random() < 0.8 else last)
-                    break
+        if self.answered and self.rng.random() < REVOTE_SHARE:
+            # someone whose last vote the bot has answered changes (80%) or repeats it
+            i = self.rng.randrange(len(self.answered))
+            self.answered[i], self.answered[-1] = self.answered[-1], self.answered[i]
+            target, user = self.answered.pop()
+            last = self.final[(target.joke_id, user["id"])]
+            choice = (target, user, -last if self.rng.random() < 0.8 else last)
         if choice is None and self.votable:
             for _ in range(8):
                 target = self.rng.choice(self.votable)
                 user = self.rng.choice(target.voters)
                 if (target.joke_id, user["id"]) not in self.final:
                     choice = (target, user, 1 if self.rng.random() < 0.7 else -1)
-                    self.pairs.append((target, user))
                     break
         if choice is None:
             return None
@@ -457,7 +455,7 @@ class Crowd:
         pair = (target.joke_id, user["id"])
         self.tally.sent["vote_change" if pair in self.final else "vote"] += 1
         self.final[pair] = value
-        self.pending.add(pair)
+        self.pending[pair] = (target, user)
         data = f"v:{target.joke_id}:{'+1' if value > 0 else '-1'}"
         update = self.api.callback_update(user, target.message, data)
         self.open_votes[update["callback_query"]["id"]] = (update["update_id"], pair)
@@ -517,7 +515,7 @@ class Crowd:
             return
         update_id, pair = opened
         self._latency("vote", update_id, now)
-        self.pending.discard(pair)
+        self.answered.append(self.pending.pop(pair))
         if params.get("show_alert"):
             self.tally.vote_alerts += 1
             self.tally.wrong.append(f"vote {pair} refused: {params.get('text')!r}")
