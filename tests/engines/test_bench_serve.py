@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import FAKES
+from enginesupport import FAKES
 from test_lmdeploy_server import free_port_block, model_dir
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import engine_settings, jpeg_image
+from enginesupport import engine_settings, jpeg_image
 from fake_lmdeploy import FIXTURES
 
 from bot.engines.openai_http import OpenAIHTTPEngine, clean_text

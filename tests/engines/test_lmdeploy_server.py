@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAKES, jpeg_image
+from enginesupport import FAKES, jpeg_image
 
 from bot.engines import lmdeploy_server
 from bot.engines.lmdeploy_server import (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import engine_settings, jpeg_image
+from enginesupport import engine_settings, jpeg_image
 from fake_lmdeploy import FIXTURES, FakeLMDeploy, load_fixture
 
 from bot.engines.base import Engine

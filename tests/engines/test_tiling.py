@@ -6,7 +6,7 @@ import io
 import random
 
 import pytest
-from conftest import jpeg_image
+from enginesupport import jpeg_image
 from fake_lmdeploy import _grid_tiles
 from PIL import Image
 
