@@ -187,13 +187,12 @@ def phone_photos(images_dir: Path | None, phone_size: bool, count: int = 5) -> l
 
 
 def as_normalized(jpeg: bytes) -> NormalizedImage:
-    from hashlib import sha256
 
     from PIL import Image
 
     with Image.open(io.BytesIO(jpeg)) as im:
         width, height = im.size
-    return NormalizedImage(jpeg, sha256(jpeg).hexdigest(), width, height, "JPEG")
+    return NormalizedImage.of(jpeg, width, height, "JPEG")
 
 
 # --------------------------------------------------------------------------- GPU sampling

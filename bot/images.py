@@ -18,7 +18,6 @@ import logging
 import re
 import struct
 from dataclasses import dataclass
-from hashlib import sha256
 
 from PIL import Image
 
@@ -333,7 +332,7 @@ def _decode(data: bytes, fmt: str, settings: ImageSettings) -> NormalizedImage:
             if im.mode == "RGB" and orientation == 1 and max(im.size) <= settings.max_side:
                 if (kept := _keep_jpeg(data)) is not None:
                     w, h = im.size
-                    return NormalizedImage(kept, sha256(kept).hexdigest(), w, h, source)
+                    return NormalizedImage.of(kept, w, h, source)
             _draft(im, settings.max_side)
             im.load()
         else:
@@ -355,7 +354,7 @@ def _decode(data: bytes, fmt: str, settings: ImageSettings) -> NormalizedImage:
     )  # a CMYK/grey profile no longer fits
     out.save(buf, "JPEG", quality=settings.jpeg_quality, icc_profile=icc if keep_icc else None)
     jpeg = buf.getvalue()
-    return NormalizedImage(jpeg, sha256(jpeg).hexdigest(), out.width, out.height, source)
+    return NormalizedImage.of(jpeg, out.width, out.height, source)
 
 
 def _keep_jpeg(data: bytes) -> bytes | None:

@@ -5,6 +5,7 @@ They are plain dataclasses so that a plugin needs nothing but this module to spe
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -152,6 +153,11 @@ class NormalizedImage:
     width: int
     height: int
     source_format: str
+
+    @classmethod
+    def of(cls, jpeg: bytes, width: int, height: int, source_format: str) -> NormalizedImage:
+        """The image for these JPEG bytes; its address is always their sha256."""
+        return cls(jpeg, hashlib.sha256(jpeg).hexdigest(), width, height, source_format)
 
     def to_pil(self) -> PILImage.Image:
         from PIL import Image

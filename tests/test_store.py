@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,7 @@ from bot.store import Store
 
 def fake_image(seed: bytes = b"x") -> NormalizedImage:
     data = b"\xff\xd8" + seed * 100 + b"\xff\xd9"
-    return NormalizedImage(
-        jpeg=data, sha256=hashlib.sha256(data).hexdigest(), width=4, height=3, source_format="PNG"
-    )
+    return NormalizedImage.of(data, 4, 3, "PNG")
 
 
 async def add_joke(store: Store, chat: str | None = "c1", version: str = "v1", seed: bytes = b"x"):

@@ -42,7 +42,7 @@ def photo(name: str, size: tuple[int, int] | None = None) -> NormalizedImage:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     data = buf.getvalue()
-    return NormalizedImage(data, hashlib.sha256(data).hexdigest(), img.width, img.height, "png")
+    return NormalizedImage.of(data, img.width, img.height, "png")
 
 
 @pytest.fixture(scope="module")

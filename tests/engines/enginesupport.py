@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import sys
 from pathlib import Path
@@ -28,13 +27,7 @@ def jpeg_image(width: int, height: int, seed: int = 0) -> NormalizedImage:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=85)
     data = buf.getvalue()
-    return NormalizedImage(
-        jpeg=data,
-        sha256=hashlib.sha256(data).hexdigest(),
-        width=width,
-        height=height,
-        source_format="JPEG",
-    )
+    return NormalizedImage.of(data, width, height, "JPEG")
 
 
 def engine_settings(*urls: str, **overrides: object) -> EngineSettings:

@@ -3,7 +3,6 @@ and votes seeded through the Store API."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import io
 from pathlib import Path
@@ -35,13 +34,7 @@ def photo(index: int, size: int = 96) -> NormalizedImage:
     buf = io.BytesIO()
     crop.save(buf, "JPEG", quality=90)
     data = buf.getvalue()
-    return NormalizedImage(
-        jpeg=data,
-        sha256=hashlib.sha256(data).hexdigest(),
-        width=size,
-        height=size,
-        source_format="PNG",
-    )
+    return NormalizedImage.of(data, size, size, "PNG")
 
 
 async def add_joke(
