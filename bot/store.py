@@ -195,6 +195,10 @@ class Store:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        images = ImageRow.__table__
+        self._image_insert = self._insert(images).on_conflict_do_nothing(index_elements=["sha256"])
+        self._joke_insert = JokeRow.__table__.insert().returning(JokeRow.__table__.c.id)
+        self._request_insert = RequestRow.__table__.insert()
         # SQLite has one writer at a time. A writer that waits for it inside SQLite (busy_timeout)
         # sleeps and polls while holding a pooled connection, and the holder keeps the lock across
         # event-loop round trips (one per statement): under load the lock idles between polls,
@@ -271,16 +275,19 @@ class Store:
         return path
 
     async def _insert_image(self, s: AsyncSession, image: NormalizedImage, path: Path) -> None:
-        stmt = self._insert(ImageRow).values(
-            sha256=image.sha256,
-            path=str(path.relative_to(self.images_dir)),
-            width=image.width,
-            height=image.height,
-            size_bytes=len(image.jpeg),
-            source_format=image.source_format,
-            created_at=utcnow(),
+        conn = await s.connection()
+        await conn.execute(
+            self._image_insert,
+            {
+                "sha256": image.sha256,
+                "path": str(path.relative_to(self.images_dir)),
+                "width": image.width,
+                "height": image.height,
+                "size_bytes": len(image.jpeg),
+                "source_format": image.source_format,
+                "created_at": utcnow(),
+            },
         )
-        await s.execute(stmt.on_conflict_do_nothing(index_elements=["sha256"]))
 
     def read_image(self, sha256: str) -> bytes:
         return self.image_path(sha256).read_bytes()
@@ -298,14 +305,30 @@ class Store:
         One transaction per served joke: either all of it is stored or none of it.
         """
         path = await self._write_image_file(image)
+        values = {"image_sha256": image.sha256, "created_at": utcnow(), **fields}
+        # Prepared Core statements on the connection, not ORM units of work: this is the hot
+        # write of every served joke, and SQLAlchemy's per-call statement building dominated it.
         async with self.session(write=True) as s:
             await self._insert_image(s, image, path)
-            row = JokeRow(image_sha256=image.sha256, **fields)
-            s.add(row)
-            await s.flush()
+            conn = await s.connection()
+            joke_id = (await conn.execute(self._joke_insert, values)).scalar_one()
             if request is not None:
-                s.add(RequestRow(joke_id=row.id, outcome="ok", **request))
-            return _joke_from_row(row)
+                await conn.execute(
+                    self._request_insert,
+                    {
+                        "joke_id": joke_id,
+                        "outcome": "ok",
+                        "reason": None,
+                        "created_at": values["created_at"],
+                        **request,
+                    },
+                )
+        row = JokeRow(id=joke_id, **values)
+        for column in JokeRow.__table__.columns:  # scalar defaults the insert filled in
+            default = column.default
+            if getattr(row, column.key) is None and default is not None and default.is_scalar:
+                setattr(row, column.key, default.arg)
+        return _joke_from_row(row)
 
     async def get_joke(self, joke_id: int) -> Joke:
         async with self.session() as s:
