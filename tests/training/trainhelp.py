@@ -3,7 +3,6 @@ and votes seeded through the Store API."""
 
 from __future__ import annotations
 
-import inspect
 import io
 from pathlib import Path
 
@@ -56,10 +55,7 @@ async def add_joke(
         engine="instant",
         params={"max_new_tokens": 64},
     )
-    if "image" in inspect.signature(store.add_joke).parameters:
-        return await store.add_joke(image, **fields)
-    await store.save_image(image)
-    return await store.add_joke(image_sha256=image.sha256, **fields)
+    return await store.add_joke(image, **fields)
 
 
 async def vote(store: Store, joke_id: int, up: int = 0, down: int = 0, prefix: str = "v") -> None:
