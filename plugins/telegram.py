@@ -829,7 +829,13 @@ class TelegramChannel:
         try:
             while True:
                 self._refreshing[key] = False
-                joke = await self.app.service.get_joke(joke_id)
+                try:
+                    joke = await self.app.service.get_joke(joke_id)
+                except OogiriError as exc:
+                    # The vote is stored and answered; stale counts are cosmetic, an error reply
+                    # in the chat would not be.
+                    log.warning("telegram: vote counts not refreshed: %s", exc)
+                    break
                 try:
                     await bot.edit_message_reply_markup(
                         chat_id=chat_id,
