@@ -760,3 +760,27 @@ async def test_cli_manages_the_webhook(botapi: FakeBotAPI, tmp_path: Path) -> No
     assert TOKEN not in result.output
     result = await asyncio.wait_for(asyncio.to_thread(invoke, "delete-webhook"), 15)
     assert result.exit_code == 0 and botapi.webhook["url"] == ""
+
+
+async def test_store_hiccup_while_refreshing_counts_sends_no_error_reply(
+    botapi: FakeBotAPI, start_bot: StartBot, chelsea_jpeg: bytes
+) -> None:
+    from bot.models import StoreUnavailable
+
+    app = await start_bot()
+    alice = botapi.user(3001, "Alice")
+    chat = botapi.private_chat(alice)  # the error handler replies in private chats only
+    msg, reply = await ask_joke(botapi, chat, alice, photo=botapi.photo(chelsea_jpeg))
+    joke_id = joke_id_of(reply)
+    joke_msg = bot_reply(botapi, msg)
+    sent_before = sum(c.method == "sendMessage" for c in botapi.calls)
+
+    async def unavailable(joke_id: int):
+        raise StoreUnavailable(detail="database unavailable: test")
+
+    app.service.get_joke = unavailable  # the vote commits; only the count refresh fails
+    answer = await press(botapi, alice, joke_msg, f"v:{joke_id}:+1")
+    assert answer["text"] == tg_text("vote_up", "en") and not answer.get("show_alert")
+    await asyncio.sleep(0.3)
+    assert await app.store.ratings_for(joke_id) == [("tg:3001", 1)]
+    assert sum(c.method == "sendMessage" for c in botapi.calls) == sent_before
