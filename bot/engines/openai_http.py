@@ -651,16 +651,26 @@ class OpenAIHTTPEngine:
         text = clean_text(str(raw))
         if not text:
             raise EngineError(detail=f"{url} returned an empty answer ({raw!r})")
-        usage = data.get("usage") or {}
         return Generation(
             text=text,
             model=upstream.label or model,
-            usage=Usage(
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-            ),
+            usage=_usage(data.get("usage")),
             latency_s=time.perf_counter() - started,
         )
+
+
+def _usage(raw: Any) -> Usage:
+    """Token counts are bookkeeping: a server's odd ``usage`` must never cost a user the joke."""
+    if not isinstance(raw, dict):
+        return Usage()
+
+    def count(key: str) -> int:
+        try:
+            return max(0, int(raw.get(key) or 0))
+        except (TypeError, ValueError):
+            return 0
+
+    return Usage(prompt_tokens=count("prompt_tokens"), completion_tokens=count("completion_tokens"))
 
 
 # --------------------------------------------------------------------------- registration
