@@ -149,6 +149,17 @@ class TrainingRunRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
+GROUP_COMMIT_MAX = 64  # jokes per SQLite transaction at most
+
+
+@dataclass(slots=True)
+class _PendingJoke:
+    image: NormalizedImage
+    path: Path
+    values: dict[str, Any]
+    request: dict[str, Any] | None
+
+
 @dataclass(frozen=True, slots=True)
 class VersionStats:
     model_version: str
@@ -183,6 +194,15 @@ def _joke_from_row(row: JokeRow, up: int = 0, down: int = 0) -> Joke:
     )
 
 
+def _joke_from_values(joke_id: int, values: dict[str, Any]) -> Joke:
+    row = JokeRow(id=joke_id, **values)
+    for column in JokeRow.__table__.columns:  # scalar defaults the insert filled in
+        default = column.default
+        if getattr(row, column.key) is None and default is not None and default.is_scalar:
+            setattr(row, column.key, default.arg)
+    return _joke_from_row(row)
+
+
 class Store:
     def __init__(self, url: str, images_dir: Path, echo: bool = False) -> None:
         self.url = url
@@ -197,7 +217,8 @@ class Store:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         images = ImageRow.__table__
         self._image_insert = self._insert(images).on_conflict_do_nothing(index_elements=["sha256"])
-        self._joke_insert = JokeRow.__table__.insert().returning(JokeRow.__table__.c.id)
+        jokes = JokeRow.__table__
+        self._joke_insert = jokes.insert().returning(jokes.c.id, sort_by_parameter_order=True)
         self._request_insert = RequestRow.__table__.insert()
         # SQLite has one writer at a time. A writer that waits for it inside SQLite (busy_timeout)
         # sleeps and polls while holding a pooled connection, and the holder keeps the lock across
@@ -206,6 +227,8 @@ class Store:
         # busy_timeout ("database is locked"). So this process's writers queue here instead:
         # FIFO, without a connection, no timeout. (Other processes still meet busy_timeout.)
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
+        self._pending_jokes: list[tuple[_PendingJoke, asyncio.Future[Joke]]] = []
+        self._joke_flusher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -302,33 +325,84 @@ class Store:
     ) -> Joke:
         """Store the image file, its row, the joke and (optionally) the request outcome at once.
 
-        One transaction per served joke: either all of it is stored or none of it.
+        One transaction per served joke: either all of it is stored or none of it. On SQLite,
+        jokes that arrive while a write is in progress are committed together (group commit):
+        SQLite has one writer, and its per-transaction cost was the core's bottleneck.
         """
         path = await self._write_image_file(image)
-        values = {"image_sha256": image.sha256, "created_at": utcnow(), **fields}
-        # Prepared Core statements on the connection, not ORM units of work: this is the hot
-        # write of every served joke, and SQLAlchemy's per-call statement building dominated it.
-        async with self.session(write=True) as s:
-            await self._insert_image(s, image, path)
-            conn = await s.connection()
-            joke_id = (await conn.execute(self._joke_insert, values)).scalar_one()
-            if request is not None:
-                await conn.execute(
-                    self._request_insert,
-                    {
-                        "joke_id": joke_id,
-                        "outcome": "ok",
-                        "reason": None,
-                        "created_at": values["created_at"],
-                        **request,
-                    },
-                )
-        row = JokeRow(id=joke_id, **values)
-        for column in JokeRow.__table__.columns:  # scalar defaults the insert filled in
-            default = column.default
-            if getattr(row, column.key) is None and default is not None and default.is_scalar:
-                setattr(row, column.key, default.arg)
-        return _joke_from_row(row)
+        item = _PendingJoke(image, path, {"image_sha256": image.sha256, **fields}, request)
+        item.values["created_at"] = utcnow()
+        if self._write_lock is None:
+            async with self.session(write=True) as s:
+                return (await self._insert_jokes(s, [item]))[0]
+        future: asyncio.Future[Joke] = asyncio.get_running_loop().create_future()
+        self._pending_jokes.append((item, future))
+        if self._joke_flusher is None or self._joke_flusher.done():
+            self._joke_flusher = asyncio.create_task(self._flush_jokes())
+        return await asyncio.shield(future)
+
+    async def _flush_jokes(self) -> None:
+        while self._pending_jokes:
+            batch = self._pending_jokes[:GROUP_COMMIT_MAX]
+            del self._pending_jokes[: len(batch)]
+            try:
+                async with self.session(write=True) as s:
+                    jokes = await self._insert_jokes(s, [item for item, _ in batch])
+            except Exception:
+                # One bad joke must not fail its neighbours: write each on its own.
+                for item, future in batch:
+                    try:
+                        async with self.session(write=True) as s:
+                            (joke,) = await self._insert_jokes(s, [item])
+                    except Exception as exc:
+                        if not future.done():
+                            future.set_exception(exc)
+                    else:
+                        if not future.done():
+                            future.set_result(joke)
+            else:
+                for (_, future), joke in zip(batch, jokes, strict=True):
+                    if not future.done():
+                        future.set_result(joke)
+
+    async def _insert_jokes(self, s: AsyncSession, items: list[_PendingJoke]) -> list[Joke]:
+        # Prepared Core statements, each executed once for the whole batch (executemany): this
+        # is the hot write of every served joke; per-call ORM work and round trips dominated it.
+        conn = await s.connection()
+        now = utcnow()
+        await conn.execute(
+            self._image_insert,
+            [
+                {
+                    "sha256": it.image.sha256,
+                    "path": str(it.path.relative_to(self.images_dir)),
+                    "width": it.image.width,
+                    "height": it.image.height,
+                    "size_bytes": len(it.image.jpeg),
+                    "source_format": it.image.source_format,
+                    "created_at": now,
+                }
+                for it in items
+            ],
+        )
+        result = await conn.execute(self._joke_insert, [it.values for it in items])
+        ids = [row[0] for row in result.all()]
+        requests = [
+            {
+                "joke_id": joke_id,
+                "outcome": "ok",
+                "reason": None,
+                "created_at": it.values["created_at"],
+                **it.request,
+            }
+            for it, joke_id in zip(items, ids, strict=True)
+            if it.request is not None
+        ]
+        if requests:
+            await conn.execute(self._request_insert, requests)
+        return [
+            _joke_from_values(joke_id, it.values) for it, joke_id in zip(items, ids, strict=True)
+        ]
 
     async def get_joke(self, joke_id: int) -> Joke:
         async with self.session() as s:

@@ -157,3 +157,30 @@ async def test_concurrent_upgrades_do_not_race(tmp_path: Path, pg_database: str)
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_concurrent_jokes_commit_together_and_a_bad_one_fails_alone(store: Store) -> None:
+    """SQLite groups concurrent joke writes into one transaction; results must still map 1:1."""
+
+    def fields(i: int, text: str | None) -> dict:
+        return dict(
+            channel="test",
+            user_id=f"u{i}",
+            chat_id=None,
+            prompt="p",
+            text=text,
+            model_version="v",
+            engine="instant",
+            params={},
+        )
+
+    good = [store.add_joke(fake_image(bytes([i])), **fields(i, f"joke {i}")) for i in range(20)]
+    bad = store.add_joke(fake_image(b"bad"), **fields(99, None))  # NOT NULL violation
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+    jokes, failure = results[:-1], results[-1]
+    assert isinstance(failure, Exception) and not isinstance(failure, AssertionError)
+    assert len({j.id for j in jokes}) == 20
+    for i, joke in enumerate(jokes):
+        stored = await store.get_joke(joke.id)
+        assert (stored.text, stored.user_id, joke.text) == (f"joke {i}", f"u{i}", f"joke {i}")
+        assert stored.image_sha256 == fake_image(bytes([i])).sha256
