@@ -248,6 +248,8 @@ class Store:
             await conn.run_sync(run_upgrade, revision)
 
     async def close(self) -> None:
+        if self._joke_flusher is not None:  # let jokes already accepted reach the database
+            await asyncio.gather(self._joke_flusher, return_exceptions=True)
         await self.engine.dispose()
 
     @asynccontextmanager
