@@ -247,7 +247,7 @@ def _make_internvl2(out_dir: Path, *, seed: int, size: str, device: str) -> Path
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; supported: {', '.join(SIZES)}")
-    raw = _train_tokenizer()
+    raw = pad_vocab(_train_tokenizer(), SIZES[size]["llm"]["vocab_size"])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token=IM_START,
@@ -262,6 +262,20 @@ def _make_internvl2(out_dir: Path, *, seed: int, size: str, device: str) -> Path
     _portable_tokenizer_config(out_dir, INTERNVL2_CHAT_TEMPLATE)
     ids = {name: raw.token_to_id(tok) for name, tok in (("pad", PAD), ("eos", IM_END))}
     return write_internvl2(out_dir, raw, size=size, seed=seed, device=device, token_ids=ids)
+
+
+def pad_vocab(raw: Any, vocab_size: int) -> Any:
+    """Give every id of the model's vocabulary a token (``<|padN|>``).
+
+    A random model samples any id it has; ids the tokenizer lacks decode to nothing, so a
+    full-size model (92,553 ids) over the 923-token demo tokenizer answered empty strings.
+    """
+    from tokenizers import AddedToken
+
+    missing = vocab_size - raw.get_vocab_size()
+    if missing > 0:
+        raw.add_tokens([AddedToken(f"<|pad{i}|>", normalized=False) for i in range(missing)])
+    return raw
 
 
 def _portable_tokenizer_config(out_dir: Path, chat_template: str) -> None:

@@ -91,3 +91,13 @@ def test_tokenizer_config_loads_in_transformers_4(iv2: Path) -> None:
     assert "backend" not in cfg and not isinstance(cfg.get("extra_special_tokens"), list)
     assert {"<img>", "</img>", "<IMG_CONTEXT>"} <= set(cfg["additional_special_tokens"])
     assert cfg["chat_template"].startswith("{%- for message in messages")
+
+
+def test_every_model_id_decodes_to_text(iv2: Path) -> None:
+    """A random model samples any id: none may decode to nothing (that gave empty answers)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(iv2, trust_remote_code=True, local_files_only=True)
+    vocab = json.loads((iv2 / "config.json").read_text())["llm_config"]["vocab_size"]
+    assert len(tok) == vocab
+    assert tok.decode([vocab - 1]) and tok.decode([vocab - 50, vocab - 2])
