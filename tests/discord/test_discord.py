@@ -100,6 +100,17 @@ def counts(msg: dict[str, Any]) -> tuple[str, str]:
     return up["label"], down["label"]
 
 
+async def joke_in_guild(fake: FakeDiscord, image: dict[str, Any]) -> Any:
+    """A new user runs ``/joke image:<image>`` in the test guild's channel."""
+    return await fake.slash(
+        "joke",
+        user=fake.new_user(),
+        channel_id=CHANNEL,
+        guild_id=GUILD,
+        attachments={"image": image},
+    )
+
+
 async def answered(fake: FakeDiscord, interaction: Any) -> dict[str, Any]:
     """Wait for the joke (or error) message that finishes a deferred interaction."""
 
@@ -261,13 +272,7 @@ async def test_download_is_capped_when_the_declared_size_lies(
     await make_app(engine=engine, max_attachment_bytes=64 * 1024)
     assert len(chelsea_png) > 64 * 1024
     liar = fake.add_file("small.png", chelsea_png, "image/png", size=1000)
-    interaction = await fake.slash(
-        "joke",
-        user=fake.new_user(),
-        channel_id=CHANNEL,
-        guild_id=GUILD,
-        attachments={"image": liar},
-    )
+    interaction = await joke_in_guild(fake, liar)
     msg = await answered(fake, interaction)
     assert msg["flags"] & EPHEMERAL
     assert msg["content"] == message("too_large", "en", limit_mb="0.1")
@@ -302,13 +307,7 @@ async def test_image_content_type_that_is_not_an_image(
     engine = InstantEngine()
     await make_app(engine=engine)
     fake_png = fake.add_file("cat.png", b"<html>not a picture</html>" * 10, "image/png")
-    interaction = await fake.slash(
-        "joke",
-        user=fake.new_user(),
-        channel_id=CHANNEL,
-        guild_id=GUILD,
-        attachments={"image": fake_png},
-    )
+    interaction = await joke_in_guild(fake, fake_png)
     msg = await answered(fake, interaction)
     assert interaction.callbacks[0]["type"] == 5
     assert interaction.deleted_original
@@ -322,13 +321,7 @@ async def test_picture_gone_from_the_cdn(fake: FakeDiscord, make_app: AppFactory
     await make_app()
     gone = fake.add_file("gone.png", b"", "image/png", size=1234)
     del fake.files[gone["url"].split("/attachments/", 1)[1]]  # the CDN answers 404
-    interaction = await fake.slash(
-        "joke",
-        user=fake.new_user(),
-        channel_id=CHANNEL,
-        guild_id=GUILD,
-        attachments={"image": gone},
-    )
+    interaction = await joke_in_guild(fake, gone)
     msg = await answered(fake, interaction)
     assert interaction.deleted_original and msg["flags"] & EPHEMERAL
     assert msg["content"] == discord_bot.text("download_failed", "en")
@@ -338,13 +331,7 @@ async def test_engine_down_gives_a_friendly_ephemeral_error(
     fake: FakeDiscord, make_app: AppFactory, chelsea: dict
 ) -> None:
     await make_app(engine=InstantEngine(fail=True))
-    interaction = await fake.slash(
-        "joke",
-        user=fake.new_user(),
-        channel_id=CHANNEL,
-        guild_id=GUILD,
-        attachments={"image": chelsea},
-    )
+    interaction = await joke_in_guild(fake, chelsea)
     msg = await answered(fake, interaction)
     assert interaction.callbacks[0]["type"] == 5
     assert interaction.deleted_original
@@ -456,13 +443,7 @@ async def test_context_menu_on_a_message_without_an_image(
 
 
 async def tell_one(fake: FakeDiscord, chelsea: dict[str, Any]) -> dict[str, Any]:
-    interaction = await fake.slash(
-        "joke",
-        user=fake.new_user(),
-        channel_id=CHANNEL,
-        guild_id=GUILD,
-        attachments={"image": chelsea},
-    )
+    interaction = await joke_in_guild(fake, chelsea)
     msg = await answered(fake, interaction)
     assert counts(msg) == ("0", "0")
     return msg
@@ -538,13 +519,7 @@ async def test_reconnects_and_resumes_after_the_gateway_drops(
     [resume] = fake.resumes
     assert resume["session_id"] == "session-1"
     assert len(fake.identifies) == 1  # resumed, not re-identified
-    interaction = await fake.slash(
-        "joke",
-        user=fake.new_user(),
-        channel_id=CHANNEL,
-        guild_id=GUILD,
-        attachments={"image": chelsea},
-    )
+    interaction = await joke_in_guild(fake, chelsea)
     assert len(buttons(await answered(fake, interaction))) == 2
 
 
@@ -563,13 +538,7 @@ async def test_sharded_client_identifies_its_shard(
     assert identify["shard"] == [1, 2]
     assert ("GET", "/api/v10/gateway/bot") not in fake.requests  # gateway_url given
     assert (int(GUILD) >> 22) % 2 == 1
-    interaction = await fake.slash(
-        "joke",
-        user=fake.new_user(),
-        channel_id=CHANNEL,
-        guild_id=GUILD,
-        attachments={"image": chelsea},
-    )
+    interaction = await joke_in_guild(fake, chelsea)
     assert len(buttons(await answered(fake, interaction))) == 2
 
 
