@@ -28,7 +28,7 @@ from bot.models import (
 )
 from bot.plugins import call_first, call_hook, notify
 from bot.settings import Settings
-from bot.store import Store
+from bot.store import Store, VersionStats
 
 log = logging.getLogger(__name__)
 
@@ -228,3 +228,11 @@ class JokeService:
 
     async def get_joke(self, joke_id: int) -> Joke:
         return await self.store.get_joke(joke_id)
+
+    async def stats(self) -> list[VersionStats]:
+        """Jokes, 👍 and 👎 per model version (for /stats pages and admin commands)."""
+        return await self.store.stats()
+
+    async def check_store(self) -> None:
+        """Raise unless the database answers (health checks)."""
+        await self.store.ping()

@@ -247,6 +247,11 @@ class Store:
                 await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
             await conn.run_sync(run_upgrade, revision)
 
+    async def ping(self) -> None:
+        """Raise unless the database answers (``StoreUnavailable`` when it is down)."""
+        async with self.session() as s:
+            await s.execute(select(1))
+
     async def close(self) -> None:
         if self._joke_flusher is not None:  # let jokes already accepted reach the database
             await asyncio.gather(self._joke_flusher, return_exceptions=True)

@@ -710,7 +710,7 @@ class TelegramChannel:
         if user is None or user.id not in self.settings.telegram.admin_ids:
             await self._reply(context.bot, message, text("admin_only", lang))
             return
-        rows = await self.app.store.stats()
+        rows = await self.app.service.stats()
         if not rows:
             await self._reply(context.bot, message, text("stats_empty", lang))
             return

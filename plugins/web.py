@@ -934,7 +934,7 @@ def create_api(app: App) -> FastAPI:
         db_info: dict[str, Any]
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(_db_ping(app), timeout=5)
+            await asyncio.wait_for(app.service.check_store(), timeout=5)
             db_info = {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
         except Exception as exc:
             db_info = {"ok": False, "detail": type(exc).__name__}
@@ -990,15 +990,8 @@ async def _stats_rows(app: App) -> list[dict[str, Any]]:
             "rated": s.rated,
             "like_rate": s.like_rate,
         }
-        for s in await app.store.stats()
+        for s in await app.service.stats()
     ]
-
-
-async def _db_ping(app: App) -> None:
-    from sqlalchemy import text
-
-    async with app.store.session() as session:
-        await session.execute(text("SELECT 1"))
 
 
 # --------------------------------------------------------------------------- the channel
