@@ -5,6 +5,10 @@
 #   .device/lmdeploy/    LMDeploy's Python package only (the PyPI wheel without TurboMind's CUDA-12
 #                        library, lib64/ and include/, which cannot load on the CUDA-13 device)
 #   .device/photos/      a few real photos (scikit-image's) for bench/serve.py
+#   .device/train/       (TRAIN=1, the default) XTuner 0.2.0's environment: its pinned wheels, the
+#                        DeepSpeed 0.16.2 sdist, bitsandbytes 0.50.2 unpacked with only the CUDA-13
+#                        library; plus ext/internvl2-code/ (OpenGVLab's InternVL code, git-ignored)
+#                        for scripts/device/train_loop.sh. Carry [".device", "ext"].
 # Versions: the set recorded in shared/FIELD-NOTES.md as working with LMDeploy 0.18.0 there, plus
 # the bot's own pins from the CPU environment.
 set -euo pipefail
@@ -14,15 +18,16 @@ OUT=.device
 mkdir -p "$OUT/wheels" "$OUT/photos"
 LMDEPLOY_VERSION=${LMDEPLOY_VERSION:-0.18.0}
 
-dl() {  # download one requirement as a cp312 manylinux (or pure) wheel, no dependencies
+dl() {  # dl REQ [DIR]: one requirement as a cp312 manylinux (or pure) wheel, no dependencies
+  local dest=${2:-$OUT/wheels}
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --abi cp312 --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-    -d "$OUT/wheels" "$1" 2>/dev/null \
+    -d "$dest" "$1" 2>/dev/null \
   || "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --abi cp312 --abi abi3 --abi none --platform manylinux2014_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-    -d "$OUT/wheels" "${1%%==*}" \
+    -d "$dest" "${1%%==*}" \
   || echo "!! could not download $1" >&2
 }
 
@@ -34,7 +39,9 @@ for req in fastapi==0.165.0 starlette==1.10.0 opentelemetry-api==1.45.2 pydantic
   apache-tvm-ffi==0.1.11 importlib-metadata zipp \
   httpx==0.28.1 httpcore==1.0.9 h11==0.16.0 anyio==4.16.0 idna certifi \
   pydantic-settings==2.16.3 python-dotenv pluggy sqlalchemy==2.1.9 greenlet aiosqlite alembic \
-  mako markupsafe pytest pytest-asyncio iniconfig pygments typing-extensions; do
+  mako markupsafe pytest pytest-asyncio iniconfig pygments typing-extensions \
+  python-multipart itsdangerous typer rich markdown-it-py mdurl shellingham redis \
+  prometheus-client greenlet; do
   dl "$req"
 done
 
@@ -69,5 +76,40 @@ for name in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorc
         shutil.copy(data / name, Path(sys.argv[1]) / name)
 EOF
 
+# XTuner's training environment (FIELD-NOTES "XTuner 0.2.0"): its own pins, installed --no-deps into
+# a venv with --system-site-packages on the device (training/environment.py, train_loop.sh).
+if [ "${TRAIN:-1}" = 1 ]; then
+  mkdir -p "$OUT/train"
+  for req in xtuner==0.2.0 mmengine==0.10.6 transformers==4.48.0 tokenizers==0.21.0 \
+    huggingface-hub==0.27.1 peft==0.14.0 accelerate==1.2.1 datasets==3.2.0 dill==0.3.8 \
+    multiprocess==0.70.16 fsspec==2024.9.0 xxhash pydantic==2.10.6 pydantic-core==2.27.2 hjson \
+    loguru addict yapf einops sentencepiece msgpack ninja py-cpuinfo nvidia-ml-py; do
+    dl "$req" "$OUT/train"
+  done
+  # only if the device's setuptools cannot build the DeepSpeed sdist
+  mkdir -p "$OUT/train/extra" && dl setuptools==84.2.1 "$OUT/train/extra"
+  [ -f "$OUT/train/deepspeed-0.16.2.tar.gz" ] || "$PY" -m pip download -q --no-deps \
+    --no-binary=:all: -d "$OUT/train" deepspeed==0.16.2
+  if [ ! -d "$OUT/train/bnb/bitsandbytes" ]; then
+    tmp=$(mktemp -d)
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --platform manylinux_2_24_x86_64 -d "$tmp" bitsandbytes==0.50.2
+    mkdir -p "$OUT/train/bnb"
+    "$PY" - "$tmp"/bitsandbytes-*.whl "$OUT/train/bnb" <<'EOF'
+import sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:  # the device's torch is cu130: drop the other CUDA libraries
+    keep = [n for n in z.namelist()
+            if "libbitsandbytes_" not in n or "cuda130" in n or "_cpu" in n]
+    z.extractall(dest, keep)
+print(f"bitsandbytes: {len(keep)} files kept")
+EOF
+    rm -rf "$tmp"
+  fi
+  "$PY" scripts/prepare_internvl_code.py \
+    || echo "!! no InternVL code: fetch github:OpenGVLab/InternVL (the search tool) first" >&2
+fi
+
 du -sh "$OUT"/* "$OUT"
-echo "carry: .device  (keep the total under 64 MiB)"
+du -sbc "$OUT" ext 2>/dev/null | tail -1 \
+  | awk '{printf "carried: %.1f MiB (+ the tree; the limit is 64)\n", $1/1048576}'

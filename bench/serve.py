@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 
 from bot.engines import tiling  # noqa: E402
-from bot.engines.lmdeploy_server import ServerProcess, build_env  # noqa: E402
+from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher  # noqa: E402
 from bot.engines.openai_http import OpenAIHTTPEngine, body_error, to_data_url  # noqa: E402
 from bot.models import GenerationParams, NormalizedImage  # noqa: E402
 from bot.settings import DEFAULT_PROMPT, EngineSettings  # noqa: E402
@@ -98,6 +98,8 @@ class Launch:
     api_key: str | None = None
     extra_args: list[str] = field(default_factory=list)
     server_command: list[str] = field(default_factory=list)
+    gpus: list[int] = field(default_factory=list)  # server i on gpus[i % len]; []: inherit
+    proxy: bool = False  # servers register with `lmdeploy serve proxy`; cells go through it
 
 
 @dataclass
@@ -272,6 +274,8 @@ def device_info() -> dict[str, Any]:
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()  # fmt: skip
+    if not info.get("commit"):  # the device gets a copy of the tree without .git
+        info["commit"] = os.environ.get("OOGIRI_COMMIT")
     return info
 
 
@@ -481,6 +485,8 @@ class Bench:
         row = {
             "config": config.name,
             "servers": config.launch.servers if config.launch else len(urls),
+            "gpus": len(set(config.launch.gpus)) or 1 if config.launch else None,
+            "proxy": bool(config.launch and config.launch.proxy),
             "server_threads": config.launch.server_threads if config.launch else None,
             **asdict(cell),
             "warmup_s": warmup,
@@ -550,9 +556,62 @@ def _round(value: float | None) -> float | None:
 # --------------------------------------------------------------------------- servers
 
 
+class Proxy:
+    """``lmdeploy serve proxy``: LMDeploy's own router over several api_servers (issue 7)."""
+
+    def __init__(self, settings: EngineSettings, port: int, log_dir: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = [
+            *launcher(settings),
+            "serve",
+            "proxy",
+            "--server-name",
+            "127.0.0.1",
+            "--server-port",
+            str(port),
+            "--routing-strategy",
+            "min_expected_latency",
+        ]
+        self.log_path = log_dir / f"proxy-{port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    async def wait_nodes(self, n: int, timeout_s: float) -> None:
+        """Until the proxy lists n healthy nodes (the servers register themselves)."""
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"the proxy exited: {self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    r = await http.get(self.url + "/nodes/status")
+                    if r.status_code == 200 and len(r.json()) >= n:
+                        return
+                await asyncio.sleep(1.0)
+        raise TimeoutError(f"the proxy saw fewer than {n} nodes in {timeout_s:.0f} s")
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 15)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+
+
 async def launch_servers(
     launch: Launch, model: Path, port: int, log_dir: Path, startup_timeout_s: float
-) -> list[ServerProcess]:
+) -> tuple[list[ServerProcess], Proxy | None]:
     settings = EngineSettings(
         backend=launch.backend,  # type: ignore[arg-type]
         tp=launch.tp,
@@ -565,6 +624,12 @@ async def launch_servers(
         server_threads=launch.server_threads or 1,
         startup_timeout_s=startup_timeout_s,
     )
+    proxy = Proxy(settings, port + 100, log_dir) if launch.proxy else None
+    if proxy is not None:
+        settings = settings.model_copy(
+            update={"extra_args": [*launch.extra_args, "--proxy-url", proxy.url]}
+        )
+        proxy.start()
     if launch.server_threads is None:  # LMDeploy's defaults: leave OMP/MKL unset
         env = {
             k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -572,18 +637,28 @@ async def launch_servers(
         env["PYTHONUNBUFFERED"] = "1"
     else:
         env = build_env(settings)
+
+    def env_of(i: int) -> dict[str, str]:
+        if not launch.gpus:
+            return env
+        return {**env, "CUDA_VISIBLE_DEVICES": str(launch.gpus[i % len(launch.gpus)])}
+
     servers = [
-        ServerProcess(settings, model, port + i, SERVED_NAME, f"bench-{i}", log_dir, env=env)
+        ServerProcess(settings, model, port + i, SERVED_NAME, f"bench-{i}", log_dir, env=env_of(i))
         for i in range(launch.servers)
     ]
     try:
         for server in servers:
             await server.start()
         await asyncio.gather(*(s.wait_healthy() for s in servers))
+        if proxy is not None:
+            await proxy.wait_nodes(len(servers), 60)
     except BaseException:
         await asyncio.gather(*(s.stop(grace_s=10) for s in servers), return_exceptions=True)
+        if proxy is not None:
+            proxy.stop()
         raise
-    return servers
+    return servers, proxy
 
 
 # --------------------------------------------------------------------------- report
@@ -614,8 +689,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
             continue
         errors = ", ".join(f"{k}×{v}" for k, v in (r.get("errors") or {}).items()) or "0"
         lines.append(
-            f"| {r['config']} | {r['servers']} | {r['server_threads'] or 'default'} | {r['path']}"
-            f"{' (seed)' if r.get('baseline') else ''} | {r['inflight']} | {r['mdp']} | "
+            f"| {r['config']} | {servers_text(r)} | {r['server_threads'] or 'default'} | "
+            f"{r['path']}{' (seed)' if r.get('baseline') else ''} | {r['inflight']} | {r['mdp']} | "
             f"{'yes' if r['presize'] else 'no'} | {r['jokes_per_s']:.2f} | {_fmt(r['p50_s'])} | "
             f"{_fmt(r['p95_s'])} | {_fmt(r['p99_s'])} | {_fmt(r['prompt_tokens'], 0)} | "
             f"{_fmt(r['gpu_mem_mib'], 0)} | {_fmt(r['gpu_util_pct'], 0)} | {errors} |"
@@ -624,6 +699,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if summary:
         lines += ["", *summary]
     return "\n".join(lines)
+
+
+def servers_text(row: dict[str, Any]) -> str:
+    """'2 on 2 GPUs via proxy' — how the cell's api_servers were laid out."""
+    text = str(row["servers"])
+    if (row.get("gpus") or 1) > 1:
+        text += f" on {row['gpus']} GPUs"
+    return text + (" via proxy" if row.get("proxy") else "")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -694,6 +777,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
 
     for config in configs:
         servers: list[ServerProcess] = []
+        proxy: Proxy | None = None
         try:
             if config.launch is not None:
                 if model is None:
@@ -703,7 +787,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
                         emit({"config": config.name, **asdict(cell), "skipped": "deadline"})
                     continue
                 t0 = time.monotonic()
-                servers = await launch_servers(
+                servers, proxy = await launch_servers(
                     config.launch,
                     model,
                     args.port,
@@ -712,7 +796,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
                 )
                 print(f"# {config.name}: {len(servers)} server(s) healthy in "
                       f"{time.monotonic() - t0:.0f} s", flush=True)  # fmt: skip
-                urls = [s.url for s in servers]
+                urls = [proxy.url] if proxy is not None else [s.url for s in servers]
                 api_key = config.launch.api_key
             else:
                 urls = config.base_urls or list(args.base_url)
@@ -727,9 +811,13 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
             print(f"# {config.name} failed: {exc!r}", flush=True)
             for s in servers:
                 print(s.log_tail(40), flush=True)
+            if proxy is not None:
+                print(proxy.log_tail(), flush=True)
             emit({"config": config.name, "skipped": f"failed: {str(exc)[:200]}"})
         finally:
             await asyncio.gather(*(s.stop(grace_s=20) for s in servers), return_exceptions=True)
+            if proxy is not None:
+                proxy.stop()
     (out / "serve-results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False))
     (out / "serve.md").write_text(render_markdown(doc) + "\n", encoding="utf-8")
     return doc

@@ -77,6 +77,9 @@ class TrainProgress:
     lr: float | None = None
     eta_s: float | None = None
     epoch: int | None = None
+    # mmengine's seconds per iteration (averaged over the log interval) and peak GPU memory (MB)
+    time_s: float | None = None
+    memory_mb: float | None = None
 
 
 _ITER = re.compile(
@@ -84,7 +87,7 @@ _ITER = re.compile(
 )
 _EPOCH_ONLY = re.compile(r"Epoch\(train\)\s*\[\s*(\d+)\s*\]\s*\[\s*(\d+)\s*/\s*(\d+)\s*\]")
 _ETA = re.compile(r"\beta:\s*((?:(\d+)\s+days?,\s*)?(\d+):(\d{2}):(\d{2}))")
-_FIELD = re.compile(r"\b(loss|lr):\s*([-+0-9.eE]+|nan|inf)\b")
+_FIELD = re.compile(r"(?<![\w.])(loss|lr|time|memory):\s*([-+0-9.eE]+|nan|inf)\b")
 
 
 def parse_progress(line: str) -> TrainProgress | None:
@@ -109,7 +112,16 @@ def parse_progress(line: str) -> TrainProgress | None:
     if e:
         days = int(e.group(2) or 0)
         eta_s = days * 86400 + int(e.group(3)) * 3600 + int(e.group(4)) * 60 + int(e.group(5))
-    return TrainProgress(it, total, fields.get("loss"), fields.get("lr"), eta_s, epoch)
+    return TrainProgress(
+        it,
+        total,
+        fields.get("loss"),
+        fields.get("lr"),
+        eta_s,
+        epoch,
+        fields.get("time"),
+        fields.get("memory"),
+    )
 
 
 class RunEvents:

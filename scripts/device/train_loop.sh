@@ -14,23 +14,14 @@
 # gpu.csv (memory/utilisation every 5 s).
 #
 # ---- 1. staging, HERE (before the device call) -------------------------------------------------
-#   bash scripts/device/train_loop.sh --stage      # does exactly this:
-#     python3 scripts/prepare_internvl_code.py     # → ext/internvl2-code/ (OpenGVLab's code, ignored)
-#     rm -rf .whl_train && mkdir -p .whl_train/extra
-#     cp /tmp/whl_train/train_site_wheels/* .whl_train/           # XTuner 0.2.0 + pins, cp312
-#     cp -r /tmp/whl_train/bnb .whl_train/bnb                     # bitsandbytes 0.50.2, unpacked
-#     rm -f .whl_train/bnb/bitsandbytes/libbitsandbytes_cuda132.so  # the device's torch is cu130
-#     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 \
-#       --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any \
-#       -d .whl_train/extra greenlet==3.5.6 pygments==2.21.0 setuptools==84.2.1
-#       # greenlet (SQLAlchemy asyncio) and pygments (rich) are not in .whl; setuptools only
-#       # if the device's python cannot build the DeepSpeed sdist
-#     du -sh .whl .whl_train ext                   # 57 MiB here + 1.5 MiB of tree (limit: 64 MiB)
-#   .whl/ must hold the bot's cp312 wheels and .whl/lmdeploy_site/ (LMDeploy's Python package).
+#   PY=/path/to/venv/python bash bench/device_prep.sh
+#     → .device/wheels (the bot's and LMDeploy's cp312 wheels), .device/lmdeploy (LMDeploy's Python
+#       package), .device/train (XTuner 0.2.0 + pins, the DeepSpeed sdist, bitsandbytes 0.50.2
+#       unpacked with only its CUDA-13 library), ext/internvl2-code (OpenGVLab's code, ignored).
+#       It prints the carried total (≈ 58 MiB + the tree; the limit is 64 MiB).
 #
 # ---- 2. the device call -------------------------------------------------------------------------
-#   run(command="bash scripts/device/train_loop.sh", carry=[".whl", ".whl_train", "ext"],
+#   run(command="bash scripts/device/train_loop.sh", carry=[".device", "ext"],
 #       timeout_s=600)
 #
 # Knobs (environment): BUDGET (s, default 530), PY (python, default python3), WORK (scratch,
@@ -43,23 +34,8 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 
-stage() {
-  set -e
-  python3 scripts/prepare_internvl_code.py
-  rm -rf .whl_train && mkdir -p .whl_train/extra
-  cp /tmp/whl_train/train_site_wheels/* .whl_train/
-  cp -r /tmp/whl_train/bnb .whl_train/bnb
-  rm -f .whl_train/bnb/bitsandbytes/libbitsandbytes_cuda132.so
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 \
-    --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any \
-    -d .whl_train/extra greenlet==3.5.6 pygments==2.21.0 setuptools==84.2.1
-  du -sh .whl .whl_train ext
-  du -sbc .whl .whl_train ext | tail -1 | awk '{printf "carried: %.1f MiB (+ the tree)\n", $1/1048576}'
-}
 if [ "${1:-}" = "--stage" ]; then
-  stage
-  exit $?
+  exec bash bench/device_prep.sh
 fi
 
 OUT=${OUT:-$ROOT/device-out}
@@ -67,7 +43,8 @@ mkdir -p "$OUT"
 BUDGET=${BUDGET:-530}
 PY=${PY:-python3}
 W=${WORK:-/tmp/oogiri-train-loop}
-LMDEPLOY_SITE=${LMDEPLOY_SITE:-$ROOT/.whl/lmdeploy_site}
+LMDEPLOY_SITE=${LMDEPLOY_SITE:-$ROOT/.device/lmdeploy}
+D=$ROOT/.device
 rm -rf "$W" && mkdir -p "$W"
 exec > >(tee "$OUT/train_loop.log") 2>&1
 T0=$SECONDS
@@ -94,6 +71,7 @@ collect() {
     kill -0 "$SERVE_PID" 2>/dev/null && kill -TERM -- -"$SERVE_PID" 2>/dev/null
   fi
   [ -n "$GPU_PID" ] && kill "$GPU_PID" 2>/dev/null
+  [ -n "${LOAD_STOP:-}" ] && touch "$LOAD_STOP"
   mkdir -p "$OUT/lmdeploy" "$OUT/run"
   for f in "$W"/data/logs/*.log; do
     [ -f "$f" ] && tail -n 3000 "$f" > "$OUT/lmdeploy/$(basename "$f")"
@@ -175,43 +153,6 @@ fi
 # ------------------------------------------------------------------ 1. training venv (background)
 # XTuner's own environment (transformers 4.48 …) beside the machine's (transformers 5): a venv
 # with --system-site-packages reuses the CUDA torch; the pinned wheels shadow the rest.
-build_venv() {
-  set -u
-  local XT=$1 t=$SECONDS PIP PURELIB
-  if "$PY" -m venv --system-site-packages "$XT"; then
-    PIP=("$XT/bin/python" -m pip)
-  else
-    echo "venv with pip failed; using the machine's pip --python"
-    "$PY" -m venv --without-pip --system-site-packages "$XT" || return 8
-    PIP=("$PY" -m pip --python "$XT/bin/python")
-  fi
-  env -u PYTHONPATH "${PIP[@]}" install -q --no-index --no-deps .whl_train/*.whl \
-    .whl/annotated_types-*.whl .whl/termcolor-*.whl .whl/platformdirs-*.whl .whl/rich-*.whl \
-    .whl/markdown_it_py-*.whl .whl/mdurl-*.whl .whl_train/extra/pygments-*.whl 2>&1 \
-    | grep -v '^WARNING' | tail -3
-  PURELIB=$(env -u PYTHONPATH "$XT/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  cp -r .whl_train/bnb/bitsandbytes .whl_train/bnb/bitsandbytes-*.dist-info "$PURELIB/"
-  echo "wheels + bitsandbytes: $((SECONDS - t)) s"
-  env -u PYTHONPATH DS_BUILD_OPS=0 "${PIP[@]}" install -q --no-index --no-deps \
-    --no-build-isolation .whl_train/deepspeed-*.tar.gz 2>&1 | grep -v '^WARNING' | tail -5
-  if ! env -u PYTHONPATH "$XT/bin/python" -c "import deepspeed" 2>/dev/null; then
-    echo "DeepSpeed did not build with the machine's setuptools: retrying with setuptools 84"
-    env -u PYTHONPATH "${PIP[@]}" install -q --no-index --no-deps .whl_train/extra/setuptools-*.whl
-    env -u PYTHONPATH DS_BUILD_OPS=0 "${PIP[@]}" install -q --no-index --no-deps \
-      --no-build-isolation .whl_train/deepspeed-*.tar.gz 2>&1 | grep -v '^WARNING' | tail -5
-  fi
-  echo "+ deepspeed: $((SECONDS - t)) s"
-  if ! env -u PYTHONPATH "$XT/bin/python" -c "import skimage" 2>/dev/null; then
-    echo "NOTE: no scikit-image here: xtuner.dataset imports skimage.io (for RefCOCO only): stubbed"
-    mkdir -p "$PURELIB/skimage"
-    echo "# stub written by scripts/device/train_loop.sh: scikit-image is not installed" \
-      > "$PURELIB/skimage/__init__.py"
-    printf 'def imread(*args, **kwargs):\n    raise ImportError("scikit-image is not installed (stub)")\n' \
-      > "$PURELIB/skimage/io.py"
-  fi
-  env -u PYTHONPATH "$PY" -c "from pathlib import Path; from training.environment import write_torchrun_shim as w; w(Path('$XT'))"
-  echo "training venv ready: $((SECONDS - t)) s"
-}
 VENV_PID=""
 if [ -n "${XT_PY:-}" ]; then
   say "training python given: $XT_PY"
@@ -219,7 +160,7 @@ else
   say "training venv in the background (XTuner 0.2.0 + pins, bitsandbytes 0.50.2, DeepSpeed 0.16.2 sdist)"
   XT_PY=$W/xt/bin/python
   VENV_T=$SECONDS
-  build_venv "$W/xt" > "$OUT/xtuner-venv.log" 2>&1 &
+  PY="$PY" bash scripts/device/training_venv.sh "$W/xt" > "$OUT/xtuner-venv.log" 2>&1 &
   VENV_PID=$!
 fi
 
@@ -227,8 +168,8 @@ fi
 say "bot dependencies → $W/site"
 SITE=$W/site
 if [ "${SKIP_BOT_INSTALL:-0}" != 1 ]; then
-  timed bot-wheels "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl \
-    .whl_train/extra/greenlet-*.whl .whl_train/extra/pygments-*.whl 2>&1 | grep -v '^WARNING' | tail -3
+  timed bot-wheels "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$D"/wheels/*.whl \
+    2>&1 | grep -v '^WARNING' | tail -3
 fi
 mkdir -p "$SITE"
 export PYTHONPATH="$SITE:$LMDEPLOY_SITE:$ROOT"
@@ -267,6 +208,8 @@ BASE_VERSION=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['ve
 export OOGIRI_DATA_DIR=$W/data OOGIRI_CHANNELS=web OOGIRI_WEB__PORT=8000
 export OOGIRI_ENGINE__MODEL=$BASE OOGIRI_ENGINE__MODEL_VERSION=$BASE_VERSION
 export OOGIRI_ENGINE__MAX_NEW_TOKENS=16 OOGIRI_ENGINE__TIMEOUT_S=90
+# the swap-under-load check below sends continuous traffic from one client: no per-user limit
+export OOGIRI_LIMITS__PER_USER_PER_MINUTE=0 OOGIRI_LIMITS__PER_CHAT_PER_MINUTE=0
 ENGINE=${ENGINE:-auto}
 if [ "$ENGINE" = auto ]; then
   if [ -d "$LMDEPLOY_SITE/lmdeploy" ] && "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then
@@ -357,7 +300,8 @@ timed joke-base "$PY" scripts/device/webcheck.py joke http://127.0.0.1:8000 "$PH
 
 # ------------------------------------------------------------------ 7. oogiri train run
 say "oogiri train run ($(left) s left)"
-export OOGIRI_TRAINING__BASE_MODEL=$BASE OOGIRI_TRAINING__XTUNER_PYTHON=$XT_PY NPROC_PER_NODE=1
+export OOGIRI_TRAINING__BASE_MODEL=$BASE OOGIRI_TRAINING__XTUNER_PYTHON=$XT_PY
+export NPROC_PER_NODE=${NPROC_PER_NODE:-1}   # 2 on nvidia-h100-x2 (issue 7)
 # 48 jokes → ~30 training samples: batch 4 × 1 on 1 GPU = 8 iterations/epoch, 2 epochs = 16;
 # warm-up 0.15 × 2 × 8 → 2 iterations (0.03, the tutorial's, would round to 0: FIELD-NOTES).
 export OOGIRI_TRAINING__MAX_EPOCHS=2 OOGIRI_TRAINING__BATCH_SIZE=4 OOGIRI_TRAINING__ACCUMULATIVE_COUNTS=1
@@ -368,6 +312,12 @@ export OOGIRI_TRAINING__GATE_LANGUAGE=any OOGIRI_TRAINING__GATE_MIN_SANITY=0
 export OOGIRI_TRAINING__EVAL_MAX_SAMPLES=16 OOGIRI_TRAINING__EVAL_MAX_NEW_TOKENS=16
 export OOGIRI_TRAINING__TIMEOUT_HOURS=0.08   # any one command: 288 s at most
 RUN_LIMIT=$(( $(left) - 100 ))               # keep ~100 s for the rollback swap and the logs
+# Continuous traffic through the web API from here until after the rollback: the promotion and the
+# rollback are blue/green swaps, and neither may fail a request (issue 3).
+LOAD_STOP=$W/load.stop
+"$PY" scripts/device/webcheck.py load http://127.0.0.1:8000 "$PHOTOS" "$LOAD_STOP" \
+  "$OUT/swap-load.jsonl" "${LOAD_CONCURRENCY:-4}" > "$OUT/swap-load-summary.json" 2>&1 &
+LOAD_PID=$!
 timed train-run timeout -k 20 -s INT "$RUN_LIMIT" "$PY" -m bot.cli train run -v
 RUN_RC=$?
 
@@ -414,6 +364,8 @@ if [ -n "$NEW" ]; then
   else
     echo "SKIPPED rollback: only $(left) s left"
   fi
+  touch "$LOAD_STOP"; wait "$LOAD_PID"
+  say "traffic during promotion and rollback"; cat "$OUT/swap-load-summary.json"
   "$PY" -m bot.cli models list
   registry "$OUT/registry.json" > /dev/null
   [ "$ENGINE" = lmdeploy ] && "$PY" -m bot.cli engine status 2>&1 | tail -20

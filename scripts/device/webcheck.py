@@ -6,6 +6,11 @@ timeout, or as soon as process PID (the server) is gone.
 
 ``webcheck.py joke URL IMAGE`` posts the picture to URL/api/jokes and prints one JSON line:
 ``{"status", "model_version", "text", "seconds"}``.
+
+``webcheck.py load URL IMAGE_DIR STOP_FILE OUT_JSONL [CONCURRENCY]`` keeps CONCURRENCY requests
+in flight (default 4) over the pictures in IMAGE_DIR until STOP_FILE exists, writes one line per
+request to OUT_JSONL and prints a summary: requests, failures, the model versions that answered
+and when each was first and last seen. A swap under this load must fail nothing (issue 3).
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import json
 import mimetypes
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 
 
@@ -56,7 +63,8 @@ def wait(url: str, seconds: float, pid: int | None = None) -> int:
     return 1
 
 
-def joke(url: str, image: Path) -> int:
+def post_joke(url: str, image: Path) -> dict[str, object]:
+    """One picture through POST /api/jokes: status, model version, text, seconds (never raises)."""
     boundary = uuid.uuid4().hex
     ctype = mimetypes.guess_type(image.name)[0] or "application/octet-stream"
     body = (
@@ -89,8 +97,54 @@ def joke(url: str, image: Path) -> int:
     }
     if "error" in answer:
         out["error"] = answer["error"]
+    return out
+
+
+def joke(url: str, image: Path) -> int:
+    out = post_joke(url, image)
     print(json.dumps(out, ensure_ascii=False))
-    return 0 if status == 201 else 1
+    return 0 if out["status"] == 201 else 1
+
+
+def load(url: str, images: Path, stop: Path, out: Path, concurrency: int = 4) -> int:
+    """Continuous traffic while something else (a swap) happens; every failure is reported."""
+    pictures = sorted(p for p in images.iterdir() if p.is_file())
+    lock = threading.Lock()
+    results: list[dict[str, object]] = []
+    t0 = time.time()
+
+    def worker(k: int) -> None:
+        i = k
+        while not stop.exists():
+            r = post_joke(url, pictures[i % len(pictures)])
+            r["t"] = round(time.time() - t0, 2)
+            with lock:
+                results.append(r)
+                with out.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            i += concurrency
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [r for r in results if r["status"] != 201]
+    seen: dict[str, list[float]] = {}
+    for r in results:
+        if r["status"] == 201:
+            span = seen.setdefault(str(r["model_version"]), [float(r["t"]), float(r["t"])])  # type: ignore[arg-type]
+            span[1] = float(r["t"])  # type: ignore[arg-type]
+    summary = {
+        "requests": len(results),
+        "failed": len(failed),
+        "failures_by_status": dict(Counter(str(r["status"]) for r in failed)),
+        "first_failures": failed[:5],
+        "versions_seen_s": seen,
+        "seconds": round(time.time() - t0, 1),
+    }
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0 if not failed else 1
 
 
 def main(argv: list[str]) -> int:
@@ -99,6 +153,9 @@ def main(argv: list[str]) -> int:
         return wait(argv[1], seconds, int(argv[3]) if len(argv) > 3 else None)
     if len(argv) == 3 and argv[0] == "joke":
         return joke(argv[1], Path(argv[2]))
+    if len(argv) in (5, 6) and argv[0] == "load":
+        n = int(argv[5]) if len(argv) == 6 else 4
+        return load(argv[1], Path(argv[2]), Path(argv[3]), Path(argv[4]), n)
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -396,6 +396,9 @@ def test_parse_progress_reads_mmengine_lines() -> None:
     p = parse_progress(line)
     assert (p.iteration, p.total, p.loss, p.lr) == (10, 1200, 2.3412, 1.9999e-05)
     assert p.eta_s == 86400 + 2 * 3600 + 3 * 60 + 4
+    assert (p.time_s, p.memory_mb) == (0.5132, 9512)  # not data_time's 0.0105
+    swapped = parse_progress("Iter(train) [1/9]  data_time: 0.25  memory: 80  time: 1.5  loss: 1")
+    assert (swapped.time_s, swapped.memory_mb) == (1.5, 80)
     epoch = parse_progress("Epoch(train) [2][ 5/50]  lr: 1e-05  eta: 0:00:09  loss: 0.5")
     assert (epoch.epoch, epoch.iteration, epoch.total, epoch.eta_s) == (2, 5, 50, 9)
     assert parse_progress("=======total 2000 samples=======") is None
