@@ -57,6 +57,7 @@ from bot.engines.openai_http import (
     body_error,
     to_data_url,
 )
+from bot.engines.serving_view import serving_folder
 from bot.hookspecs import hookimpl
 from bot.models import EngineError, Generation, GenerationParams, NormalizedImage
 from bot.settings import EngineSettings, Settings
@@ -245,6 +246,12 @@ class ServerProcess:
                 "lmdeploy server running? (engine.port)"
             )
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        # InternVL's own config class breaks LMDeploy on transformers 5: serve a view of the
+        # folder with the project's (bot/engines/serving_view.py)
+        served_dir = await asyncio.to_thread(
+            serving_folder, self.model_dir, self.log_dir.parent / "lmdeploy-views"
+        )
+        self.command = build_command(self.settings, served_dir, self.port, self.served_name)
         self._rotate_log()
         header = (
             f"\n===== {datetime.now(UTC).isoformat()} oogiri starts {self.label} "
