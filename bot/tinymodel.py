@@ -11,8 +11,11 @@ whole path (processor → model → generate) runs for real on any CPU.
 (transformers 5 needs it for InternVL's video processor); ``AutoTokenizer`` and
 ``AutoImageProcessor`` load it everywhere, and that is what the transformers engine uses.
 
-Only the transformers-native layout ("hf") is built today; InternVL2's original remote-code layout
-("internvl2", what XTuner fine-tunes and LMDeploy serves) is a later addition.
+``layout="internvl2"`` writes InternVL2's original remote-code layout (what XTuner fine-tunes and
+LMDeploy serves) with a fast tokenizer; adding ``tokenizer="sentencepiece"`` gives it the tokenizer
+a real InternVL2-2B download has instead (InternLM2's sentencepiece ``tokenizer.model``, trained
+here, with InternVL's added tokens in ``tokenizer_config.json`` / ``added_tokens.json``): the input
+that ``oogiri dev convert-internvl2`` is tested on.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 MARKER = "oogiri-model.json"
 LAYOUTS = ("hf", "internvl2")
+TOKENIZERS = ("fast", "sentencepiece")
 
 # InternVL's tokens. The processor finds the image tokens through these tokenizer attributes.
 IMAGE_TOKENS = {
@@ -126,17 +130,25 @@ def make_tiny_model(
     layout: str = "hf",
     size: str = "tiny",
     device: str = "cpu",
+    tokenizer: str = "fast",
 ) -> Path:
     """Build the tiny random InternVL model into ``out_dir`` (created) and return it.
 
     The same ``seed`` gives the same weights. ``oogiri-model.json`` records the version label
     (``tiny-random-<seed>`` for "hf"), which engines report as the model version. ``layout=
     "internvl2"`` writes InternVL2's original layout (what XTuner trains and LMDeploy serves);
-    only it has ``size="full"`` (InternVL2-2B's shapes; build that on a GPU with ``device="cuda"``).
+    only it has ``size="full"`` (InternVL2-2B's shapes; build that on a GPU with ``device="cuda"``)
+    and ``tokenizer="sentencepiece"`` (a real download's tokenizer files; see the module docstring).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown tiny-model layout {layout!r}; supported: {', '.join(LAYOUTS)}")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; supported: {', '.join(TOKENIZERS)}")
+    if tokenizer == "sentencepiece" and layout != "internvl2":
+        raise ValueError("tokenizer='sentencepiece' exists only for layout='internvl2'")
     if layout == "internvl2":
+        if tokenizer == "sentencepiece":
+            return _make_internvl2_sentencepiece(Path(out_dir), seed=seed, size=size, device=device)
         return _make_internvl2(Path(out_dir), seed=seed, size=size, device=device)
     if size != "tiny":
         raise ValueError("size='full' exists only for layout='internvl2'")
@@ -262,6 +274,152 @@ def _make_internvl2(out_dir: Path, *, seed: int, size: str, device: str) -> Path
     _portable_tokenizer_config(out_dir, INTERNVL2_CHAT_TEMPLATE)
     ids = {name: raw.token_to_id(tok) for name, tok in (("pad", PAD), ("eos", IM_END))}
     return write_internvl2(out_dir, raw, size=size, seed=seed, device=device, token_ids=ids)
+
+
+# InternLM2's special pieces (in its sentencepiece model) and the tokens InternVL2 adds after them.
+INTERNLM2_SPECIALS = [
+    "<|plugin|>",
+    "<|interpreter|>",
+    "<|action_end|>",
+    "<|action_start|>",
+    IM_END,
+    IM_START,
+]
+INTERNVL2_ADDED = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>"]
+INTERNVL2_ADDED += ["<box>", "</box>"]
+SPM_VOCAB = 1024 - len(INTERNVL2_ADDED)  # the tiny model's 1,024 ids, as InternVL2-2B's 92,553
+
+
+def train_sentencepiece(vocab_size: int = SPM_VOCAB, *, add_dummy_prefix: bool = True) -> bytes:
+    """A BPE sentencepiece model shaped like InternLM2's (byte fallback, <unk>/<s>/</s> = 0/1/2).
+
+    Trained on the built-in corpus in well under a second; returns the ``tokenizer.model`` bytes.
+    """
+    import io
+
+    import sentencepiece
+
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        user_defined_symbols=INTERNLM2_SPECIALS,
+        add_dummy_prefix=add_dummy_prefix,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        num_threads=1,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def write_sentencepiece_tokenizer(
+    out_dir: Path, model: bytes, vocab_size: int, chat_template: str | None = None
+) -> dict[str, int]:
+    """Write the tokenizer files of a real InternVL2 download around a sentencepiece model.
+
+    ``tokenizer.model``; ``tokenizer_config.json`` naming InternLM2's remote tokenizer class (whose
+    code is OpenGVLab's and not written here), with every added token by id; ``added_tokens.json``
+    with the ids InternVL2 adds after the sentencepiece vocabulary (then ``<|padN|>`` up to the
+    model's ``vocab_size``, see ``pad_vocab``); ``special_tokens_map.json``. Returns token ids.
+    """
+    import sentencepiece
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model)
+    n = sp.get_piece_size()
+    extra = INTERNVL2_ADDED + [f"<|pad{i}|>" for i in range(vocab_size - n - len(INTERNVL2_ADDED))]
+    (out_dir / "tokenizer.model").write_bytes(model)
+
+    def entry(content: str) -> dict[str, Any]:
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            # Padding is no special token: a random model samples it, and it must decode to text.
+            "special": not content.startswith("<|pad"),
+        }
+
+    decoder = {str(i): entry(sp.id_to_piece(i)) for i in (0, 1, 2)}
+    decoder |= {str(sp.piece_to_id(t)): entry(t) for t in INTERNLM2_SPECIALS}
+    added = {token: n + i for i, token in enumerate(extra)}
+    decoder |= {str(i): entry(t) for t, i in added.items()}
+    specials = INTERNLM2_SPECIALS[::-1] + INTERNVL2_ADDED
+    config: dict[str, Any] = {
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": specials,
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MAX_POSITIONS,
+        "tokenizer_class": "InternLM2Tokenizer",
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    (out_dir / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n")
+    special_map = {
+        "additional_special_tokens": specials,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    return {"bos": 1, "eos": 2, "pad": 2, "im_end": sp.piece_to_id(IM_END)}
+
+
+class _VocabSize:
+    """What ``write_internvl2`` reads of a tokenizer: its size."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def get_vocab_size(self) -> int:
+        return self.size
+
+
+def _make_internvl2_sentencepiece(out_dir: Path, *, seed: int, size: str, device: str) -> Path:
+    from bot.tiny_internvl2 import SIZES, write_internvl2
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; supported: {', '.join(SIZES)}")
+    try:
+        model = train_sentencepiece()
+    except ImportError as exc:
+        raise RuntimeError("a sentencepiece tokenizer needs: pip install sentencepiece") from exc
+    vocab = SIZES[size]["llm"]["vocab_size"]
+    chat = "{{ bos_token }}" + INTERNVL2_CHAT_TEMPLATE  # as InternLM2-chat ships it
+    ids = write_sentencepiece_tokenizer(out_dir, model, vocab, chat)
+    version = f"internvl2-{size}-spm-random-{seed}"
+    return write_internvl2(
+        out_dir,
+        _VocabSize(vocab),
+        size=size,
+        seed=seed,
+        device=device,
+        version=version,
+        token_ids={"eos": ids["eos"], "pad": ids["pad"]},
+    )
 
 
 def pad_vocab(raw: Any, vocab_size: int) -> Any:

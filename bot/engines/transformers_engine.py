@@ -1,6 +1,9 @@
 """In-process InternVL generation with Hugging Face transformers (CPU machines, tests, demos).
 
 The model folder is transformers' native InternVL layout (``InternVLForConditionalGeneration``).
+An InternVL2 folder (OpenGVLab's ``InternVLChatModel``, whose remote code cannot run on transformers
+5) configured in settings is converted once into ``DATA_DIR/models/converted/`` (see
+``bot.convert_internvl2``); constructing the engine on one directly says how to convert it.
 Loading happens when the engine is built (the app calls engine factories in a worker thread);
 every generation then runs on one dedicated thread, so the event loop never blocks and the model
 never runs two requests at once.
@@ -29,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bot.convert_internvl2 import is_internvl2_folder
 from bot.engines.base import EngineHealth
 from bot.hookspecs import hookimpl
 from bot.models import EngineError, Generation, GenerationParams, NormalizedImage, Usage
@@ -95,6 +99,31 @@ def ensure_demo_model(data_dir: Path) -> Path:
     return target
 
 
+def internvl2_hint(model_dir: Path) -> str:
+    """What to do with an InternVL2 (InternVLChatModel) folder, for the error a user sees."""
+    return (
+        f"{model_dir} is an InternVL2 (InternVLChatModel) folder, whose remote code cannot run on "
+        "transformers 5. Convert it once to transformers' InternVL layout: "
+        f"oogiri dev convert-internvl2 {model_dir} CONVERTED_DIR, and use CONVERTED_DIR (with "
+        "OOGIRI_ENGINE__MODEL set to the InternVL2 folder, the engine converts it into the data "
+        "directory by itself)"
+    )
+
+
+def _converted_if_internvl2(model_dir: Path, settings: Settings) -> Path:
+    """An InternVL2 folder's converted copy in the data dir (made on first use), else the folder."""
+    from bot.convert_internvl2 import ConversionError, ensure_converted
+
+    if not is_internvl2_folder(model_dir):
+        return model_dir
+    _require_local_deps()
+    try:
+        return ensure_converted(model_dir, settings.data_dir)
+    except (ConversionError, OSError) as exc:
+        log.exception("could not convert the InternVL2 folder %s", model_dir)
+        raise EngineError(detail=f"could not convert {model_dir}: {_short(exc, 400)}") from exc
+
+
 class _InternVLInputs:
     """Turns (image, prompt, max tiles) into model inputs the way ``InternVLProcessor`` does."""
 
@@ -117,11 +146,39 @@ class _InternVLInputs:
         if not (self.chat_template or tok.chat_template):
             raise ValueError("the model folder has no chat template")
 
+        self._head, self._tail, self._front, self._rest = self._template_pieces()
+
     def _encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
         encoded = self.tokenizer(
             text, add_special_tokens=False, split_special_tokens=split_special_tokens
         )
         return list(encoded["input_ids"])
+
+    def _template_pieces(self) -> tuple[list[int], str, str, list[int]]:
+        """The rendered template around the prompt: ids before, text, text, ids after.
+
+        The text between the template's last marker and the prompt (and between the prompt and the
+        next marker) is encoded together with the prompt, as one stretch: a sentencepiece
+        tokenizer (InternLM2's) gives every separately encoded stretch its own dummy prefix, so
+        encoding the prompt alone would differ from the text the model was trained on.
+        """
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT_SLOT}]}
+        ]
+        rendered: str = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        )
+        before, found, after = rendered.partition(PROMPT_SLOT)
+        if not found or PROMPT_SLOT in after:
+            raise ValueError("the chat template must place the prompt exactly once")
+        markers = [t for t in self.tokenizer.get_added_vocab() if t and t in rendered]
+        cut = max((before.rfind(t) + len(t) for t in markers if t in before), default=0)
+        ends = [after.find(t) for t in markers if t in after]
+        stop = min(ends, default=len(after))
+        head, rest = self._encode(before[:cut]), self._encode(after[stop:])
+        if (head + rest).count(self.context_id) != 1:
+            raise ValueError("the chat template must place exactly one image placeholder")
+        return head, before[cut:], after[:stop], rest
 
     def __call__(
         self, image: PILImage.Image, prompt: str, max_patches: int, device: Any, dtype: Any
@@ -133,23 +190,12 @@ class _InternVLInputs:
             images=[image], crop_to_patches=True, max_patches=max_patches, return_tensors="pt"
         )
         tiles = int(pixels["num_patches"][0])
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT_SLOT}]}
-        ]
-        rendered: str = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
-        )
-        before, found, after = rendered.partition(PROMPT_SLOT)
-        if not found or PROMPT_SLOT in after:
-            raise ValueError("the chat template must place the prompt exactly once")
         # The prompt (which may carry a user's hint) is encoded with special tokens split into
         # plain text, so typing "<IMG_CONTEXT>" or "<|im_end|>" forges neither an image nor a
         # turn; only the template's own markers are special. (apply_chat_template's
         # sanitize_control_tokens does the same on transformers 5.24, but 5.17 ignores it.)
-        ids = self._encode(before) + self._encode(prompt, split_special_tokens=True)
-        ids += self._encode(after)
-        if ids.count(self.context_id) != 1:
-            raise ValueError("the chat template must place exactly one image placeholder")
+        middle = self._encode(self._tail + prompt + self._front, split_special_tokens=True)
+        ids = self._head + middle + self._rest
         at = ids.index(self.context_id)
         image_ids = [
             self.start_id,
@@ -196,6 +242,8 @@ class TransformersEngine:
         self._closed = False
         self._model: Any = None
         self._inputs: Any = None  # _InternVLInputs once loaded
+        if is_internvl2_folder(self.model_dir):
+            raise EngineError(detail=internvl2_hint(self.model_dir))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oogiri-transformers")
         try:
             self._load(threads)
@@ -217,6 +265,7 @@ class TransformersEngine:
         else:
             model_dir = engine.model.expanduser()
             is_demo = False
+            model_dir = _converted_if_internvl2(model_dir, settings)
         return cls(
             model_dir,
             device=engine.device,
