@@ -101,3 +101,6 @@ def test_every_model_id_decodes_to_text(iv2: Path) -> None:
     vocab = json.loads((iv2 / "config.json").read_text())["llm_config"]["vocab_size"]
     assert len(tok) == vocab
     assert tok.decode([vocab - 1]) and tok.decode([vocab - 50, vocab - 2])
+    # the pads are vocabulary, not added tokens (thousands of those make each load take minutes)
+    added = json.loads((iv2 / "tokenizer.json").read_text())["added_tokens"]
+    assert not [t for t in added if t["content"].startswith("<|pad")]
