@@ -25,6 +25,7 @@ from bot.models import (
     RateLimited,
     Rating,
     Rejected,
+    StoreUnavailable,
 )
 from bot.plugins import call_first, call_hook, notify
 from bot.settings import Settings
@@ -82,6 +83,10 @@ class JokeService:
             joke = await self._tell(request, started)
         except OogiriError as exc:
             outcome = exc.code
+            if isinstance(exc, (EngineError, EngineBusy, StoreUnavailable)):
+                # the user gets a short "try again"; the operator needs the why (the request
+                # row keeps it too, but a log line is where a failing engine gets noticed)
+                log.warning("%s answer failed (%s): %s", request.channel, outcome, exc)
             await self._record(request, outcome, started, reason=str(exc))
             raise
         except Exception as exc:

@@ -49,6 +49,9 @@ class EngineSettings(BaseModel):
     api_key: SecretStr | None = None
     served_model_name: str | None = Field(None, description="unset: discovered from /v1/models")
     retries: int = Field(2, ge=0, le=10)
+    empty_answer_retries: int = Field(
+        1, ge=0, le=5, description="ask again when the model's answer is empty (sampling differs)"
+    )
     max_in_flight: int = Field(64, ge=1)
     breaker_failures: int = Field(5, ge=1, description="consecutive failures that open the breaker")
     breaker_reset_s: float = Field(15.0, gt=0)

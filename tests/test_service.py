@@ -96,13 +96,20 @@ async def test_concurrency_cap_answers_busy(settings: Settings, chelsea_png: byt
         await app.close()
 
 
-async def test_engine_failure_is_recorded(settings: Settings, chelsea_png: bytes) -> None:
+async def test_engine_failure_is_recorded(
+    settings: Settings, chelsea_png: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     app = await App.create(settings, engine=InstantEngine(fail=True))
     try:
-        with pytest.raises(EngineError) as info:
-            await app.service.tell(req(chelsea_png))
+        with caplog.at_level("WARNING", logger="bot.service"):
+            with pytest.raises(EngineError) as info:
+                await app.service.tell(req(chelsea_png))
         assert "engine" in info.value.user_message("en").lower()
         assert await app.store.request_outcomes() == {"engine_error": 1}
+        # the operator sees why (the user only gets "try again")
+        [record] = [r for r in caplog.records if r.name == "bot.service"]
+        assert record.levelname == "WARNING" and "engine_error" in record.getMessage()
+        assert str(info.value) in record.getMessage()
     finally:
         await app.close()
 

@@ -254,6 +254,10 @@ class CircuitBreaker:
 # --------------------------------------------------------------------------- failures
 
 
+class _EmptyAnswer(EngineError):
+    """The server answered, but with nothing printable: a sampling outcome, worth one more try."""
+
+
 class _ServerFailure(Exception):
     """The server (not the request) failed; counts against the breaker."""
 
@@ -414,6 +418,7 @@ class OpenAIHTTPEngine:
         attempts = self.settings.retries + 1
         last: _ServerFailure | None = None
         rediscovered = False
+        empty_retries = self.settings.empty_answer_retries
         start = next(self._rr)
         attempt = 0
         while attempt < attempts:
@@ -440,6 +445,15 @@ class OpenAIHTTPEngine:
                 rediscovered = True
                 self._discovered.pop(url, None)
                 continue  # not counted as an attempt
+            except _EmptyAnswer as exc:
+                # a random or undertrained model can sample its end token first; a user must
+                # never get a blank joke, and asking again usually gives a real one
+                if empty_retries <= 0:
+                    raise
+                empty_retries -= 1
+                self.stats.errors["empty_retried"] += 1
+                log.info("empty answer from %s, asking again: %s", url, exc.detail)
+                continue  # not a server failure: no backoff, not counted as an attempt
             except _ServerFailure as exc:
                 last = exc
                 if exc.down_url:
@@ -650,7 +664,7 @@ class OpenAIHTTPEngine:
             raise _ServerFailure(f"{url} sent an answer without choices", retry=False) from None
         text = clean_text(str(raw))
         if not text:
-            raise EngineError(detail=f"{url} returned an empty answer ({raw!r})")
+            raise _EmptyAnswer(detail=f"{url} returned an empty answer ({raw!r})")
         return Generation(
             text=text,
             model=upstream.label or model,

@@ -161,15 +161,32 @@ def test_clean_text() -> None:
     assert clean_text("<|im_end|>") == ""
 
 
-async def test_empty_answer_is_an_engine_error(fake_server, make_engine, image, tmp_path) -> None:
+async def test_an_empty_answer_is_asked_again_once(
+    fake_server, make_engine, image, tmp_path
+) -> None:
+    """A model may sample its end token first: one more try, then a clear engine error."""
     doc = load_fixture("chat_success")
     doc["response"]["body"]["choices"][0]["message"]["content"] = "<|im_end|>"
-    (tmp_path / "chat_success.json").write_text(json.dumps(doc))
+    (tmp_path / "chat_empty.json").write_text(json.dumps(doc))
     for name in ("models", "health"):
         (tmp_path / f"{name}.json").write_text(json.dumps(load_fixture(name)))
-    fake = fake_server(fixtures_dir=tmp_path, script=["chat_success"])
+
+    fake = fake_server(fixtures_dir=tmp_path, script=["chat_empty"])  # then healthy answers
+    engine = make_engine(fake.url)
+    gen = await engine.generate(image, PROMPT, PARAMS)
+    assert gen.text and len(chats(fake)) == 2
+    assert engine.stats.errors["empty_retried"] == 1 and engine.stats.retries == 0
+    assert engine.breaker.state == "closed"
+
+    fake = fake_server(fixtures_dir=tmp_path, script=["chat_empty", "chat_empty"])
     with pytest.raises(EngineError, match="empty answer"):
         await make_engine(fake.url).generate(image, PROMPT, PARAMS)
+    assert len(chats(fake)) == 2
+
+    fake = fake_server(fixtures_dir=tmp_path, script=["chat_empty"])
+    with pytest.raises(EngineError, match="empty answer"):
+        await make_engine(fake.url, empty_answer_retries=0).generate(image, PROMPT, PARAMS)
+    assert len(chats(fake)) == 1
 
 
 # --------------------------------------------------------------------------- never a path
