@@ -139,6 +139,39 @@ def write_torchrun_shim(venv: Path) -> Path:
     return path
 
 
+PARENT_SITE_PTH = "zz_oogiri_parent_site.pth"
+
+
+def link_parent_site(venv: Path, python: str = "python3") -> Path:
+    """Let the venv see the creating python's packages even when that python is itself a venv.
+
+    ``--system-site-packages`` reaches only the *base* interpreter's site-packages: on a GPU
+    machine whose ``python3`` is a venv holding CUDA torch (the device's /opt/torch/.venv), the
+    training venv then had no torch at all. A ``.pth`` file appends the creating python's
+    site-packages after the venv's own, so the pinned wheels still come first.
+    """
+    ask = "import site, sys; print(chr(10).join(site.getsitepackages()))"
+    parent = subprocess.run(
+        [python, "-c", ask], capture_output=True, text=True, check=True, env=_no_pythonpath()
+    ).stdout.split()
+    purelib = subprocess.run(
+        [str(venv_python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_no_pythonpath(),
+    ).stdout.strip()
+    pth = Path(purelib) / PARENT_SITE_PTH
+    pth.write_text("".join(f"{d}\n" for d in parent), encoding="utf-8")
+    return pth
+
+
+def _no_pythonpath() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
 def setup_steps(
     venv: Path,
     python: str = "python3",
@@ -152,8 +185,15 @@ def setup_steps(
     if system_site_packages:
         create.append("--system-site-packages")
     create.append(str(venv))
+    link = [
+        Step(
+            "see the creating python's packages (CUDA torch), also when it is a venv",
+            action=lambda: link_parent_site(venv, python) and None,
+        )
+    ]
     return [
         Step("create the venv", create),
+        *(link if system_site_packages else []),
         Step("install XTuner and its pinned dependencies", [*_pip(venv, wheels), *PINS, *extra]),
         Step(
             "install DeepSpeed without building its CUDA ops",

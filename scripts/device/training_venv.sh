@@ -22,11 +22,9 @@ env -u PYTHONPATH "${PIP[@]}" install -q --no-index --no-deps "$D"/train/*.whl \
   "$D"/wheels/{annotated_types,termcolor,platformdirs,rich,markdown_it_py,mdurl,pygments}-*.whl 2>&1 \
   | grep -v '^WARNING' | tail -3
 PURELIB=$(env -u PYTHONPATH "$XT/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# The machine's python3 is itself a venv (/opt/torch/.venv): --system-site-packages reaches only
-# the base interpreter's packages, not torch's venv. A .pth file appends the creating python's
-# site-packages after the venv's own, so the pinned wheels still shadow them.
-env -u PYTHONPATH "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' \
-  > "$PURELIB/zz_parent_site.pth"
+# The machine's python3 is itself a venv (/opt/torch/.venv): --system-site-packages alone reaches
+# only the base interpreter's packages, not its torch (training/environment.py: link_parent_site).
+env -u PYTHONPATH "$PY" -c "from pathlib import Path; from training.environment import link_parent_site as l; print('linked:', l(Path('$XT'), '$PY'))"
 cp -r "$D"/train/bnb/bitsandbytes "$D"/train/bnb/bitsandbytes-*.dist-info "$PURELIB/"
 echo "wheels + bitsandbytes: $((SECONDS - t)) s"
 env -u PYTHONPATH DS_BUILD_OPS=0 "${PIP[@]}" install -q --no-index --no-deps \

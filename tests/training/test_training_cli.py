@@ -176,19 +176,20 @@ def test_setup_print_builds_the_field_notes_recipe(env: dict[str, Any]) -> None:
     assert r.exit_code == 0
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "python3.12 -m venv --system-site-packages /opt/xt"
-    assert lines[1].startswith("/opt/xt/bin/python -m pip install --no-deps xtuner==0.2.0 ")
+    assert lines[2].startswith("/opt/xt/bin/python -m pip install --no-deps xtuner==0.2.0 ")
     for pin in ("transformers==4.48.0", "mmengine==0.10.6", "peft==0.14.0", "bitsandbytes==0.50.2"):
-        assert pin in lines[1]
-    assert lines[2] == (
+        assert pin in lines[2]
+    assert lines[3] == (
         "DS_BUILD_OPS=0 /opt/xt/bin/python -m pip install --no-deps --no-build-isolation "
         "deepspeed==0.16.2"
     )
-    assert lines[3].startswith("# bind torchrun")
+    assert lines[1].startswith("# see the creating python's packages")
+    assert lines[4].startswith("# bind torchrun")
     offline = invoke(
         "train", "setup", "--print", "--venv", "/v", "--wheels", "/w", "--extra", "opencv-python"
     )
     assert "--no-index --find-links /w" in offline.stdout
-    assert offline.stdout.splitlines()[1].endswith("nvidia-ml-py opencv-python")
+    assert offline.stdout.splitlines()[2].endswith("nvidia-ml-py opencv-python")
     dl = invoke("train", "setup", "--download", "/w")
     assert "pip download --no-deps -d /w --only-binary=:all: --python-version 3.12" in dl.stdout
     assert "--no-binary=:all: deepspeed==0.16.2" in dl.stdout
@@ -209,6 +210,41 @@ def test_setup_steps_and_torchrun_shim(tmp_path: Path) -> None:
     )
     assert steps[4].argv == [str(tmp_path / "v" / "bin" / "python"), "-c", CHECK_SCRIPT]
     assert download_steps(tmp_path)[0].argv[-1] == PINS[-1]
+
+
+def test_a_venv_made_by_a_venv_python_sees_its_packages(tmp_path: Path) -> None:
+    """The device's python3 is a venv holding CUDA torch; --system-site-packages alone missed it."""
+    import subprocess
+    import sys
+
+    assert sys.prefix != sys.base_prefix  # the test suite runs in a venv: the device's situation
+    steps = setup_steps(tmp_path / "xt", sys.executable, None)
+    steps[0].argv = [*steps[0].argv[:-1], "--without-pip", steps[0].argv[-1]]  # fast, offline
+    subprocess.run(steps[0].argv, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    base = [str(Path(sys.base_prefix) / "bin" / "python3"), "-c"]
+    only_here = next(  # a test dependency of this venv that the base interpreter lacks
+        (m for m in ("aiosqlite", "hypothesis", "pydantic_settings", "alembic", "pluggy")
+         if subprocess.run([*base, f"import {m}"], env=env, capture_output=True).returncode),
+        None,
+    )  # fmt: skip
+    if only_here is None:
+        pytest.skip("the base interpreter has every probe module")
+    probe = [
+        str(tmp_path / "xt" / "bin" / "python"),
+        "-c",
+        f"import {only_here} as m; print(m.__file__)",
+    ]
+    assert subprocess.run(probe, env=env, capture_output=True).returncode != 0  # the old failure
+    assert steps[1].action is not None and "creating python" in steps[1].description
+    steps[1].action()
+    seen = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout
+    assert seen.startswith(sys.prefix)  # found in the creating venv's site-packages
+    own_first = subprocess.run(
+        [str(tmp_path / "xt" / "bin" / "python"), "-c", "import sys; print(sys.path)"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert own_first.index(str(tmp_path / "xt")) < own_first.index(sys.prefix + "/lib")
 
 
 GOOD_REPORT = {
@@ -270,10 +306,15 @@ def test_setup_runs_its_steps_in_order(
 ) -> None:
     ran: list[list[str]] = []
 
-    def fake_run(argv: list[str], env: dict[str, str], check: bool) -> Any:
+    def fake_run(argv: list[str], env: dict[str, str], check: bool, **kw: Any) -> Any:
         ran.append(argv)
         if argv[1:3] == ["-m", "venv"]:
             (Path(argv[-1]) / "bin").mkdir(parents=True)
+        if "sysconfig" in argv[-1]:  # link_parent_site asks the venv for its purelib
+            (venv / "lib").mkdir(parents=True, exist_ok=True)
+            return subprocess.CompletedProcess(argv, 0, stdout=str(venv / "lib") + "\n")
+        if "getsitepackages" in argv[-1]:  # … and the creating python for its packages
+            return subprocess.CompletedProcess(argv, 0, stdout="/opt/torch/site-packages\n")
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
@@ -281,7 +322,8 @@ def test_setup_runs_its_steps_in_order(
     venv = env["tmp"] / "newvenv"
     r = invoke("train", "setup", "--venv", str(venv))
     assert r.exit_code == 0, r.output
-    assert [a[1:3] for a in ran] == [["-m", "venv"], ["-m", "pip"], ["-m", "pip"]]
+    assert [a[1:3] for a in ran if a[1] == "-m"] == [["-m", "venv"], ["-m", "pip"], ["-m", "pip"]]
+    assert (venv / "lib" / "zz_oogiri_parent_site.pth").read_text() == "/opt/torch/site-packages\n"
     assert (venv / "bin" / "torchrun").is_file()
     assert f"OOGIRI_TRAINING__XTUNER_PYTHON={venv / 'bin' / 'python'}" in r.output
 
