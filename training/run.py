@@ -547,10 +547,12 @@ class TrainingPipeline:
                 config_path, params, export.train_samples, world_size(self.env), self.t.template
             )
             metrics["plan"] = plan.as_dict()
+            peak = plan.peak_lr_fraction
             self._say(
                 f"config {config_path}: {plan.total_iters} iterations "
                 f"({plan.iters_per_epoch}/epoch, warm-up {plan.warmup_iters}) on "
                 f"{plan.world_size} GPU(s)"
+                + (f"; the warm-up reaches only {peak:.0%} of lr" if peak < 0.95 else "")
             )
 
             # 3. train

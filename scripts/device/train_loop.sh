@@ -73,6 +73,8 @@ collect() {
   [ -n "$GPU_PID" ] && kill "$GPU_PID" 2>/dev/null
   [ -n "${LOAD_STOP:-}" ] && touch "$LOAD_STOP"
   mkdir -p "$OUT/lmdeploy" "$OUT/run"
+  # the store: every request's outcome and reason (a user's 503 says only "try again")
+  for db in "$W"/data/*.sqlite3; do [ -f "$db" ] && cp "$db" "$OUT/"; done
   for f in "$W"/data/logs/*.log; do
     [ -f "$f" ] && tail -n 3000 "$f" > "$OUT/lmdeploy/$(basename "$f")"
   done
@@ -302,10 +304,10 @@ timed joke-base "$PY" scripts/device/webcheck.py joke http://127.0.0.1:8000 "$PH
 say "oogiri train run ($(left) s left)"
 export OOGIRI_TRAINING__BASE_MODEL=$BASE OOGIRI_TRAINING__XTUNER_PYTHON=$XT_PY
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1}   # 2 on nvidia-h100-x2 (issue 7)
-# 48 jokes → ~30 training samples: batch 4 × 1 on 1 GPU = 8 iterations/epoch, 2 epochs = 16;
-# warm-up 0.15 × 2 × 8 → 2 iterations (0.03, the tutorial's, would round to 0: FIELD-NOTES).
-export OOGIRI_TRAINING__MAX_EPOCHS=2 OOGIRI_TRAINING__BATCH_SIZE=4 OOGIRI_TRAINING__ACCUMULATIVE_COUNTS=1
-export OOGIRI_TRAINING__WARMUP_RATIO=0.15 OOGIRI_TRAINING__LR=${LR:-1e-3}
+# 48 jokes → ~30 training samples: batch 4 × 1 = 8 iterations/epoch on 1 GPU (4 on 2), 2 epochs;
+# warm-up 0.25 → 4 iterations (2 on 2 GPUs): mmengine's LinearLR reaches (T-1)/T of lr, so the
+# first device run's 1-iteration warm-up trained at lr × 1e-5 throughout (training/config.py).
+export OOGIRI_TRAINING__WARMUP_RATIO=0.25 OOGIRI_TRAINING__LR=${LR:-1e-3}
 export OOGIRI_TRAINING__DATALOADER_NUM_WORKERS=2
 # random weights: no language/sanity expectations, the held-out loss decides
 export OOGIRI_TRAINING__GATE_LANGUAGE=any OOGIRI_TRAINING__GATE_MIN_SANITY=0

@@ -65,7 +65,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         "OOGIRI_TRAINING__BATCH_SIZE": "1",
         "OOGIRI_TRAINING__ACCUMULATIVE_COUNTS": "1",
         "OOGIRI_TRAINING__MAX_EPOCHS": "2",
-        "OOGIRI_TRAINING__WARMUP_RATIO": "0.1",
+        "OOGIRI_TRAINING__WARMUP_RATIO": "0.2",
         "OOGIRI_TRAINING__MAX_LENGTH": "1024",
         "OOGIRI_TRAINING__PROMOTE_COMMAND": json.dumps(
             ["{python}", str(FAKES / "fake_swap.py"), "{model_dir}", "{version}"]

@@ -16,6 +16,7 @@ import pytest
 from bot.settings import TrainingSettings
 from training.config import (
     DEFAULT_TEMPLATE,
+    WARMUP_START_FACTOR,
     ConfigError,
     TrainParams,
     log_interval_for,
@@ -24,6 +25,7 @@ from training.config import (
     render_config,
     schedule_plan,
     validate,
+    warmup_peak,
     write_config,
 )
 
@@ -340,12 +342,35 @@ def test_validate_explains_a_warmup_rounded_to_zero(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         validate(valid_params(tmp_path), samples=40)  # 12 iterations × 0.03 → 0
     msg = str(err.value)
-    assert "warm-up rounds to 0 iterations" in msg and "raise warmup_ratio to >= 0.08333" in msg
-    plan = validate(valid_params(tmp_path, warmup_ratio=0.0834), samples=40)
-    assert plan.warmup_iters == 1 and plan.total_iters == 12
-    # more GPUs → fewer iterations per epoch → the same warm-up ratio can round to 0 again
-    with pytest.raises(ConfigError, match="2 GPU"):
-        validate(valid_params(tmp_path, warmup_ratio=0.0834), samples=40, world_size=2)
+    assert "warm-up rounds to 0 iterations" in msg and "raise warmup_ratio to >= 0.1667" in msg
+    plan = validate(valid_params(tmp_path, warmup_ratio=0.1667), samples=40)
+    assert plan.warmup_iters == 2 and plan.total_iters == 12
+    assert plan.peak_lr_fraction == pytest.approx(0.5, abs=1e-4)
+    # more GPUs → fewer iterations per epoch → the same warm-up ratio can round down again
+    with pytest.raises(ConfigError, match="4 GPU"):
+        validate(valid_params(tmp_path, warmup_ratio=0.1667), samples=40, world_size=4)
+
+
+def test_validate_refuses_a_one_iteration_warmup(tmp_path: Path) -> None:
+    """The device run's schedule: 8 iterations, warm-up 1 → trained at lr × 1e-5 throughout."""
+    with pytest.raises(ConfigError) as err:
+        validate(valid_params(tmp_path, warmup_ratio=0.0834), samples=40)  # 12 × 0.0834 → 1
+    msg = str(err.value)
+    assert "rounds to 1 iteration" in msg and "raise warmup_ratio to >= 0.1667" in msg
+
+
+def test_warmup_peak_follows_mmengine_linear_lr() -> None:
+    """mmengine's chained LinearLR factors, multiplied out step by step as it applies them."""
+    for warmup in (1, 2, 4, 30):
+        lr, start = 1.0, WARMUP_START_FACTOR
+        for step in range(warmup):  # LinearLR acts only inside [0, warmup)
+            if step == 0:
+                lr *= start
+            else:
+                lr *= 1 + (1 - start) / (warmup * start + (step - 1) * (1 - start))
+        assert warmup_peak(warmup) == pytest.approx(lr, rel=1e-9)
+    assert warmup_peak(1) == WARMUP_START_FACTOR  # the device run: 1e-3 × 1e-5 = 1e-8
+    assert warmup_peak(4) == pytest.approx(0.75, abs=1e-4)
 
 
 def test_validate_rejects_warmup_that_eats_the_whole_run(tmp_path: Path) -> None:

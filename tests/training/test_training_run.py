@@ -120,7 +120,7 @@ def rig(tmp_path: Path, tsettings: Settings, monkeypatch: pytest.MonkeyPatch) ->
     t.batch_size = 1
     t.accumulative_counts = 1
     t.max_epochs = 2
-    t.warmup_ratio = 0.1
+    t.warmup_ratio = 0.2
     t.max_length = 1024
     t.dataloader_num_workers = 0
     return tsettings
@@ -358,7 +358,7 @@ async def test_multi_gpu_environment_passes_through(
     monkeypatch.setenv("ADDR", "10.0.0.1")
     monkeypatch.setenv("PORT", "29500")
     monkeypatch.setenv("PYTHONPATH", "/bot/site-packages")  # must not leak into training
-    rig.training.warmup_ratio = 0.25
+    rig.training.warmup_ratio = 0.5
     await seed_ratings(tstore, 10)
     result = await pipeline(rig, tstore).run()
     assert result.status == "succeeded", result.error
