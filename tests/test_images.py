@@ -335,11 +335,18 @@ def test_max_side_downscale() -> None:
     assert (out.width, out.height) == (256, 170)
     out = load((DATA / "astronaut.png").read_bytes(), small)
     assert (out.width, out.height) == (256, 256)
-    # A big JPEG goes through libjpeg's draft scaling, then LANCZOS down to exactly max_side.
+    # A phone-size JPEG halves in libjpeg while decoding (no resampling pass): a little under
+    # max_side is accepted for that (DRAFT_FLOOR); the picture is still the whole picture.
     big = Image.open(DATA / "coffee.png").convert("RGB").resize((4000, 3000))
     out = load(encode(big, "JPEG"), ImageSettings())
+    assert (out.width, out.height) == (2000, 1500)
+    assert near(decoded(out).getpixel((1000, 750)), big.getpixel((2000, 1500)), tol=40)
+    assert near(decoded(out).getpixel((1990, 10)), big.getpixel((3980, 20)), tol=40)
+    # a JPEG that halving would take below the floor is decoded whole and resampled to max_side
+    wide = big.resize((3000, 2250))
+    out = load(encode(wide, "JPEG"), ImageSettings())
     assert (out.width, out.height) == (2048, 1536)
-    assert near(decoded(out).getpixel((1024, 768)), big.getpixel((2000, 1500)), tol=40)
+    assert near(decoded(out).getpixel((1024, 768)), wide.getpixel((1500, 1125)), tol=40)
 
 
 def test_metadata_is_stripped_on_reencode(cfg: ImageSettings) -> None:
