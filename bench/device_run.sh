@@ -5,6 +5,7 @@
 #                                                         # tests, tests/gpu (serve, capture, swap)
 #   bash bench/device_run.sh bench bench/plans/serve-device-1.json   # ≈ 9 min: full-size model
 #   bash bench/device_run.sh bench bench/plans/serve-device-2.json
+#   bash bench/device_run.sh bench bench/plans/serve-device-3.json   # bot processes (web path)
 # Needs .device/ from bench/device_prep.sh carried with the tree: run(carry=[".device"]).
 # Everything worth keeping goes to $OUT (the device tool's folder; ./device-out elsewhere).
 set -uo pipefail
@@ -18,6 +19,8 @@ if [ ! -f "$SITE/.done" ]; then
   touch "$SITE/.done"
 fi
 export PYTHONPATH="$SITE:$PWD/.device/lmdeploy:$PWD"
+# the `web` path starts real `oogiri serve` processes: they need the plugins' entry points
+[ -d "$SITE/oogiri_device_entry_points-0.dist-info" ] || python3 scripts/device/entry_points.py "$SITE"
 export PYTHONDONTWRITEBYTECODE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import sys, lmdeploy, torch, transformers; print('python', sys.version.split()[0], \

@@ -10,7 +10,10 @@ Paths (one per cell):
 * ``raw``: pre-built request bodies POSTed by a bare httpx client: the server alone;
 * ``engine``: ``OpenAIHTTPEngine.generate`` (pre-sizing, data URL, retries, breaker …);
 * ``service``: ``JokeService.tell`` — the bot's real path (validation and normalisation of the
-  upload, limits, hooks, engine, SQLite store) — what a Telegram/web user gets.
+  upload, limits, hooks, engine, SQLite store) — in the benchmark's own process;
+* ``web``: ``bots`` real ``oogiri serve`` processes (web channel, own SQLite each), the load
+  POSTed to their ``/api/jokes`` round-robin — what a web user gets, and how the bot scales past
+  one process.
 
 "The seed's way" is ``raw``, one in flight, phone photos sent as they are (no pre-sizing).
 
@@ -84,6 +87,7 @@ class Cell:
     baseline: bool = False
     warmup_s: float | None = None
     measure_s: float | None = None
+    bots: int = 1  # path "web": this many `oogiri serve` processes share the load
 
 
 @dataclass
@@ -118,11 +122,12 @@ def expand_cells(specs: list[dict[str, Any]]) -> list[Cell]:
         def as_list(value: Any) -> list[Any]:
             return value if isinstance(value, list) else [value]
 
-        for path, inflight, mdp, presize in itertools.product(
+        for path, inflight, mdp, presize, bots in itertools.product(
             as_list(spec.get("path", "raw")),
             as_list(spec.get("inflight", 1)),
             as_list(spec.get("mdp", 6)),
             as_list(spec.get("presize", True)),
+            as_list(spec.get("bots", 1)),
         ):
             cells.append(
                 Cell(
@@ -133,6 +138,7 @@ def expand_cells(specs: list[dict[str, Any]]) -> list[Cell]:
                     baseline=bool(spec.get("baseline", False)),
                     warmup_s=spec.get("warmup_s"),
                     measure_s=spec.get("measure_s"),
+                    bots=int(bots),
                 )
             )
     return cells
@@ -452,6 +458,28 @@ class Bench:
                     usage.completion_tokens if usage else 0,
                 )
 
+        elif cell.path == "web":
+            bots = await BotProcesses.start(self, urls, cell, api_key)
+            cleanup.append(bots.stop)
+            limits = httpx.Limits(max_connections=cell.inflight + 8)
+            client = httpx.AsyncClient(
+                timeout=self.args.request_timeout_s, limits=limits, trust_env=False
+            )
+            cleanup.append(client.aclose)
+
+            async def one(i: int) -> Sample:
+                url = bots.urls[i % len(bots.urls)] + "/api/jokes"
+                files = {"image": ("photo.jpg", self.photos[i % len(self.photos)], "image/jpeg")}
+                t0 = loop.time()
+                try:
+                    r = await client.post(url, files=files)
+                except httpx.HTTPError as exc:
+                    return Sample(loop.time(), loop.time() - t0, False, error=type(exc).__name__)
+                if r.status_code != 201:
+                    return Sample(loop.time(), loop.time() - t0, False, error=f"{r.status_code}")
+                # the web API does not report token counts; the engine paths measure them
+                return Sample(loop.time(), loop.time() - t0, True, 0, self.args.max_new_tokens)
+
         else:
             raise ValueError(f"unknown path {cell.path!r}")
 
@@ -486,6 +514,7 @@ class Bench:
             "config": config.name,
             "servers": config.launch.servers if config.launch else len(urls),
             "gpus": len(set(config.launch.gpus)) or 1 if config.launch else None,
+            "bots": cell.bots if cell.path == "web" else None,
             "proxy": bool(config.launch and config.launch.proxy),
             "server_threads": config.launch.server_threads if config.launch else None,
             **asdict(cell),
@@ -551,6 +580,106 @@ class UsageTap:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+class BotProcesses:
+    """``oogiri serve`` processes (web channel) for the ``web`` path: the bot as users reach it.
+
+    One process per ``cell.bots``, each with its own SQLite store (they stand for replicas; on
+    one PostgreSQL they would share it), the engine pointed at the cell's servers (or proxy), no
+    per-user limits, and the same engine settings as the in-process ``service`` path.
+    """
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]], urls: list[str]) -> None:
+        self.procs = procs
+        self.urls = urls
+
+    @classmethod
+    async def start(
+        cls, bench: Bench, engine_urls: list[str], cell: Cell, api_key: str | None
+    ) -> BotProcesses:
+        es = bench.engine_settings(engine_urls, cell, api_key)
+        root = bench.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}"
+        port = bench.args.port + 200
+        procs, urls = [], []
+        for i in range(cell.bots):
+            env = {
+                **os.environ,
+                "OOGIRI_DATA_DIR": str(root / f"bot-{i}"),
+                "OOGIRI_CHANNELS": "web",
+                "OOGIRI_WEB__HOST": "127.0.0.1",
+                "OOGIRI_WEB__PORT": str(port + i),
+                "OOGIRI_ENGINE__NAME": "lmdeploy",
+                "OOGIRI_ENGINE__MANAGE": "false",
+                "OOGIRI_ENGINE__BASE_URLS": json.dumps(list(es.base_urls)),
+                "OOGIRI_ENGINE__MAX_NEW_TOKENS": str(es.max_new_tokens),
+                "OOGIRI_ENGINE__MAX_DYNAMIC_PATCH": str(es.max_dynamic_patch),
+                "OOGIRI_ENGINE__PRESIZE_TO_TILES": str(es.presize_to_tiles).lower(),
+                "OOGIRI_ENGINE__MAX_IN_FLIGHT": str(es.max_in_flight),
+                "OOGIRI_ENGINE__RETRIES": "0",
+                "OOGIRI_ENGINE__BREAKER_FAILURES": str(es.breaker_failures),
+                "OOGIRI_ENGINE__TIMEOUT_S": str(es.timeout_s),
+                "OOGIRI_ENGINE__REQUEST_EXTRA": json.dumps(es.request_extra),
+                "OOGIRI_LIMITS__PER_USER_PER_MINUTE": "0",
+                "OOGIRI_LIMITS__PER_CHAT_PER_MINUTE": "0",
+                "OOGIRI_LIMITS__MAX_CONCURRENCY": str(cell.inflight + 8),
+            }
+            if es.served_model_name:
+                env["OOGIRI_ENGINE__SERVED_MODEL_NAME"] = es.served_model_name
+            if api_key:
+                env["OOGIRI_ENGINE__API_KEY"] = api_key
+            procs.append(await asyncio.to_thread(cls._spawn, env, root, i))
+            urls.append(f"http://127.0.0.1:{port + i}")
+        bots = cls(procs, urls)
+        try:
+            await bots.wait_healthy(bench.args.startup_timeout_s, root)
+        except BaseException:
+            await bots.stop()
+            raise
+        return bots
+
+    @staticmethod
+    def _spawn(env: dict[str, str], root: Path, i: int) -> subprocess.Popen[bytes]:
+        (root / f"bot-{i}").mkdir(parents=True, exist_ok=True)
+        with open(root / f"bot-{i}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "bot.cli", "serve"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+
+    async def wait_healthy(self, timeout_s: float, root: Path) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+            for i, url in enumerate(self.urls):
+                while True:
+                    if self.procs[i].poll() is not None:
+                        tail = (root / f"bot-{i}.log").read_text(errors="replace")[-1500:]
+                        raise RuntimeError(f"oogiri serve #{i} exited:\n{tail}")
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await http.get(url + "/healthz")).status_code == 200:
+                            break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"oogiri serve #{i} not healthy in {timeout_s:.0f} s")
+                    await asyncio.sleep(0.3)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self._stop)
+
+    def _stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 15)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
 
 
 # --------------------------------------------------------------------------- servers
@@ -690,7 +819,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         errors = ", ".join(f"{k}×{v}" for k, v in (r.get("errors") or {}).items()) or "0"
         lines.append(
             f"| {r['config']} | {servers_text(r)} | {r['server_threads'] or 'default'} | "
-            f"{r['path']}{' (seed)' if r.get('baseline') else ''} | {r['inflight']} | {r['mdp']} | "
+            f"{path_text(r)} | {r['inflight']} | {r['mdp']} | "
             f"{'yes' if r['presize'] else 'no'} | {r['jokes_per_s']:.2f} | {_fmt(r['p50_s'])} | "
             f"{_fmt(r['p95_s'])} | {_fmt(r['p99_s'])} | {_fmt(r['prompt_tokens'], 0)} | "
             f"{_fmt(r['gpu_mem_mib'], 0)} | {_fmt(r['gpu_util_pct'], 0)} | {errors} |"
@@ -699,6 +828,16 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if summary:
         lines += ["", *summary]
     return "\n".join(lines)
+
+
+def path_text(row: dict[str, Any]) -> str:
+    """'web (3 bots)', 'raw (seed)' …"""
+    text = str(row["path"])
+    if row.get("baseline"):
+        text += " (seed)"
+    if row.get("path") == "web":
+        text += f" ({row.get('bots') or 1} bot{'s' if (row.get('bots') or 1) > 1 else ''})"
+    return text
 
 
 def servers_text(row: dict[str, Any]) -> str:
@@ -718,14 +857,15 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def goals(rows: list[dict[str, Any]]) -> list[str]:
     """The issue's targets at 6 tiles: ≥ 34 jokes/s via the bot, p95 ≤ 2 s, bot ≥ 95% of raw."""
     done = [r for r in rows if not r.get("skipped") and r.get("ok")]
-    service = [r for r in done if r["path"] == "service" and r["mdp"] == 6]
-    if not service:
+    # the bot: in-process (service) or its real processes over HTTP (web)
+    bot = [r for r in done if r["path"] in ("service", "web") and r["mdp"] == 6]
+    if not bot:
         return []
-    best = max(service, key=lambda r: r["jokes_per_s"])
+    best = max(bot, key=lambda r: r["jokes_per_s"])
     out = [
         f"Best through the bot at 6 tiles: **{best['jokes_per_s']:.1f} jokes/s**, "
-        f"p95 {_fmt(best['p95_s'])} s ({best['config']}, {best['inflight']} in flight); "
-        "goal ≥ 34 jokes/s with p95 ≤ 2 s."
+        f"p95 {_fmt(best['p95_s'])} s ({best['config']}, {path_text(best)}, "
+        f"{best['inflight']} in flight); goal ≥ 34 jokes/s with p95 ≤ 2 s."
     ]
     raw = [
         r

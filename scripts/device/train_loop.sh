@@ -176,28 +176,8 @@ fi
 mkdir -p "$SITE"
 export PYTHONPATH="$SITE:$LMDEPLOY_SITE:$ROOT"
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 COLUMNS=200
-# The plugins come from entry points, and this tree is not pip-installed here: register the ones
-# Python cannot see (all of pyproject.toml's, normally) as a small distribution of their own.
-"$PY" - "$SITE" <<'EOF'
-import pathlib, sys, tomllib
-from importlib.metadata import entry_points
-site = pathlib.Path(sys.argv[1])
-project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]
-wanted = dict(project.get("entry-points", {}).get("oogiri", {}))
-for name, module in (("engine_http", "bot.engines.openai_http"),
-                     ("engine_lmdeploy", "bot.engines.lmdeploy_server")):
-    if module not in wanted.values():
-        print(f"NOTE: pyproject.toml registers no oogiri entry point for {module} (the lmdeploy "
-              f"engine / `oogiri engine swap`): added as {name!r} for this run only")
-        wanted[name] = module
-seen = {ep.value for ep in entry_points(group="oogiri")}
-extra = {k: v for k, v in wanted.items() if v not in seen}
-dist = site / "oogiri_device_entry_points-0.dist-info"
-dist.mkdir(parents=True, exist_ok=True)
-(dist / "METADATA").write_text("Metadata-Version: 2.1\nName: oogiri-device-entry-points\nVersion: 0\n")
-(dist / "entry_points.txt").write_text("[oogiri]\n" + "".join(f"{k} = {v}\n" for k, v in extra.items()))
-print("oogiri plugins:", ", ".join(sorted(wanted)), f"({len(extra)} registered by this script)")
-EOF
+# The plugins come from entry points, and this tree is not pip-installed here.
+"$PY" scripts/device/entry_points.py "$SITE"
 "$PY" -c "import bot.cli, fastapi, sqlalchemy, greenlet; print('bot imports ok')" || exit 5
 
 # ------------------------------------------------------------------ 3. base model, settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,14 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
                     {"path": ["raw", "engine", "service"], "inflight": [1, 4], "mdp": [1, 6]},
                 ],
             },
+            {
+                "name": "bot processes",
+                "launch": {
+                    "servers": 1,
+                    "server_command": [sys.executable, str(FAKES / "fake_lmdeploy.py")],
+                },
+                "cells": [{"path": "web", "inflight": 4, "mdp": 6, "bots": 2}],
+            },
         ],
     }
     plan_path = tmp_path / "plan.json"
@@ -58,7 +67,7 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads((out / "serve-results.json").read_text())
     rows = doc["rows"]
-    assert len(rows) == 1 + 3 * 2 * 2
+    assert len(rows) == 1 + 3 * 2 * 2 + 1
     assert len((out / "serve-results.jsonl").read_text().splitlines()) == len(rows)
     for row in rows:
         assert "skipped" not in row, row
@@ -72,7 +81,16 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
     )
     seed = by[("seed", "raw", 1, 6)]
     assert seed["baseline"] and seed["server_threads"] is None and not seed["presize"]
+    web = by[("bot processes", "web", 4, 6)]
+    assert web["bots"] == 2
+    # both real `oogiri serve` processes answered and stored jokes
+    stored = []
+    for db in sorted((out / "bots").glob("*/bot-*/oogiri.sqlite3")):
+        with sqlite3.connect(db) as conn:
+            stored.append(conn.execute("select count(*) from jokes").fetchone()[0])
+    assert len(stored) == 2 and min(stored) > 0, stored
     md = (out / "serve.md").read_text()
+    assert "| web (2 bots) | 4 | 6 |" in md
     assert "| two servers | 2 | 2 | service | 4 | 6 | yes |" in md
     assert "raw (seed)" in md and "Best through the bot at 6 tiles" in md
     assert (out / "logs" / f"lmdeploy-{plan['port']}.log").exists()
