@@ -143,6 +143,10 @@ class TelegramSettings(BaseModel):
 class DiscordSettings(BaseModel):
     token: SecretStr | None = None
     dev_guild_id: int | None = Field(None, description="sync commands here only (fast iteration)")
+    clear_guild_ids: list[int] = Field(
+        default_factory=list,
+        description="remove the bot's server-only commands here at start (after dev_guild_id)",
+    )
     max_attachment_bytes: int = 10 * 1024 * 1024
     shard_count: int | None = None
     shard_ids: list[int] | None = None

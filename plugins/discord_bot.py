@@ -386,6 +386,26 @@ class DiscordChannel:
             len(synced),
             f"to guild {guild.id}" if guild else "globally",
         )
+        await self._clear_guild_commands(guild)
+
+    async def _clear_guild_commands(self, active: Any) -> None:
+        """Empty the server-only command lists of ``clear_guild_ids``.
+
+        Commands synced to a dev guild stay there after the bot moves to global commands, so that
+        server shows every command twice. Discord keeps them until the bot replaces the list.
+        """
+        for gid in self.config.clear_guild_ids:
+            if active is not None and gid == active.id:
+                log.warning("discord: not clearing guild %s: it is dev_guild_id", gid)
+                continue
+            target = discord.Object(id=gid)
+            self.tree.clear_commands(guild=target)
+            try:
+                await self.tree.sync(guild=target)
+            except discord.HTTPException as exc:  # a server the bot left: say so, keep going
+                log.warning("discord: could not clear commands in guild %s: %s", gid, exc)
+                continue
+            log.info("discord: cleared this bot's commands in guild %s", gid)
 
     # ------------------------------------------------------------------ commands
 

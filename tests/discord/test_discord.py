@@ -179,6 +179,27 @@ async def test_dev_guild_sync(fake: FakeDiscord, make_app: AppFactory, chelsea: 
     assert len(buttons(msg)) == 2
 
 
+async def test_moving_from_a_dev_guild_to_global_clears_the_old_guild(
+    fake: FakeDiscord, make_app: AppFactory
+) -> None:
+    """Guild commands outlive a move to global ones (every command shown twice) unless cleared."""
+    names = {"joke", "joke-help", "Joke about this image"}
+    app = await make_app(dev_guild_id=int(GUILD))
+    await app.close()
+    assert {c["name"] for c in fake.commands[GUILD]} == names
+    fake.command_puts.clear()
+    await make_app(clear_guild_ids=[int(GUILD)])
+    scopes = {scope: body for scope, body in fake.command_puts}
+    assert {c["name"] for c in scopes[None]} == names
+    assert scopes[GUILD] == [] and fake.commands[GUILD] == []
+
+
+async def test_dev_guild_is_never_cleared(fake: FakeDiscord, make_app: AppFactory) -> None:
+    await make_app(dev_guild_id=int(GUILD), clear_guild_ids=[int(GUILD)])
+    assert [scope for scope, _ in fake.command_puts] == [GUILD]
+    assert len(fake.commands[GUILD]) == 3
+
+
 # --------------------------------------------------------------------------- /joke
 
 
