@@ -371,6 +371,40 @@ async def test_many_concurrent_votes_are_all_kept(
     assert len(botapi.sent("editMessageReplyMarkup")) < 30
 
 
+async def test_near_simultaneous_up_and_down_end_consistent(
+    botapi: FakeBotAPI, start_bot: StartBot, chelsea_jpeg: bytes
+) -> None:
+    """👍 and 👎 pressed at once by the same people: one vote each, and the counts shown match."""
+    app = await start_bot()
+    group = botapi.group_chat(GROUP)
+    alice = botapi.user(3300)
+    msg, reply = await ask_joke(
+        botapi, group, alice, photo=botapi.photo(chelsea_jpeg), **with_mention()
+    )
+    joke_id = joke_id_of(reply)
+    joke_msg = bot_reply(botapi, msg)
+    voters = [botapi.user(3400 + i) for i in range(8)]
+    ids = []
+    for v in voters:  # both buttons, no wait in between: the updates race in the bot
+        ids.append(botapi.push_callback(v, joke_msg, f"v:{joke_id}:+1"))
+        ids.append(botapi.push_callback(v, joke_msg, f"v:{joke_id}:-1"))
+    answers = await botapi.wait_for("answerCallbackQuery", count=len(ids), within=15)
+    assert sorted(a["callback_query_id"] for a in answers) == sorted(ids)  # each answered once
+    ratings = await app.store.ratings_for(joke_id)
+    assert sorted(u for u, _ in ratings) == sorted(f"tg:{v['id']}" for v in voters)
+    up = sum(1 for _, vote in ratings if vote == 1)
+    # the last edit of the message shows what the store holds, whichever press won each race
+    await botapi.wait_for(
+        "editMessageReplyMarkup",
+        lambda p: keyboard_counts(p["reply_markup"]) == (f"👍 {up}", f"👎 {len(voters) - up}"),
+        within=15,
+    )
+    await asyncio.sleep(0.5)  # no later edit may overwrite it with stale counts
+    assert botapi.messages[(GROUP, joke_msg["message_id"])]["reply_markup"] == (
+        tg.vote_keyboard(joke_id, up, len(voters) - up).to_dict()
+    )
+
+
 async def test_forged_and_stale_callbacks_are_refused_with_an_alert(
     botapi: FakeBotAPI, start_bot: StartBot, chelsea_jpeg: bytes
 ) -> None:
