@@ -1,0 +1,1373 @@
+"""Does the retraining loop learn? A simulated audience, k rounds, a held-out like-rate (issue 9).
+
+An experiment, not a CI test. The bot runs as ``oogiri serve`` (web channel; on the device the
+tiny InternVL2 model behind managed LMDeploy) and this process plays its users, only through the
+web API:
+
+  round 0   the bot answers the HELD-OUT pool (N answers per picture): the base like-rate
+  round r   the bot answers the TRAINING pool → the simulated audience rates every answer
+            (POST /api/jokes/{id}/rating, several voters) → ``oogiri train run`` (export → XTuner
+            → convert → gate → promote) → the held-out pool again, now served by the promoted model
+  control   ``oogiri train run`` once more, its training data replaced by the disliked answers
+            (bench/learning_loop_control.py): the gate must reject it, the active model must stay
+
+The audience's taste is a known rule (``Audience``): an answer is liked when it contains one of
+``--like``'s characters (default 猫狗, "cat" or "dog"); each voter flips the verdict with
+probability ``--noise``, independently and deterministically given ``--seed``. Held-out like-rates
+are the rule's verdicts (the audience's taste without voter noise) with a Wilson interval and a
+bootstrap over pictures; the margin test is "the 95 % interval of (last round − round 0) lies
+above 0". See docs/learning-loop.md.
+
+Resumable: everything lives in ``--state`` (pictures, the bot's data, state.json); a second call
+with the same folder continues where the first stopped (``--budget-s`` says how long a call may
+take; a round is only started when it is expected to fit). Results go to ``--out``:
+results.jsonl, summary.json, summary.md, like-rate.png (when matplotlib is there).
+
+  python bench/learning_loop.py --state /tmp/ll --out device-out/learning-loop --budget-s 500
+  python bench/learning_loop.py --dry-run --state /tmp/ll-dry --out /tmp/ll-dry/out   # CPU
+  python bench/learning_loop.py --render device-out/learning-loop    # → docs/learning-loop.md
+
+``--dry-run`` swaps in stand-ins (the instant engine, tests/training/fakes' XTuner, converter and
+swap, and a character-unigram evaluator) so that the bookkeeping runs on any CPU; it cannot show
+learning, because the instant engine's answers never change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "scripts" / "device"))
+
+from webcheck import alive  # noqa: E402
+
+from bench.learning_loop_control import ENV as CONTROL_ENV  # noqa: E402
+from bench.report import write_section  # noqa: E402
+
+FAKES = ROOT / "tests" / "training" / "fakes"
+DOC = ROOT / "docs" / "learning-loop.md"
+PHOTO_NAMES = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+CSRF_HEADER = "X-CSRF-Token"  # plugins/web.py
+PLUGIN_NAME = "learning_loop_control"
+DEFAULT_ESTIMATE_S = {"round-0": 45.0, "round": 260.0, "control": 170.0}
+DRY_ESTIMATE_S = {"round-0": 15.0, "round": 45.0, "control": 30.0}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class Config:
+    """Everything that defines the experiment (stored in state.json; a resumed call must match)."""
+
+    like: str = "猫狗"
+    noise: float = 0.1
+    voters: int = 3
+    posters: int = 8
+    seed: int = 0
+    rounds: int = 3
+    control: str = "matched"  # matched | all | none
+    train_images: int = 40
+    answers_per_image: int = 4
+    heldout_images: int = 12
+    samples_per_image: int = 16
+    image_size: int = 448
+    max_new_tokens: int = 6
+    lr: float = 2e-3
+    epochs: int = 3
+    batch_size: int = 4
+    warmup_ratio: float = 0.34  # ≥ 1 warm-up iteration from 4 samples (3 epochs)
+    min_examples: int = 4
+    heldout_fraction: float = 0.25
+    max_jokes_per_image: int = 16
+    eval_max_samples: int = 32
+    concurrency: int = 16
+    dry_run: bool = False
+
+    def training_env(self) -> dict[str, str]:
+        """The OOGIRI_* settings of the experiment (machine-specific ones come from the caller)."""
+        return {
+            "OOGIRI_CHANNELS": "web",
+            "OOGIRI_ENGINE__MAX_NEW_TOKENS": str(self.max_new_tokens),
+            "OOGIRI_ENGINE__MAX_DYNAMIC_PATCH": "1",
+            "OOGIRI_LIMITS__PER_USER_PER_MINUTE": "0",
+            "OOGIRI_LIMITS__PER_CHAT_PER_MINUTE": "0",
+            "OOGIRI_LIMITS__MAX_CONCURRENCY": str(self.concurrency),
+            "OOGIRI_LIMITS__QUEUE_TIMEOUT_S": "120",
+            "OOGIRI_TRAINING__LR": str(self.lr),
+            "OOGIRI_TRAINING__MAX_EPOCHS": str(self.epochs),
+            "OOGIRI_TRAINING__BATCH_SIZE": str(self.batch_size),
+            "OOGIRI_TRAINING__ACCUMULATIVE_COUNTS": "1",
+            "OOGIRI_TRAINING__WARMUP_RATIO": str(self.warmup_ratio),
+            "OOGIRI_TRAINING__MIN_EXAMPLES": str(self.min_examples),
+            "OOGIRI_TRAINING__HELDOUT_FRACTION": str(self.heldout_fraction),
+            "OOGIRI_TRAINING__MAX_JOKES_PER_IMAGE": str(self.max_jokes_per_image),
+            "OOGIRI_TRAINING__SEED": str(self.seed),
+            "OOGIRI_TRAINING__EVAL_MAX_SAMPLES": str(self.eval_max_samples),
+            "OOGIRI_TRAINING__EVAL_MAX_NEW_TOKENS": str(self.max_new_tokens),
+            "OOGIRI_TRAINING__EVAL_MAX_DYNAMIC_PATCH": "1",
+            # random weights: no language or sanity expectations; the held-out loss decides
+            "OOGIRI_TRAINING__GATE_LANGUAGE": "any",
+            "OOGIRI_TRAINING__GATE_MIN_SANITY": "0",
+            "OOGIRI_TRAINING__AUTO_PROMOTE": "true",
+        }
+
+
+# --------------------------------------------------------------------------- the audience
+
+
+def _unit(*parts: object) -> float:
+    """A number in [0, 1) fixed by ``parts`` (the same on every machine and run)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+@dataclass(frozen=True)
+class Audience:
+    """The simulated audience: a known taste plus independent voter noise.
+
+    An answer is liked when it contains any character of ``like``. Voter ``v`` reports the
+    opposite of the taste with probability ``noise``, drawn from (seed, joke id, v) alone, so the
+    votes are reproducible and do not depend on the order they are cast in.
+    """
+
+    like: str
+    noise: float = 0.1
+    voters: int = 3
+    seed: int = 0
+
+    def likes(self, text: str | None) -> bool:
+        return bool(text) and any(ch in str(text) for ch in self.like)
+
+    def vote(self, joke_id: int, text: str | None, voter: int) -> int:
+        liked = self.likes(text)
+        if _unit(self.seed, "vote", joke_id, voter) < self.noise:
+            liked = not liked
+        return 1 if liked else -1
+
+    def votes(self, joke_id: int, text: str | None) -> list[int]:
+        return [self.vote(joke_id, text, v) for v in range(self.voters)]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (0, 1 when n is 0)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _quantiles(values: list[float], lo: float = 0.025, hi: float = 0.975) -> tuple[float, float]:
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return ordered[round(lo * last)], ordered[round(hi * last)]
+
+
+def bootstrap_rate(per_image: Sequence[tuple[int, int]], b: int = 2000, seed: int = 0) -> tuple:
+    """95 % interval of the like-rate, resampling pictures (answers to one picture may be alike)."""
+    if not per_image or sum(n for _, n in per_image) == 0:
+        return 0.0, 1.0
+    rng = random.Random(seed)
+    m = len(per_image)
+    rates = []
+    for _ in range(b):
+        pick = [per_image[rng.randrange(m)] for _ in range(m)]
+        n = sum(x[1] for x in pick)
+        rates.append(sum(x[0] for x in pick) / n if n else 0.0)
+    return _quantiles(rates)
+
+
+def bootstrap_diff(
+    before: dict[str, tuple[int, int]],
+    after: dict[str, tuple[int, int]],
+    b: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95 % interval of (after − before), resampling the pictures both were measured on."""
+    keys = sorted(set(before) & set(after))
+    if not keys:
+        return -1.0, 1.0
+    rng = random.Random(seed)
+    diffs = []
+    for _ in range(b):
+        pick = [keys[rng.randrange(len(keys))] for _ in keys]
+        n0 = sum(before[k][1] for k in pick)
+        n1 = sum(after[k][1] for k in pick)
+        p0 = sum(before[k][0] for k in pick) / n0 if n0 else 0.0
+        p1 = sum(after[k][0] for k in pick) / n1 if n1 else 0.0
+        diffs.append(p1 - p0)
+    return _quantiles(diffs)
+
+
+def two_proportion_p(k0: int, n0: int, k1: int, n1: int) -> float | None:
+    """Two-sided p-value of the pooled two-proportion z-test (None when it is undefined)."""
+    if n0 == 0 or n1 == 0:
+        return None
+    pooled = (k0 + k1) / (n0 + n1)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n0 + 1 / n1))
+    if se == 0:
+        return None
+    z = (k1 / n1 - k0 / n0) / se
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def source_photos(folder: Path | None) -> list[Path]:
+    """scikit-image's five photos (or the staged copies in .device/photos, or ``folder``)."""
+    candidates = [folder] if folder else []
+    with contextlib.suppress(ImportError):
+        import skimage
+
+        candidates.append(Path(skimage.__file__).parent / "data")
+    candidates.append(ROOT / ".device" / "photos")
+    for cand in candidates:
+        if cand is None or not cand.is_dir():
+            continue
+        named = [cand / n for n in PHOTO_NAMES if (cand / n).is_file()]
+        found = named or sorted(
+            p for p in cand.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+        )
+        if found:
+            return found
+    raise SystemExit("no photos: install scikit-image, stage .device/photos or pass --photos")
+
+
+def variant(photo: Any, size: int, key: str) -> Any:
+    """A deterministic square crop of ``photo``, flipped and recoloured by ``key``."""
+    from PIL import Image, ImageOps
+
+    rng = random.Random(key)
+    w, h = photo.size
+    side = int(min(w, h) * rng.uniform(0.45, 0.95))
+    x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+    img = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    colour = rng.randrange(5)
+    if colour == 1:
+        img = ImageOps.grayscale(img).convert("RGB")
+    elif colour == 2:
+        r, g, b = img.split()
+        img = Image.merge("RGB", (b, g, r))
+    elif colour == 3:
+        img = ImageOps.posterize(ImageOps.autocontrast(img), 3)
+    elif colour == 4:
+        img = Image.blend(img, Image.new("RGB", img.size, (255, 170, 60)), 0.25)
+    return img
+
+
+def build_pool(out: Path, photos: Sequence[Path], count: int, size: int, key: str) -> list[Path]:
+    """``count`` variants cycling over ``photos`` as PNG files in ``out`` (kept when present)."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [Image.open(p).convert("RGB") for p in photos]
+    paths = []
+    for i in range(count):
+        path = out / f"{key}-{i:03d}.png"
+        if not path.is_file():
+            variant(sources[i % len(sources)], size, f"{key}:{i}").save(path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- web users
+
+
+class WebUser:
+    """One browser-like identity on the web API: its cookie, its CSRF token."""
+
+    def __init__(self, url: str, timeout_s: float = 180.0) -> None:
+        self.http = httpx.AsyncClient(base_url=url, timeout=timeout_s, trust_env=False)
+        self.csrf = ""
+
+    async def start(self) -> WebUser:
+        r = await self.http.get("/api/session")
+        r.raise_for_status()
+        self.csrf = r.json()["csrf_token"]
+        return self
+
+    async def joke(self, image: Path) -> dict[str, Any]:
+        data = await asyncio.to_thread(image.read_bytes)
+        started = time.perf_counter()
+        try:
+            r = await self.http.post("/api/jokes", files={"image": (image.name, data, "image/png")})
+            body = (
+                r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            )
+            status = r.status_code
+        except httpx.HTTPError as exc:
+            status, body = 0, {"error": repr(exc)}
+        return {
+            "status": status,
+            "id": body.get("id"),
+            "text": body.get("text"),
+            "model_version": body.get("model_version"),
+            "error": None if status == 201 else str(body)[:300],
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    async def rate(self, joke_id: int, value: int) -> int:
+        try:
+            r = await self.http.post(
+                f"/api/jokes/{joke_id}/rating",
+                json={"value": value},
+                headers={CSRF_HEADER: self.csrf},
+            )
+        except httpx.HTTPError:
+            return 0
+        return r.status_code
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+async def users(url: str, n: int) -> list[WebUser]:
+    return [await WebUser(url).start() for _ in range(n)]
+
+
+async def gather_limited(limit: int, coros: Iterable[Any]) -> list[Any]:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(coro: Any) -> Any:
+        async with sem:
+            return await coro
+
+    return await asyncio.gather(*(one(c) for c in coros))
+
+
+# --------------------------------------------------------------------------- the bot process
+
+
+class Bot:
+    """``oogiri serve`` in its own session; reused when a previous call left one healthy."""
+
+    def __init__(self, url: str, log: Path) -> None:
+        self.url = url
+        self.log = log
+        self.pid: int | None = None
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/healthz", timeout=5.0, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start(self, timeout_s: float) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bot.cli", "serve"],
+                cwd=ROOT,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pid = proc.pid
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            if proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"oogiri serve exited with {proc.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"oogiri serve not healthy after {timeout_s:.0f} s ({self.log})")
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        for sig, wait_s in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and _alive(self.pid):
+                time.sleep(0.3)
+            if not _alive(self.pid):
+                break
+        self.pid = None
+
+
+def _alive(pid: int) -> bool:
+    """Reaps ``pid`` first when it is our own child that exited (it would linger as a zombie)."""
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    return alive(pid)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+async def _registry() -> dict[str, Any]:
+    from training.cli import load_settings, open_store
+
+    async with open_store(load_settings()) as store:
+        runs = [
+            {
+                "id": r.id,
+                "status": r.status,
+                "step": r.step,
+                "model_version": r.model_version,
+                "error": r.error,
+                "log_path": r.log_path,
+                "metrics": r.metrics or {},
+            }
+            for r in await store.training_runs()
+        ]
+        versions = [
+            {"version": v.version, "status": v.status, "path": v.path, "parent": v.parent}
+            for v in await store.model_versions()
+        ]
+        active = await store.active_model()
+    return {"runs": runs, "versions": versions, "active": active.version if active else None}
+
+
+def registry() -> dict[str, Any]:
+    return asyncio.run(_registry())
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    state_dir: Path
+    out_dir: Path
+    budget_s: float
+    url: str = ""
+    wait_file: Path | None = None
+    keep_serving: bool = False
+    stop_after: int | None = None
+    started: float = field(default_factory=time.monotonic)
+    state: dict[str, Any] = field(default_factory=dict)
+    bot: Bot | None = None
+    train_pool: list[Path] = field(default_factory=list)
+    heldout_pool: list[Path] = field(default_factory=list)
+
+    # -- state and results
+
+    @property
+    def audience(self) -> Audience:
+        c = self.cfg
+        return Audience(like=c.like, noise=c.noise, voters=c.voters, seed=c.seed)
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.started)
+
+    def save(self) -> None:
+        path = self.state_dir / "state.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, ensure_ascii=False, indent=1), encoding="utf-8")
+        tmp.replace(path)
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """Append to results.jsonl (state and out) and keep the out folder's summary current."""
+        rec = {"at": _now(), **rec}
+        line = json.dumps(rec, ensure_ascii=False) + "\n"
+        for folder in {self.state_dir, self.out_dir}:
+            with (folder / "results.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(line)
+        write_reports(load_results(self.state_dir / "results.jsonl"), self.out_dir)
+
+    def add_jokes(self, rows: list[dict[str, Any]]) -> None:
+        with (self.state_dir / "jokes.jsonl").open("a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def jokes(self) -> list[dict[str, Any]]:
+        path = self.state_dir / "jokes.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+    # -- plan
+
+    def plan(self) -> list[str]:
+        steps = ["round-0"] + [f"round-{r}" for r in range(1, self.cfg.rounds + 1)]
+        return steps + (["control"] if self.cfg.control != "none" else [])
+
+    def estimate(self, step: str) -> float:
+        """Seconds ``step`` will take: the slowest of its kind so far (+10 %), else a default."""
+        defaults = DRY_ESTIMATE_S if self.cfg.dry_run else DEFAULT_ESTIMATE_S
+        kind = step_kind(step)
+        done = self.state.get("done", {})
+        seen = [float(rec["seconds"]) for name, rec in done.items() if step_kind(name) == kind]
+        return max(seen) * 1.1 if seen else defaults[kind]
+
+    def next_step(self) -> str | None:
+        """The first pending step when it is expected to fit in this call (the plan's order: the
+        control comes last, against the best-trained active model; a CPU proxy rejected it
+        reliably only then, see docs/learning-loop.md)."""
+        done = self.state.get("done", {})
+        pending = [s for s in self.plan() if s not in done]
+        if pending and self.estimate(pending[0]) <= self.left():
+            return pending[0]
+        return None
+
+    # -- environment
+
+    def prepare(self) -> None:
+        """Pictures, the control plugin's entry point and the settings of every child process."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        folder = self.state.get("photos_dir")
+        photos = source_photos(Path(folder) if folder else None)
+        c = self.cfg
+        self.state.setdefault("photos", [p.name for p in photos])
+        self.train_pool = build_pool(
+            self.state_dir / "pictures", photos, c.train_images, c.image_size, "train"
+        )
+        self.heldout_pool = build_pool(
+            self.state_dir / "pictures", photos, c.heldout_images, c.image_size, "heldout"
+        )
+        shas = {hashlib.sha256(p.read_bytes()).hexdigest() for p in self.train_pool}
+        overlap = [
+            p.name for p in self.heldout_pool if hashlib.sha256(p.read_bytes()).hexdigest() in shas
+        ]
+        if overlap:
+            raise SystemExit(f"held-out pictures also in the training pool: {overlap}")
+        site = register_plugin(self.state_dir / "site")
+        env = {**c.training_env()}
+        if c.dry_run:
+            env |= dry_run_env(self.state_dir)
+        paths = [str(site), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
+        env["PYTHONPATH"] = ":".join(dict.fromkeys(paths))
+        plugins = os.environ.get("OOGIRI_PLUGINS")
+        if plugins and PLUGIN_NAME not in plugins:
+            env["OOGIRI_PLUGINS"] = plugins.rstrip(",") + "," + PLUGIN_NAME
+        os.environ.update(env)
+        os.environ.pop(CONTROL_ENV, None)
+        port = os.environ.get("OOGIRI_WEB__PORT", "8000")
+        self.url = self.url or f"http://127.0.0.1:{port}"
+        self.state["env"] = {k: v for k, v in sorted(env.items()) if k.startswith("OOGIRI_")}
+
+    def ensure_bot(self) -> None:
+        bot = Bot(self.url, self.out_dir / "serve.log")
+        old = self.state.get("bot_pid")
+        if old and _alive(int(old)) and bot.healthy():
+            bot.pid = int(old)
+            print(f"reusing oogiri serve (pid {old}) at {self.url}", flush=True)
+        else:
+            started = time.monotonic()
+            bot.start(timeout_s=max(60.0, min(420.0, self.left() - 60.0)))
+            seconds = round(time.monotonic() - started, 1)
+            self.record({"kind": "serve", "seconds": seconds})
+            print(f"oogiri serve healthy after {seconds:.0f} s", flush=True)
+        self.bot = bot
+        self.state["bot_pid"] = bot.pid
+        self.save()
+
+    def finish(self, complete: bool) -> None:
+        if self.bot is not None and (complete or not self.keep_serving):
+            self.bot.stop()
+            self.state["bot_pid"] = None
+        self.save()
+
+    # -- steps
+
+    async def measure(self, label: str, samples: int | None = None) -> dict[str, Any]:
+        """N answers per held-out picture; the rule's verdicts; rate, intervals, versions."""
+        c = self.cfg
+        started = time.monotonic()
+        (user,) = await users(self.url, 1)
+        try:
+            n_each = samples or c.samples_per_image
+            jobs = [(p, s) for p in self.heldout_pool for s in range(n_each)]
+            answers = await gather_limited(c.concurrency, (user.joke(p) for p, _ in jobs))
+        finally:
+            await user.close()
+        per_image: dict[str, list[int]] = {}
+        failures: Counter[str] = Counter()
+        versions: Counter[str] = Counter()
+        examples: dict[str, list[str]] = {}
+        for (picture, _), a in zip(jobs, answers, strict=True):
+            if a["status"] != 201:
+                failures[str(a["status"])] += 1
+                continue
+            versions[str(a["model_version"])] += 1
+            kn = per_image.setdefault(picture.name, [0, 0])
+            kn[0] += int(self.audience.likes(a["text"]))
+            kn[1] += 1
+            examples.setdefault(picture.name, []).append(a["text"] or "")
+        k = sum(v[0] for v in per_image.values())
+        n = sum(v[1] for v in per_image.values())
+        if n == 0 or sum(failures.values()) > 0.2 * len(jobs):
+            raise RuntimeError(f"{label}: {dict(failures)} failed answers of {len(jobs)}")
+        shown = [t for texts in examples.values() for t in texts[:1]][:6]
+        return {
+            "label": label,
+            "liked": k,
+            "n": n,
+            "rate": k / n,
+            "wilson95": list(wilson(k, n)),
+            "bootstrap95": list(bootstrap_rate([tuple(v) for v in per_image.values()])),
+            "per_image": {name: tuple(v) for name, v in sorted(per_image.items())},
+            "versions": dict(versions),
+            "failures": dict(failures),
+            "examples": shown,
+            "seconds": round(time.monotonic() - started, 2),
+        }
+
+    async def answer_and_rate(self, rnd: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The training pool through the web API, then every answer rated by the audience."""
+        c = self.cfg
+        started = time.monotonic()
+        posters = await users(self.url, c.posters)
+        voters = await users(self.url, c.voters)
+        try:
+            jobs = [
+                (i, p, k) for i, p in enumerate(self.train_pool) for k in range(c.answers_per_image)
+            ]
+            answers = await gather_limited(
+                c.concurrency,
+                (posters[(i + k) % len(posters)].joke(p) for i, p, k in jobs),
+            )
+            answered = time.monotonic()
+            ok = [(p, a) for (_, p, _), a in zip(jobs, answers, strict=True) if a["status"] == 201]
+            failed = Counter(str(a["status"]) for a in answers if a["status"] != 201)
+            if len(ok) < 0.8 * len(jobs):
+                raise RuntimeError(f"round {rnd}: {dict(failed)} failed answers of {len(jobs)}")
+            rows = []
+            votes = []
+            for picture, a in ok:
+                cast = self.audience.votes(int(a["id"]), a["text"])
+                rows.append(
+                    {
+                        "round": rnd,
+                        "joke_id": a["id"],
+                        "picture": picture.name,
+                        "text": a["text"],
+                        "model_version": a["model_version"],
+                        "rule_likes": self.audience.likes(a["text"]),
+                        "votes": cast,
+                        "net": sum(cast),
+                    }
+                )
+                votes += [(int(a["id"]), v, value) for v, value in enumerate(cast)]
+            statuses = await gather_limited(
+                c.concurrency, (voters[v].rate(jid, value) for jid, v, value in votes)
+            )
+        finally:
+            for u in (*posters, *voters):
+                await u.close()
+        bad_votes = Counter(str(s) for s in statuses if s != 200)
+        if bad_votes:
+            raise RuntimeError(f"round {rnd}: votes refused {dict(bad_votes)}")
+        self.add_jokes(rows)
+        done = time.monotonic()
+        answers_rec = {
+            "asked": len(jobs),
+            "answered": len(ok),
+            "failures": dict(failed),
+            "rule_liked": sum(r["rule_likes"] for r in rows),
+            "versions": dict(Counter(str(r["model_version"]) for r in rows)),
+            "examples": [r["text"] for r in rows[:6]],
+            "seconds": round(answered - started, 2),
+        }
+        ratings_rec = {
+            "votes": len(votes),
+            "up": sum(1 for _, _, v in votes if v > 0),
+            "down": sum(1 for _, _, v in votes if v < 0),
+            "audience_liked": sum(1 for r in rows if r["net"] > 0),
+            "audience_disliked": sum(1 for r in rows if r["net"] < 0),
+            "voter_disagreed_with_rule": sum(
+                1 for r in rows for v in r["votes"] if (v > 0) != r["rule_likes"]
+            ),
+            "seconds": round(done - answered, 2),
+        }
+        return answers_rec, ratings_rec
+
+    def wait_for_training_env(self) -> None:
+        if self.wait_file is None:
+            return
+        failed = self.wait_file.with_name(self.wait_file.name + ".failed")
+        started = time.monotonic()
+        while not self.wait_file.exists():
+            if failed.exists():
+                raise RuntimeError(f"the training environment failed ({failed})")
+            if self.left() < 60:
+                raise TimeoutError(f"{self.wait_file} did not appear in time")
+            time.sleep(2.0)
+        waited = time.monotonic() - started
+        if waited > 1:
+            print(f"waited {waited:.0f} s for the training environment", flush=True)
+
+    def train_run(self, label: str, control: str | None = None) -> dict[str, Any]:
+        """``oogiri train run -v`` as a user would start it; the outcome read from the registry."""
+        self.wait_for_training_env()
+        before = registry()
+        last_id = max((r["id"] for r in before["runs"]), default=0)
+        env = dict(os.environ)
+        if control:
+            env[CONTROL_ENV] = control
+        log = self.out_dir / f"train-{label}.log"
+        limit = max(30.0, self.left() - 15.0)
+        started = time.monotonic()
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bot.cli", "train", "run", "-v"],
+                cwd=ROOT,
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                rc = proc.wait(timeout=limit)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGINT)  # the run records itself as cancelled
+                try:
+                    rc = proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    rc = proc.wait()
+        seconds = time.monotonic() - started
+        after = registry()
+        runs = [r for r in after["runs"] if r["id"] > last_id]
+        run = runs[-1] if runs else {}
+        metrics = run.get("metrics", {})
+        gate = metrics.get("gate") or {}
+        evals = {
+            k: v for k, v in (metrics.get("eval") or {}).items() if k in ("candidate", "active")
+        }
+        return {
+            "rc": rc,
+            "run": run.get("id"),
+            "status": run.get("status", "none"),
+            "step": run.get("step"),
+            "error": run.get("error"),
+            "version": run.get("model_version"),
+            "promoted": bool(metrics.get("promoted")),
+            "gate": gate.get("verdict"),
+            "gate_reasons": gate.get("reasons", []),
+            "heldout_loss": {name: (evals.get(name) or {}).get("loss") for name in evals},
+            "export": metrics.get("export", {}),
+            "iterations": (metrics.get("train") or {}).get("iterations"),
+            "final_loss": (metrics.get("train") or {}).get("final_loss"),
+            "timings_s": metrics.get("timings_s", {}),
+            "run_dir": metrics.get("run_dir"),
+            "parent": next(
+                (
+                    v["parent"]
+                    for v in after["versions"]
+                    if v["version"] == run.get("model_version")
+                ),
+                None,
+            ),
+            "active_before": before["active"],
+            "active_after": after["active"],
+            "log": log.name,
+            "seconds": round(seconds, 2),
+        }
+
+    def check_control_export(self, run_dir: str | None) -> dict[str, Any]:
+        """What the control really trained on: every training item disliked by the audience,
+        every held-out item liked (the gate's yardstick untouched)."""
+        if not run_dir:
+            return {"ok": False, "reason": "no run folder"}
+        net = {int(j["joke_id"]): int(j["net"]) for j in self.jokes()}
+        out: dict[str, Any] = {}
+        for name in ("train", "heldout"):
+            path = Path(run_dir) / "data" / f"{name}.json"
+            if not path.is_file():
+                return {"ok": False, "reason": f"{path} missing"}
+            ids = [int(str(i["id"]).rsplit("-", 1)[1]) for i in json.loads(path.read_text("utf-8"))]
+            out[name] = {
+                "items": len(ids),
+                "disliked": sum(1 for i in ids if net.get(i, 0) < 0),
+                "liked": sum(1 for i in ids if net.get(i, 0) > 0),
+            }
+        out["ok"] = (
+            out["train"]["items"] > 0
+            and out["train"]["disliked"] == out["train"]["items"]
+            and out["heldout"]["liked"] == out["heldout"]["items"]
+        )
+        return out
+
+    async def step(self, name: str) -> dict[str, Any]:
+        """One step. Its parts are saved as they finish, so that a call that stops inside a
+        round resumes it (no second set of answers) instead of repeating it."""
+        part: dict[str, Any] = self.state.setdefault("partial", {}).setdefault(name, {})
+
+        def keep(key: str, value: Any) -> None:
+            part[key] = value
+            self.save()
+
+        if name == "round-0":
+            keep("measure", await self.measure("base"))
+        elif name == "control":
+            if "train" not in part:
+                train = await asyncio.to_thread(self.train_run, "control", self.cfg.control)
+                if _cancelled(train):
+                    raise RuntimeError(f"the control's training run was cancelled: {train}")
+                keep("train", train)
+            # only which model answers now: two answers per held-out picture
+            keep("measure", await self.measure("after control", samples=2))
+        else:
+            rnd = int(name.split("-")[1])
+            if "answers" not in part:
+                answers, ratings = await self.answer_and_rate(rnd)
+                part["ratings"] = ratings
+                keep("answers", answers)
+            if "train" not in part:
+                train = await asyncio.to_thread(self.train_run, name)
+                if _cancelled(train):  # out of time: the next call trains on the same ratings
+                    raise RuntimeError(f"round {rnd}'s training run was cancelled: {train}")
+                keep("train", train)
+            keep("measure", await self.measure(f"after round {rnd}"))
+        rec: dict[str, Any] = {"step": name, **part}
+        if name == "control":
+            t = part["train"]
+            rec["control"] = self.cfg.control
+            rec["export_check"] = self.check_control_export(t["run_dir"])
+            rec["blocked"] = t["status"] == "rejected" and t["active_after"] == t["active_before"]
+        rec["served_expected"] = (await asyncio.to_thread(registry))["active"]
+        rec["seconds"] = round(sum(float(v.get("seconds", 0)) for v in part.values()), 2)
+        del self.state["partial"][name]
+        return rec
+
+    async def run(self) -> bool:
+        """Steps until the plan is done or the budget is spent; True when complete."""
+        count = 0
+        while (name := self.next_step()) is not None:
+            if self.stop_after is not None and count >= self.stop_after:
+                break
+            print(f"=== {name} ({self.left():.0f} s left)", flush=True)
+            rec = await self.step(name)
+            self.state.setdefault("done", {})[name] = rec
+            self.save()
+            self.record({"kind": "step", **rec})
+            print(step_line(rec), flush=True)
+            count += 1
+        pending = [s for s in self.plan() if s not in self.state.get("done", {})]
+        if pending:
+            print(f"stopping with {self.left():.0f} s left; pending: {', '.join(pending)}")
+        return not pending
+
+
+def _cancelled(train: dict[str, Any]) -> bool:
+    return train["status"] == "failed" and "cancelled" in str(train.get("error"))
+
+
+def step_kind(name: str) -> str:
+    return name if name in ("round-0", "control") else "round"
+
+
+def step_line(rec: dict[str, Any]) -> str:
+    m = rec.get("measure") or {}
+    t = rec.get("train") or {}
+    parts = [rec["step"]]
+    if m:
+        lo, hi = m["wilson95"]
+        parts.append(f"like-rate {m['rate']:.3f} [{lo:.3f}, {hi:.3f}] n={m['n']} {m['versions']}")
+    if t:
+        parts.append(f"train {t['status']} gate={t['gate']} version={t['version']}")
+    parts.append(f"{rec['seconds']:.0f} s")
+    return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------- set-up helpers
+
+
+def register_plugin(site: Path) -> Path:
+    """An entry point for the control plugin, plus the project's own ones Python cannot see (on
+    the device the tree is not pip-installed), as a small distribution in ``site``."""
+    from importlib.metadata import entry_points
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = dict(project.get("entry-points", {}).get("oogiri", {}))
+    wanted[PLUGIN_NAME] = "bench.learning_loop_control"
+    seen = {ep.value for ep in entry_points(group="oogiri")}
+    extra = {k: v for k, v in wanted.items() if v not in seen or k == PLUGIN_NAME}
+    dist = site / "oogiri_learning_loop-0.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: oogiri-learning-loop\nVersion: 0\n"
+    )
+    (dist / "entry_points.txt").write_text(
+        "[oogiri]\n" + "".join(f"{k} = {v}\n" for k, v in sorted(extra.items()))
+    )
+    return site
+
+
+def dry_run_env(state_dir: Path) -> dict[str, str]:
+    """Stand-ins for the GPU parts: the instant engine, tests/training/fakes' XTuner, converter
+    and swap, and the character-unigram evaluator."""
+    sys.path.insert(0, str(FAKES.parent))
+    from trainhelp import fake_base_model, fake_venv
+
+    base = fake_base_model(state_dir / "base")
+    python = fake_venv(state_dir / "venv")
+    evaluator = state_dir / "venv" / "bin" / "eval-python"
+    evaluator.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" "{FAKES / "fake_eval_unigram.py"}" "$@"\n',
+        encoding="utf-8",
+    )
+    evaluator.chmod(0o755)
+    swap = ["{python}", str(FAKES / "fake_swap.py"), "{model_dir}", "--label", "{version}"]
+    port = os.environ.get("OOGIRI_WEB__PORT") or str(free_port())
+    return {
+        "OOGIRI_DATA_DIR": str(state_dir / "data"),
+        "OOGIRI_WEB__PORT": port,
+        "OOGIRI_ENGINE__NAME": "instant",
+        "OOGIRI_TRAINING__BASE_MODEL": str(base),
+        "OOGIRI_TRAINING__XTUNER_PYTHON": str(python),
+        "OOGIRI_TRAINING__EVAL_PYTHON": str(evaluator),
+        "OOGIRI_TRAINING__MAX_LENGTH": "1024",
+        "OOGIRI_TRAINING__PROMOTE_COMMAND": json.dumps(swap),
+        "FAKE_SWAP_RECORD": str(state_dir / "swaps.json"),
+    }
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-step rows, the margin test (last round vs round 0) and the control's verdict."""
+    steps: dict[str, dict[str, Any]] = {}
+    config: dict[str, Any] = {}
+    calls = []
+    for rec in records:
+        if rec.get("kind") == "step":
+            steps[rec["step"]] = rec
+        elif rec.get("kind") == "config":
+            config = rec["config"]
+        elif rec.get("kind") == "call":
+            calls.append(rec)
+        elif rec.get("kind") == "serve" and calls:
+            calls[-1]["serve_healthy_s"] = rec["seconds"]
+    base = steps.get("round-0", {}).get("measure")
+    rows = []
+    order = sorted(
+        steps, key=lambda s: (s == "control", int(s.split("-")[1]) if s != "control" else 0)
+    )
+    for name in order:
+        rec = steps[name]
+        m = rec.get("measure") or {}
+        row: dict[str, Any] = {"step": name, "seconds": rec.get("seconds")}
+        if m:
+            row |= {
+                "rate": m["rate"],
+                "liked": m["liked"],
+                "n": m["n"],
+                "wilson95": m["wilson95"],
+                "bootstrap95": m["bootstrap95"],
+                "served": m["versions"],
+            }
+            if base and name != "round-0":
+                k0, n0, k1, n1 = base["liked"], base["n"], m["liked"], m["n"]
+                row["delta"] = m["rate"] - base["rate"]
+                row["delta95"] = list(bootstrap_diff(base["per_image"], m["per_image"]))
+                row["p"] = two_proportion_p(k0, n0, k1, n1)
+        for key in ("answers", "ratings", "train", "export_check", "blocked", "served_expected"):
+            if key in rec:
+                row[key] = rec[key]
+        rows.append(row)
+    rounds = [r for r in rows if r["step"] not in ("round-0", "control")]
+    trained = [r for r in rounds if r.get("train", {}).get("status") in ("succeeded", "rejected")]
+    last = rounds[-1] if rounds else None
+    verdicts: dict[str, Any] = {
+        "rounds_end_to_end": len(trained),
+        "rounds_planned": config.get("rounds"),
+        "promotions": sum(1 for r in rounds if r.get("train", {}).get("promoted")),
+    }
+    if last and "delta95" in last:
+        verdicts["learned"] = {
+            "from": base["rate"] if base else None,
+            "to": last["rate"],
+            "delta": last["delta"],
+            "delta95": last["delta95"],
+            "p": last.get("p"),
+            "passed": last["delta95"][0] > 0,
+        }
+    control = steps.get("control")
+    if control:
+        verdicts["control"] = {
+            "mode": control.get("control"),
+            "status": control["train"]["status"],
+            "gate_reasons": control["train"]["gate_reasons"],
+            "active_before": control["train"]["active_before"],
+            "active_after": control["train"]["active_after"],
+            "export_ok": control.get("export_check", {}).get("ok"),
+            "passed": bool(control.get("blocked")),
+        }
+    mismatched = [
+        r["step"]
+        for r in rows
+        if r.get("served")
+        and r.get("served_expected")
+        and set(r["served"]) != {r["served_expected"]}
+    ]
+    verdicts["served_matches_registry"] = {
+        "passed": not mismatched,
+        "mismatched": mismatched,
+        # the instant engine reports one label whatever the registry promotes
+        "applicable": not config.get("dry_run"),
+    }
+    return {"config": config, "rows": rows, "verdicts": verdicts, "calls": calls}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _interval(iv: Sequence[float] | None, signed: bool = False) -> str:
+    if not iv:
+        return "–"
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return f"[{fmt.format(100 * iv[0])}, {fmt.format(100 * iv[1])}]"
+
+
+def _served(row: dict[str, Any]) -> str:
+    served = row.get("served") or {}
+    return ", ".join(f"`{v}`" + (f" ×{n}" if len(served) > 1 else "") for v, n in served.items())
+
+
+def _train_cell(row: dict[str, Any]) -> str:
+    t = row.get("train")
+    if not t:
+        return "–"
+    text = f"{t['status']}"
+    if t.get("version"):
+        text += f" `{t['version']}`"
+    loss = t.get("heldout_loss") or {}
+    if loss.get("candidate") is not None:
+        active = loss.get("active")
+        text += f"; held-out loss {loss['candidate']:.3f}"
+        text += f" vs active {active:.3f}" if active is not None else ""
+    if t.get("promoted"):
+        text += "; promoted"
+    if t.get("error"):
+        text += f"; {t['error'][:80]}"
+    return text
+
+
+def _times(row: dict[str, Any]) -> str:
+    parts = []
+    if "answers" in row:
+        parts.append(f"answer {row['answers']['seconds']:.0f}")
+        parts.append(f"rate {row['ratings']['seconds']:.0f}")
+    t = row.get("train")
+    if t:
+        ts = t.get("timings_s") or {}
+        inner = ", ".join(
+            f"{k} {ts[k]:.0f}" for k in ("train", "convert", "evaluate", "promote") if k in ts
+        )
+        parts.append(f"train run {t['seconds']:.0f}" + (f" ({inner})" if inner else ""))
+    parts.append(f"total {row['seconds']:.0f}")
+    return ", ".join(parts)
+
+
+def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
+    """The results table and verdicts, as markdown."""
+    cfg = summary["config"]
+    rows = summary["rows"]
+    v = summary["verdicts"]
+    lines = []
+    if cfg.get("dry_run"):
+        lines += [
+            "**Dry run with stand-ins** (instant engine, fake XTuner, unigram evaluator): the "
+            "bookkeeping only. The served answers never change, so the like-rate cannot move.",
+            "",
+        ]
+    lines += [
+        "| step | served model | held-out like-rate | 95 % interval (Wilson; pictures) "
+        "| Δ vs round 0 (95 %, p) | rated answers (👍 audience / rule) | train run | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rate = f"{_pct(row.get('rate'))} ({row.get('liked', '–')}/{row.get('n', '–')})"
+        iv = f"{_interval(row.get('wilson95'))}; {_interval(row.get('bootstrap95'))}"
+        delta = "–"
+        if "delta" in row:
+            p = row.get("p")
+            delta = f"{100 * row['delta']:+.1f} {_interval(row['delta95'], True)}"
+            delta += f", p={p:.2g}" if p is not None else ""
+        rated = "–"
+        if "answers" in row:
+            a, r = row["answers"], row["ratings"]
+            rated = f"{a['answered']}: {r['audience_liked']} / {a['rule_liked']}"
+        if row["step"] == "control":
+            check = row.get("export_check") or {}
+            tr, ho = check.get("train", {}), check.get("heldout", {})
+            rated = (
+                f"trained on {tr.get('disliked', '?')}/{tr.get('items', '?')} disliked; "
+                f"held out {ho.get('liked', '?')}/{ho.get('items', '?')} liked"
+            )
+        cells = [row["step"], _served(row), rate, iv, delta, rated, _train_cell(row), _times(row)]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "**Verdicts**", ""]
+    learned = v.get("learned")
+    if learned:
+        mark = "PASS" if learned["passed"] else "FAIL"
+        p = learned.get("p")
+        lines.append(
+            f"- {mark} like-rate rose: {_pct(learned['from'])} → {_pct(learned['to'])}, "
+            f"Δ = {100 * learned['delta']:+.1f} points, 95 % interval "
+            f"{_interval(learned['delta95'], True)} (bootstrap over pictures)"
+            + (f", two-proportion p = {p:.2g}" if p is not None else "")
+            + "; the test: the interval's lower end is above 0."
+        )
+    else:
+        lines.append("- like-rate: no round measured yet")
+    control = v.get("control")
+    if control:
+        mark = "PASS" if control["passed"] else "FAIL"
+        lines.append(
+            f"- {mark} control ({control['mode']}, trained on disliked answers): "
+            f"{control['status']}; active model `{control['active_before']}` → "
+            f"`{control['active_after']}`; export check "
+            + ("ok" if control["export_ok"] else "FAILED")
+        )
+        for reason in control["gate_reasons"]:
+            lines.append(f"  - gate {reason}")
+    else:
+        lines.append("- control: not run yet")
+    served = v["served_matches_registry"]
+    if served.get("applicable", True):
+        lines.append(
+            f"- {'PASS' if served['passed'] else 'FAIL'} every measured answer came from the "
+            "registry's active version"
+            + (f" (mismatched: {', '.join(served['mismatched'])})" if served["mismatched"] else "")
+        )
+    lines.append(
+        f"- rounds end to end: {v['rounds_end_to_end']} of {v.get('rounds_planned')}, "
+        f"{v['promotions']} promoted"
+    )
+    if plot:
+        lines += ["", f"![held-out like-rate per round]({plot})"]
+    if cfg:
+        shown = {k: cfg[k] for k in sorted(cfg)}
+        lines += ["", "Configuration: `" + json.dumps(shown, ensure_ascii=False) + "`"]
+    for call in summary.get("calls", []):
+        serve = call.get("serve_healthy_s")
+        started = f" (oogiri serve healthy after {serve:.0f} s)" if serve is not None else ""
+        lines.append(f"- call at {call['at']}{started}: `{call['argv']}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(summary: dict[str, Any], path: Path) -> bool:
+    """Held-out like-rate with its interval per step; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in summary["rows"] if "rate" in r]
+    if not rows:
+        return False
+    xs = list(range(len(rows)))
+    rates = [100 * r["rate"] for r in rows]
+    lo = [100 * (r["rate"] - r["wilson95"][0]) for r in rows]
+    hi = [100 * (r["wilson95"][1] - r["rate"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    colours = ["tab:red" if r["step"] == "control" else "tab:blue" for r in rows]
+    ax.errorbar(xs, rates, yerr=[lo, hi], fmt="none", ecolor="gray", capsize=4)
+    ax.scatter(xs, rates, c=colours, zorder=3)
+    n_rounds = sum(1 for r in rows if r["step"] != "control")
+    ax.plot(xs[:n_rounds], rates[:n_rounds], alpha=0.4)
+    ax.set_xticks(xs, [r["step"] for r in rows])
+    ax.set_ylabel("held-out like-rate (%)")
+    ax.set_ylim(0, max(100.0, max(rates) + 5))
+    ax.set_title("Simulated audience: like-rate on held-out pictures (95 % Wilson)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_reports(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    summary = summarize(records)
+    plotted = plot_png(summary, out_dir / "like-rate.png")
+    (out_dir / "summary.json").write_text(
+        json.dumps(summary, ensure_ascii=False, indent=1, default=str), encoding="utf-8"
+    )
+    (out_dir / "summary.md").write_text(
+        render_markdown(summary, "like-rate.png" if plotted else None), encoding="utf-8"
+    )
+    return summary
+
+
+def render_doc(results_dir: Path, doc: Path = DOC) -> None:
+    """Rewrite the results section of docs/learning-loop.md from a results folder."""
+    records = load_results(results_dir / "results.jsonl")
+    if not records:
+        raise SystemExit(f"no results in {results_dir}")
+    summary = summarize(records)
+    plot = None
+    if (results_dir / "like-rate.png").is_file():
+        target = doc.with_name("learning-loop.png")
+        shutil.copyfile(results_dir / "like-rate.png", target)
+        plot = target.name
+    kind = "dry run (stand-ins)" if summary["config"].get("dry_run") else "device"
+    first = summary["calls"][0]["at"] if summary["calls"] else "?"
+    body = f"From `{results_dir}` ({kind}, first call {first}).\n\n" + render_markdown(
+        summary, plot
+    )
+    write_section("learning-loop-results", "Results", body, doc=doc)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--render", type=Path, metavar="RESULTS", help="render docs from RESULTS")
+    p.add_argument("--doc", type=Path, default=DOC, help="document --render writes")
+    p.add_argument("--state", type=Path, default=Path("/tmp/oogiri-learning-loop/state"))
+    p.add_argument("--out", type=Path, default=ROOT / "device-out" / "learning-loop")
+    p.add_argument("--budget-s", type=float, default=540.0, help="seconds this call may take")
+    p.add_argument("--stop-after", type=int, help="run at most this many steps in this call")
+    p.add_argument("--wait-file", type=Path, help="train only once this file exists")
+    p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="leave oogiri serve running "
+        "when the experiment is not finished (a next call may reuse it)",
+    )
+    p.add_argument("--fresh", action="store_true", help="discard an existing state folder")
+    p.add_argument("--dry-run", action="store_true", help="CPU stand-ins (bookkeeping only)")
+    p.add_argument("--photos", type=Path, help="folder of source photos")
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        if f.name == "dry_run":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
+    return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    """Defaults, then the dry run's, then the command line."""
+    values: dict[str, Any] = {"dry_run": bool(args.dry_run)}
+    if args.dry_run:
+        # the instant engine's answers open with one of four phrases; two of them are liked
+        values |= {"like": "科P", "batch_size": 1, "min_examples": 2, "samples_per_image": 4}
+    for f in dataclasses.fields(Config):
+        given = getattr(args, f.name, None)
+        if f.name != "dry_run" and given is not None:
+            values[f.name] = given
+    cfg = Config(**values)
+    if cfg.control not in ("matched", "all", "none"):
+        raise SystemExit(f"--control {cfg.control!r}: matched, all or none")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        render_doc(args.render, args.doc)
+        print(f"rendered {args.doc} from {args.render}")
+        return 0
+    cfg = make_config(args)
+    state_dir: Path = args.state
+    if args.fresh and state_dir.exists():
+        shutil.rmtree(state_dir)
+    state_file = state_dir / "state.json"
+    state: dict[str, Any] = {}
+    if state_file.is_file():
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if state.get("config") != dataclasses.asdict(cfg):
+            raise SystemExit(
+                f"{state_dir} holds another experiment: {state.get('config')} "
+                "(same arguments to resume, or --fresh)"
+            )
+        print(f"resuming {state_dir}: done {', '.join(state.get('done', {})) or 'nothing'}")
+    state["config"] = dataclasses.asdict(cfg)
+    if args.photos:
+        state["photos_dir"] = str(args.photos)
+    exp = Experiment(
+        cfg,
+        state_dir,
+        args.out,
+        args.budget_s,
+        wait_file=args.wait_file,
+        keep_serving=args.keep_serving,
+        stop_after=args.stop_after,
+        state=state,
+    )
+    exp.prepare()
+    exp.out_dir.mkdir(parents=True, exist_ok=True)
+    if not (args.out / "results.jsonl").is_file() and (state_dir / "results.jsonl").is_file():
+        shutil.copyfile(state_dir / "results.jsonl", args.out / "results.jsonl")
+    if not state.get("recorded_config"):
+        exp.record({"kind": "config", "config": dataclasses.asdict(cfg), "env": state["env"]})
+        state["recorded_config"] = True
+    exp.record({"kind": "call", "argv": " ".join(sys.argv if argv is None else argv)})
+    exp.save()
+    pending = [s for s in exp.plan() if s not in state.get("done", {})]
+    complete = not pending
+    try:
+        if pending and exp.next_step() is None:
+            print(f"not enough time for the next step ({', '.join(pending)}); nothing to do")
+        elif pending:
+            exp.ensure_bot()
+            complete = asyncio.run(exp.run())
+    finally:
+        exp.finish(complete)
+    summary = write_reports(load_results(state_dir / "results.jsonl"), args.out)
+    print(json.dumps(summary["verdicts"], ensure_ascii=False, indent=1))
+    left = [s for s in exp.plan() if s not in state.get("done", {})]
+    print("EXPERIMENT COMPLETE" if not left else f"pending: {', '.join(left)} (call again)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""A CPU proxy of bench/learning_loop.py, to choose its settings without spending GPU time.
+
+Not the experiment: no LMDeploy, no XTuner, no bot. The same tiny InternVL2 model (random weights,
+``make_tiny_model --layout internvl2``) converted to transformers' layout, sampled as LMDeploy
+samples (temperature 0.8, top-p 0.9, top-k 50, XTuner's template), the same pictures and audience
+(bench/learning_loop.py), and a loop that mimics ``oogiri train run``: LoRA r/2r on every linear
+layer of the language model and its head (as XTuner's QLoRA, but unquantised, in plain torch),
+trained from the base on every liked answer so far, a split by picture hash, the gate's held-out
+loss, promotion. Then the control (disliked answers, matched per round or all).
+
+    python bench/learning_loop_proxy.py --seeds 0 1 2        # ~1 min per seed on one CPU core
+
+Prints one line per round and seed; docs/learning-loop.md quotes its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.learning_loop import Audience, build_pool, source_photos, wilson  # noqa: E402
+from training.export import heldout_bucket  # noqa: E402
+
+PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
+
+
+class Proxy:
+    """The tiny model, its LoRA adapters and the operations the loop needs."""
+
+    def __init__(self, folder: Path, lora_r: int, seed: int) -> None:
+        import torch
+
+        from bot.convert_internvl2 import convert_internvl2
+        from bot.tinymodel import make_tiny_model
+        from training.evaluate_hf import (
+            IM_END,
+            IM_START,
+            IMG_CONTEXT,
+            IMG_END,
+            IMG_START,
+            XTUNER_SYSTEM,
+            NativeInternVL,
+        )
+
+        torch.manual_seed(seed)
+        base = make_tiny_model(folder / "base", layout="internvl2")
+        hf = convert_internvl2(base, folder / "hf")
+        self.adapter = NativeInternVL(hf, "cpu", 1)
+        self.tok = self.adapter.tokenizer
+        self.model = self.adapter.model
+        self.im_end = IM_END
+        image = IMG_START + IMG_CONTEXT * self.adapter.image_tokens + IMG_END
+        text = (
+            f"{IM_START}system\n{XTUNER_SYSTEM}{IM_END}"
+            f"{IM_START}user\n{image}\n{PROMPT}{IM_END}{IM_START}assistant\n"
+        )
+        self.prompt = self.tok.encode(text, add_special_tokens=False)
+        self.lora: list[Any] = []
+        self._add_lora(lora_r)
+        self.active = self.snapshot()
+        self.pixels: dict[Path, Any] = {}
+        self.top_k = 50
+
+    def _add_lora(self, r: int) -> None:
+        import torch
+
+        class LoRA(torch.nn.Module):
+            def __init__(self, linear: torch.nn.Linear) -> None:
+                super().__init__()
+                self.linear, self.scale = linear, 2.0  # alpha = 2r, as XTuner's r128/α256
+                self.a = torch.nn.Parameter(torch.empty(r, linear.in_features))
+                self.b = torch.nn.Parameter(torch.zeros(linear.out_features, r))
+                self.drop = torch.nn.Dropout(0.05)
+                self.reset()
+
+            def reset(self) -> None:
+                torch.nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+                torch.nn.init.zeros_(self.b)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.linear(x) + (self.drop(x) @ self.a.T @ self.b.T) * self.scale
+
+        lm = self.model.model.language_model
+        for module in list(lm.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(module, name, LoRA(child))
+        self.model.lm_head = LoRA(self.model.lm_head)
+        self.lora = [m for m in self.model.modules() if isinstance(m, LoRA)]
+        for p in self.model.parameters():
+            p.requires_grad = False
+        for m in self.lora:
+            m.a.requires_grad = m.b.requires_grad = True
+
+    def snapshot(self) -> list[tuple[Any, Any]]:
+        return [(m.a.detach().clone(), m.b.detach().clone()) for m in self.lora]
+
+    def load(self, snap: list[tuple[Any, Any]]) -> None:
+        for m, (a, b) in zip(self.lora, snap, strict=True):
+            m.a.data.copy_(a)
+            m.b.data.copy_(b)
+
+    def pv(self, picture: Path) -> Any:
+        from PIL import Image
+
+        from training.evaluate_hf import pixel_values
+
+        if picture not in self.pixels:
+            self.pixels[picture] = pixel_values(Image.open(picture).convert("RGB"), 1, 448, True)
+        return self.pixels[picture]
+
+    def sample(self, picture: Path, n: int, max_new_tokens: int) -> list[str]:
+        import torch
+
+        ids = torch.tensor([self.prompt]).repeat(n, 1)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids,
+                pixel_values=self.pv(picture).repeat(n, 1, 1, 1),
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=0.8,
+                top_p=0.9,
+                top_k=self.top_k,
+                eos_token_id=self.adapter.eos,
+            )
+        start = len(self.prompt)
+        return [self.tok.decode(o[start:], skip_special_tokens=True).strip() for o in out]
+
+    def _nll(self, picture: Path, text: str) -> tuple[Any, int]:
+        import torch
+
+        ids = torch.tensor(
+            [self.prompt + self.tok.encode(text + self.im_end, add_special_tokens=False)]
+        )
+        logits = self.model(
+            input_ids=ids, pixel_values=self.pv(picture), attention_mask=torch.ones_like(ids)
+        ).logits[0]
+        start = len(self.prompt)
+        target = ids[0, start:]
+        loss = torch.nn.functional.cross_entropy(logits[start - 1 : -1], target, reduction="sum")
+        return loss, int(target.numel())
+
+    def loss(self, items: list[tuple[Path, str]]) -> float | None:
+        import torch
+
+        if not items:
+            return None
+        total = tokens = 0.0
+        self.model.eval()
+        with torch.inference_mode():
+            for picture, text in items:
+                nll, n = self._nll(picture, text)
+                total, tokens = total + float(nll), tokens + n
+        return total / tokens
+
+    def train(self, items: list[tuple[Path, str]], a: argparse.Namespace, seed: int) -> int:
+        """From the base (fresh adapters), as every ``oogiri train run``: AdamW, linear warm-up
+        over ``warmup`` of the run, cosine decay, clipping at 1."""
+        import torch
+
+        for m in self.lora:
+            m.reset()
+        params = [p for m in self.lora for p in (m.a, m.b)]
+        opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.05)
+        per_epoch = math.ceil(len(items) / a.batch)
+        total = per_epoch * a.epochs
+        warm = max(1, int(a.warmup * total))
+        rng = random.Random(seed)
+        self.model.train()
+        step = 0
+        for _ in range(a.epochs):
+            order = items[:]
+            rng.shuffle(order)
+            for i in range(0, len(order), a.batch):
+                if step < warm:
+                    lr = a.lr * (step + 1) / warm
+                else:
+                    lr = a.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.zero_grad()
+                batch = order[i : i + a.batch]
+                losses = [self._nll(p, t) for p, t in batch]
+                loss = sum(nll / n for nll, n in losses) / len(batch)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                step += 1
+        self.model.eval()
+        return step
+
+
+def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
+    photos = source_photos(None)
+    pool = build_pool(folder / "pictures", photos, a.train_images, 448, "train")
+    heldout = build_pool(folder / "pictures", photos, a.heldout_images, 448, "heldout")
+    gate_side = {
+        p for p in pool if heldout_bucket(hashlib.sha256(p.read_bytes()).hexdigest()) < 0.25
+    }
+    audience = Audience(like=a.like, noise=0.1, voters=3, seed=seed)
+    proxy = Proxy(folder / f"model-{seed}", a.lora_r, seed)
+    proxy.top_k = a.top_k
+    rated: list[tuple[int, Path, str, int]] = []  # round, picture, text, net votes
+    lines = []
+
+    def like_rate() -> str:
+        texts = [t for p in heldout for t in proxy.sample(p, a.samples, a.max_new_tokens)]
+        k, n = sum(map(audience.likes, texts)), len(texts)
+        lo, hi = wilson(k, n)
+        return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    def sets(control: str | None = None) -> tuple[list[Any], list[Any]]:
+        liked = [(p, t) for _, p, t, net in rated if net > 0 and p not in gate_side]
+        held = [(p, t) for _, p, t, net in rated if net > 0 and p in gate_side][:32]
+        if control is None:
+            return liked, held
+        picked: list[Any] = []
+        rng = random.Random(seed)
+        for r in sorted({r for r, *_ in rated}):
+            mine = [x for x in rated if x[0] == r and x[1] not in gate_side]
+            bad = [(p, t) for _, p, t, net in mine if net < 0]
+            n_liked = sum(1 for *_, net in mine if net > 0)
+            picked += bad if control == "all" else rng.sample(bad, min(len(bad), n_liked))
+        return picked, held
+
+    lines.append(f"seed {seed} round 0: like-rate {like_rate()}")
+    for rnd in range(1, a.rounds + 1):
+        for picture in pool:
+            for text in proxy.sample(picture, a.answers, a.max_new_tokens):
+                rated.append((rnd, picture, text, sum(audience.votes(len(rated) + 1, text))))
+        train, held = sets()
+        proxy.load(proxy.active)
+        before = proxy.loss(held)
+        iters = proxy.train(train, a, seed + rnd)
+        after = proxy.loss(held)
+        promoted = after is not None and (before is None or after <= before)
+        if promoted:
+            proxy.active = proxy.snapshot()
+        proxy.load(proxy.active)
+        lines.append(
+            f"seed {seed} round {rnd}: {len(train)} liked training answers, {iters} iterations, "
+            f"held-out loss {before or float('nan'):.3f} → {after or float('nan'):.3f} "
+            f"({'promoted' if promoted else 'rejected'}); like-rate {like_rate()}"
+        )
+    for mode in a.controls:
+        train, held = sets(mode)
+        proxy.load(proxy.active)
+        before = proxy.loss(held)
+        proxy.train(train, a, seed + 99)
+        after = proxy.loss(held)
+        proxy.load(proxy.active)
+        verdict = (
+            "rejected" if after is not None and before is not None and after > before else "PASSED"
+        )
+        lines.append(
+            f"seed {seed} control {mode}: {len(train)} disliked answers; held-out loss active "
+            f"{before or float('nan'):.3f} vs control {after or float('nan'):.3f} → {verdict}"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--like", default="猫狗")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--train-images", type=int, default=40)
+    p.add_argument("--answers", type=int, default=4, help="answers per picture and round")
+    p.add_argument("--heldout-images", type=int, default=12)
+    p.add_argument("--samples", type=int, default=8, help="answers per held-out picture")
+    p.add_argument("--max-new-tokens", type=int, default=6)
+    p.add_argument("--top-k", type=int, default=50, help="LMDeploy's default; 0: off")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--warmup", type=float, default=0.34)
+    p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument("--controls", nargs="*", default=["matched", "all"])
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="oogiri-proxy-") as tmp:
+        for seed in a.seeds:
+            for line in run_seed(a, seed, Path(tmp)):
+                print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
