@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -112,9 +111,11 @@ def test_the_view_loads_with_an_llm_config_object(tiny: Path, tmp_path: Path) ->
     assert config.vision_config.image_size == saved["vision_config"]["image_size"]
 
 
-async def test_the_managed_server_is_started_on_the_view(tiny: Path, tmp_path: Path) -> None:
+async def test_the_managed_server_is_started_on_the_view(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = foreign_folder(tiny, tmp_path)
-    os.environ.setdefault("FAKE_LMDEPLOY_STARTUP_S", "0.1")
+    monkeypatch.setenv("FAKE_LMDEPLOY_STARTUP_S", "0.1")
     settings = EngineSettings(server_command=FAKE_CMD, startup_timeout_s=30)
     logs = tmp_path / "data" / "logs"
     server = ServerProcess(settings, folder, free_port_block(), "m", "ft-1", logs)

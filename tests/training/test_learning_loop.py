@@ -146,6 +146,12 @@ def _harness(state: Path, out: Path, *extra: str) -> subprocess.CompletedProcess
         "96",
         "--heldout-fraction",
         "0.5",
+        # No voter noise here. Noise is keyed by joke id, and the order of concurrent answers
+        # varies, so it moved the 1–2 held-out answers of this tiny run from one run to the next.
+        # With those the loss gate can only guess (the gate finding in docs/learning-loop.md).
+        # The noise itself is tested above.
+        "--noise",
+        "0.0",
         *extra,
     ]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -192,7 +198,7 @@ def test_dry_run_end_to_end_resumes_blocks_the_control_and_claims_no_learning(
     assert rec["round-2"]["train"]["parent"] == rec["round-1"]["train"]["version"]
 
     # the audience: every stored vote is the documented rule's, cast through the web API
-    audience = Audience(like="科P", noise=0.1, voters=3, seed=0)
+    audience = Audience(like="科P", noise=0.0, voters=3, seed=0)
     jokes = [json.loads(x) for x in (state / "jokes.jsonl").read_text("utf-8").splitlines()]
     assert len(jokes) == 80
     stored = _stored_votes(state)
