@@ -302,17 +302,22 @@ async def press(
     return answer
 
 
+async def joke_in_group(
+    botapi: FakeBotAPI, user: dict[str, Any], jpeg: bytes
+) -> tuple[int, dict[str, Any]]:
+    """A photo in the group, mentioning the bot: the joke's id and the bot's joke message."""
+    msg, reply = await ask_joke(
+        botapi, botapi.group_chat(GROUP), user, photo=botapi.photo(jpeg), **with_mention()
+    )
+    return joke_id_of(reply), bot_reply(botapi, msg)
+
+
 async def test_vote_change_vote_and_counts_update_in_place(
     botapi: FakeBotAPI, start_bot: StartBot, chelsea_jpeg: bytes
 ) -> None:
     app = await start_bot()
-    group = botapi.group_chat(GROUP)
     alice, bob = botapi.user(3001, "Alice"), botapi.user(3002, "Bob")
-    msg, reply = await ask_joke(
-        botapi, group, alice, photo=botapi.photo(chelsea_jpeg), **with_mention()
-    )
-    joke_id = joke_id_of(reply)
-    joke_msg = bot_reply(botapi, msg)
+    joke_id, joke_msg = await joke_in_group(botapi, alice, chelsea_jpeg)
     up, down = f"v:{joke_id}:+1", f"v:{joke_id}:-1"
 
     def counts(*labels: str):
@@ -347,13 +352,7 @@ async def test_many_concurrent_votes_are_all_kept(
     botapi: FakeBotAPI, start_bot: StartBot, chelsea_jpeg: bytes
 ) -> None:
     app = await start_bot()
-    group = botapi.group_chat(GROUP)
-    alice = botapi.user(3100)
-    msg, reply = await ask_joke(
-        botapi, group, alice, photo=botapi.photo(chelsea_jpeg), **with_mention()
-    )
-    joke_id = joke_id_of(reply)
-    joke_msg = bot_reply(botapi, msg)
+    joke_id, joke_msg = await joke_in_group(botapi, botapi.user(3100), chelsea_jpeg)
     voters = [botapi.user(3200 + i) for i in range(30)]
     ids = [
         botapi.push_callback(v, joke_msg, f"v:{joke_id}:{'+1' if i % 3 else '-1'}")
@@ -376,13 +375,7 @@ async def test_near_simultaneous_up_and_down_end_consistent(
 ) -> None:
     """👍 and 👎 pressed at once by the same people: one vote each, and the counts shown match."""
     app = await start_bot()
-    group = botapi.group_chat(GROUP)
-    alice = botapi.user(3300)
-    msg, reply = await ask_joke(
-        botapi, group, alice, photo=botapi.photo(chelsea_jpeg), **with_mention()
-    )
-    joke_id = joke_id_of(reply)
-    joke_msg = bot_reply(botapi, msg)
+    joke_id, joke_msg = await joke_in_group(botapi, botapi.user(3300), chelsea_jpeg)
     voters = [botapi.user(3400 + i) for i in range(8)]
     ids = []
     for v in voters:  # both buttons, no wait in between: the updates race in the bot
