@@ -102,7 +102,7 @@ class Config:
     lr: float = 2e-3
     epochs: int = 3
     batch_size: int = 4
-    warmup_ratio: float = 0.34  # ≥ 1 warm-up iteration from 4 samples (3 epochs)
+    warmup_ratio: float = 0.34  # ≥ 2 warm-up iterations (config.py refuses 1) from 8 samples
     min_examples: int = 4
     heldout_fraction: float = 0.25
     max_jokes_per_image: int = 16

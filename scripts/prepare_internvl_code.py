@@ -74,28 +74,22 @@ class ExtractError(RuntimeError):
     pass
 
 
-def git_show(repo: Path, rev: str, path: str) -> str:
+def _git(repo: Path, *args: str, failure: str) -> str:
     proc = subprocess.run(
-        ["git", "-C", str(repo), "show", f"{rev}:{path}"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
-        raise ExtractError(f"git show {rev}:{path} in {repo} failed: {proc.stderr.strip()}")
+        raise ExtractError(f"{failure}: {proc.stderr.strip()}")
     return proc.stdout
 
 
+def git_show(repo: Path, rev: str, path: str) -> str:
+    return _git(repo, "show", f"{rev}:{path}", failure=f"git show {rev}:{path} in {repo} failed")
+
+
 def git_commit(repo: Path, rev: str) -> str:
-    proc = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", f"{rev}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise ExtractError(f"{repo} has no commit {rev}: {proc.stderr.strip()}")
-    return proc.stdout.strip()
+    out = _git(repo, "rev-parse", f"{rev}^{{commit}}", failure=f"{repo} has no commit {rev}")
+    return out.strip()
 
 
 def _flat_module(module: str) -> str | None:
