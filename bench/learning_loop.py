@@ -107,6 +107,9 @@ class Config:
     heldout_fraction: float = 0.25
     max_jokes_per_image: int = 16
     eval_max_samples: int = 32
+    # Round 1 holds out only 1-3 liked answers (the taste is rare at first); the product's default
+    # of 8 would make it wait for more ratings. The control runs last, on ~25 held-out answers.
+    gate_min_heldout: int = 1
     concurrency: int = 16
     dry_run: bool = False
 
@@ -130,6 +133,7 @@ class Config:
             "OOGIRI_TRAINING__MAX_JOKES_PER_IMAGE": str(self.max_jokes_per_image),
             "OOGIRI_TRAINING__SEED": str(self.seed),
             "OOGIRI_TRAINING__EVAL_MAX_SAMPLES": str(self.eval_max_samples),
+            "OOGIRI_TRAINING__GATE_MIN_HELDOUT": str(self.gate_min_heldout),
             "OOGIRI_TRAINING__EVAL_MAX_NEW_TOKENS": str(self.max_new_tokens),
             "OOGIRI_TRAINING__EVAL_MAX_DYNAMIC_PATCH": "1",
             # random weights: no language or sanity expectations; the held-out loss decides

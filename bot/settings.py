@@ -210,6 +210,11 @@ class TrainingSettings(BaseModel):
     gate_loss_tolerance: float = Field(
         0.0, ge=0.0, description="candidate held-out loss may exceed the active one by this share"
     )
+    gate_min_heldout: int = Field(
+        8,
+        ge=1,
+        description="fewest held-out answers the loss comparison may decide on; fewer: rejected",
+    )
     gate_min_sanity: float = Field(0.8, ge=0.0, le=1.0, description="share of sane generations")
     gate_language: Literal["zh", "en", "any"] | None = Field(
         None, description="language generations must be in; unset: settings.language"

@@ -253,6 +253,17 @@ class HeldoutLossStep:
         }
         if cand.samples < 1:
             return Check(self.name, False, "no held-out examples to evaluate on", metrics=metrics)
+        least = ctx.settings.gate_min_heldout
+        if cand.samples < least:
+            # A loss over one or two answers is noise: a candidate trained on the wrong labels
+            # passed that way. Wait for more ratings rather than promote on a coin toss.
+            return Check(
+                self.name,
+                False,
+                f"only {cand.samples} held-out answers (gate_min_heldout is {least}): "
+                "too few to tell the models apart; collect more ratings",
+                metrics=metrics,
+            )
         if cand.loss is None or not math.isfinite(cand.loss):
             return Check(self.name, False, f"candidate loss is {cand.loss}", metrics=metrics)
         active = ctx.active

@@ -291,6 +291,8 @@ export OOGIRI_TRAINING__WARMUP_RATIO=0.25 OOGIRI_TRAINING__LR=${LR:-1e-3}
 export OOGIRI_TRAINING__DATALOADER_NUM_WORKERS=2
 # random weights: no language/sanity expectations, the held-out loss decides
 export OOGIRI_TRAINING__GATE_LANGUAGE=any OOGIRI_TRAINING__GATE_MIN_SANITY=0
+# seed-demo's 48 jokes hold out ~5 answers: the demo shows the path, not a statistical decision
+export OOGIRI_TRAINING__GATE_MIN_HELDOUT=${GATE_MIN_HELDOUT:-1}
 export OOGIRI_TRAINING__EVAL_MAX_SAMPLES=16 OOGIRI_TRAINING__EVAL_MAX_NEW_TOKENS=16
 export OOGIRI_TRAINING__TIMEOUT_HOURS=0.08   # any one command: 288 s at most
 RUN_LIMIT=$(( $(left) - 100 ))               # keep ~100 s for the rollback swap and the logs

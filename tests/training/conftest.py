@@ -25,4 +25,6 @@ def tsettings(tmp_path: Path) -> Settings:
         _env_file=None,
         data_dir=tmp_path / "data",
         store={"url": f"sqlite+aiosqlite:///{tmp_path / 'db' / 'oogiri.sqlite3'}"},
+        # the fixtures' data sets hold out 1-3 answers; test_training_gate covers the minimum
+        training={"gate_min_heldout": 1},
     )

@@ -61,6 +61,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         "OOGIRI_TRAINING__XTUNER_PYTHON": str(fake_venv(tmp_path / "venv")),
         "OOGIRI_TRAINING__EVAL_PYTHON": str(fake_eval_python(tmp_path / "evalpy" / "python")),
         "OOGIRI_TRAINING__MIN_EXAMPLES": "2",
+        "OOGIRI_TRAINING__GATE_MIN_HELDOUT": "1",  # 1-2 held out here
         "OOGIRI_TRAINING__HELDOUT_FRACTION": "0.25",
         "OOGIRI_TRAINING__BATCH_SIZE": "1",
         "OOGIRI_TRAINING__ACCUMULATIVE_COUNTS": "1",

@@ -37,7 +37,7 @@ def ctx(
     cand_loss: float | None,
     active_loss: float | None = None,
     gens: list[str] | None = None,
-    samples: int = 3,
+    samples: int = 8,
     language: str = "zh",
     **settings: float,
 ) -> GateContext:
@@ -82,6 +82,20 @@ async def test_loss_edge_cases() -> None:
     assert not none.passed
     empty = await default_gate().decide(ctx(1.0, 2.0, samples=0))
     assert not empty.passed and "no held-out examples" in empty.reasons[0]
+
+
+async def test_too_few_held_out_answers_never_promote_even_a_better_loss() -> None:
+    # The learning-loop proxy: a control trained on disliked answers passed on 1-2 held-out ones.
+    few = await default_gate().decide(ctx(1.0, 2.0, samples=7))
+    assert not few.passed and not few.pending
+    assert few.reasons[0].startswith("FAIL heldout_loss: only 7 held-out answers")
+    assert "gate_min_heldout is 8" in few.reasons[0]
+    enough = await default_gate().decide(ctx(1.0, 2.0, samples=8))
+    assert enough.passed
+    lowered = await default_gate().decide(ctx(1.0, 2.0, samples=2, gate_min_heldout=2))
+    assert lowered.passed
+    # the first model has nothing to compare with, but a loss on 2 answers still decides nothing
+    assert not (await default_gate().decide(ctx(1.0, None, samples=2))).passed
 
 
 async def test_sanity_failures_are_counted_and_explained() -> None:
