@@ -52,6 +52,12 @@ class EngineSettings(BaseModel):
     empty_answer_retries: int = Field(
         1, ge=0, le=5, description="ask again when the model's answer is empty (sampling differs)"
     )
+    min_new_tokens: int = Field(
+        1,
+        ge=0,
+        le=1024,
+        description="lmdeploy: tokens before the end token is allowed (0: off); no blank jokes",
+    )
     max_in_flight: int = Field(64, ge=1)
     breaker_failures: int = Field(5, ge=1, description="consecutive failures that open the breaker")
     breaker_reset_s: float = Field(15.0, gt=0)

@@ -92,11 +92,22 @@ class Flavor:
     name: str
     send_max_dynamic_patch: bool
     presize_by_default: bool
+    # the server's field for "no end token before N tokens": a fine-tuned model that learnt short
+    # answers samples its end token first often enough that asking again is not enough
+    min_tokens_field: str | None
 
 
 FLAVORS = {
-    "lmdeploy": Flavor("lmdeploy", send_max_dynamic_patch=True, presize_by_default=True),
-    "openai": Flavor("openai", send_max_dynamic_patch=False, presize_by_default=False),
+    "lmdeploy": Flavor(
+        "lmdeploy",
+        send_max_dynamic_patch=True,
+        presize_by_default=True,
+        min_tokens_field="min_new_tokens",
+    ),
+    # servers disagree on the name (vLLM min_tokens, SGLang min_new_tokens): request_extra
+    "openai": Flavor(
+        "openai", send_max_dynamic_patch=False, presize_by_default=False, min_tokens_field=None
+    ),
 }
 
 
@@ -498,6 +509,9 @@ class OpenAIHTTPEngine:
         }
         if params.seed is not None:
             body["seed"] = params.seed
+        least = min(self.settings.min_new_tokens, params.max_new_tokens)
+        if self.flavor.min_tokens_field and least > 0:
+            body[self.flavor.min_tokens_field] = least
         body.update(self.settings.request_extra)
         return body
 

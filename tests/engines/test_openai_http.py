@@ -143,6 +143,20 @@ async def test_openai_flavor_sends_plain_openai_fields(fake_server, make_engine)
     assert img["size"] == [1600, 1200]  # no InternVL pre-sizing unless asked for
     assert not [r for r in fake.requests if r["path"] == "/v1/models"]
     assert engine.name == "openai"
+    assert "min_new_tokens" not in req["extra"]  # not an OpenAI field; request_extra can add one
+
+
+async def test_lmdeploy_is_told_not_to_end_before_the_first_token(
+    fake_server, make_engine, image
+) -> None:
+    """The learning loop's round-2 model ended half its answers at once: 49 of 192 blank → 503."""
+    fake = fake_server()
+    short = GenerationParams(max_new_tokens=4)
+    await make_engine(fake.url).generate(image, PROMPT, short)
+    await make_engine(fake.url, min_new_tokens=16).generate(image, PROMPT, short)
+    await make_engine(fake.url, min_new_tokens=0).generate(image, PROMPT, short)
+    sent = [r["extra"].get("min_new_tokens") for r in chats(fake)]
+    assert sent == [1, 4, None]  # the default; never above max_tokens; 0 turns it off
 
 
 async def test_template_leftovers_are_stripped(fake_server, make_engine, image) -> None:
