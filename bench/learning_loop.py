@@ -634,17 +634,19 @@ class Experiment:
         versions: Counter[str] = Counter()
         examples: dict[str, list[str]] = {}
         for (picture, _), a in zip(jobs, answers, strict=True):
+            kn = per_image.setdefault(picture.name, [0, 0])
+            kn[1] += 1
             if a["status"] != 201:
+                # The person got "try again", not a joke: counted, and not liked. Dropping these
+                # would flatter a model that often fails to answer.
                 failures[str(a["status"])] += 1
                 continue
             versions[str(a["model_version"])] += 1
-            kn = per_image.setdefault(picture.name, [0, 0])
             kn[0] += int(self.audience.likes(a["text"]))
-            kn[1] += 1
             examples.setdefault(picture.name, []).append(a["text"] or "")
         k = sum(v[0] for v in per_image.values())
         n = sum(v[1] for v in per_image.values())
-        if n == 0 or sum(failures.values()) > 0.2 * len(jobs):
+        if not versions or sum(failures.values()) > 0.5 * len(jobs):
             raise RuntimeError(f"{label}: {dict(failures)} failed answers of {len(jobs)}")
         shown = [t for texts in examples.values() for t in texts[:1]][:6]
         return {
@@ -678,7 +680,7 @@ class Experiment:
             answered = time.monotonic()
             ok = [(p, a) for (_, p, _), a in zip(jobs, answers, strict=True) if a["status"] == 201]
             failed = Counter(str(a["status"]) for a in answers if a["status"] != 201)
-            if len(ok) < 0.8 * len(jobs):
+            if len(ok) < 0.5 * len(jobs):
                 raise RuntimeError(f"round {rnd}: {dict(failed)} failed answers of {len(jobs)}")
             rows = []
             votes = []
@@ -912,7 +914,11 @@ def step_line(rec: dict[str, Any]) -> str:
     parts = [rec["step"]]
     if m:
         lo, hi = m["wilson95"]
-        parts.append(f"like-rate {m['rate']:.3f} [{lo:.3f}, {hi:.3f}] n={m['n']} {m['versions']}")
+        failed = sum(m.get("failures", {}).values())
+        parts.append(
+            f"like-rate {m['rate']:.3f} [{lo:.3f}, {hi:.3f}] n={m['n']} {m['versions']}"
+            + (f" failed={failed} (not liked)" if failed else "")
+        )
     if t:
         parts.append(f"train {t['status']} gate={t['gate']} version={t['version']}")
     parts.append(f"{rec['seconds']:.0f} s")

@@ -173,6 +173,8 @@ def test_clean_text() -> None:
     assert clean_text("<s>笑话</s>") == "笑话"
     assert clean_text("a<IMG_CONTEXT>b") == "ab"
     assert clean_text("<|im_end|>") == ""
+    assert clean_text("\ufffd\ufffd这只猫\ufffd看起 ") == "这只猫看起"  # broken bytes, as seen
+    assert clean_text("\ufffd") == ""  # → the empty-answer path, never a blank or broken joke
 
 
 async def test_an_empty_answer_is_asked_again_once(
