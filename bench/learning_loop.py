@@ -936,7 +936,13 @@ def register_plugin(site: Path) -> Path:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     wanted = dict(project.get("entry-points", {}).get("oogiri", {}))
     wanted[PLUGIN_NAME] = "bench.learning_loop_control"
-    seen = {ep.value for ep in entry_points(group="oogiri")}
+    # our own distribution does not count: a resumed call would otherwise drop the project's
+    # plugins it wrote the first time (the device's control run found no `train` command)
+    seen = {
+        ep.value
+        for ep in entry_points(group="oogiri")
+        if getattr(ep.dist, "name", None) != "oogiri-learning-loop"
+    }
     extra = {k: v for k, v in wanted.items() if v not in seen or k == PLUGIN_NAME}
     dist = site / "oogiri_learning_loop-0.dist-info"
     dist.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from bench.learning_loop import (  # noqa: E402
     Experiment,
     bootstrap_diff,
     bootstrap_rate,
+    register_plugin,
     two_proportion_p,
     wilson,
 )
@@ -248,3 +249,28 @@ def test_dry_run_end_to_end_resumes_blocks_the_control_and_claims_no_learning(
     rendered = doc.read_text(encoding="utf-8")
     assert rendered.startswith("# Learning loop\n\nintro\n")
     assert "<!-- bench:learning-loop-results -->" in rendered and "| round-2 |" in rendered
+
+
+def test_a_resumed_call_keeps_the_project_plugins_in_its_entry_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the device the tree is not pip-installed: the first call writes the project's entry
+    points beside the control plugin's. The second call used to see those (its own) and drop
+    them, and the control's `oogiri train run` found no `train` command."""
+    import importlib.metadata as md
+
+    real = md.entry_points
+    monkeypatch.setattr(  # as on the device: no installed "oogiri" distribution
+        md,
+        "entry_points",
+        lambda **kw: [ep for ep in real(**kw) if getattr(ep.dist, "name", "") != "oogiri"],
+    )
+    site = tmp_path / "site"
+    monkeypatch.syspath_prepend(str(site))  # the wrapper's PYTHONPATH
+    written = site / "oogiri_learning_loop-0.dist-info" / "entry_points.txt"
+    register_plugin(site)
+    first = written.read_text()
+    assert "training = training.cli" in first and "web = plugins.web" in first
+    assert "learning_loop_control = bench.learning_loop_control" in first
+    register_plugin(site)
+    assert written.read_text() == first
