@@ -175,6 +175,7 @@ def training_settings(tmp: Path) -> tuple[dict[str, Any], HeldTrainer]:
         "eval_python": str(fake_eval_python(tmp / "evalpy" / "python")),
         "min_examples": 1,
         "heldout_fraction": 0.25,
+        "gate_min_heldout": 1,  # a handful of rated jokes: 1-2 held out
         "batch_size": 1,
         "accumulative_counts": 1,
         "max_epochs": 2,  # a handful of examples, twice: at least one warm-up iteration
