@@ -99,6 +99,7 @@ class Launch:
     session_len: int = 8192
     cache_max_entry_count: float = 0.2
     max_batch_size: int = 256
+    max_prefill_token_num: int | None = None  # None: LMDeploy's own default (plans predate ours)
     api_key: str | None = None
     extra_args: list[str] = field(default_factory=list)
     server_command: list[str] = field(default_factory=list)
@@ -747,6 +748,7 @@ async def launch_servers(
         session_len=launch.session_len,
         cache_max_entry_count=launch.cache_max_entry_count,
         max_batch_size=launch.max_batch_size,
+        max_prefill_token_num=launch.max_prefill_token_num,
         api_key=launch.api_key,
         extra_args=launch.extra_args,
         server_command=launch.server_command,

@@ -69,6 +69,12 @@ class EngineSettings(BaseModel):
     session_len: int = 8192
     cache_max_entry_count: float = Field(0.2, gt=0, le=1)
     max_batch_size: int = 256
+    max_prefill_token_num: int | None = Field(
+        16384,
+        ge=1,
+        description="prompt tokens per engine step; LMDeploy's 8192 holds four 6-tile requests "
+        "(16384: +11 % jokes/s on an H100, docs/benchmarks.md); unset: LMDeploy's default",
+    )
     chat_template: Path | None = Field(None, description="unset: the shipped InternVL2 template")
     port: int = 23333
     server_threads: int = Field(2, ge=1, description="OMP/MKL threads of the managed server")

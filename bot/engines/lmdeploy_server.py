@@ -117,6 +117,8 @@ def build_command(
         "--chat-template",
         str(template_path(settings)),
     ]
+    if settings.max_prefill_token_num is not None:
+        cmd += ["--max-prefill-token-num", str(settings.max_prefill_token_num)]
     if settings.trust_remote_code:
         cmd.append("--trust-remote-code")
     if (

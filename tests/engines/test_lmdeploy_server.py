@@ -140,6 +140,7 @@ def test_command_line_has_every_setting(tmp_path: Path) -> None:
         session_len=4096,
         cache_max_entry_count=0.25,
         max_batch_size=128,
+        max_prefill_token_num=4096,
         api_key="sk-secret",
         server_threads=3,
         extra_args=["--log-level", "INFO"],
@@ -154,6 +155,7 @@ def test_command_line_has_every_setting(tmp_path: Path) -> None:
     assert flag("--backend") == "turbomind" and flag("--tp") == "2"
     assert flag("--session-len") == "4096" and flag("--cache-max-entry-count") == "0.25"
     assert flag("--max-batch-size") == "128" and flag("--server-port") == "24000"
+    assert flag("--max-prefill-token-num") == "4096"
     assert flag("--server-name") == "127.0.0.1" and flag("--model-name") == "oogiri-v2"
     assert flag("--chat-template") == str(TEMPLATE) and TEMPLATE.is_file()
     assert flag("--api-keys") == "sk-secret" and "--trust-remote-code" in cmd
@@ -171,6 +173,9 @@ def test_command_line_has_every_setting(tmp_path: Path) -> None:
     assert cmd[cmd.index("--chat-template") + 1] == str(tmp_path / "t.json")
     assert "--trust-remote-code" not in cmd and "--api-keys" not in cmd
     assert cmd[cmd.index("--backend") + 1] == "pytorch"  # the default: TurboMind needs CUDA 12
+    assert cmd[cmd.index("--max-prefill-token-num") + 1] == "16384"  # measured default
+    lmdeploy_default = build_command(EngineSettings(max_prefill_token_num=None), "m", 1, "x")
+    assert "--max-prefill-token-num" not in lmdeploy_default
 
 
 def test_managed_mode_needs_a_model(tmp_path: Path) -> None:
