@@ -47,6 +47,12 @@ from bot.tinymodel import make_tiny_model
 make_tiny_model(Path('$MODEL'), layout='internvl2', size='full', device='cuda')
 " 2>&1 | tail -3
     fi
+    if [ "${CONVERT:-0}" = 1 ]; then
+      # transformers' own InternVL layout (LLM as Llama: separate q/k/v), which LMDeploy serves
+      # as InternVLForConditionalGeneration; the layout its load-time FP8 can split
+      [ -f "$MODEL-hf/config.json" ] || python3 -m bot.cli dev convert-internvl2 "$MODEL" "$MODEL-hf" 2>&1 | tail -3
+      MODEL=$MODEL-hf
+    fi
     python3 - "$PLAN" "$MODEL" "$OUT/plan.json" <<'PY'
 import json, sys
 plan = json.load(open(sys.argv[1]))
