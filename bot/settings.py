@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -254,6 +254,15 @@ class TrainingSettings(BaseModel):
     retry_failed_after_hours: float = Field(6.0, ge=0.0)
     schedule_in_serve: bool = Field(False, description="`oogiri serve` checks --if-due itself")
     schedule_check_minutes: float = Field(10.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _gate_can_decide(self) -> TrainingSettings:
+        if self.eval_max_samples < self.gate_min_heldout:
+            raise ValueError(
+                f"eval_max_samples ({self.eval_max_samples}) is below gate_min_heldout "
+                f"({self.gate_min_heldout}): the gate could never promote a model"
+            )
+        return self
 
 
 class Settings(BaseSettings):

@@ -98,6 +98,12 @@ async def test_too_few_held_out_answers_never_promote_even_a_better_loss() -> No
     assert not (await default_gate().decide(ctx(1.0, None, samples=2))).passed
 
 
+def test_settings_refuse_an_evaluation_smaller_than_the_gate_minimum() -> None:
+    with pytest.raises(ValueError, match=r"eval_max_samples \(4\) is below gate_min_heldout \(8\)"):
+        TrainingSettings(eval_max_samples=4)
+    assert TrainingSettings(eval_max_samples=4, gate_min_heldout=4).eval_max_samples == 4
+
+
 async def test_sanity_failures_are_counted_and_explained() -> None:
     gens = ["", "哈" * 30, "This is English, not Chinese.", "好", GOOD_ZH[0]]
     decision = await default_gate().decide(ctx(1.0, 2.0, gens=gens))
