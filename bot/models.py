@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,18 @@ class NormalizedImage:
 
 
 # --------------------------------------------------------------------------- requests
+
+
+# C0 control characters other than tab and line breaks, and DEL: PostgreSQL cannot store NUL in
+# text, and no chat shows them. U+FFFD is what a decoder leaves of a token that was only part of a
+# UTF-8 character: shown it is garbage, and stored it becomes training data that teaches the next
+# model to break characters (the learning loop's models did, docs/learning-loop.md).
+_UNSHOWABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+
+
+def showable(text: str) -> str:
+    """``text`` without what can be neither stored nor shown (the one rule for jokes and hints)."""
+    return _UNSHOWABLE.sub("", text)
 
 
 @dataclass(slots=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 from dataclasses import asdict
 
@@ -26,6 +25,7 @@ from bot.models import (
     Rating,
     Rejected,
     StoreUnavailable,
+    showable,
 )
 from bot.plugins import call_first, call_hook, notify
 from bot.settings import Settings
@@ -33,9 +33,6 @@ from bot.store import Store, VersionStats
 
 log = logging.getLogger(__name__)
 
-# C0 control characters other than tab and line breaks, and DEL: never meaningful in a hint, and
-# PostgreSQL cannot store NUL in text at all (the joke would be lost after the engine answered).
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 #: A joke longer than this is cut: a server that ignores max_tokens must not fill the database
 #: (and no chat shows more: Telegram's message limit is 4096 characters).
 MAX_JOKE_CHARS = 4096
@@ -45,7 +42,7 @@ def clean_hint(hint: str | None) -> str | None:
     """The hint as stored: the user's text minus control characters; None when nothing is left."""
     if not hint:
         return None
-    hint = _CONTROL_CHARS.sub("", hint)
+    hint = showable(hint)
     return hint if hint.strip() else None
 
 
@@ -142,8 +139,12 @@ class JokeService:
         ):
             if isinstance(replacement, str) and replacement.strip():
                 joke.text = replacement.strip()
-        # Whatever the engine or a plugin produced: storable text (no NUL), of a sane length.
-        joke.text = _CONTROL_CHARS.sub("", joke.text)[:MAX_JOKE_CHARS]
+        # Whatever the engine or a plugin produced: storable, showable text of a sane length.
+        joke.text = showable(joke.text)[:MAX_JOKE_CHARS].strip()
+        if not joke.text:
+            # never a blank joke: the person is told to try again (the HTTP engine has already
+            # asked once more; engine.empty_answer_retries)
+            raise EngineError(detail=f"{engine.name} gave no usable text ({generation.text!r:.80})")
 
         stored = await self.store.add_joke(
             request.image,

@@ -129,3 +129,31 @@ async def test_swap_engine_routes_new_requests(app: App, chelsea_png: bytes) -> 
     assert old.model == "instant-0"
     joke = await app.service.tell(req(chelsea_png))
     assert joke.model_version == "v2"
+
+
+class _Says(InstantEngine):
+    """An engine whose answer is given: what a decoder or a plugin may hand the service."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    async def generate(self, image, prompt, params):  # type: ignore[no-untyped-def]
+        gen = await super().generate(image, prompt, params)
+        return type(gen)(text=self.text, model=gen.model, usage=gen.usage, latency_s=gen.latency_s)
+
+
+async def test_broken_characters_never_reach_the_store_and_a_blank_joke_is_an_error(
+    settings: Settings, chelsea_png: bytes
+) -> None:
+    app = await App.create(settings, engine=_Says("\ufffd\ufffd这只猫\ufffd看起\x00来 "))
+    try:
+        joke = await app.service.tell(req(chelsea_png))
+        assert joke.text == "这只猫看起来"
+        assert (await app.store.get_joke(joke.id)).text == "这只猫看起来"
+        app.swap_engine(_Says(" \ufffd\x07 "))
+        with pytest.raises(EngineError, match="no usable text"):
+            await app.service.tell(req(chelsea_png, user="bob"))
+        assert await app.store.request_outcomes() == {"ok": 1, "engine_error": 1}
+    finally:
+        await app.close()

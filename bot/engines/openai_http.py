@@ -53,6 +53,7 @@ from bot.models import (
     NormalizedImage,
     OogiriError,
     Usage,
+    showable,
 )
 from bot.settings import EngineSettings, Settings
 
@@ -176,10 +177,8 @@ def clean_text(text: str) -> str:
     text = text[:cut]
     for token in STRAY_TOKENS:
         text = text.replace(token, "")
-    # U+FFFD: the server decoded a token that is only part of a UTF-8 character. Users must not
-    # see it, and stored jokes become training data: the learning loop's models, taught those
-    # bytes, ended more and more answers mid-character, which decodes to nothing.
-    return text.replace("\ufffd", "").strip()
+    # before the empty-answer check, so that an answer of only broken characters is asked again
+    return showable(text).strip()
 
 
 def body_error(data: Any) -> tuple[int | None, str] | None:
