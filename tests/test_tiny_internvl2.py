@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,38 @@ def test_config_loads_through_remote_code_with_attribute_access(iv2: Path) -> No
     raw = json.loads((iv2 / "config.json").read_text())
     assert raw["architectures"] == ["InternVLChatModel"]
     assert raw["auto_map"]["AutoConfig"] == "configuration_internvl_chat.InternVLChatConfig"
+
+
+def test_config_survives_a_pickle_round_trip_into_a_fresh_process(
+    iv2: Path, tmp_path: Path
+) -> None:
+    """LMDeploy's mp executor (also tp > 1) pickles the config into a worker, which loads the
+    remote code again and pickles it back. transformers then re-executes the module in place; new
+    class objects made the worker die with "not the same object" (device, 2026-11-26)."""
+    import pickle
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(iv2, trust_remote_code=True)
+    blob = tmp_path / "config.pkl"
+    blob.write_bytes(pickle.dumps(cfg))
+    worker = f"""
+import pickle
+from transformers import AutoConfig
+from transformers.dynamic_module_utils import init_hf_modules
+init_hf_modules()
+cfg = pickle.loads(open({str(blob)!r}, "rb").read())
+again = AutoConfig.from_pretrained({str(iv2)!r}, trust_remote_code=True)
+back = pickle.loads(pickle.dumps(cfg))
+assert type(again) is type(cfg) is type(back)
+assert type(back.llm_config) is type(again.llm_config)
+print("worker ok", back.llm_config.hidden_size)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", worker], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"worker ok {cfg.llm_config.hidden_size}"
 
 
 def test_weights_have_lmdeploy_names_and_shapes(iv2: Path) -> None:

@@ -124,3 +124,15 @@ class InternVLChatConfig(_Base):
         output["llm_config"] = self.llm_config.to_dict()
         output["model_type"] = self.model_type
         return output
+
+
+# transformers re-executes a remote-code module in place when it finds it imported without its own
+# hash mark, as unpickling does in a worker process (LMDeploy's mp executor; tp > 1). New class
+# objects would leave the instances unpickled earlier unpicklable ("not the same object"), and the
+# worker dies. Every execution after the first keeps the first classes.
+_FIRST: dict[str, type] = globals().get("_FIRST") or {
+    cls.__name__: cls for cls in (InternVisionConfig, InternLM2Config, InternVLChatConfig)
+}
+InternVisionConfig = _FIRST["InternVisionConfig"]  # type: ignore[misc]
+InternLM2Config = _FIRST["InternLM2Config"]  # type: ignore[misc]
+InternVLChatConfig = _FIRST["InternVLChatConfig"]  # type: ignore[misc]
