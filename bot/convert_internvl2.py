@@ -47,6 +47,11 @@ IMAGE_TOKENS = {
     "end_image_token": "</img>",
     "context_image_token": "<IMG_CONTEXT>",
 }
+# transformers' InternVLProcessor also needs ``tokenizer.video_token`` (LMDeploy builds that
+# processor for this layout). InternVL2 has no video token and its vocabulary no spare row: a new
+# "<video>" would get an id past the embedding. Naming the image context token keeps the vocabulary
+# and makes the processor's video branch unreachable (its pattern tries the image token first).
+VIDEO_TOKEN = {"video_token": IMAGE_TOKENS["context_image_token"]}
 # Buffers some checkpoints carry that the model recomputes.
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -179,6 +184,8 @@ def hf_config(cfg: dict[str, Any], token_ids: dict[str, int]) -> Any:
     tie = bool(llm.get("tie_word_embeddings", False))
     text = {
         "model_type": "llama",
+        # LMDeploy picks the language model's class from this (None crashes its lookup)
+        "architectures": ["LlamaForCausalLM"],
         "vocab_size": int(llm["vocab_size"]),
         "hidden_size": int(llm["hidden_size"]),
         "intermediate_size": int(llm["intermediate_size"]),
@@ -633,7 +640,7 @@ def build_tokenizer(src: Path, cfg: dict[str, Any], chat_template: str) -> Any:
         eos_token=eos,
         unk_token=unk,
         pad_token=pad,
-        extra_special_tokens=dict(IMAGE_TOKENS),
+        extra_special_tokens={**IMAGE_TOKENS, **VIDEO_TOKEN},
         model_max_length=int(llm.get("max_position_embeddings", 32768)),
         padding_side="left",
         clean_up_tokenization_spaces=False,

@@ -180,6 +180,7 @@ def test_converted_folder_layout_and_config(iv2_2b: Path, converted_2b: Path) ->
     ]
     text = cfg.text_config
     assert text.model_type == "llama" and text.vocab_size == 1024
+    assert text.architectures == ["LlamaForCausalLM"]  # LMDeploy's text-model lookup
     assert text.rope_parameters["rope_type"] == "dynamic" and text.rope_parameters["factor"] == 2.0
     assert text.rope_parameters["rope_theta"] == 1000000
     assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (4, 2, 16)
@@ -196,6 +197,36 @@ def test_converted_folder_layout_and_config(iv2_2b: Path, converted_2b: Path) ->
     assert marker["converted_from"] == str(iv2_2b.resolve())
     sp = sentencepiece.SentencePieceProcessor(model_file=str(iv2_2b / "tokenizer.model"))
     assert sp.piece_to_id("<|im_end|>") in generation["eos_token_id"]
+
+
+def test_internvl_processor_accepts_the_converted_tokenizer(
+    converted_2b: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LMDeploy serves this layout through transformers' InternVLProcessor, which reads the image
+    and video tokens off the tokenizer (the device failed with "no attribute video_token")."""
+    from transformers import AutoConfig, AutoTokenizer, ProcessorMixin
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_2b, local_files_only=True)
+    # ProcessorMixin's own checks need torchvision's video processor; the reads under test don't.
+    monkeypatch.setattr(ProcessorMixin, "__init__", lambda self, *a, **k: None)
+    processor = InternVLProcessor(image_processor=None, tokenizer=tokenizer, image_seq_length=256)
+    cfg = AutoConfig.from_pretrained(converted_2b, local_files_only=True)
+    assert processor.image_token_id == cfg.image_token_id
+    assert tokenizer.decode(processor.image_token_ids) == "<IMG_CONTEXT><img></img>"
+    # InternVL2 has no video token: none is added past the model's embedding rows
+    assert len(tokenizer) <= cfg.text_config.vocab_size
+    assert processor.multimodal_pattern.match("<IMG_CONTEXT>").lastgroup == "image"
+
+
+def test_autoprocessor_loads_the_converted_folder_where_torchvision_exists(
+    converted_2b: Path,
+) -> None:
+    pytest.importorskip("torchvision")
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(converted_2b, local_files_only=True)
+    assert type(processor).__name__ == "InternVLProcessor"
 
 
 def test_bfloat16_stays_bfloat16(iv2_2b: Path, tmp_path: Path) -> None:
