@@ -49,19 +49,21 @@ make_tiny_model(Path('$MODEL'), layout='internvl2', size='full', device='cuda')
     fi
     if [ "${CONVERT:-0}" = 1 ]; then
       # transformers' own InternVL layout (LLM as Llama: separate q/k/v), which LMDeploy serves
-      # as InternVLForConditionalGeneration; the layout its load-time FP8 can split
+      # as InternVLForConditionalGeneration; the layout its load-time FP8 can split. A plan names
+      # it "MODEL-hf" (the plan's or a config's "model").
       [ -f "$MODEL-hf/config.json" ] || python3 -m bot.cli dev convert-internvl2 "$MODEL" "$MODEL-hf" 2>&1 | tail -3
-      MODEL=$MODEL-hf
     fi
     python3 - "$PLAN" "$MODEL" "$OUT/plan.json" <<'PY'
 import json, sys
-plan = json.load(open(sys.argv[1]))
-plan["model"] = sys.argv[2]
+plan, model = json.load(open(sys.argv[1])), sys.argv[2]
+for doc in (plan, *plan["configs"]):
+    if isinstance(doc.get("model"), str) and doc["model"].startswith("MODEL"):
+        doc["model"] = model + doc["model"][len("MODEL"):]
 json.dump(plan, open(sys.argv[3], "w"), indent=1)
 PY
     left=$(( ${BUDGET:-585} - SECONDS ))
     timeout "$left" python3 bench/serve.py --plan "$OUT/plan.json" --images .device/photos \
-      --out "$OUT/bench" --deadline-s $(( left - 60 )) 2>&1 | tail -40
+      --out "$OUT/bench" --deadline-s $(( left - 60 )) --startup-timeout-s "${STARTUP_S:-420}" 2>&1 | tail -40
     # killed at the limit: the finished cells are in serve-results.jsonl; render them anyway
     [ -f "$OUT/bench/serve.md" ] || python3 bench/serve.py --render "$OUT/bench/serve-results.jsonl" \
       > "$OUT/bench/serve.md" 2>/dev/null

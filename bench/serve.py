@@ -48,6 +48,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,7 @@ class Config:
     launch: Launch | None = None
     base_urls: list[str] = field(default_factory=list)
     api_key: str | None = None
+    model: str | None = None  # this config's own model folder (the plan's otherwise)
 
 
 def expand_cells(specs: list[dict[str, Any]]) -> list[Cell]:
@@ -156,6 +158,7 @@ def load_plan(doc: dict[str, Any]) -> list[Config]:
                 launch=launch,
                 base_urls=list(c.get("base_urls") or []),
                 api_key=c.get("api_key"),
+                model=c.get("model"),
             )
         )
     return configs
@@ -795,6 +798,23 @@ async def launch_servers(
 # --------------------------------------------------------------------------- report
 
 
+def failure_summary(exc: BaseException, limit: int = 300) -> str:
+    """The first line (what failed) and the log tail's last exception line (why), else its last
+    top-level line."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [repr(exc)]
+    head, tail = lines[0], [ln for ln in lines[1:] if not ln[0].isspace()]
+    raised = [ln for ln in tail if re.match(r"[\w.]*(Error|Exception)\b", ln)]
+    why = (raised or tail or [""])[-1]
+    text = f"{head} … {why}" if why and why != head else head
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def table_text(text: str, limit: int = 240) -> str:
+    """One markdown table cell: one line, no column breaks."""
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     meta = doc.get("meta", {})
     rows = doc.get("rows", [])
@@ -815,8 +835,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
     ]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['config']} | | | {r.get('path')} | {r.get('inflight')} | "
-                         f"{r.get('mdp')} | | skipped: {r['skipped']} | | | | | | | |")  # fmt: skip
+            where = [
+                str(r[k]) if r.get(k) is not None else "–" for k in ("path", "inflight", "mdp")
+            ]
+            lines.append(f"| {r['config']} | | | {' | '.join(where)} | | "
+                         f"skipped: {table_text(r['skipped'])} | | | | | | | |")  # fmt: skip
             continue
         errors = ", ".join(f"{k}×{v}" for k, v in (r.get("errors") or {}).items()) or "0"
         lines.append(
@@ -922,7 +945,8 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
         proxy: Proxy | None = None
         try:
             if config.launch is not None:
-                if model is None:
+                served = Path(config.model) if config.model else model
+                if served is None:
                     raise SystemExit("--launch/plan 'launch' needs a model folder")
                 if remaining() < 60:
                     for cell in config.cells:
@@ -931,7 +955,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
                 t0 = time.monotonic()
                 servers, proxy = await launch_servers(
                     config.launch,
-                    model,
+                    served,
                     args.port,
                     out / "logs",
                     min(args.startup_timeout_s, remaining()),
@@ -955,7 +979,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
                 print(s.log_tail(40), flush=True)
             if proxy is not None:
                 print(proxy.log_tail(), flush=True)
-            emit({"config": config.name, "skipped": f"failed: {str(exc)[:200]}"})
+            emit({"config": config.name, "skipped": f"failed: {failure_summary(exc)}"})
         finally:
             await asyncio.gather(*(s.stop(grace_s=20) for s in servers), return_exceptions=True)
             if proxy is not None:
