@@ -103,3 +103,28 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert again.returncode == 0 and "| two servers |" in again.stdout
+
+
+def test_a_failed_config_renders_as_one_table_row_with_its_cause() -> None:
+    from bench.serve import failure_summary, render_markdown
+
+    log_tail = (
+        "lmdeploy api_server for bench-0 not healthy after 170 s; log /x/lmdeploy-23333.log:\n"
+        '  File "/x/patch.py", line 184, in _get_model_class\n'
+        "    assert getattr(config.language_config, 'architectures', []) is not None\n"
+        "AttributeError: 'LlamaConfig' object has no attribute 'language_config'\n"
+        "2026-11-26 01:36:42,919 - lmdeploy - ERROR - exiting | bye\n"
+    )
+    reason = failure_summary(RuntimeError(log_tail))
+    assert reason.startswith("lmdeploy api_server for bench-0 not healthy after 170 s")
+    assert reason.endswith(
+        "AttributeError: 'LlamaConfig' object has no attribute 'language_config'"
+    )
+    doc = {
+        "meta": {"gpu": ["GPU"], "cpus": 1, "lmdeploy": "0", "model": "m", "max_new_tokens": 1},
+        "rows": [{"config": "fp8", "skipped": "failed: " + reason + "\n| and | more"}],
+    }
+    table = [ln for ln in render_markdown(doc).splitlines() if ln.startswith("| fp8")]
+    assert len(table) == 1 and table[0].count(" | ") == table[0].replace("\\|", "").count(" | ")
+    assert table[0].count("|") - table[0].count("\\|") == 16  # 15 columns
+    assert "'LlamaConfig' object has no attribute" in table[0]
