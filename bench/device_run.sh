@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 3 on the GPU machine, one call each (the machine stays warm only ~30 s between calls):
-# BUDGET (default 585 s) is the call's limit; later steps get what is left.
+# BUDGET (default 585 s) is the call's limit; later steps get what is left. STARTUP_S (default
+# 420 s) caps each server's wait for /health; CONVERT=1 also writes the transformers-layout copy
+# that plans name "MODEL-hf".
 #   bash bench/device_run.sh test                        # ≈ 6 min: install, LMDeploy agreement
 #                                                         # tests, tests/gpu (serve, capture, swap)
 #   bash bench/device_run.sh bench bench/plans/serve-device-1.json   # ≈ 9 min: full-size model
