@@ -1268,10 +1268,9 @@ def render_doc(results_dir: Path, doc: Path = DOC) -> None:
         raise SystemExit(f"no results in {results_dir}")
     summary = summarize(records)
     plot = None
-    if (results_dir / "like-rate.png").is_file():
-        target = doc.with_name("learning-loop.png")
-        shutil.copyfile(results_dir / "like-rate.png", target)
-        plot = target.name
+    png = results_dir / "like-rate.png"
+    if png.is_file():  # linked where it lies, not copied next to the doc
+        plot = Path(os.path.relpath(png.resolve(), doc.resolve().parent)).as_posix()
     kind = "dry run (stand-ins)" if summary["config"].get("dry_run") else "device"
     first = summary["calls"][0]["at"] if summary["calls"] else "?"
     body = f"From `{results_dir}` ({kind}, first call {first}).\n\n" + render_markdown(
