@@ -175,7 +175,7 @@ def config_show() -> None:
 
 
 @db_cli.command("upgrade")
-def db_upgrade(revision: str = "head") -> None:
+def db_upgrade(revision: str = "heads") -> None:
     """Create or migrate the database schema."""
     from bot.store import Store
 

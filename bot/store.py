@@ -232,7 +232,7 @@ class Store:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def upgrade(self, revision: str = "head") -> None:
+    async def upgrade(self, revision: str = "heads") -> None:
         """Bring the schema to ``revision`` with Alembic (creates the SQLite folder if needed)."""
         if self.is_sqlite:
             db_path = self.url.split("///", 1)[-1]

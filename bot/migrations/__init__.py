@@ -20,6 +20,6 @@ def alembic_config(connection: Any = None, url: str | None = None) -> Config:
     return cfg
 
 
-def run_upgrade(connection: Any, revision: str = "head") -> None:
+def run_upgrade(connection: Any, revision: str = "heads") -> None:
     """Upgrade on an existing (sync) connection; called through ``AsyncConnection.run_sync``."""
     command.upgrade(alembic_config(connection), revision)
