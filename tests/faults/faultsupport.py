@@ -1,14 +1,17 @@
-"""Helpers of the fault-injection suite: free ports, a bot server in a child process, PostgreSQL
-control, a tmpfs that fills up."""
+"""Helpers of the fault-injection suite: free ports, a bot server in a child process, a throwaway
+PostgreSQL cluster to restart, a tmpfs that fills up."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +128,8 @@ def pg_version() -> str | None:
 
 
 def pg_ctl(action: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Control the MACHINE's cluster (bench/soak.py only). Tests restart a ``ThrowawayPostgres``:
+    restarting this one drops everyone else's connections."""
     version = pg_version()
     assert version is not None
     return subprocess.run(
@@ -146,6 +151,102 @@ def pg_ready(timeout_s: float = 30.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+# --------------------------------------------------------------------------- throwaway servers
+
+
+def pg_bindir() -> Path | None:
+    """The newest PostgreSQL server binaries: Debian's /usr/lib/postgresql/<v>/bin, else PATH."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL cluster of its own (initdb into a temp folder, a free loopback port), so a
+    test may restart or kill it without touching the machine's server or anyone using it.
+
+    PostgreSQL refuses to run as root; as root, every server command runs as the ``postgres``
+    user (``runuser``), which then owns the folder. ``start``/``restart``/``stop`` act on THIS
+    cluster only (``pg_ctl -D <its folder>``).
+    """
+
+    def __init__(self, run_as: str = "postgres") -> None:
+        bindir = pg_bindir()
+        if bindir is None:
+            raise FileNotFoundError("no PostgreSQL server binaries (initdb, pg_ctl)")
+        self.bindir = bindir
+        self.port = free_port()
+        # Not under pytest's tmp_path: that is 0700 root, and the server user must reach it.
+        self.root = Path(tempfile.mkdtemp(prefix="oogiri-pg-"))
+        self.data = self.root / "data"
+        self.log_path = self.root / "server.log"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam(run_as)
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self.as_user = ["runuser", "-u", run_as, "--"]
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of the ``postgres`` database (trust auth on loopback)."""
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *argv: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.as_user, *argv], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+
+    def _pg_ctl(self, action: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        return self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path),
+            "-o", options, "-w", "-t", "60", action, *extra,
+        )  # fmt: skip
+
+    def start(self) -> ThrowawayPostgres:
+        if not self.data.exists():
+            done = self._run(
+                str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
+                "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C",
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"initdb failed: {done.stderr.strip()[-2000:]}")
+        done = self._pg_ctl("start")
+        if done.returncode != 0:
+            raise RuntimeError(f"could not start PostgreSQL: {done.stderr.strip()}\n{self.log()}")
+        return self
+
+    def restart(self) -> subprocess.CompletedProcess[str]:
+        """A fast restart (connections dropped), as an operator's restart would do."""
+        return self._pg_ctl("restart", "-m", "fast")
+
+    def ready(self, timeout_s: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            probe = [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"]
+            if subprocess.run(probe, check=False).returncode == 0:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self) -> None:
+        """Stop it (immediately: nothing in it is worth a checkpoint) and delete its folder."""
+        if self.data.exists():
+            self._pg_ctl("stop", "-m", "immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
 
 
 # --------------------------------------------------------------------------- a small full disk
