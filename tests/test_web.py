@@ -17,6 +17,7 @@ import skimage
 from PIL import Image
 
 from bot.app import App
+from bot.engines.base import EngineHealth
 from bot.engines.instant import InstantEngine
 from bot.hookspecs import hookimpl
 from bot.models import JokeRequest
@@ -554,7 +555,8 @@ async def test_static_assets_cache_and_404(make_app: AppFactory) -> None:
 
 
 class DemoEngine(InstantEngine):
-    is_demo = True
+    async def health(self) -> EngineHealth:
+        return EngineHealth(ok=True, model=self.model, demo=True)
 
 
 async def test_demo_banner(make_app: AppFactory) -> None:

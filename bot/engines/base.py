@@ -14,6 +14,8 @@ class EngineHealth:
     model: str
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: A demo engine (e.g. the random tiny model): channels tell users its jokes are noise.
+    demo: bool = False
 
 
 @runtime_checkable

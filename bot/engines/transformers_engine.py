@@ -383,7 +383,9 @@ class TransformersEngine:
         if self._closed:
             return EngineHealth(ok=False, model=self.model, detail="closed", extra=extra)
         detail = "random demo model: jokes are noise" if self.is_demo else ""
-        return EngineHealth(ok=True, model=self.model, detail=detail, extra=extra)
+        return EngineHealth(
+            ok=True, model=self.model, detail=detail, extra=extra, demo=self.is_demo
+        )
 
     async def close(self) -> None:
         if self._closed:
