@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
+import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
@@ -17,6 +21,57 @@ from bot.settings import Settings
 from bot.store import Store
 
 PG_ADMIN_URL = os.environ.get("OOGIRI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+REDIS_URL = os.environ.get("OOGIRI_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def _listening(url: str, default_port: int) -> bool:
+    """A TCP connect within 0.3 s: enough to say "found" without slowing every run down."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 0.3
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def _compose_found() -> bool:
+    plugin = Path(os.environ.get("DOCKER_CONFIG", Path.home() / ".docker")) / "cli-plugins"
+    if (plugin / "docker-compose").is_file() or shutil.which("docker-compose"):
+        return True
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    try:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def optional_services() -> dict[str, bool]:
+    """What the optional tests need, found or not (tests needing a missing one skip; CI fails)."""
+    return {
+        "PostgreSQL": _listening(PG_ADMIN_URL, 5432),
+        "initdb (throwaway PostgreSQL)": bool(
+            list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb")
+        ),
+        "Redis": _listening(REDIS_URL, 6379),
+        "Chromium": Path("/usr/bin/chromium").exists(),
+        "Compose plugin": _compose_found(),
+    }
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    found = optional_services()
+    listed = ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in found.items())
+    hint = (
+        "" if all(found.values()) else " — tests needing a missing one skip (.ci/run installs all)"
+    )
+    return f"optional services: {listed}{hint}"
 
 
 def skimage_data_dir() -> Path:
