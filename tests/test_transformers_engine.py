@@ -351,9 +351,19 @@ async def test_no_model_configured_builds_the_demo_once_and_warns(
             for r in caplog.records
         )
         health = await eng.health()
-        assert health.ok and health.extra["demo"] is True and "demo" in health.detail
+        assert health.ok and health.demo is True and "demo" in health.detail
         gen = await eng.generate(photo("chelsea.png"), DEFAULT_PROMPT, GREEDY)
         assert gen.model == "tiny-random-0"
+        # Visibly not a joke: the demo's text is framed; the same folder served as a real model
+        # (not the demo) answers the bare text, so real models' output is left alone.
+        plain = TransformersEngine(demo_dir)
+        try:
+            bare = await plain.generate(photo("chelsea.png"), DEFAULT_PROMPT, GREEDY)
+            assert not (await plain.health()).demo
+        finally:
+            await plain.close()
+        assert not bare.text.startswith(transformers_engine.DEMO_PREFIX)
+        assert gen.text == transformers_engine.demo_framed(bare.text)
     finally:
         await eng.close()
     assert sorted(p.name for p in demo_dir.parent.iterdir()) == ["tiny-demo"]

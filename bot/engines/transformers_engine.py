@@ -80,6 +80,15 @@ def version_label(model_dir: Path, configured: str | None = None) -> str:
     return Path(model_dir).resolve().name
 
 
+DEMO_PREFIX = "[demo model — random text]"
+
+
+def demo_framed(text: str) -> str:
+    """The random demo model's output, framed so nobody mistakes it for a (bad) joke: its tokens
+    decode to plausible words. Real models' text is never touched."""
+    return f"{DEMO_PREFIX} {text or '…'}"
+
+
 def ensure_demo_model(data_dir: Path) -> Path:
     """The tiny demo model in ``data_dir``, built once (atomically) and reused afterwards."""
     from bot.tinymodel import make_tiny_model, read_marker
@@ -344,6 +353,8 @@ class TransformersEngine:
         while new_tokens and new_tokens[-1] == self._pad:  # padding after an early stop
             new_tokens.pop()
         text = self._inputs.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        if self.is_demo:
+            text = demo_framed(text)
         self.tiles_last = tiles
         return Generation(
             text=text,
