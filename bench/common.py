@@ -1,0 +1,300 @@
+"""What every benchmark shares: load generation, one percentile definition, result writing.
+
+Run benchmarks as modules from the repository root (``python -m bench.serve …``); nothing here
+patches ``sys.path``.
+
+* **Percentiles** — one definition for every figure in docs/benchmarks.md: linear interpolation
+  between the two nearest ranks (Hyndman & Fan type 7; ``numpy.percentile``'s default and
+  ``statistics.quantiles(method="inclusive")``). p95s from different benches are comparable.
+* **Load** — ``closed_loop`` keeps N requests in flight (throughput at a fixed concurrency);
+  ``open_loop`` starts requests at Poisson arrival times whatever the server does (what users
+  do: latency at a given arrival rate, the basis of goodput).
+* **Workloads** — ``zipf_indices``: which picture each request sends when popularity follows a
+  Zipf law (rank k drawn with probability ∝ 1/k^s).
+* **Results** — ``write_json`` and ``markdown_table``; ``write_section`` keeps docs/benchmarks.md
+  as sections owned by individual benchmarks (between ``<!-- bench:KEY -->`` markers).
+* **Statistics** — ``share_ci`` (Wilson interval, from ``scipy.stats``) for shares such as
+  "answered within 2 s".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import os
+import platform
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+HEADER = (
+    "# Benchmarks\n\nMeasured figures only; each section is written by the benchmark named in it.\n"
+)
+#: scikit-image's real photos (shipped inside its wheel): the pictures every bench sends.
+PHOTOS = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0 ≤ q ≤ 1), linear between closest ranks (numpy's default); None if empty."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be within [0, 1], got {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo = math.floor(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def share_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Wilson interval of a share (scipy.stats.binomtest); None when n is 0."""
+    if n <= 0:
+        return None
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
+
+
+def _r(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def latency_summary(latencies: Sequence[float], slo_s: float | None = None) -> dict[str, Any]:
+    """p50/p95/p99 (the one definition above) and, given an SLO, the share answered within it."""
+    out: dict[str, Any] = {
+        "n": len(latencies),
+        "p50_s": _r(percentile(latencies, 0.50)),
+        "p95_s": _r(percentile(latencies, 0.95)),
+        "p99_s": _r(percentile(latencies, 0.99)),
+    }
+    if slo_s is not None:
+        within = sum(1 for v in latencies if v <= slo_s)
+        out["within_slo"] = _r(within / len(latencies)) if latencies else None
+        ci = share_ci(within, len(latencies))
+        out["within_slo_ci"] = [_r(ci[0]), _r(ci[1])] if ci else None
+    return out
+
+
+# --------------------------------------------------------------------------- load generation
+
+
+@dataclass
+class Sample:
+    """One request: when it started and ended (loop clock), whether it succeeded, and why not."""
+
+    start: float
+    end: float
+    ok: bool
+    error: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+
+#: A request function: given the request's index, do it and return its Sample.
+OneRequest = Callable[[int], Awaitable[Sample]]
+
+
+async def timed(index: int, call: Callable[[], Awaitable[Any]]) -> Sample:
+    """Run ``call`` and turn its outcome into a Sample; an exception is a failure named by type."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        await call()
+    except Exception as exc:  # the bench counts failures; it never stops on one
+        return Sample(t0, loop.time(), False, error=type(exc).__name__)
+    return Sample(t0, loop.time(), True)
+
+
+async def closed_loop(
+    one: OneRequest, inflight: int, warmup_s: float, measure_s: float
+) -> tuple[list[Sample], float, float]:
+    """Keep ``inflight`` requests going; return (samples, window start, window end).
+
+    A sample counts for the window when it *ends* inside it (throughput = ok / measure_s).
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    w0, w1 = start + warmup_s, start + warmup_s + measure_s
+    samples: list[Sample] = []
+    counter = iter(range(10**12))
+
+    async def worker() -> None:
+        while loop.time() < w1:
+            samples.append(await one(next(counter)))
+
+    tasks = [asyncio.create_task(worker()) for _ in range(inflight)]
+    try:
+        await asyncio.sleep(max(0.0, w1 - loop.time()))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [s for s in samples if w0 <= s.end <= w1], w0, w1
+
+
+def poisson_arrivals(rate: float, duration_s: float, seed: int = 0) -> list[float]:
+    """Arrival offsets (s) of a Poisson process of ``rate`` per second over ``duration_s``."""
+    if rate <= 0 or duration_s <= 0:
+        raise ValueError("rate and duration_s must be > 0")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration_s:
+            return out
+        out.append(t)
+
+
+async def open_loop(
+    one: OneRequest,
+    rate: float,
+    duration_s: float,
+    *,
+    warmup_s: float = 0.0,
+    seed: int = 0,
+    drain_s: float = 120.0,
+) -> tuple[list[Sample], float]:
+    """Start requests at Poisson times for ``warmup_s + duration_s``, whatever the server does.
+
+    Returns the samples of requests that *arrived* after the warm-up (late answers included:
+    an open loop must not hide its slowest requests) and the achieved arrival rate. Requests
+    still unanswered ``drain_s`` after the last arrival are cancelled and count as failures
+    with error "drain timeout".
+    """
+    loop = asyncio.get_running_loop()
+    offsets = poisson_arrivals(rate, warmup_s + duration_s, seed)
+    t0 = loop.time()
+    tasks: list[tuple[float, asyncio.Task[Sample]]] = []
+    for i, offset in enumerate(offsets):
+        delay = t0 + offset - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append((offset, asyncio.create_task(one(i))))
+    measured = [(o, t) for o, t in tasks if o >= warmup_s]
+    done: set[asyncio.Task[Sample]] = set()
+    if tasks:
+        done, pending = await asyncio.wait([t for _, t in tasks], timeout=drain_s)
+        for task in pending:
+            task.cancel()
+    samples: list[Sample] = []
+    for offset, task in measured:
+        if task in done and not task.cancelled() and task.exception() is None:
+            samples.append(task.result())
+        else:
+            samples.append(Sample(t0 + offset, loop.time(), False, error="drain timeout"))
+    return samples, len(measured) / duration_s
+
+
+def zipf_indices(n_requests: int, n_items: int, s: float, seed: int = 0) -> list[int]:
+    """Item index of each request when popularity is Zipf: P(rank k) ∝ 1 / k**s, k = 1…n_items.
+
+    s = 0 is uniform; s ≈ 1 is the classic web/meme heavy tail (the top picture gets about
+    1/H(n) of the traffic: 13 % of 1,000 pictures at s = 1). Index 0 is the most popular.
+    """
+    if n_items < 1:
+        raise ValueError("n_items must be >= 1")
+    if s < 0:
+        raise ValueError("s must be >= 0")
+    rng = random.Random(seed)
+    weights = [1.0 / (k**s) for k in range(1, n_items + 1)]
+    return rng.choices(range(n_items), weights=weights, k=n_requests)
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def photo_jpegs(count: int, size: tuple[int, int] = (1155, 866), quality: int = 88) -> list[bytes]:
+    """``count`` distinct JPEGs from scikit-image's real photos (one pixel signs each copy, so no
+    two are equal: no cache or dedupe can serve one for another)."""
+    import skimage
+    from PIL import Image
+
+    data = Path(skimage.__file__).parent / "data"
+    sources = [Image.open(data / name).convert("RGB") for name in PHOTOS]
+    scaled: dict[int, Image.Image] = {}
+    out = []
+    for i in range(count):
+        j = i % len(sources)
+        if j not in scaled:
+            scaled[j] = sources[j].resize(size, Image.Resampling.BICUBIC)
+        src = scaled[j].copy()
+        src.putpixel(
+            (i % size[0], (i // size[0]) % size[1]), (i % 256, (i * 7) % 256, (i * 13) % 256)
+        )
+        buf = io.BytesIO()
+        src.save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+# --------------------------------------------------------------------------- results
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def write_json(path: Path, doc: Any) -> Path:
+    """Write results as indented JSON (folders made as needed); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: '–' for None, fixed digits for floats, thousands separators for ints."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells go through ``fmt`` unless already strings."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def write_section(key: str, title: str, body: str, doc: Path = DOC) -> None:
+    """Replace (or append) the section ``key`` of docs/benchmarks.md; other sections stay."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else HEADER
+    block = f"<!-- bench:{key} -->\n## {title}\n\n{body.strip()}\n<!-- /bench:{key} -->"
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->", re.S
+    )
+    text = (
+        pattern.sub(lambda _m: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
+    doc.write_text(text, encoding="utf-8")

@@ -1,0 +1,109 @@
+"""bench.common: the one percentile definition, the load generators and the Zipf workload."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.common import (
+    Sample,
+    closed_loop,
+    latency_summary,
+    markdown_table,
+    open_loop,
+    percentile,
+    poisson_arrivals,
+    write_section,
+    zipf_indices,
+)
+
+
+def test_percentile_is_numpys_linear_definition() -> None:
+    rng = random.Random(1)
+    for n in (1, 2, 7, 100):
+        values = [rng.uniform(0, 10) for _ in range(n)]
+        for q in (0.0, 0.5, 0.95, 0.99, 1.0):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q * 100)))
+    assert percentile([], 0.5) is None
+    with pytest.raises(ValueError):
+        percentile([1.0], 95)  # a percent where a fraction is meant
+
+
+def test_latency_summary_counts_the_share_within_the_slo() -> None:
+    summary = latency_summary([0.5, 1.0, 1.5, 2.0, 3.0], slo_s=2.0)
+    assert summary["within_slo"] == 0.8
+    low, high = summary["within_slo_ci"]
+    assert low < 0.8 < high
+
+
+def test_poisson_arrivals_have_the_asked_rate() -> None:
+    arrivals = poisson_arrivals(50.0, 200.0, seed=3)
+    assert len(arrivals) / 200.0 == pytest.approx(50.0, rel=0.05)
+    gaps = np.diff(arrivals)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, rel=0.1)  # exponential: CV 1
+
+
+def test_zipf_puts_the_head_where_the_law_says() -> None:
+    n = 20_000
+    counts = Counter(zipf_indices(n, 100, 1.0, seed=0))
+    harmonic = sum(1 / k for k in range(1, 101))
+    assert counts[0] / n == pytest.approx(1 / harmonic, rel=0.08)
+    assert counts[0] / counts[1] == pytest.approx(2.0, rel=0.15)
+    assert len(set(zipf_indices(500, 5, 0.0))) == 5  # s = 0: uniform
+
+
+async def test_open_loop_keeps_arriving_while_the_server_is_slow() -> None:
+    """A closed loop would wait for answers; an open loop must not, and must report them late."""
+    in_flight = 0
+    peak = 0
+
+    async def slow(_i: int) -> Sample:
+        nonlocal in_flight, peak
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.3)
+        in_flight -= 1
+        return Sample(t0, loop.time(), True)
+
+    samples, achieved = await open_loop(slow, rate=100.0, duration_s=1.0, seed=1)
+    assert achieved == pytest.approx(100.0, rel=0.3)
+    assert peak > 10  # ~30 overlap at 100/s × 0.3 s; a closed loop of 1 would show 1
+    assert all(s.ok and s.latency >= 0.29 for s in samples)
+
+
+async def test_open_loop_counts_unanswered_requests_as_failures() -> None:
+    async def never(_i: int) -> Sample:
+        await asyncio.sleep(60)
+        raise AssertionError
+
+    samples, _ = await open_loop(never, rate=20.0, duration_s=0.5, drain_s=0.2)
+    assert samples and not any(s.ok for s in samples)
+    assert {s.error for s in samples} == {"drain timeout"}
+
+
+async def test_closed_loop_counts_only_the_window() -> None:
+    async def quick(_i: int) -> Sample:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.sleep(0.05)
+        return Sample(t0, loop.time(), True)
+
+    samples, w0, w1 = await closed_loop(quick, inflight=4, warmup_s=0.2, measure_s=0.5)
+    assert all(w0 <= s.end <= w1 for s in samples)
+    assert len(samples) == pytest.approx(4 * 0.5 / 0.05, rel=0.35)
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+    doc = tmp_path / "b.md"
+    write_section("a", "A", markdown_table(["x"], [[1.5]]), doc)
+    write_section("b", "B", "bee", doc)
+    write_section("a", "A", "again", doc)
+    text = doc.read_text()
+    assert "again" in text and "1.50" not in text and "bee" in text
