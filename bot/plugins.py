@@ -53,42 +53,85 @@ def make_manager(
 
 
 async def resolve(value: Any) -> Any:
+    """``value``, awaited first if it is awaitable (an ``async def`` implementation's answer)."""
     if inspect.isawaitable(value):
         return await value
     return value
 
 
-async def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> list[Any]:
-    """Call a (non-firstresult) hook and await any awaitable results, in pluggy's order."""
-    results = getattr(pm.hook, name)(**kwargs)
-    return [await resolve(r) for r in results]
+def _close_pending(values: Iterable[Any]) -> None:
+    # Coroutines that will never be awaited (an earlier one raised): close them, no warning.
+    for value in values:
+        if inspect.iscoroutine(value):
+            value.close()
+
+
+async def await_results(caller: pluggy.HookCaller, **kwargs: Any) -> Any:
+    """Call a hook through pluggy and await what it returned: the one helper every call uses.
+
+    pluggy does the calling (argument selection, ``tryfirst``/``trylast``, ``wrapper=True`` and
+    old-style ``hookwrapper`` implementations, ``firstresult``); this only awaits awaitables. For a
+    *firstresult* hook pluggy stops at the first non-None return value, and the coroutine of an
+    ``async def`` implementation is one: an async implementation's answer is final, so a
+    firstresult implementation that may decline is a plain ``def`` returning ``None``.
+    """
+    result = caller(**kwargs)
+    if caller.spec is not None and caller.spec.opts.get("firstresult"):
+        return await resolve(result)
+    values = list(result)
+    resolved: list[Any] = []
+    try:
+        for value in values:
+            resolved.append(await resolve(value))
+    except BaseException:
+        _close_pending(values[len(resolved) + 1 :])
+        raise
+    return resolved
+
+
+async def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> Any:
+    """``pm.hook.<name>(**kwargs)`` with awaitables awaited: a list, or one value (firstresult)."""
+    return await await_results(getattr(pm.hook, name), **kwargs)
 
 
 async def call_first(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> Any:
-    """Call a hook and return the first non-None result, awaiting awaitables.
-
-    pluggy's firstresult stops at the first non-None *object*, and an un-awaited coroutine is one;
-    so async implementations are awaited here, in order, until one answers.
-    """
+    """Call a *firstresult* hook: the first non-None answer in pluggy's order, awaited."""
     caller = getattr(pm.hook, name)
-    for impl in reversed(caller.get_hookimpls()):
-        args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
-        value = await resolve(impl.function(**args))
-        if value is not None:
-            return value
-    return None
+    if caller.spec is None or not caller.spec.opts.get("firstresult"):
+        raise TypeError(f"{name} is not a firstresult hook; use call_hook")
+    return await await_results(caller, **kwargs)
+
+
+def each_implementation(pm: pluggy.PluginManager, name: str) -> list[tuple[str, pluggy.HookCaller]]:
+    """One pluggy caller per (non-wrapper) implementation of ``name``, in pluggy's call order.
+
+    Each caller is pluggy's own ``subset_hook_caller`` without the other implementations: it keeps
+    every wrapper, ``tryfirst``/``trylast`` and argument selection. Observers use it so that one
+    failing plugin cannot stop the others (a plain pluggy call stops at the first exception).
+    """
+    caller: pluggy.HookCaller = getattr(pm.hook, name)
+    impls = [i for i in reversed(caller.get_hookimpls()) if not (i.wrapper or i.hookwrapper)]
+    if not impls:  # only wrappers (or nothing): one plain call, as pluggy would make
+        return [("wrappers", caller)]
+    plugins = [i.plugin for i in impls]
+    return [
+        (
+            impl.plugin_name,
+            pm.subset_hook_caller(
+                name, remove_plugins=[p for p in plugins if p is not impl.plugin]
+            ),
+        )
+        for impl in impls
+    ]
 
 
 async def notify(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> None:
     """Call an observer hook: each implementation runs even if another one fails."""
-    for impl in reversed(getattr(pm.hook, name).get_hookimpls()):
-        args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
+    for plugin_name, caller in each_implementation(pm, name):
         try:
-            await resolve(impl.function(**args))
+            await await_results(caller, **kwargs)
         except Exception:
-            log.exception(
-                "%s in plugin %s failed; other observers still run", name, impl.plugin_name
-            )
+            log.exception("%s in plugin %s failed; other observers still run", name, plugin_name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from bot.app import App
 from bot.engines.instant import InstantEngine
 from bot.hookspecs import hookimpl
 from bot.models import JokeRequest, Rejected
-from bot.plugins import Registry, call_first, collect, describe, make_manager
+from bot.plugins import Registry, call_first, call_hook, collect, describe, make_manager, notify
 from bot.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,17 @@ def test_every_hook_is_documented() -> None:
     for name in HOOKS:
         section = doc.split(f"### {name}", 1)[1].split("\n### ", 1)[0]
         assert "```python" in section, f"{name} needs an example in docs/plugins.md"
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_hook_signature_matches_the_docs(name: str) -> None:
+    """Like datasette's meta-test: the documented call shows the spec's real arguments."""
+    doc = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    section = doc.split(f"### {name}\n", 1)[1].split("\n### ", 1)[0]
+    documented = re.search(rf"`{name}\(([^)]*)\)", section)
+    assert documented, f"docs/plugins.md: start the {name} section with `{name}(...)`"
+    args = [a.strip() for a in documented.group(1).split(",") if a.strip()]
+    assert args == list(inspect.signature(getattr(hookspecs, name)).parameters)
 
 
 def test_every_hook_has_a_test_of_its_own() -> None:
@@ -361,3 +372,244 @@ async def test_hook_model_promoted(settings: Settings, tmp_path: Path) -> None:
         assert seen == [("m1", None), ("m2", "m1")] and swapped == ["m1", "m2"]
     finally:
         await store.close()
+
+
+# --- pluggy's calling rules hold for oogiri's hooks (wrappers, ordering, firstresult) ----------
+
+
+class WrapEverything:
+    """A ``wrapper=True`` implementation of every hook: it sees each call and passes results on."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def _wrap(self, name: str):
+        self.seen.append(name)
+        return (yield)
+
+    @hookimpl(wrapper=True)
+    def oogiri_register_channels(self, register, settings):
+        return (yield from self._wrap("register_channels"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_register_engines(self, register, settings):
+        return (yield from self._wrap("register_engines"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_register_commands(self, cli):
+        return (yield from self._wrap("register_commands"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_prompt(self, request, settings):
+        return (yield from self._wrap("prompt"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_before_joke(self, request):
+        return (yield from self._wrap("before_joke"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_after_joke(self, request, joke):
+        return (yield from self._wrap("after_joke"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_on_rating(self, rating):
+        return (yield from self._wrap("on_rating"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_training_examples(self, examples):
+        return (yield from self._wrap("training_examples"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_model_promoted(self, version, previous):
+        return (yield from self._wrap("model_promoted"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_startup(self, app):
+        return (yield from self._wrap("startup"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_shutdown(self, app):
+        return (yield from self._wrap("shutdown"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_web_routes(self, router, app):
+        return (yield from self._wrap("web_routes"))
+
+
+def test_the_wrapper_plugin_covers_every_hook() -> None:
+    wrapped = {n for n in vars(WrapEverything) if n.startswith("oogiri_")}
+    assert wrapped == set(HOOKS), "add a wrapper for the new hook to WrapEverything"
+
+
+async def test_a_wrapper_of_every_hook_leaves_the_app_working(
+    settings: Settings, chelsea_png: bytes
+) -> None:
+    """Every hook call goes through pluggy: a pass-through wrapper changes nothing it wraps."""
+    import httpx
+    import typer
+
+    from plugins.web import create_api
+    from training.export import apply_hooks
+
+    wrap, rec = WrapEverything(), Recorder()
+    seen_ratings: list[int] = []
+
+    class Plain:
+        @hookimpl
+        async def oogiri_on_rating(self, rating):
+            seen_ratings.append(rating.value)
+
+        @hookimpl
+        def oogiri_training_examples(self, examples):
+            return examples[:1]
+
+    settings.engine.name = "instant"
+    pm = make_manager(["engine_instant", "web"], extra=[wrap, rec, Plain()])
+    app = await App.create(settings, pm=pm)
+    try:
+        joke = await app.service.tell(req(chelsea_png))
+        assert joke.prompt == settings.prompt and joke.text  # the async prompt declined
+        await app.service.rate(joke.id, "test:v", 1, "test")
+        assert seen_ratings == [1] and rec.calls == ["before", "prompt", "after"]
+        pm.hook.oogiri_register_commands(cli=typer.Typer())
+        ex = {"id": "a", "prompt": "p", "text": "t", "image_sha256": "0" * 64}
+        assert [e["id"] for e in await apply_hooks(pm, [ex, {**ex, "id": "b"}])] == ["a"]
+        await call_hook(pm, "oogiri_model_promoted", version="v2", previous="v1")
+        transport = httpx.ASGITransport(app=create_api(app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/healthz")).status_code == 200
+    finally:
+        await app.close()
+    assert sorted(set(wrap.seen)) == sorted(h.removeprefix("oogiri_") for h in HOOKS)
+
+
+async def test_a_wrapper_of_oogiri_prompt_gets_and_changes_the_answer(
+    settings: Settings, chelsea_png: bytes
+) -> None:
+    """The reported bug: a ``wrapper=True`` prompt implementation made the prompt a generator."""
+
+    class Answer:
+        @hookimpl
+        def oogiri_prompt(self, request, settings):
+            return "讲个笑话"
+
+    class Polite:
+        @hookimpl(wrapper=True)
+        def oogiri_prompt(self, request, settings):
+            answer = yield
+            return f"{answer}，谢谢"
+
+    app = await make_app(settings, Answer(), Polite())
+    try:
+        joke = await app.service.tell(req(chelsea_png))
+        assert joke.prompt == "讲个笑话，谢谢"
+        assert await call_first(app.pm, "oogiri_prompt", request=req(b""), settings=settings) == (
+            "讲个笑话，谢谢"
+        )
+    finally:
+        await app.close()
+
+
+async def test_an_old_style_hookwrapper_can_replace_the_prompt(
+    settings: Settings, chelsea_png: bytes
+) -> None:
+    class Override:
+        @hookimpl(hookwrapper=True)
+        def oogiri_prompt(self, request, settings):
+            outcome = yield
+            if request.language == "en":
+                outcome.force_result("Tell a joke.")
+
+    app = await make_app(settings, Override())
+    try:
+        assert (await app.service.tell(req(chelsea_png, language="en"))).prompt == "Tell a joke."
+        assert (await app.service.tell(req(chelsea_png))).prompt == settings.prompt
+    finally:
+        await app.close()
+
+
+async def test_tryfirst_and_trylast_order_firstresult_and_async_answers_are_awaited(
+    settings: Settings,
+) -> None:
+    class Late:
+        @hookimpl(trylast=True)
+        async def oogiri_prompt(self, request, settings):
+            return "late"
+
+    class Early:
+        @hookimpl(tryfirst=True)
+        async def oogiri_prompt(self, request, settings):
+            return "early"
+
+    class Declines:
+        @hookimpl(tryfirst=True)
+        def oogiri_prompt(self, request, settings):
+            return None
+
+    # registration order would put Late first; tryfirst/trylast decide instead
+    pm = make_manager([], extra=[Early(), Late()])
+    assert await call_first(pm, "oogiri_prompt", request=req(b""), settings=settings) == "early"
+    pm = make_manager([], extra=[Late(), Declines()])
+    assert await call_first(pm, "oogiri_prompt", request=req(b""), settings=settings) == "late"
+    with pytest.raises(TypeError, match="not a firstresult hook"):
+        await call_first(pm, "oogiri_on_rating", rating=None)
+
+
+async def test_a_failing_observer_does_not_stop_the_others_and_wrappers_see_each(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+    wrapped: list[str] = []
+
+    class Watch:
+        @hookimpl(wrapper=True)
+        def oogiri_model_promoted(self, version, previous):
+            try:
+                return (yield)
+            except RuntimeError as e:
+                wrapped.append(f"error: {e}")
+                raise
+
+    class First:
+        @hookimpl(tryfirst=True)
+        def oogiri_model_promoted(self, version, previous):
+            raise RuntimeError("first is broken")
+
+    class Second:
+        @hookimpl
+        async def oogiri_model_promoted(self, version, previous):
+            seen.append(version)
+
+    class Third:
+        @hookimpl(trylast=True)
+        async def oogiri_model_promoted(self, version, previous):
+            raise RuntimeError("third is broken too")
+
+    pm = make_manager([], extra=[Watch(), First(), Second(), Third()])
+    await notify(pm, "oogiri_model_promoted", version="v2", previous=None)
+    assert seen == ["v2"]
+    assert wrapped == ["error: first is broken"]  # the async failure surfaces after pluggy's call
+    assert "first is broken" in caplog.text and "third is broken too" in caplog.text
+
+
+async def test_an_unawaited_coroutine_is_closed_when_an_earlier_one_fails() -> None:
+    import gc
+    import warnings
+
+    class Fails:
+        @hookimpl(tryfirst=True)
+        async def oogiri_startup(self, app):
+            raise RuntimeError("boom")
+
+    class Later:
+        @hookimpl
+        async def oogiri_startup(self, app):
+            raise AssertionError("never runs")
+
+    pm = make_manager([], extra=[Fails(), Later()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="boom"):
+            await call_hook(pm, "oogiri_startup", app=None)
+        gc.collect()  # an unclosed coroutine warns "never awaited" when it is collected
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []

@@ -23,7 +23,6 @@ with ``repeat_times`` 1.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import random
 import shutil
@@ -34,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bot.plugins import await_results, each_implementation
 from bot.settings import TrainingSettings
 
 IMAGE_TOKEN = "<image>"
@@ -245,13 +245,10 @@ async def apply_hooks(pm: Any, examples: list[dict[str, Any]]) -> list[dict[str,
     sees the previous one's result; returning None keeps the list (in-place edits count)."""
     if pm is None:
         return examples
-    caller = pm.hook.oogiri_training_examples
-    for impl in reversed(caller.get_hookimpls()):
-        result = impl.function(examples=examples)
-        if inspect.isawaitable(result):
-            result = await result
-        if result is not None:
-            examples = list(result)
+    for _plugin, caller in each_implementation(pm, "oogiri_training_examples"):
+        for result in await await_results(caller, examples=examples):
+            if result is not None:
+                examples = list(result)
     return [_check_example(ex) for ex in examples]
 
 
