@@ -153,6 +153,47 @@ def test_rollback_waits_times_out_and_checks_margin() -> None:
         rollback_check(Arm(3, 10), Arm(2, 10), -0.1, RULE, 10.0)
 
 
+# --- per-voter sums -------------------------------------------------------------------------
+
+
+def test_from_voters_sums_and_validation() -> None:
+    arm = Arm.from_voters([(2, 3), (0, 1), (0, 0), (5, 5)])
+    assert (arm.likes, arm.votes, arm.voters) == (7, 9, 3)
+    assert (arm.sum_likes_sq, arm.sum_likes_votes, arm.sum_votes_sq) == (29, 31, 35)
+    with pytest.raises(ValueError):
+        Arm.from_voters([(4, 3)])
+    with pytest.raises(ValueError):
+        Arm(3, 10, voters=2)  # sums must come together
+    with pytest.raises(ValueError):
+        Arm(3, 10, 20, 3, 3, 10)  # more voters than votes
+
+
+def test_one_vote_per_voter_is_the_binomial_case() -> None:
+    plain = confidence_sequence(Arm(300, 1000), Arm(340, 1000), 0.05, 0.03)
+    single = confidence_sequence(
+        Arm.from_voters([(1, 1)] * 300 + [(0, 1)] * 700),
+        Arm.from_voters([(1, 1)] * 340 + [(0, 1)] * 660),
+        0.05,
+        0.03,
+    )
+    assert single == pytest.approx(plain, rel=5e-3)
+
+
+def test_voters_who_differ_widen_the_sequence() -> None:
+    # same totals; here 50 voters cast 20 votes each, half of them like everything
+    clustered = Arm.from_voters([(20, 20)] * 15 + [(0, 20)] * 35)
+    spread = Arm.from_voters([(6, 20)] * 50)
+    ref = Arm(300, 1000)
+    wide = confidence_sequence(ref, clustered, 0.05, 0.03)
+    narrow = confidence_sequence(ref, spread, 0.05, 0.03)
+    assert clustered.likes == spread.likes == 300
+    assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])
+    # a lift carried by a few enthusiastic voters is not evidence of a better model
+    lucky = Arm.from_voters([(20, 20)] * 20 + [(0, 20)] * 30)
+    assert decide(ref, Arm(400, 1000), RULE, 0).outcome == "promote"
+    assert decide(ref, lucky, RULE, 0).outcome == "wait"
+
+
 # --- error rate under continuous peeking (the fast version of bench/ab_sim.py) --------------
 
 N_SIMS = 200
@@ -162,61 +203,44 @@ ALPHA = 0.05
 MAX_FALSE_PROMOTIONS = 18
 
 
-def _peeking_sims(
-    rule_fn, seed: int, p: float = 0.3, per_look: int = 25, max_votes: int = 3000
-) -> int:
-    """Count tests an equal candidate gets promoted in, looking after every batch of votes."""
+def _bench_sims(effect: float, n: int, naive: bool = False, seed: int = 15) -> int:
+    """Promotions in n tests with bench/ab_sim.py's bursty, heavy-tailed, capped traffic."""
+    from bench.ab_sim import Traffic, run_one
+
     rng = np.random.default_rng(seed)
-    looks = max_votes // per_look
-    # bursty arrival: each look adds a random share of a batch to each arm
-    promotions = 0
-    for _ in range(N_SIMS):
-        na = rng.integers(1, 2 * per_look, size=looks).cumsum()
-        nb = rng.integers(1, 2 * per_look, size=looks).cumsum()
-        va = (rng.random(int(na[-1])) < p).cumsum()
-        vb = (rng.random(int(nb[-1])) < p).cumsum()
-        for a, b in zip(na, nb, strict=True):
-            outcome = rule_fn(Arm(int(va[a - 1]), int(a)), Arm(int(vb[b - 1]), int(b)))
-            if outcome != "wait":
-                promotions += outcome == "promote"
-                break
-    return promotions
-
-
-def _naive_z(control: Arm, candidate: Arm) -> str:
-    """The mistake the rule prevents: a fixed-horizon one-sided z-test read at every look."""
-    if min(control.votes, candidate.votes) < RULE.min_votes:
-        return "wait"
-    pa, pb = control.likes / control.votes, candidate.likes / candidate.votes
-    pool = (control.likes + candidate.likes) / (control.votes + candidate.votes)
-    se = math.sqrt(max(pool * (1 - pool), 1e-12) * (1 / control.votes + 1 / candidate.votes))
-    return "promote" if (pb - pa) / se > 1.6449 and pb - pa >= RULE.min_effect else "wait"
+    rule = AbRule(alpha=ALPHA, min_effect=0.03, min_votes=100)
+    return sum(
+        run_one(rng, effect, rule, Traffic(), naive=naive).outcome == "promote" for _ in range(n)
+    )
 
 
 def test_aa_false_promotions_at_most_alpha_under_continuous_peeking() -> None:
-    rule = AbRule(alpha=ALPHA, min_effect=0.03, min_votes=100)
-    false = _peeking_sims(lambda c, k: decide(c, k, rule, 0.0).outcome, seed=15)
+    false = _bench_sims(0.0, N_SIMS)
     assert false <= MAX_FALSE_PROMOTIONS, f"{false}/{N_SIMS} equal candidates promoted"
 
 
 def test_the_aa_assertion_has_teeth_a_naive_peeking_z_test_fails_it() -> None:
-    false = _peeking_sims(_naive_z, seed=15)
-    assert false > MAX_FALSE_PROMOTIONS, (
-        f"naive z-test promoted only {false}/{N_SIMS}: the check is too lax"
-    )
+    false = _bench_sims(0.0, N_SIMS, naive=True)
+    assert false > MAX_FALSE_PROMOTIONS, f"naive z-test promoted only {false}/{N_SIMS}: too lax"
 
 
 def test_a_real_lift_is_found() -> None:
     """Power check so a rule that never promotes cannot pass the A/A test above."""
-    rng = np.random.default_rng(7)
-    rule = AbRule(alpha=ALPHA, min_effect=0.03, min_votes=100)
-    promoted = 0
-    for _ in range(50):
-        a = (rng.random(3000) < 0.30).cumsum()
-        b = (rng.random(3000) < 0.40).cumsum()
-        for n in range(100, 3001, 50):
-            d = decide(Arm(int(a[n - 1]), n), Arm(int(b[n - 1]), n), rule, 0.0)
-            if d.outcome != "wait":
-                promoted += d.outcome == "promote"
-                break
-    assert promoted >= 45
+    assert _bench_sims(0.10, 50, seed=7) >= 40
+
+
+def test_bench_scan_agrees_with_decide_on_simple_data() -> None:
+    """bench/ab_sim.py's numpy copy of the rule finds the check decide() first decides at."""
+    from bench.ab_sim import Counts, _first_decision
+
+    rng = np.random.default_rng(3)
+    rule = AbRule()
+    for effect in (0.0, 0.08, -0.08):
+        n = np.arange(1, 3001)
+        la = (rng.random(3000) < 0.3).cumsum()
+        lb = (rng.random(3000) < 0.3 + effect).cumsum()
+        c = Counts([la, n, n, la, la, n], [lb, n, n, lb, lb, n])
+        i = _first_decision(c, rule, per_voter=True)
+        outcomes = [decide(c.arm("a", j), c.arm("b", j), rule, 0).outcome for j in range(3000)]
+        first = next((j for j, o in enumerate(outcomes) if o != "wait"), -1)
+        assert i == first
