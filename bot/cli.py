@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
+import logging
+import os
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -20,6 +21,48 @@ from bot.plugins import describe, make_manager
 from bot.settings import Settings
 
 T = TypeVar("T")
+
+
+def _tidy_help() -> None:
+    """Typer 0.2x writes a type after every parameter (`--json <bool>`, `<list[Path]>`) and
+    required arguments as `{images}...`; show the usual forms instead: flags bare, values as
+    TEXT/INTEGER/PATH, arguments as `IMAGES...` or `[MODEL_DIR]` (tests/test_cli.py checks)."""
+    from typer import core as tcore
+
+    option, argument = tcore.TyperOption, tcore.TyperArgument
+    if not hasattr(option, "display_type_rich") or not hasattr(argument, "_usage_display_name"):
+        return  # another Typer: its own help is left as it is
+
+    typer_type = option.display_type_rich
+    names = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH", "path": "PATH"}
+
+    def option_type(self: Any, ctx: Any) -> str | None:
+        if self.metavar is not None:
+            return str(self.metavar)
+        if getattr(self, "is_flag", False) or getattr(self, "count", False):
+            return None
+        label = typer_type(self, ctx)
+        if not label or not label.startswith("<"):
+            return label
+        bare = label.split(">", 1)[0].strip("<")
+        if "|" in bare:  # choices
+            return f"[{bare}]"
+        return names.get(bare, bare.upper())
+
+    def argument_name(self: Any) -> str:
+        return str(self.metavar or (self.name or "").upper())
+
+    def argument_usage(self: Any) -> str:
+        name = argument_name(self) + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+    option.display_type_rich = option_type  # type: ignore[method-assign]
+    argument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+    argument.display_name_raw = property(argument_name)  # type: ignore[assignment]
+    argument._usage_display_name = argument_usage  # type: ignore[method-assign]
+
+
+_tidy_help()
 
 cli = typer.Typer(no_args_is_help=True, help="oogiri: a bot that tells jokes about pictures.")
 dev = typer.Typer(no_args_is_help=True, help="Developer tools.")
@@ -36,14 +79,30 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-def one_line(text: str) -> str:
-    """One joke per line, so scripts can pair lines with images (--json keeps exact text)."""
-    return " ".join(text.splitlines())
+def quiet_logs(settings: Settings, verbose: int) -> None:
+    """Warnings only unless -v (-vv: debug) or OOGIRI_LOG_LEVEL asks for more; a one-off command
+    has no use for alembic's and the store's start-up INFO lines."""
+    configure_logging(settings)
+    if verbose:
+        level = "DEBUG" if verbose > 1 else "INFO"
+    elif "log_level" in settings.model_fields_set:
+        level = settings.log_level.upper()
+    else:
+        level = "WARNING"
+    logging.getLogger().setLevel(level)
+    if not verbose:  # transformers' and the hub's progress bars ("Loading weights …")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if level != "DEBUG":
+        logging.getLogger("alembic").setLevel(max(logging.getLevelName(level), logging.WARNING))
 
 
-def spinner() -> Progress:
+def spinner(transient: bool = False) -> Progress:
     return Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
     )
 
 
@@ -61,6 +120,7 @@ def serve(
         overrides["channels"] = channels
     settings = Settings(**overrides)
     configure_logging(settings)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # 7 lines of "context impl" noise
 
     async def main() -> None:
         with spinner() as progress:
@@ -74,86 +134,93 @@ def serve(
     run(main())
 
 
-@cli.command()
+@cli.command(no_args_is_help=True)
 def joke(
-    images: Annotated[list[Path], typer.Argument(help="image files", exists=True, dir_okay=False)],
+    images: Annotated[
+        list[Path],
+        typer.Argument(help="image files", exists=True, dir_okay=False, show_default=False),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
     hint: Annotated[str | None, typer.Option(help="a nudge for the joke")] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(help="ask the oogiri serve at this URL (default: the local one, if running)"),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="load the model here even if a serve is running")
+    ] = False,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, show_default=False, help="more log lines (-vv: debug)"
+        ),
+    ] = 0,
 ) -> None:
-    """Tell one joke per image (the CLI channel)."""
-    from bot.app import App
-    from bot.models import JokeRequest, OogiriError
+    """Tell one joke per image (the CLI channel).
+
+    Images are checked first; a running `oogiri serve` (its web address from the settings, or
+    --server) answers without loading a model here; otherwise the model is loaded once.
+    """
+    from contextlib import contextmanager
+
+    from bot import cli_joke as cj
 
     # The operator at the terminal is not a flood: no per-user limit for this channel.
     settings = Settings()
     settings.limits.per_user_per_minute = 0
-    configure_logging(settings)
+    quiet_logs(settings, verbose)
+    lang = cj.cli_language(settings)
+    if server and local:
+        console.print("[red]error:[/red] --server and --local exclude each other")
+        raise typer.Exit(code=2)
+
+    checked = cj.validate(images, settings, lang)
     failures = 0
+    demo = False
 
-    async def main() -> None:
-        nonlocal failures
-        with spinner() as progress:
-            progress.add_task(f"loading engine {settings.engine.name!r} …", total=None)
-            app = await App.create(settings)
-        user = f"cli:{getpass.getuser()}"
+    def emit(outcome: cj.Outcome) -> None:
+        nonlocal failures, demo
+        if outcome.joke is None:
+            failures += 1
+            if not as_json:
+                cj.stderr(cj.render(outcome, lang, as_json))
+                return
+        else:
+            demo = demo or bool(outcome.joke["demo"])
+        print(cj.render(outcome, lang, as_json), flush=True)
+
+    if all(item.failure is not None for item in checked):
+        for item in checked:  # nothing to ask a model about: load nothing
+            assert item.failure is not None
+            emit(item.failure)
+        raise typer.Exit(code=1)
+
+    url = server or (None if local else cj.local_server_url(settings))
+    if url is not None and (server or cj.serve_answers(url)):
+        remote = cj.RemoteJokes(url, lang, on_wait=cj.stderr)
         try:
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                console=console,
-                transient=True,
-            ) as progress:
-                task = progress.add_task("jokes", total=len(images))
-                for path in images:
-                    request = JokeRequest(
-                        image_bytes=path.read_bytes(),
-                        channel="cli",
-                        user_id=user,
-                        filename=path.name,
-                        hint=hint,
-                        language=settings.language,
-                    )
-                    try:
-                        result = await app.service.tell(request)
-                    except OogiriError as exc:
-                        failures += 1
-                        out: dict[str, Any] = {
-                            "image": str(path),
-                            "error": exc.key,
-                            "message": exc.user_message(settings.language),
-                        }
-                        if as_json:
-                            print(json.dumps(out, ensure_ascii=False), flush=True)
-                        else:
-                            console.print(f"[red]{path}[/red]: {out['message']}")
-                    else:
-                        if as_json:
-                            print(
-                                json.dumps(
-                                    {
-                                        "image": str(path),
-                                        "joke_id": result.id,
-                                        "text": result.text,
-                                        "model_version": result.model_version,
-                                        "engine": result.engine,
-                                        "latency_ms": result.latency_ms,
-                                    },
-                                    ensure_ascii=False,
-                                ),
-                                flush=True,
-                            )
-                        else:
-                            print(
-                                f"{path}: {one_line(result.text)}  "
-                                f"[model {result.model_version}, joke #{result.id}]",
-                                flush=True,
-                            )
-                    progress.advance(task)
+            remote.connect()
+        except cj.ServerDown as exc:
+            cj.stderr(cj.text("server_down", lang, url=url, error=exc))
+            raise typer.Exit(code=3) from None
+        if not as_json:
+            cj.stderr(cj.text("using_server", lang, url=remote.url))
+        try:
+            for item in checked:
+                emit(item.failure or remote.tell(item, hint))
         finally:
-            await app.close()
+            remote.close()
+    else:
 
-    run(main())
+        @contextmanager
+        def loading(description: str) -> Iterator[None]:
+            with spinner(transient=True) as progress:
+                progress.add_task(description, total=None)
+                yield
+
+        run(cj.local_jokes(settings, checked, hint, lang, emit, loading))
+    if demo:
+        cj.stderr(cj.text("demo", lang))
     if failures:
         raise typer.Exit(code=1)
 
@@ -288,8 +355,17 @@ def build_cli() -> typer.Typer:
     return cli
 
 
+#: Core commands that need no plugin's commands: they skip loading every plugin at start-up
+#: (Telegram, Discord, FastAPI … ≈ 0.7 s), which is most of `oogiri joke`'s time against a serve.
+NO_PLUGIN_COMMANDS = frozenset({"joke"})
+
+
 def main() -> None:
-    build_cli()(prog_name="oogiri")
+    args = sys.argv[1:]
+    if args and args[0] in NO_PLUGIN_COMMANDS:
+        cli(prog_name="oogiri")
+    else:
+        build_cli()(prog_name="oogiri")
 
 
 if __name__ == "__main__":  # pragma: no cover
