@@ -1,13 +1,17 @@
-"""Rate limits: per process (memory) or shared by every replica (Redis)."""
+"""Rate limits (per process, or shared by replicas through Redis) and admission control."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
+
+from bot.models import EngineBusy
 
 
 class Limiter(Protocol):
@@ -91,3 +95,75 @@ def make_limiter(backend: str) -> Limiter:
     if backend.startswith(("redis://", "rediss://", "unix://")):
         return RedisLimiter(backend)
     raise ValueError(f"unknown limits.backend {backend!r}: use 'memory' or a redis:// URL")
+
+
+class Admission:
+    """Admission control in front of one engine: a bounded queue with a wait limit.
+
+    At most ``slots`` engine calls run at once; at most ``max_queue`` requests wait for one
+    (0: no bound); none waits longer than ``max_wait_s``. Over either bound the request is
+    refused with ``EngineBusy`` at once (or at the wait limit), carrying a Retry-After estimate
+    in ``params["seconds"]``: a fast "busy" beats a joke that arrives after the user left, and
+    the refused work never reaches a GPU that is already behind.
+    """
+
+    def __init__(
+        self,
+        slots: int,
+        max_queue: int = 0,
+        max_wait_s: float = 20.0,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self.slots = slots
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self.waiting = 0
+        self.running = 0
+        self._sem = asyncio.Semaphore(slots)
+        self._on_reject = on_reject
+        self._mean_s: float | None = None  # moving mean of one engine call's time
+
+    def retry_after_s(self) -> int:
+        """Seconds until the queue ahead has likely drained (at least 1)."""
+        per_call = self._mean_s if self._mean_s is not None else 1.0
+        return max(1, math.ceil(per_call * (self.waiting + 1) / self.slots))
+
+    def _refuse(self, reason: str) -> EngineBusy:
+        if self._on_reject is not None:
+            self._on_reject(reason)
+        return EngineBusy(
+            detail=f"admission: {reason} ({self.waiting} waiting, {self.running} running)",
+            seconds=self.retry_after_s(),
+            reason=reason,
+        )
+
+    def check(self) -> None:
+        """Raise ``EngineBusy`` now if a request arriving now would find the queue full."""
+        # counted, not read off the semaphore: a request between "admitted" and "holding a slot"
+        # is already in the queue (wait_for's task may not have run yet)
+        if self.max_queue and self.waiting + self.running >= self.slots + self.max_queue:
+            raise self._refuse("queue_full")
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """Hold one engine slot; yields the seconds spent waiting for it."""
+        self.check()
+        t0 = time.monotonic()
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._sem.acquire(), timeout=self.max_wait_s)
+        except TimeoutError:
+            raise self._refuse("wait_limit") from None
+        finally:
+            self.waiting -= 1
+        started = time.monotonic()
+        self.running += 1
+        try:
+            yield started - t0
+        finally:
+            self.running -= 1
+            self._sem.release()
+            took = time.monotonic() - started
+            self._mean_s = took if self._mean_s is None else 0.9 * self._mean_s + 0.1 * took

@@ -37,6 +37,25 @@ class Metrics:
         self.in_flight = Gauge(
             "oogiri_engine_in_flight", "Engine calls in progress", registry=self.registry
         )
+        self.queue_waiting = Gauge(
+            "oogiri_engine_queue_waiting",
+            "Requests waiting for an engine slot (admission control)",
+            ["engine"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "oogiri_engine_queue_wait_seconds",
+            "Time a request waited for an engine slot",
+            ["engine"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+            registry=self.registry,
+        )
+        self.admission_rejected = Counter(
+            "oogiri_admission_rejected",
+            "Requests answered 'busy' by admission control (queue_full, wait_limit)",
+            ["engine", "reason"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

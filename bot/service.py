@@ -12,7 +12,7 @@ import pluggy
 
 from bot import images
 from bot.engines.base import Engine
-from bot.limits import Limiter
+from bot.limits import Admission, Limiter
 from bot.metrics import Metrics
 from bot.models import (
     EngineBusy,
@@ -62,7 +62,22 @@ class JokeService:
         self.engine = engine
         self.limiter = limiter
         self.metrics = metrics or Metrics()
-        self._slots = asyncio.Semaphore(settings.limits.max_concurrency)
+        self._admission: dict[str, Admission] = {}
+
+    def admission(self, engine_name: str) -> Admission:
+        """The bounded queue in front of one engine (each engine, e.g. an A/B arm, has its own)."""
+        if engine_name not in self._admission:
+            limits = self.settings.limits
+            rejected = self.metrics.admission_rejected
+            gate = Admission(
+                limits.max_concurrency,
+                max_queue=limits.max_queue,
+                max_wait_s=limits.queue_timeout_s,
+                on_reject=lambda reason: rejected.labels(engine_name, reason).inc(),
+            )
+            self.metrics.queue_waiting.labels(engine_name).set_function(lambda: gate.waiting)
+            self._admission[engine_name] = gate
+        return self._admission[engine_name]
 
     def params(self) -> GenerationParams:
         e = self.settings.engine
@@ -99,6 +114,8 @@ class JokeService:
         if request.hint and len(request.hint) > limits.max_hint_chars:
             raise Rejected(key="hint_too_long", limit=limits.max_hint_chars)
         await self._check_limits(request)
+        # refuse before decoding the picture when the queue is already full: busy costs nothing
+        self.admission(self.engine.name).check()
         request.image = await asyncio.to_thread(
             images.load,
             request.image_bytes,
@@ -112,15 +129,10 @@ class JokeService:
         params = self.params()
 
         engine = self.engine  # a swap mid-request must not change the engine under us
-        try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=limits.queue_timeout_s)
-        except TimeoutError:
-            raise EngineBusy() from None
-        try:
+        async with self.admission(engine.name).slot() as waited_s:
+            self.metrics.queue_wait.labels(engine.name).observe(waited_s)
             with self.metrics.in_flight.track_inprogress():
                 generation = await engine.generate(request.image, request.prompt, params)
-        finally:
-            self._slots.release()
 
         joke = Joke(
             id=0,

@@ -121,6 +121,7 @@ class LimitSettings(BaseModel):
     per_chat_per_minute: int = Field(30, ge=0, description="0: unlimited")
     max_concurrency: int = Field(4, ge=1, description="engine calls in flight per process")
     queue_timeout_s: float = Field(20.0, ge=0, description="wait for a slot before 'busy'")
+    max_queue: int = Field(64, ge=0, description="waiting for a slot; more: busy now (0: no bound)")
     backend: str = Field("memory", description="'memory', or a redis:// URL shared by replicas")
     max_hint_chars: int = Field(200, ge=0)
 

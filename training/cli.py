@@ -453,6 +453,13 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
             )
         )
         return
+    if not rows:  # a fresh install: say what is served and how a version comes to exist
+        print(
+            "no model versions yet — the bot serves the configured model (engine.model, or the "
+            "demo model). A retrain registers one once users have rated jokes: run "
+            "`oogiri train status` to see when one is due, `oogiri train run` to start it."
+        )
+        return
     table = Table(
         "",
         Column("version", no_wrap=True),

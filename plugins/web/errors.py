@@ -47,7 +47,7 @@ def oogiri_error_response(exc: OogiriError, lang: str) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(float(seconds))))
     elif isinstance(exc, EngineBusy):
         status = 503
-        headers["Retry-After"] = "5"
+        headers["Retry-After"] = str(max(1, math.ceil(float(exc.params.get("seconds", 5)))))
     elif isinstance(exc, EngineError):
         status = 503
         headers["Retry-After"] = "30"
