@@ -24,6 +24,12 @@ from pydantic_settings import (
 DEFAULT_PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
 
 
+class PluginSettings(BaseModel):
+    """Base of a settings section: a plugin's own model, registered with
+    ``oogiri_register_settings`` and read from ``OOGIRI_<SECTION>__<FIELD>`` (or ``[section]`` in
+    oogiri.toml). Use ``SecretStr`` for secrets: ``oogiri config show`` masks them."""
+
+
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "oogiri"
