@@ -613,3 +613,15 @@ async def test_an_unawaited_coroutine_is_closed_when_an_earlier_one_fails() -> N
             await call_hook(pm, "oogiri_startup", app=None)
         gc.collect()  # an unclosed coroutine warns "never awaited" when it is collected
     assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+
+
+def test_the_public_api_names_what_plugins_need() -> None:
+    """``from oogiri import …`` is the plugin author's import path; every name in it resolves."""
+    import oogiri
+
+    for name in oogiri.__all__:
+        assert getattr(oogiri, name) is not None, name
+    assert oogiri.hookimpl is hookimpl and oogiri.JokeRequest is JokeRequest
+    assert oogiri.App is App
+    with pytest.raises(AttributeError):
+        _ = oogiri.no_such_name  # type: ignore[attr-defined]
