@@ -14,7 +14,6 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from bot.logs import configure_logging
 from bot.plugins import describe, make_manager
@@ -228,11 +227,27 @@ def joke(
 @cli.command("plugins")
 def plugins_cmd() -> None:
     """List loaded plugins and the hooks each implements."""
+    import shutil
+    import textwrap
+
     settings = Settings()
-    table = Table("plugin", "module", "hooks")
+    # Names are never cut or split: each plugin on a line, its hooks wrapped below at commas
+    # (any terminal width; 80 columns when piped).
+    width = max(40, shutil.get_terminal_size((80, 24)).columns)
     for info in describe(make_manager(settings.plugins)):
-        table.add_row(info.name, info.module, ", ".join(info.hooks))
-    Console().print(table)
+        print(f"{info.name}  ({info.module})")
+        hooks = ", ".join(info.hooks) or "-"
+        indent = " " * 4
+        print(
+            textwrap.fill(
+                hooks,
+                width=width,
+                initial_indent=indent,
+                subsequent_indent=indent,
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
 
 
 @config_cli.command("show")
