@@ -21,6 +21,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bot.ab_settings import AbSettings
+from bot.moderation_settings import ModerationSettings
+
 DEFAULT_PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
 
 
@@ -118,6 +121,14 @@ class ImageSettings(BaseModel):
     max_side: int = Field(2048, ge=64, description="longest side after normalisation")
     max_aspect: float = Field(20.0, ge=1.0, description="longest/shortest side")
     jpeg_quality: int = Field(92, ge=50, le=100)
+    # Memory, not pixels, is what a decode costs: a 16-bit or float picture needs more per pixel.
+    max_decoded_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, description="estimated memory to decode one picture"
+    )
+    decode_budget_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024 * 1024, description="estimated decode memory of all at once"
+    )
+    decode_wait_s: float = Field(30.0, ge=0, description="wait for decode memory before 'busy'")
 
 
 class LimitSettings(BaseModel):
@@ -157,6 +168,26 @@ class TelegramSettings(BaseModel):
     language: Literal["auto", "zh", "en"] = "auto"
     base_url: str | None = Field(None, description="Bot API base URL (tests, local Bot API server)")
     base_file_url: str | None = None
+    # flow control and the outbox (docs/telegram.md)
+    private_per_s: float = Field(1.0, gt=0, description="messages a second into one private chat")
+    group_per_minute: float = Field(20.0, gt=0, description="messages a minute into one group")
+    global_per_s: float = Field(30.0, gt=0, description="messages a second in all, every chat")
+    flood_retries: int = Field(
+        2, ge=0, le=10, description="429 answers waited out in a send before the outbox takes it"
+    )
+    outbox_max_age_s: float = Field(
+        6 * 3600.0, gt=0, description="an undelivered reply is given up (counted, logged) after"
+    )
+    outbox_lease_s: float = Field(
+        60.0, gt=0, description="a replica's claim on a reply; a killed one's lapses after this"
+    )
+    outbox_poll_s: float = Field(1.0, gt=0, description="how often pending replies are retried")
+    slow_down_notice_s: float = Field(
+        60.0, ge=0, description="at most one 'slow down' notice per user in this window"
+    )
+    edit_window_s: float = Field(
+        1.0, ge=0, description="vote-count edits of one message are coalesced within this window"
+    )
 
 
 class DiscordSettings(BaseModel):
@@ -171,6 +202,22 @@ class DiscordSettings(BaseModel):
     shard_ids: list[int] | None = None
     api_base_url: str | None = Field(None, description="REST base (tests)")
     gateway_url: str | None = Field(None, description="gateway override (tests)")
+    sync_on_start: bool | None = Field(
+        None,
+        description="sync slash commands when `serve` starts; unset: only with dev_guild_id "
+        "(production: run `oogiri discord sync` once per release instead)",
+    )
+    admin_ids: list[int] = Field(
+        default_factory=list, description="users who may use /mod besides server administrators"
+    )
+    outbox_max_age_s: float = Field(
+        14 * 60.0,
+        gt=0,
+        le=15 * 60.0,
+        description="an undelivered follow-up is given up after this (tokens last 15 min)",
+    )
+    outbox_lease_s: float = Field(60.0, gt=0)
+    outbox_poll_s: float = Field(1.0, gt=0)
 
 
 class TrainingSettings(BaseModel):
@@ -200,7 +247,12 @@ class TrainingSettings(BaseModel):
         None, ge=1, description="votes counted per voter, earliest first (None: all)"
     )
     max_jokes_per_image: int = Field(1, ge=1, description="best-rated jokes kept per image")
-    min_examples: int = Field(4, ge=1, description="fewer training examples: the run is skipped")
+    min_examples: int = Field(
+        257,
+        ge=1,
+        description="fewer training examples: the run is skipped; 257 is the fewest the default "
+        "schedule (batch 4 x accumulation 4, warmup_ratio 0.03, 1 GPU) can train on",
+    )
     seed: int = Field(0, description="seed of the base-dataset sampling")
     # --- XTuner config and launch (training/config.py, training/run.py)
     template: Path | None = Field(None, description="XTuner config template; unset: shipped QLoRA")
@@ -302,6 +354,8 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    ab: AbSettings = Field(default_factory=AbSettings)
+    moderation: ModerationSettings = Field(default_factory=ModerationSettings)
 
     @field_validator("channels", "plugins", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     SmallInteger,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     case,
+    distinct,
     event,
     func,
     select,
@@ -149,6 +151,108 @@ class TrainingRunRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
+# --------------------------------------------------------------------------- live A/B tests
+# (bot/ab.py, training/ab.py; migration 0002_ab_tests)
+
+
+class AbTestRow(Base):
+    """One live comparison of two model versions on real users' votes.
+
+    ``kind`` "ab": ``control`` is the active model, ``candidate`` the one being tested on a small
+    share. ``kind`` "watch" (after a promotion): ``control`` is the newly promoted model and
+    ``candidate`` the previous one, kept on a small share so that a disappointment shows.
+    ``status``: running, then promoted / rejected / timeout / stopped / failed ("ab") or
+    confirmed / rolled_back / stopped ("watch").
+    """
+
+    __tablename__ = "ab_tests"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16), default="ab")
+    control: Mapped[str] = mapped_column(String(128))
+    candidate: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    share: Mapped[float] = mapped_column(Float)
+    rule: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    decision: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    reason: Mapped[str | None] = mapped_column(Text)
+    run_id: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AbTestBusy(RuntimeError):
+    """Another live test is still running (one at a time)."""
+
+    def __init__(self, test_id: int) -> None:
+        super().__init__(f"A/B test #{test_id} is still running")
+        self.test_id = test_id
+
+
+@dataclass(frozen=True, slots=True)
+class ArmCount:
+    """Votes of one arm of a test as the decision counts them (capped per voter)."""
+
+    arm: str  # "control" or "candidate"
+    likes: int = 0
+    votes: int = 0
+    voters: int = 0
+    raw_votes: int = 0  # before the per-voter cap
+    jokes: int = 0
+
+
+# --------------------------------------------------------------------------- outbox, moderation
+# (bot/outbox.py, bot/moderation.py; migration 0002_outbox_moderation)
+
+
+class OutboxRow(Base):
+    """A reply a channel owes a chat: written with its joke, gone only when delivered or expired.
+
+    ``state``: pending → delivered | expired | dropped. One sender at a time: a sender *claims* a
+    row (``claimed_by`` + ``lease_until``) with an UPDATE that only matches an unclaimed or lapsed
+    row, so replicas never send the same reply twice while a lease holds.
+    """
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(32))
+    chat_key: Mapped[str] = mapped_column(String(160))
+    joke_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class ModerationRow(Base):
+    """One entry of the block list or the allow list (``list`` is "block" or "allow")."""
+
+    __tablename__ = "moderation"
+    __table_args__ = (UniqueConstraint("list", "subject", name="uq_moderation_list_subject"),)
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    list: Mapped[str] = mapped_column(String(8))
+    subject: Mapped[str] = mapped_column(String(160))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(160))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JokeRemovalRow(Base):
+    """A joke an admin removed: never shown again, never exported for training."""
+
+    __tablename__ = "joke_removals"
+    joke_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    removed_by: Mapped[str | None] = mapped_column(String(160))
+    reason: Mapped[str | None] = mapped_column(Text)
+    removed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 GROUP_COMMIT_MAX = 64  # jokes per SQLite transaction at most
 
 
@@ -158,6 +262,7 @@ class _PendingJoke:
     path: Path
     values: dict[str, Any]
     request: dict[str, Any] | None
+    delivery: dict[str, Any] | None = None  # an outbox row for the reply (see OutboxRow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,16 +433,22 @@ class Store:
         self,
         image: NormalizedImage,
         request: dict[str, Any] | None = None,
+        delivery: dict[str, Any] | None = None,
         **fields: Any,
     ) -> Joke:
         """Store the image file, its row, the joke and (optionally) the request outcome at once.
+
+        ``delivery``: the outbox row of the reply that will carry the joke (``OutboxRow``
+        columns), written in the same transaction so that a crash right after cannot lose it.
 
         One transaction per served joke: either all of it is stored or none of it. On SQLite,
         jokes that arrive while a write is in progress are committed together (group commit):
         SQLite has one writer, and its per-transaction cost was the core's bottleneck.
         """
         path = await self._write_image_file(image)
-        item = _PendingJoke(image, path, {"image_sha256": image.sha256, **fields}, request)
+        item = _PendingJoke(
+            image, path, {"image_sha256": image.sha256, **fields}, request, delivery
+        )
         item.values["created_at"] = utcnow()
         if self._write_lock is None:
             async with self.session(write=True) as s:
@@ -407,6 +518,13 @@ class Store:
         ]
         if requests:
             await conn.execute(self._request_insert, requests)
+        deliveries = [
+            {"joke_id": joke_id, "created_at": it.values["created_at"], **it.delivery}
+            for it, joke_id in zip(items, ids, strict=True)
+            if it.delivery is not None
+        ]
+        if deliveries:
+            await conn.execute(OutboxRow.__table__.insert(), deliveries)
         return [
             _joke_from_values(joke_id, it.values) for it, joke_id in zip(items, ids, strict=True)
         ]
@@ -639,6 +757,169 @@ class Store:
                 .all()
             )
 
+    # ------------------------------------------------------------------ live A/B tests
+
+    async def start_ab_test(
+        self,
+        *,
+        kind: str,
+        control: str,
+        candidate: str,
+        share: float,
+        rule: dict[str, Any],
+        run_id: int | None = None,
+    ) -> AbTestRow:
+        """Record a new running test; ``AbTestBusy`` while another one runs (one at a time)."""
+        async with self.session(write=True) as s:
+            running = await s.scalar(
+                select(AbTestRow.id).where(AbTestRow.status == "running").limit(1)
+            )
+            if running is not None:
+                raise AbTestBusy(running)
+            now = utcnow()
+            row = AbTestRow(
+                kind=kind,
+                control=control,
+                candidate=candidate,
+                status="running",
+                share=share,
+                rule=rule,
+                decision={},
+                run_id=run_id,
+                started_at=now,
+                updated_at=now,
+            )
+            s.add(row)
+            await s.flush()
+            return row
+
+    async def ab_tests(self, limit: int | None = None) -> Sequence[AbTestRow]:
+        """Tests, newest first."""
+        async with self.session() as s:
+            q = select(AbTestRow).order_by(AbTestRow.id.desc())
+            if limit is not None:
+                q = q.limit(limit)
+            return (await s.execute(q)).scalars().all()
+
+    async def get_ab_test(self, test_id: int) -> AbTestRow | None:
+        async with self.session() as s:
+            return await s.get(AbTestRow, test_id)
+
+    async def running_ab_test(self) -> AbTestRow | None:
+        async with self.session() as s:
+            return await s.scalar(
+                select(AbTestRow)
+                .where(AbTestRow.status == "running")
+                .order_by(AbTestRow.id)
+                .limit(1)
+            )
+
+    async def update_ab_test(self, test_id: int, **fields: Any) -> None:
+        async with self.session(write=True) as s:
+            await s.execute(
+                update(AbTestRow)
+                .where(AbTestRow.id == test_id)
+                .values(updated_at=utcnow(), **fields)
+            )
+
+    async def end_ab_test(self, test_id: int, status: str, reason: str, **fields: Any) -> bool:
+        """Mark a running test ended; False if it had already ended (someone else decided)."""
+        now = utcnow()
+        async with self.session(write=True) as s:
+            result = await s.execute(
+                update(AbTestRow)
+                .where(AbTestRow.id == test_id, AbTestRow.status == "running")
+                .values(status=status, reason=reason, ended_at=now, updated_at=now, **fields)
+            )
+            return bool(result.rowcount)
+
+    def _ab_window(self, test: AbTestRow) -> Any:
+        cond = JokeRow.created_at >= test.started_at
+        if test.ended_at is not None:
+            cond = cond & (JokeRow.created_at <= test.ended_at)
+        return cond
+
+    async def ab_arm_counts(self, test: AbTestRow, cap: int | None) -> dict[str, ArmCount]:
+        """Votes per arm for the jokes served during ``test``, counted in SQL.
+
+        A vote is one (user, joke) row (a changed vote replaces the old one, so repeats never
+        stack); each voter counts at most ``cap`` votes per arm, earliest first, so no one
+        person decides a test. Jokes of the candidate's version are its arm; every other joke
+        served during the test came from the active model (the control arm).
+        """
+        arm = case((JokeRow.model_version == test.candidate, "candidate"), else_="control")
+        window = self._ab_window(test)
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=(arm, RatingRow.user_id),
+                order_by=(RatingRow.created_at, RatingRow.id),
+            )
+            .label("n")
+        )
+        votes = (
+            select(
+                arm.label("arm"),
+                RatingRow.user_id.label("voter"),
+                case((RatingRow.value > 0, 1), else_=0).label("up"),
+                rank,
+            )
+            .join(RatingRow, RatingRow.joke_id == JokeRow.id)
+            .where(window)
+            .subquery()
+        )
+        counted = select(
+            votes.c.arm,
+            func.coalesce(func.sum(votes.c.up), 0),
+            func.count(),
+            func.count(distinct(votes.c.voter)),
+        ).group_by(votes.c.arm)
+        if cap is not None:
+            counted = counted.where(votes.c.n <= cap)
+        raw = select(votes.c.arm, func.count()).group_by(votes.c.arm)
+        jokes = select(arm.label("arm"), func.count()).where(window).group_by(arm)
+        async with self.session() as s:
+            got = {a: (int(u), int(v), int(n)) for a, u, v, n in (await s.execute(counted)).all()}
+            raw_n = {a: int(n) for a, n in (await s.execute(raw)).all()}
+            joke_n = {a: int(n) for a, n in (await s.execute(jokes)).all()}
+        out = {}
+        for name in ("control", "candidate"):
+            likes, voted, voters = got.get(name, (0, 0, 0))
+            out[name] = ArmCount(
+                name, likes, voted, voters, raw_n.get(name, 0), joke_n.get(name, 0)
+            )
+        return out
+
+    async def like_rate_series(
+        self, since: datetime | None = None, bucket: str = "day"
+    ) -> list[tuple[str, str, int, int]]:
+        """(model_version, bucket start, likes, votes) per version and day (or hour) of the
+        jokes' creation, oldest first; each user's current vote on a joke counts once."""
+        if bucket not in ("day", "hour"):
+            raise ValueError("bucket must be 'day' or 'hour'")
+        if self.is_sqlite:
+            fmt = "%Y-%m-%d" if bucket == "day" else "%Y-%m-%dT%H:00"
+            key = func.strftime(fmt, JokeRow.created_at)
+        else:
+            fmt = "YYYY-MM-DD" if bucket == "day" else 'YYYY-MM-DD"T"HH24:00'
+            key = func.to_char(func.timezone("UTC", JokeRow.created_at), fmt)
+        key = key.label("bucket")
+        q = (
+            select(
+                JokeRow.model_version,
+                key,
+                func.coalesce(func.sum(case((RatingRow.value > 0, 1), else_=0)), 0),
+                func.count(),
+            )
+            .join(RatingRow, RatingRow.joke_id == JokeRow.id)
+            .group_by(JokeRow.model_version, key)
+            .order_by(key, JokeRow.model_version)
+        )
+        if since is not None:
+            q = q.where(JokeRow.created_at >= since)
+        async with self.session() as s:
+            return [(mv, str(b), int(u), int(n)) for mv, b, u, n in (await s.execute(q)).all()]
+
     # ------------------------------------------------------------------ helpers
 
     def _insert(self, table: type[Base]) -> Any:
@@ -695,6 +976,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 __all__ = [
+    "AbTestBusy",
+    "AbTestRow",
+    "ArmCount",
     "Base",
     "ImageRow",
     "JokeRow",

@@ -49,8 +49,12 @@ EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the lock
 
 @hookimpl
 def oogiri_register_commands(cli: Any) -> None:
+    from training.bootstrap_cli import data_cli, model_cli
+
     cli.add_typer(train_cli, name="train")
     cli.add_typer(models_cli, name="models")
+    cli.add_typer(model_cli, name="model")
+    cli.add_typer(data_cli, name="data")
 
 
 @hookimpl
@@ -210,9 +214,12 @@ def make_progress() -> Progress:
 
 
 def print_result(result: RunResult) -> None:
-    colour = {"succeeded": "green", "rejected": "yellow", "skipped": "yellow"}.get(
-        result.status, "red"
-    )
+    colour = {
+        "succeeded": "green",
+        "testing": "cyan",
+        "rejected": "yellow",
+        "skipped": "yellow",
+    }.get(result.status, "red")
     console.print(f"run #{result.run_id}: [{colour}]{result.status}[/{colour}]", highlight=False)
     if result.version:
         promoted = "promoted" if result.promoted else "not promoted"
@@ -379,11 +386,25 @@ def setup_cmd(
     extra: Annotated[
         list[str] | None, typer.Option("--extra", help="one more package to install (repeatable)")
     ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="InternVL2 folder the check builds a one-sample data set from"),
+    ] = None,
+    reuse_system: Annotated[
+        bool, typer.Option(help="with --wheels: take lock entries without a wheel from the system")
+    ] = False,
 ) -> None:
-    """Create the training venv (XTuner 0.2.0 and its pins) and check it."""
+    """Create the training venv (training/requirements-xtuner.txt) and check it."""
     import subprocess
 
-    from training.environment import check_venv, download_steps, setup_steps, venv_python
+    from training.bootstrap import apply_defaults
+    from training.environment import (
+        VenvMissing,
+        check_venv,
+        download_steps,
+        setup_steps,
+        venv_python,
+    )
 
     settings = load_settings()
     if download is not None:
@@ -391,7 +412,9 @@ def setup_cmd(
             print(step.shell())
         return
     target = Path(venv or settings.training.venv or settings.data_dir / "xtuner-venv")
-    steps = setup_steps(target, python, wheels, system_site_packages, tuple(extra or ()))
+    steps = setup_steps(
+        target, python, wheels, system_site_packages, tuple(extra or ()), reuse_system
+    )
     if print_only:
         for step in steps:
             print(step.shell())
@@ -407,7 +430,14 @@ def setup_cmd(
             if rc != 0:
                 console.print(f"[red]failed ({rc})[/red]: {step.description}")
                 raise typer.Exit(EXIT_FAILED)
-    report, problems, warnings = check_venv(venv_python(target))
+    if check_only and venv is None and settings.training.xtuner_python is not None:
+        target = Path(settings.training.xtuner_python).parent.parent
+    check_model = model or apply_defaults(settings).training.base_model
+    try:
+        report, problems, warnings = check_venv(venv_python(target), check_model)
+    except VenvMissing as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
     print(json.dumps(report, indent=2))
     for w in warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)

@@ -9,9 +9,11 @@ the held-out images:
 - ``SanityStep``: the candidate's own jokes for the held-out images must be non-empty, in the
   expected language, of sane length and not repetitive, for at least ``gate_min_sanity`` of them.
 
-A live A/B step (a share of traffic to the candidate, compared on like-rate with a proper test)
-fits the same interface: it returns ``Check(pending=True)`` until enough votes are in, and the
-decision is then ``pending`` instead of passed or failed.
+- ``LiveAbStep`` (``ab.enabled``, the default): the users decide. Once the offline checks pass
+  and there is an active model to compare with, it returns ``Check(pending=True)``; the decision
+  is then ``pending``, the run registers the candidate as ``testing`` and starts a live A/B test
+  (training/ab.py), and the run ends as "testing". The test is decided later, on real votes,
+  by ``bot.abstats.decide`` (promote / reject / wait / timeout).
 
 Losses come from an ``Evaluator``. ``SubprocessEvaluator`` runs ``evaluate_hf.py`` (transformers)
 with the training venv's python, because InternVL2's remote code needs transformers 4.x; tests
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from bot.ab_settings import AbSettings
 from bot.settings import TrainingSettings
 
 EVALUATE_SCRIPT = Path(__file__).with_name("evaluate_hf.py")
@@ -373,5 +376,47 @@ class Gate:
         return GateDecision(passed=passed, pending=pending, checks=checks)
 
 
-def default_gate() -> Gate:
-    return Gate([HeldoutLossStep(), SanityStep()])
+class LiveAbStep:
+    """Pending: the candidate goes to a live A/B test on a share of users (see the module doc).
+
+    Without an active model there is nothing to compare with: it passes (the first model is
+    promoted on the offline checks). If an earlier check failed the gate fails anyway (a
+    pending decision needs every other check passed), so no test starts.
+    """
+
+    name = "live_ab"
+
+    def __init__(self, share: float, min_votes: int, min_effect: float, max_days: float) -> None:
+        self.share = share
+        self.min_votes = min_votes
+        self.min_effect = min_effect
+        self.max_days = max_days
+
+    async def check(self, ctx: GateContext) -> Check:
+        metrics = {
+            "share": self.share,
+            "min_votes": self.min_votes,
+            "min_effect": self.min_effect,
+            "max_days": self.max_days,
+        }
+        if ctx.active_version is None:
+            return Check(
+                self.name, True, "no active model to compare with: nothing to test", metrics=metrics
+            )
+        return Check(
+            self.name,
+            False,
+            f"live A/B test: {self.share:.0%} of users get the candidate beside "
+            f"{ctx.active_version}; decided on at least {self.min_votes} votes per arm "
+            f"(minimum lift {self.min_effect:.0%}, at most {self.max_days:g} days)",
+            pending=True,
+            metrics=metrics,
+        )
+
+
+def default_gate(ab: AbSettings | None = None) -> Gate:
+    """The offline checks, then (when ``ab.enabled``) the live A/B step."""
+    steps: list[GateStep] = [HeldoutLossStep(), SanityStep()]
+    if ab is not None and ab.enabled:
+        steps.append(LiveAbStep(ab.share, ab.min_votes, ab.min_effect, ab.max_days))
+    return Gate(steps)

@@ -35,7 +35,7 @@ from typing import Any, Protocol, TextIO
 from bot.plugins import call_hook
 from bot.settings import Settings, TrainingSettings
 from bot.tinymodel import MARKER, read_marker
-from training.config import ConfigError, Plan, TrainParams, write_config
+from training.config import ConfigError, Plan, TrainParams, min_schedule_samples, write_config
 from training.export import ExportResult, NotEnoughData, export_dataset
 from training.gate import (
     EvalResult,
@@ -52,7 +52,17 @@ from training.schedule import DueDecision, check_due
 
 log = logging.getLogger(__name__)
 
-STEPS = ("export", "config", "train", "convert", "restore_code", "evaluate", "register", "promote")
+STEPS = (
+    "export",
+    "config",
+    "train",
+    "convert",
+    "restore_code",
+    "evaluate",
+    "register",
+    "promote",
+    "ab_test",
+)
 PASSTHROUGH_ENV = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT")
 CONVERT_RELPATH = Path("configs/internvl/v1_5/convert_to_official.py")
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json")
@@ -280,6 +290,25 @@ def world_size(env: Mapping[str, str]) -> int:
         raise ConfigError(f"NPROC_PER_NODE/NNODES must be integers: {exc}") from exc
 
 
+def check_schedule_data(t: TrainingSettings, samples: int, gpus: int) -> None:
+    """Too few samples for the schedule is a shortage of data: skip the run, do not fail it.
+
+    Below ``min_schedule_samples`` the warm-up rounds to fewer than 2 iterations and the config
+    check would refuse the run; on a new deployment that used to record failed runs (issue 15 D).
+    """
+    need = min_schedule_samples(
+        t.batch_size, t.accumulative_counts, gpus, t.max_epochs, t.warmup_ratio
+    )
+    if samples < need:
+        raise NotEnoughData(
+            f"{samples} training sample(s) (rated + base mix), but the training schedule needs at "
+            f"least {need} (batch_size {t.batch_size} × accumulative_counts "
+            f"{t.accumulative_counts} × {gpus} GPU(s), {t.max_epochs} epoch(s), warmup_ratio "
+            f"{t.warmup_ratio}: fewer round the warm-up below 2 iterations); waiting for more "
+            "ratings"
+        )
+
+
 def check_launch(t: TrainingSettings, env: Mapping[str, str]) -> list[str]:
     problems = []
     if t.xtuner_python is None:
@@ -357,7 +386,7 @@ def restore_remote_code(base: Path, model_dir: Path) -> list[str]:
 @dataclass
 class RunResult:
     run_id: int
-    status: str  # succeeded | rejected | failed | skipped
+    status: str  # succeeded | testing | rejected | failed | skipped
     step: str | None = None
     version: str | None = None
     model_dir: Path | None = None
@@ -379,14 +408,17 @@ class TrainingPipeline:
         gate: Gate | None = None,
         events: RunEvents | None = None,
         env: Mapping[str, str] | None = None,
+        exporter: Callable[[Path], Awaitable[ExportResult]] | None = None,
     ) -> None:
         self.settings = settings
+        # the data step: ratings by default; `oogiri train bootstrap` trains on a prepared set
+        self.exporter = exporter
         self.t = settings.training
         self.store = store
         self.pm = pm
         self.promoter = promoter or CommandPromoter(self.t.promote_command)
         self.evaluator = evaluator
-        self.gate = gate or default_gate()
+        self.gate = gate or default_gate(settings.ab)
         self.events = events or RunEvents()
         self.env = training_env(self.t, env)
         self.work_dir = work_dir_of(settings)
@@ -502,6 +534,7 @@ class TrainingPipeline:
         started = time.perf_counter()
         t0 = started
         registered = False
+        testing = False
 
         async def enter(name: str) -> None:
             nonlocal step, t0
@@ -522,7 +555,11 @@ class TrainingPipeline:
 
             # 1. export
             try:
-                export = await export_dataset(store, self.t, run_dir / "data", pm=self.pm)
+                if self.exporter is not None:
+                    export = await self.exporter(run_dir / "data")
+                else:
+                    export = await export_dataset(store, self.t, run_dir / "data", pm=self.pm)
+                check_schedule_data(self.t, export.train_samples, world_size(self.env))
             except NotEnoughData as exc:
                 self._say(f"skipped: {exc}")
                 timings[step] = round(time.perf_counter() - t0, 3)
@@ -637,7 +674,7 @@ class TrainingPipeline:
                 version,
                 str(model_dir),
                 parent=parent,
-                status="candidate" if decision.passed else "rejected",
+                status="candidate" if decision.passed or decision.pending else "rejected",
                 metrics=_jsonable({k: metrics[k] for k in ("plan", "train", "eval", "gate")}),
                 data_card=_jsonable(export.data_card),
                 config=config_path.read_text(encoding="utf-8"),
@@ -650,12 +687,19 @@ class TrainingPipeline:
                 await promote_version(store, self.pm, self.promoter, version)
                 result.promoted = True
                 self._say(f"promoted {version} (previous: {parent})")
-            elif decision.passed:
+            elif decision.pending and promote:
+                # the live A/B step: the users decide (training/ab.py); the run ends "testing"
+                await enter("ab_test")
+                testing = await self._start_ab_test(version, parent, run_id, metrics)
+            elif decision.passed or decision.pending:
                 self._say(f"{version} passed the gate; not promoted (auto_promote off)")
             else:
                 self._say(f"{version} rejected by the gate; {parent} stays active")
             timings[step] = round(time.perf_counter() - t0, 3)
-            result.status = "succeeded" if decision.passed else "rejected"
+            if decision.passed or (decision.pending and not testing):
+                result.status = "succeeded"
+            else:
+                result.status = "testing" if testing else "rejected"
             result.step = step
         except Exception as exc:
             timings[step] = round(time.perf_counter() - t0, 3)
@@ -680,6 +724,31 @@ class TrainingPipeline:
         metrics["total_s"] = round(time.perf_counter() - started, 3)
         await self._finish(result, metrics)
         return result
+
+    async def _start_ab_test(
+        self, version: str, parent: str | None, run_id: int, metrics: dict[str, Any]
+    ) -> bool:
+        """Start the candidate's live test; False (and the candidate stays registered) when
+        another test is still running."""
+        from bot.store import AbTestBusy
+        from training.ab import start_test
+
+        assert parent is not None  # LiveAbStep passes when there is no active model
+        try:
+            test = await start_test(self.store, self.settings, version, parent, run_id=run_id)
+        except AbTestBusy as exc:
+            self._say(
+                f"{version} passed the offline gate, but {exc}: start its test later with "
+                f"`oogiri models ab start {version}`"
+            )
+            return False
+        metrics["ab_test"] = test.id
+        self._say(
+            f"{version} passed the offline gate; live A/B test #{test.id} started: "
+            f"{test.share:.0%} of users get it beside {parent}, which stays active until the "
+            "users decide (`oogiri models ab status`)"
+        )
+        return True
 
     async def _train(
         self, config: Path, work: Path, plan: Plan, export: ExportResult
@@ -770,6 +839,21 @@ async def mark_interrupted(store: Any) -> list[int]:
     return stale
 
 
+async def tick_ab_tests(settings: Settings, store: Any, kwargs: Mapping[str, Any]) -> Any:
+    """Decide the running A/B test (the CronJob's tick); returns the test still running."""
+    if await store.running_ab_test() is None:
+        return None
+    from training.ab import decide_tests
+    from training.ab_plugin import notify_serve
+
+    promoter = kwargs.get("promoter") or CommandPromoter(settings.training.promote_command)
+    for outcome in await decide_tests(
+        store, settings, kwargs.get("pm"), promoter, on_ended=notify_serve(settings)
+    ):
+        log.info("A/B test #%d: %s (%s)", outcome.test_id, outcome.outcome, outcome.reason)
+    return await store.running_ab_test()
+
+
 async def run_guarded(
     settings: Settings,
     store: Any,
@@ -782,8 +866,16 @@ async def run_guarded(
     async with training_lock(store, work_dir_of(settings)):
         await mark_interrupted(store)
         if if_due:
+            # a running live A/B test is decided first; while it runs, no new candidate
+            running = await tick_ab_tests(settings, store, pipeline_kwargs)
+            if running is not None:
+                return DueDecision(
+                    False, [f"A/B test #{running.id} of {running.candidate} is still running"]
+                )
             decision = await check_due(store, settings.training)
             if not decision.due:
                 return decision
-        pipeline = TrainingPipeline(settings, store, **pipeline_kwargs)
+        from training.bootstrap import apply_defaults  # bootstrap imports this module
+
+        pipeline = TrainingPipeline(apply_defaults(settings), store, **pipeline_kwargs)
         return await pipeline.run(promote=promote)

@@ -13,7 +13,7 @@ from typing import Any
 from bot.settings import TrainingSettings
 
 # Runs that count as "we trained (or tried on enough data)" for the period.
-COMPLETED = ("succeeded", "rejected", "skipped")
+COMPLETED = ("succeeded", "testing", "rejected", "skipped")
 
 
 def aware(dt: datetime | None) -> datetime | None:

@@ -751,7 +751,14 @@ class ControlServer:
                 request = {}
             op = request.get("op")
             engine = self.app.engine
-            if op == "status":
+            engine = getattr(engine, "base_engine", engine)  # under an A/B router (bot/ab.py)
+            extra_op = self.app.state.get("control_ops", {}).get(op)
+            if extra_op is not None:  # ops that plugins add, e.g. the A/B plugin's "ab_sync"
+                try:
+                    send({"ok": True, "result": await extra_op(request)})
+                except Exception as exc:
+                    send({"ok": False, "error": f"{op} failed: {exc}"})
+            elif op == "status":
                 health = await engine.health()
                 status = engine.status() if hasattr(engine, "status") else {"engine": engine.name}
                 status["health"] = {"ok": health.ok, "model": health.model, "detail": health.detail}

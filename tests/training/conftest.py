@@ -27,4 +27,6 @@ def tsettings(tmp_path: Path) -> Settings:
         store={"url": f"sqlite+aiosqlite:///{tmp_path / 'db' / 'oogiri.sqlite3'}"},
         # the fixtures' data sets hold out 1-3 answers; test_training_gate covers the minimum
         training={"gate_min_heldout": 1},
+        # the offline pipeline; the live A/B step has its own tests (test_ab_live.py)
+        ab={"enabled": False},
     )

@@ -1,0 +1,296 @@
+"""Serving two model versions at once: which user gets which arm, and the engine that routes.
+
+A live A/B test (training/ab.py decides it, ``ab_tests`` in the store records it) serves the
+candidate to a share of users beside the active model. :class:`ArmsEngine` wraps the served
+engine and sends each request to one arm:
+
+* **sticky per user**: the arm is a hash of (test id, channel:user) — the same person always sees
+  the same model for the whole test, a new test reshuffles everyone, and no state is kept;
+* the routing key comes from the request through a context variable that the A/B plugin sets in
+  ``oogiri_before_joke`` (the engine protocol carries no user), so requests without one (warm-up)
+  go to the active model;
+* users never see which arm answered; each joke records the version that really answered
+  (``Generation.model`` of the arm's engine);
+* a candidate that fails (down, overloaded) never fails the user: the active model answers
+  instead, and the miss is counted.
+
+The store and the decision rule know nothing of engines; the engine knows nothing of votes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from bot.abstats import AbDecision, AbRule, Arm, decide, rollback_check
+from bot.engines.base import Engine, EngineHealth
+from bot.models import EngineBusy, EngineError, Generation, GenerationParams, NormalizedImage
+from bot.store import AbTestRow, ArmCount
+
+log = logging.getLogger(__name__)
+
+#: "channel:user_id" of the request being answered (set by the A/B plugin's oogiri_before_joke).
+ROUTING_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "oogiri_ab_routing_key", default=None
+)
+
+
+def bucket(test_id: int, key: str) -> float:
+    """A uniform number in [0, 1) fixed by (test, user): the user's place in the test."""
+    digest = hashlib.sha256(f"oogiri-ab:{test_id}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign(test_id: int, key: str | None, share: float) -> str:
+    """ "candidate" for a ``share`` of users (sticky), else "control"; no key: "control"."""
+    if key is None or share <= 0:
+        return "control"
+    return "candidate" if bucket(test_id, key) < share else "control"
+
+
+class AbMetrics:
+    """Prometheus series of live tests (added to the app's registry once)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.routed = Counter(
+            "oogiri_ab_requests",
+            "Requests answered per A/B arm (a failed candidate request is answered by control)",
+            ["test", "arm", "version"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "oogiri_ab_candidate_failures",
+            "Candidate-arm requests that failed and were answered by the active model",
+            ["test", "version"],
+            registry=registry,
+        )
+        self.votes = Gauge(
+            "oogiri_ab_votes",
+            "Votes counted per arm of the running (or latest) test, after per-voter caps",
+            ["test", "arm", "version"],
+            registry=registry,
+        )
+        self.likes = Gauge(
+            "oogiri_ab_likes",
+            "Likes counted per arm",
+            ["test", "arm", "version"],
+            registry=registry,
+        )
+        self.like_rate = Gauge(
+            "oogiri_ab_like_rate",
+            "Like-rate per arm (NaN before the first vote)",
+            ["test", "arm", "version"],
+            registry=registry,
+        )
+        self.share = Gauge(
+            "oogiri_ab_share", "Share of users served the small arm", ["test"], registry=registry
+        )
+        self.decision = Gauge(
+            "oogiri_ab_decision",
+            "1 for the test's current decision (promote, reject, wait, timeout)",
+            ["test", "kind", "outcome"],
+            registry=registry,
+        )
+        self.running = Gauge(
+            "oogiri_ab_running", "1 while a live test is served by this process", registry=registry
+        )
+        self.rollbacks = Gauge(
+            "oogiri_model_rollbacks",
+            "Automatic rollbacks after a promotion disappointed (from the store)",
+            registry=registry,
+        )
+
+
+def ab_metrics(metrics: Any) -> AbMetrics:
+    """The A/B series of an app's ``Metrics`` (created on first use)."""
+    existing = getattr(metrics, "_ab_metrics", None)
+    if existing is None:
+        existing = AbMetrics(metrics.registry)
+        metrics._ab_metrics = existing
+    return existing
+
+
+class ArmsEngine:
+    """The served engine plus a candidate arm; see the module docstring."""
+
+    def __init__(
+        self,
+        control: Engine,
+        candidate: Engine,
+        *,
+        test_id: int,
+        share: float,
+        candidate_version: str,
+        metrics: AbMetrics | None = None,
+    ) -> None:
+        self.control = control
+        self.candidate = candidate
+        self.test_id = test_id
+        self.share = share
+        self.candidate_version = candidate_version
+        self.metrics = metrics
+        self.name = control.name
+        self.in_flight = {"control": 0, "candidate": 0}
+        self.routed = {"control": 0, "candidate": 0, "fallback": 0}
+
+    @property
+    def base_engine(self) -> Engine:
+        """The engine this one wraps (the control socket swaps models on it)."""
+        return getattr(self.control, "base_engine", self.control)
+
+    def arm_for(self, key: str | None) -> str:
+        return assign(self.test_id, key, self.share)
+
+    async def generate(
+        self, image: NormalizedImage, prompt: str, params: GenerationParams
+    ) -> Generation:
+        arm = self.arm_for(ROUTING_KEY.get())
+        if arm == "candidate":
+            self.in_flight["candidate"] += 1
+            try:
+                generation = await self.candidate.generate(image, prompt, params)
+            except (EngineError, EngineBusy) as exc:
+                # The user asked for a joke, not for an experiment: the active model answers.
+                log.warning("A/B candidate %s failed (%s); the active model answers",
+                            self.candidate_version, exc)  # fmt: skip
+                self.routed["fallback"] += 1
+                if self.metrics is not None:
+                    self.metrics.fallbacks.labels(str(self.test_id), self.candidate_version).inc()
+            else:
+                self._count("candidate", generation.model)
+                return generation
+            finally:
+                self.in_flight["candidate"] -= 1
+        self.in_flight["control"] += 1
+        try:
+            generation = await self.control.generate(image, prompt, params)
+        finally:
+            self.in_flight["control"] -= 1
+        self._count("control", generation.model)
+        return generation
+
+    def _count(self, arm: str, version: str) -> None:
+        self.routed[arm] += 1
+        if self.metrics is not None:
+            self.metrics.routed.labels(str(self.test_id), arm, version).inc()
+
+    async def drain_candidate(self, timeout_s: float, poll_s: float = 0.05) -> bool:
+        """Wait for requests still out on the candidate (after routing moved away from it)."""
+        import asyncio
+
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight["candidate"]:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
+        return True
+
+    async def health(self) -> EngineHealth:
+        health = await self.control.health()
+        extra = dict(health.extra)
+        extra["ab"] = self.status()
+        return EngineHealth(ok=health.ok, model=health.model, detail=health.detail, extra=extra)
+
+    def status(self) -> dict[str, Any]:
+        inner = self.control.status() if hasattr(self.control, "status") else {}
+        return {
+            **inner,
+            "ab_test": self.test_id,
+            "ab_share": self.share,
+            "ab_candidate": self.candidate_version,
+            "ab_routed": dict(self.routed),
+        }
+
+    async def close(self) -> None:
+        try:
+            await self.candidate.close()
+        finally:
+            await self.control.close()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def aware(dt: datetime | None) -> datetime | None:
+    """SQLite hands datetimes back without a zone; they were written in UTC."""
+    if dt is None:
+        return None
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
+def rule_of(test: AbTestRow) -> AbRule:
+    names = {f.name for f in fields(AbRule)}
+    return AbRule(**{k: v for k, v in (test.rule or {}).items() if k in names})
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluation:
+    """A test's counts and what the rule says about them now."""
+
+    test: AbTestRow
+    control: ArmCount
+    candidate: ArmCount
+    decision: AbDecision
+    elapsed_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.test
+        d = self.decision.to_dict()
+        if t.kind == "watch":  # rollback_check names them previous (small arm) and current
+            d["control_rate"], d["candidate_rate"] = d["candidate_rate"], d["control_rate"]
+            d["control_interval"], d["candidate_interval"] = (
+                d["candidate_interval"],
+                d["control_interval"],
+            )
+        return {
+            "id": t.id,
+            "kind": t.kind,
+            "status": t.status,
+            "control": t.control,
+            "candidate": t.candidate,
+            "share": t.share,
+            "rule": t.rule,
+            "run_id": t.run_id,
+            "started_at": _iso(t.started_at),
+            "ended_at": _iso(t.ended_at),
+            "elapsed_s": round(self.elapsed_s, 1),
+            "reason": t.reason,
+            "arms": {
+                "control": {**asdict(self.control), "version": t.control},
+                "candidate": {**asdict(self.candidate), "version": t.candidate},
+            },
+            "decision": d,
+        }
+
+
+def _iso(dt: datetime | None) -> str | None:
+    dt = aware(dt)
+    return dt.isoformat() if dt else None
+
+
+async def evaluate(store: Any, test: AbTestRow, now: datetime | None = None) -> Evaluation:
+    """Count the arms (SQL, capped per voter) and apply the test's rule; acts on nothing."""
+    now = now or datetime.now(UTC)
+    cap = (test.rule or {}).get("per_voter_cap")
+    counts = await store.ab_arm_counts(test, cap)
+    control, candidate = counts["control"], counts["candidate"]
+    end = aware(test.ended_at) or now
+    elapsed = max(0.0, (end - (aware(test.started_at) or now)).total_seconds())
+    rule = rule_of(test)
+    c_arm, k_arm = Arm(control.likes, control.votes), Arm(candidate.likes, candidate.votes)
+    if test.kind == "watch":
+        margin = float((test.rule or {}).get("margin", 0.0))
+        decision = rollback_check(k_arm, c_arm, margin, rule, elapsed)
+    else:
+        decision = decide(c_arm, k_arm, rule, elapsed)
+    return Evaluation(test, control, candidate, decision, elapsed)
