@@ -3,8 +3,11 @@
 XTuner 0.2.0 needs transformers 4.48 (LMDeploy needs >= 4.56), so training gets its own venv.
 It is created with ``--system-site-packages`` so the machine's CUDA build of torch is reused (no
 multi-GB download, none possible offline); the venv's own pinned packages shadow the system ones.
-The pins are the recipe measured on the device (see shared FIELD-NOTES): ``--no-deps`` on purpose,
-because XTuner's declared pins (bitsandbytes 0.45, …) do not work on torch 2.11/CUDA 13.
+The pins live in one lock file, ``training/requirements-xtuner.txt``, which the training image
+(deploy/train.Dockerfile) installs too: ``--no-deps`` on purpose, because XTuner's declared pins
+(bitsandbytes 0.45, opencv-python, …) do not work on torch 2.11/CUDA 13. The lock holds everything
+XTuner's InternVL path and InternVL's model code import (scikit-image, matplotlib, OpenCV, timm,
+…); ``oogiri train setup --check`` imports them and builds a one-sample data set.
 
 Offline machines: ``oogiri train setup --download DIR`` prints the ``pip download`` commands to
 run where PyPI is reachable; then ``oogiri train setup --wheels DIR`` installs from that folder.
@@ -25,51 +28,64 @@ TRANSFORMERS_VERSION = "4.48.0"
 MMENGINE_VERSION = "0.10.6"
 MIN_BITSANDBYTES = (0, 48)
 
-# Installed with --no-deps (every dependency listed), in this order.
-PINS: tuple[str, ...] = (
-    f"xtuner=={XTUNER_VERSION}",
-    f"mmengine=={MMENGINE_VERSION}",
-    f"transformers=={TRANSFORMERS_VERSION}",
-    "tokenizers==0.21.0",
-    "huggingface_hub==0.27.1",
-    "peft==0.14.0",
-    "accelerate==1.2.1",
-    "datasets==3.2.0",
-    "dill==0.3.8",
-    "multiprocess==0.70.16",
-    "fsspec==2024.9.0",
-    "xxhash",
-    "pyarrow",
-    "pydantic==2.10.6",
-    "pydantic-core==2.27.2",
-    "annotated-types",
-    "hjson",
-    "loguru",
-    "addict",
-    "yapf",
-    "termcolor",
-    "platformdirs",
+# The one lock file of the training venv, shared with deploy/train.Dockerfile.
+LOCK_FILE = Path(__file__).with_name("requirements-xtuner.txt")
+
+
+def read_lock(path: Path = LOCK_FILE) -> tuple[str, ...]:
+    """The requirement lines of the lock (comments and blank lines dropped)."""
+    lines = []
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            lines.append(line)
+    return tuple(lines)
+
+
+def _name(req: str) -> str:
+    return req.split("==", 1)[0].strip().lower().replace("_", "-")
+
+
+_LOCK = read_lock()
+# Installed with --no-deps (every dependency is in the lock), in one pip call.
+PINS: tuple[str, ...] = tuple(r for r in _LOCK if _name(r) != "deepspeed")
+# an sdist: built with DS_BUILD_OPS=0 against the system torch, in its own step
+DEEPSPEED = next(r for r in _LOCK if _name(r) == "deepspeed")
+
+# What XTuner 0.2.0's InternVL path and InternVL's model code import at run time (beyond the pins'
+# own names): a missing one is a failed check, not a failed training run hours later.
+RUNTIME_IMPORTS = (
+    "torch",
+    "torchvision",
+    "transformers",
+    "tokenizers",
+    "mmengine",
+    "xtuner",
+    "peft",
+    "bitsandbytes",
+    "deepspeed",
+    "accelerate",
+    "datasets",
+    "timm",
+    "skimage",
+    "matplotlib",
+    "cv2",
+    "scipy",
     "einops",
     "sentencepiece",
-    "bitsandbytes==0.50.2",  # 0.45.0 (XTuner's pin) has no CUDA 13 build and imports triton.ops
-    "msgpack",
-    "ninja",
-    "py-cpuinfo",
-    "nvidia-ml-py",
 )
-DEEPSPEED = "deepspeed==0.16.2"  # an sdist: built with DS_BUILD_OPS=0 against the system torch
 
 CHECK_SCRIPT = r"""
-import importlib, importlib.util, json, pathlib, sys
+import importlib, importlib.util, json, os, pathlib, sys, tempfile, traceback
 out = {"python": sys.version.split()[0], "executable": sys.executable, "versions": {}, "errors": {}}
-for name in ("torch", "transformers", "tokenizers", "mmengine", "xtuner", "peft", "bitsandbytes",
-             "deepspeed", "accelerate", "datasets"):
+for name in __IMPORTS__:
     try:
         mod = importlib.import_module(name)
         out["versions"][name] = getattr(mod, "__version__", "?")
     except Exception as exc:
         out["errors"][name] = f"{type(exc).__name__}: {exc}"
 try:
+    import xtuner.dataset  # noqa: F401  (imports scikit-image, matplotlib, mmengine's OpenCV)
     from xtuner.model import InternVL_V1_5  # noqa: F401
     from xtuner.dataset import InternVL_V1_5_Dataset  # noqa: F401
     out["xtuner_internvl"] = True
@@ -82,14 +98,52 @@ if spec and spec.submodule_search_locations:
     p = p / "configs" / "internvl" / "v1_5" / "convert_to_official.py"
     out["convert_script"] = str(p)
     out["convert_script_exists"] = p.is_file()
+model = os.environ.get("OOGIRI_CHECK_MODEL")
+if model and out.get("xtuner_internvl"):
+    out["model"] = model
+    mdir = pathlib.Path(model)
+    # InternVL's own model code (a real download has it; timm is imported by InternViT's)
+    if (mdir / "modeling_internvl_chat.py").is_file():
+        try:
+            from transformers.dynamic_module_utils import get_class_from_dynamic_module
+            get_class_from_dynamic_module("modeling_internvl_chat.InternVLChatModel", model)
+            out["model_code"] = True
+        except Exception as exc:
+            out["model_code"] = False
+            out["errors"]["model_code"] = f"{type(exc).__name__}: {exc}"
+    else:
+        out["model_code"] = None
+    # a one-sample data set, built and tokenised exactly as training will
+    try:
+        from PIL import Image
+        from xtuner.dataset import InternVL_V1_5_Dataset
+        from xtuner.utils import PROMPT_TEMPLATE
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="oogiri-check-"))
+        Image.new("RGB", (96, 64), (200, 120, 40)).save(tmp / "a.jpg")
+        item = {"id": "check-0", "image": ["a.jpg"], "conversations": [
+            {"from": "human", "value": "<image>\n" + __PROMPT__},
+            {"from": "gpt", "value": "这只猫刚刚发现冰箱是空的。"}]}
+        (tmp / "one.json").write_text(json.dumps([item], ensure_ascii=False), encoding="utf-8")
+        ds = InternVL_V1_5_Dataset(model_path=model, template=dict(PROMPT_TEMPLATE.internlm2_chat),
+                                   data_paths=[str(tmp / "one.json")], image_folders=[str(tmp)],
+                                   max_length=8192)
+        sample = ds[0]
+        out["dataset"] = {"samples": len(ds), "input_ids": len(sample["input_ids"]),
+                          "pixel_values": list(sample["pixel_values"].shape)}
+    except Exception as exc:
+        out["dataset"] = None
+        out["errors"]["dataset"] = f"{type(exc).__name__}: {exc}"
+        out["dataset_traceback"] = traceback.format_exc()[-2000:]
 try:
     import torch
     out["cuda"] = bool(torch.cuda.is_available())
     out["gpus"] = torch.cuda.device_count()
 except Exception:
     out["cuda"] = False
-print("OOGIRI-CHECK " + json.dumps(out))
-"""
+print("OOGIRI-CHECK " + json.dumps(out, ensure_ascii=False))
+""".replace("__IMPORTS__", repr(RUNTIME_IMPORTS)).replace(
+    "__PROMPT__", repr("请你根据这张图片，讲一个脑洞大开的梗")
+)
 
 TORCHRUN_SHIM = """#!{python}
 # torchrun bound to this venv (the system torchrun would start workers with the system python)
@@ -119,6 +173,15 @@ def _quote(arg: str) -> str:
     import shlex
 
     return shlex.quote(arg)
+
+
+def wheel_names(folder: Path) -> set[str]:
+    """Normalised project names of the wheels and sdists in ``folder``."""
+    names = set()
+    for f in Path(folder).iterdir():
+        if f.suffix == ".whl" or f.name.endswith(".tar.gz"):
+            names.add(f.name.split("-", 1)[0].lower().replace("_", "-"))
+    return names
 
 
 def venv_python(venv: Path) -> Path:
@@ -178,9 +241,19 @@ def setup_steps(
     wheels: Path | None = None,
     system_site_packages: bool = True,
     extra: tuple[str, ...] = (),
+    reuse_system: bool = False,
 ) -> list[Step]:
-    """Create the venv, install the pins, DeepSpeed, a venv-bound torchrun."""
+    """Create the venv, install the pins, DeepSpeed, a venv-bound torchrun.
+
+    ``reuse_system`` (with ``wheels``): lock entries without a wheel in that folder are taken
+    from the machine's own packages (an offline box that already has numpy, OpenCV, …); the
+    check then shows which versions those are.
+    """
     venv = Path(venv)
+    pins = PINS
+    if wheels is not None and reuse_system:
+        have = wheel_names(wheels)
+        pins = tuple(p for p in PINS if _name(p) in have)
     create = [python, "-m", "venv"]
     if system_site_packages:
         create.append("--system-site-packages")
@@ -194,7 +267,7 @@ def setup_steps(
     return [
         Step("create the venv", create),
         *(link if system_site_packages else []),
-        Step("install XTuner and its pinned dependencies", [*_pip(venv, wheels), *PINS, *extra]),
+        Step("install XTuner and its pinned dependencies", [*_pip(venv, wheels), *pins, *extra]),
         Step(
             "install DeepSpeed without building its CUDA ops",
             [*_pip(venv, wheels), "--no-build-isolation", DEEPSPEED],
@@ -257,7 +330,16 @@ def check_problems(report: dict[str, Any]) -> tuple[list[str], list[str]]:
     if _version_tuple(report.get("python", "0")) >= (3, 13):
         problems.append(f"python {report.get('python')}: XTuner 0.2.0 needs Python < 3.13")
     for name, error in errors.items():
-        problems.append(f"{name} does not import: {error}")
+        if name == "dataset":
+            problems.append(f"a one-sample XTuner data set could not be built: {error}")
+        elif name == "model_code":
+            problems.append(f"the model folder's InternVL code does not load: {error}")
+        else:
+            problems.append(f"{name} does not import: {error}")
+    if "model" not in report:
+        warnings.append("no model folder given: the one-sample data set was not built (--model)")
+    elif report.get("model_code") is None:
+        warnings.append(f"{report['model']} has no InternVL model code (modeling_*.py)")
     expect = {
         "xtuner": XTUNER_VERSION,
         "transformers": TRANSFORMERS_VERSION,
@@ -277,10 +359,28 @@ def check_problems(report: dict[str, Any]) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
-def check_venv(python: Path) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Run the check script with ``python``; returns (report, problems, warnings)."""
+class VenvMissing(Exception):
+    """There is no training venv where settings point: the message says what to run."""
+
+
+def check_venv(
+    python: Path, model: Path | None = None
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Run the check script with ``python``; returns (report, problems, warnings).
+
+    With ``model`` (an InternVL2 folder: config + tokenizer, ideally its model code) it also
+    imports that folder's model code and builds a one-sample XTuner data set from it.
+    """
+    if not Path(python).exists():
+        raise VenvMissing(
+            f"no training venv at {Path(python).parent.parent}: run `oogiri train setup` "
+            "(or set OOGIRI_TRAINING__XTUNER_PYTHON to an existing one)"
+        )
+    env = _no_pythonpath()
+    if model is not None:
+        env["OOGIRI_CHECK_MODEL"] = str(model)
     proc = subprocess.run(
-        [str(python), "-c", CHECK_SCRIPT], capture_output=True, text=True, check=False
+        [str(python), "-c", CHECK_SCRIPT], capture_output=True, text=True, check=False, env=env
     )
     try:
         report = parse_check(proc.stdout)
