@@ -23,6 +23,25 @@ from bot.engines.lmdeploy_server import (
 from bot.settings import Settings
 
 
+def serve_summary(settings: Settings) -> str:
+    """One line on the `oogiri serve` at the configured web address: reachable, and its engine."""
+    import httpx
+
+    from bot.cli_joke import local_server_url
+
+    url = local_server_url(settings)
+    try:
+        r = httpx.get(url + "/healthz", timeout=3.0)
+        engine = dict(r.json().get("engine") or {})
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return f"oogiri serve: nothing answers at {url}"
+    state = "healthy" if engine.get("ok") else f"NOT healthy ({engine.get('detail') or '?'})"
+    demo = ", demo model" if engine.get("demo") else ""
+    model = engine.get("model") or "?"
+    name = engine.get("name")
+    return f"oogiri serve: reachable at {url} — engine {name} {state}, model {model}{demo}"
+
+
 def register(cli: typer.Typer) -> None:
     """Add ``oogiri engine swap|status|command`` (see ``bot.engines.lmdeploy_server``)."""
     engine_cli = typer.Typer(no_args_is_help=True, help="The managed LMDeploy server.")
@@ -54,8 +73,22 @@ def register(cli: typer.Typer) -> None:
 
     @engine_cli.command("status")
     def status_cmd() -> None:
-        """What the running `oogiri serve` is serving (model, server, health, swaps)."""
+        """The managed LMDeploy server (model, server, health, swaps); for any other engine,
+        which one is configured and whether a running `oogiri serve` answers."""
         settings = Settings()
+        e = settings.engine
+        if not (e.name == "lmdeploy" and e.manage):
+            if e.name == "lmdeploy":
+                what = f"LMDeploy servers at {', '.join(e.base_urls)}, not managed"
+            else:
+                what = f"model {e.model}" if e.model else "no model set: the tiny demo model"
+            print(
+                f"engine: {e.name} ({what}). `oogiri engine status` and `swap` are for the "
+                "managed LMDeploy server "
+                "(OOGIRI_ENGINE__NAME=lmdeploy, OOGIRI_ENGINE__MANAGE=true)."
+            )
+            print(serve_summary(settings))
+            return
         try:
             answer = control_request(socket_path(settings), {"op": "status"}, timeout_s=30)
         except ControlUnavailable as exc:
@@ -63,6 +96,7 @@ def register(cli: typer.Typer) -> None:
             state = settings.data_dir / STATE_FILE
             if state.exists():
                 err(f"last swapped-in model ({state}): {state.read_text(encoding='utf-8')}")
+            err(serve_summary(settings))
             raise typer.Exit(3) from None
         print(json.dumps(answer.get("result"), indent=2, ensure_ascii=False))
 
