@@ -258,6 +258,46 @@ def schedule_plan(
     return iters_per_epoch, total, warmup
 
 
+def min_schedule_samples(
+    batch_size: int,
+    accumulative_counts: int,
+    world_size: int,
+    max_epochs: int,
+    warmup_ratio: float,
+) -> int:
+    """The fewest training samples whose schedule ``validate`` accepts (warm-up >= 2 iterations
+    and at least one iteration after it).
+
+    Fewer samples than this is a shortage of data, not a broken config: the run is skipped with
+    this number in its reason instead of failing (issue 15 D). With the default settings on one
+    GPU (batch 4 x accumulation 4, 1 epoch, warm-up ratio 0.03) it is 257.
+    """
+    if min(batch_size, accumulative_counts, world_size, max_epochs) < 1 or not warmup_ratio > 0:
+        raise ValueError("batch_size, accumulative_counts, world_size, max_epochs >= 1, ratio > 0")
+    group = batch_size * accumulative_counts * world_size
+
+    def ok(samples: int) -> bool:
+        _, total, warmup = schedule_plan(
+            samples, batch_size, accumulative_counts, world_size, max_epochs, warmup_ratio
+        )
+        return 2 <= warmup < total
+
+    # warm-up and total iterations only grow with the samples: double, then bisect
+    hi = group
+    while not ok(hi):
+        hi *= 2
+        if hi > 10**12:
+            raise ValueError(f"warm-up ratio {warmup_ratio} can never reach 2 iterations")
+    lo = 1 if hi == group else hi // 2 + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 def validate(params: TrainParams, samples: int, world_size: int = 1) -> Plan:
     """Check paths, lengths and the schedule; raise ``ConfigError`` listing every problem."""
     problems: list[str] = []

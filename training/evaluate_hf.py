@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -252,10 +253,21 @@ def load_adapter(model_dir: Path, device: str, max_tiles: int) -> Adapter:
 # --------------------------------------------------------------------------- evaluation
 
 
-def read_items(data: Path, image_root: Path, limit: int) -> list[tuple[str, Path, str, str]]:
+def read_items(
+    data: Path, image_root: Path, limit: int, seed: int = 0
+) -> list[tuple[str, Path, str, str]]:
+    """The held-out items to evaluate: all of them, or a seeded random sample of ``limit``.
+
+    A sample, not the first ``limit``: export writes the held-out set best-rated first, so its
+    head would judge every model on the easiest jokes only. The same seed picks the same items
+    for the candidate and the active model (kept in file order).
+    """
     items = json.loads(data.read_text(encoding="utf-8"))
+    if 0 <= limit < len(items):
+        picked = sorted(random.Random(seed).sample(range(len(items)), limit))
+        items = [items[i] for i in picked]
     out = []
-    for item in items[:limit]:
+    for item in items:
         image = item["image"][0] if isinstance(item["image"], list) else item["image"]
         human = next(c["value"] for c in item["conversations"] if c["from"] == "human")
         answer = next(c["value"] for c in item["conversations"] if c["from"] == "gpt")
@@ -274,7 +286,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     start = time.perf_counter()
     adapter = load_adapter(Path(args.model), device, args.max_dynamic_patch)
-    items = read_items(Path(args.data), Path(args.image_root), args.max_samples)
+    items = read_items(Path(args.data), Path(args.image_root), args.max_samples, args.seed)
     total_nll = 0.0
     total_tokens = 0
     generations = []
@@ -320,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out sample")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-dynamic-patch", type=int, default=6)
     args = parser.parse_args(argv)
