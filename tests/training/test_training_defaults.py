@@ -66,7 +66,7 @@ def test_min_schedule_samples_refuses_nonsense() -> None:
 async def test_too_few_samples_for_the_schedule_is_skipped_not_failed(
     tmp_path: Path, tsettings: Settings, tstore: Store
 ) -> None:
-    """min_examples lowered by the operator, default schedule: the run is skipped with the reason."""
+    """min_examples lowered by the operator, default schedule: skipped, with the reason."""
     t = tsettings.training
     t.base_model = fake_base_model(tmp_path / "InternVL2-2B")
     t.xtuner_python = fake_venv(tmp_path / "xtuner-venv")
