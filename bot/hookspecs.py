@@ -44,6 +44,15 @@ def oogiri_prompt(request: JokeRequest, settings: Settings) -> str | None:
 
 
 @hookspec
+def oogiri_admit(request: JokeRequest) -> None:
+    """Before any download or decode (``JokeService.admit``): raise ``Rejected`` to refuse cheaply.
+
+    Only ids are known here (``request.user_id``, ``chat_id``, ``meta``), no image: block lists,
+    allow lists, quotas. ``tell`` runs it too for a request no channel admitted first.
+    """
+
+
+@hookspec
 def oogiri_before_joke(request: JokeRequest) -> None:
     """Called after the image is validated, before the engine. Raise ``Rejected`` to refuse."""
 

@@ -57,5 +57,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        # outbox and moderation (bot/outbox.py, bot/moderation.py)
+        self.outbox = Counter(
+            "oogiri_outbox",
+            "Outbox replies by channel and event (stored, delivered, retried, expired, dropped)",
+            ["channel", "event"],
+            registry=self.registry,
+        )
+        self.moderated = Counter(
+            "oogiri_moderated",
+            "Requests refused by moderation (blocked, not_allowed)",
+            ["channel", "reason"],
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -196,6 +196,11 @@ class JokeRequest:
     filename: str | None = None
     content_type: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: an outbox row for the reply that will carry the joke (``bot.outbox.Outbox.delivery``),
+    #: stored in the joke's own transaction: a crash between storing and sending loses nothing
+    delivery: dict[str, Any] | None = None
+    #: set by ``JokeService.admit``: rate limits and moderation were checked before the download
+    admitted: bool = False
     # filled by the service as the request moves along
     image: NormalizedImage | None = None
     prompt: str | None = None

@@ -113,7 +113,8 @@ class JokeService:
         request.hint = clean_hint(request.hint)
         if request.hint and len(request.hint) > limits.max_hint_chars:
             raise Rejected(key="hint_too_long", limit=limits.max_hint_chars)
-        await self._check_limits(request)
+        if not request.admitted:
+            await self.admit(request)
         # refuse before decoding the picture when the queue is already full: busy costs nothing
         self.admission(self.engine.name).check()
         request.image = await asyncio.to_thread(
@@ -160,6 +161,7 @@ class JokeService:
 
         stored = await self.store.add_joke(
             request.image,
+            delivery=request.delivery,
             request={
                 "channel": request.channel,
                 "user_id": request.user_id,
@@ -187,6 +189,17 @@ class JokeService:
             # One line: a hint's own line breaks cannot start what looks like a new instruction.
             return f"{self.settings.prompt}\n提示：{' '.join(request.hint.split())}"
         return self.settings.prompt
+
+    async def admit(self, request: JokeRequest) -> None:
+        """Check the per-user/per-chat limits *before* a channel downloads the picture.
+
+        Raises ``RateLimited`` (or ``Rejected`` from ``oogiri_admit`` implementations such as
+        moderation). A request admitted here is not counted again by ``tell``: a flooder costs
+        one counter hit per photo, not a download and a decode.
+        """
+        await call_hook(self.pm, "oogiri_admit", request=request)
+        await self._check_limits(request)
+        request.admitted = True
 
     async def _check_limits(self, request: JokeRequest) -> None:
         limits = self.settings.limits

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import shutil
 from collections import Counter
@@ -447,6 +448,12 @@ async def export_dataset(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"export folder {out_dir} is not empty")
     rated = await store.rated_jokes()
+    if hasattr(store, "session"):  # a real Store: removed jokes and blocked voters are left out
+        from bot.moderation import filter_rated
+
+        rated, moderated = await filter_rated(store, rated)
+        if any(moderated.values()):
+            logging.getLogger(__name__).info("export: moderation left out %s", moderated)
     examples, rating_counts = examples_from_ratings(rated, settings, store.image_path)
     before = len(examples)
     examples = await apply_hooks(pm, examples)
