@@ -81,7 +81,8 @@ def oogiri_shutdown(app: App) -> Awaitable[None]:
 def oogiri_register_commands(cli: Any) -> None:
     from training.cli import models_cli
 
-    models_cli.add_typer(ab_cli, name="ab")
+    if not any(group.typer_instance is ab_cli for group in models_cli.registered_groups):
+        models_cli.add_typer(ab_cli, name="ab")
 
 
 @hookimpl
