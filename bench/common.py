@@ -29,6 +29,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,28 +223,43 @@ def zipf_indices(n_requests: int, n_items: int, s: float, seed: int = 0) -> list
 # --------------------------------------------------------------------------- pictures
 
 
-def photo_jpegs(count: int, size: tuple[int, int] = (1155, 866), quality: int = 88) -> list[bytes]:
+def photo_jpegs(
+    count: int,
+    size: tuple[int, int] = (1155, 866),
+    quality: int = 88,
+    workers: int = 1,
+    photos_dir: Path | None = None,
+) -> list[bytes]:
     """``count`` distinct JPEGs from scikit-image's real photos (one pixel signs each copy, so no
-    two are equal: no cache or dedupe can serve one for another)."""
-    import skimage
+    two are equal: no cache or dedupe can serve one for another). ``workers`` threads encode
+    (Pillow releases the GIL while it does). ``photos_dir``: the same photos copied elsewhere
+    (the device has no scikit-image; bench/device_prep.sh copies them to .device/photos)."""
     from PIL import Image
 
-    data = Path(skimage.__file__).parent / "data"
-    sources = [Image.open(data / name).convert("RGB") for name in PHOTOS]
-    scaled: dict[int, Image.Image] = {}
-    out = []
-    for i in range(count):
-        j = i % len(sources)
-        if j not in scaled:
-            scaled[j] = sources[j].resize(size, Image.Resampling.BICUBIC)
-        src = scaled[j].copy()
+    if photos_dir is None:
+        import skimage
+
+        data = Path(skimage.__file__).parent / "data"
+    else:
+        data = photos_dir
+    scaled = [
+        Image.open(data / name).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        for name in PHOTOS
+    ]
+
+    def one(i: int) -> bytes:
+        src = scaled[i % len(scaled)].copy()
         src.putpixel(
             (i % size[0], (i // size[0]) % size[1]), (i % 256, (i * 7) % 256, (i * 13) % 256)
         )
         buf = io.BytesIO()
         src.save(buf, "JPEG", quality=quality)
-        out.append(buf.getvalue())
-    return out
+        return buf.getvalue()
+
+    if workers <= 1:
+        return [one(i) for i in range(count)]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, range(count)))
 
 
 # --------------------------------------------------------------------------- results

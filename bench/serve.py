@@ -66,10 +66,11 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 
 from bot.engines import tiling  # noqa: E402
+from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings  # noqa: E402
 from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher  # noqa: E402
 from bot.engines.openai_http import OpenAIHTTPEngine, body_error, to_data_url  # noqa: E402
 from bot.models import GenerationParams, NormalizedImage  # noqa: E402
-from bot.settings import DEFAULT_PROMPT, EngineSettings  # noqa: E402
+from bot.settings import DEFAULT_PROMPT  # noqa: E402
 
 SERVED_NAME = "oogiri-bench"
 GPU_QUERY = "--query-gpu=memory.used,utilization.gpu"
@@ -602,11 +603,29 @@ class BotProcesses:
     async def start(
         cls, bench: Bench, engine_urls: list[str], cell: Cell, api_key: str | None
     ) -> BotProcesses:
-        es = bench.engine_settings(engine_urls, cell, api_key)
-        root = bench.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}"
-        port = bench.args.port + 200
+        return await cls.launch(
+            bench.engine_settings(engine_urls, cell, api_key),
+            bench.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}",
+            port=bench.args.port + 200,
+            count=cell.bots,
+            startup_timeout_s=bench.args.startup_timeout_s,
+            limits={"max_concurrency": cell.inflight + 8},
+        )
+
+    @classmethod
+    async def launch(
+        cls,
+        es: EngineSettings,
+        root: Path,
+        *,
+        port: int,
+        count: int,
+        startup_timeout_s: float,
+        limits: dict[str, Any] | None = None,
+    ) -> BotProcesses:
+        """Start ``count`` bots on ports port, port+1, …; ``limits`` set ``OOGIRI_LIMITS__*``."""
         procs, urls = [], []
-        for i in range(cell.bots):
+        for i in range(count):
             env = {
                 **os.environ,
                 "OOGIRI_DATA_DIR": str(root / f"bot-{i}"),
@@ -626,17 +645,18 @@ class BotProcesses:
                 "OOGIRI_ENGINE__REQUEST_EXTRA": json.dumps(es.request_extra),
                 "OOGIRI_LIMITS__PER_USER_PER_MINUTE": "0",
                 "OOGIRI_LIMITS__PER_CHAT_PER_MINUTE": "0",
-                "OOGIRI_LIMITS__MAX_CONCURRENCY": str(cell.inflight + 8),
             }
+            for key, value in (limits or {}).items():
+                env[f"OOGIRI_LIMITS__{key.upper()}"] = str(value)
             if es.served_model_name:
                 env["OOGIRI_ENGINE__SERVED_MODEL_NAME"] = es.served_model_name
-            if api_key:
-                env["OOGIRI_ENGINE__API_KEY"] = api_key
+            if es.api_key:
+                env["OOGIRI_ENGINE__API_KEY"] = es.api_key.get_secret_value()
             procs.append(await asyncio.to_thread(cls._spawn, env, root, i))
             urls.append(f"http://127.0.0.1:{port + i}")
         bots = cls(procs, urls)
         try:
-            await bots.wait_healthy(bench.args.startup_timeout_s, root)
+            await bots.wait_healthy(startup_timeout_s, root)
         except BaseException:
             await bots.stop()
             raise

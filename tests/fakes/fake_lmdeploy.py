@@ -11,7 +11,8 @@ Two ways to use it:
   ``python fake_lmdeploy.py serve api_server MODEL --server-port P [--model-name N] [--api-keys K]``
   accepts (and ignores) every other flag of the real CLI. Environment knobs:
   FAKE_LMDEPLOY_STARTUP_S (seconds before it listens, like a model load), FAKE_LMDEPLOY_DELAY_S
-  (seconds per chat request), FAKE_LMDEPLOY_LOG (append one JSON line per request to this file).
+  (seconds per chat request), FAKE_LMDEPLOY_CAPACITY (requests served at once; 0: no cap),
+  FAKE_LMDEPLOY_LOG (append one JSON line per request to this file).
   A model folder containing a file named ``FAKE_BROKEN`` makes it exit with status 3 at start.
   SIGTERM stops accepting connections and finishes the requests in flight, as uvicorn does.
 
@@ -233,6 +234,9 @@ class _Handler(BaseHTTPRequestHandler):
             action = fake.next_action()
             if isinstance(action, dict) and action.get("sleep"):
                 time.sleep(float(action["sleep"]))
+            elif fake.delay_s and fake.capacity is not None:
+                with fake.capacity:
+                    time.sleep(fake.delay_s)
             elif fake.delay_s:
                 time.sleep(fake.delay_s)
             if isinstance(action, dict) and action.get("close"):
@@ -279,6 +283,7 @@ class FakeLMDeploy:
         model_name: str = "fake-internvl2",
         api_keys: list[str] | None = None,
         delay_s: float = 0.0,
+        capacity: int = 0,
         fixtures_dir: Path = FIXTURES,
         script: list[Any] | None = None,
         log_path: Path | None = None,
@@ -288,6 +293,9 @@ class FakeLMDeploy:
         self.model_name = model_name
         self.api_keys = [k for k in (api_keys or []) if k]
         self.delay_s = delay_s
+        # capacity > 0: at most this many requests are served at once (a GPU's batch); the rest
+        # wait inside the server, so throughput is capped at capacity / delay_s (goodput bench)
+        self.capacity = threading.Semaphore(capacity) if capacity > 0 else None
         self.fixtures_dir = fixtures_dir
         self.script: collections.deque[Any] = collections.deque(script or [])
         self.log_path = log_path
@@ -470,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name=args.model_name or str(model),
         api_keys=args.api_keys,
         delay_s=float(os.environ.get("FAKE_LMDEPLOY_DELAY_S", "0")),
+        capacity=int(os.environ.get("FAKE_LMDEPLOY_CAPACITY", "0")),
         log_path=Path(log_path) if log_path else None,
     )
 

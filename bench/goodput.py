@@ -1,0 +1,544 @@
+"""Goodput: the highest Poisson arrival rate at which p95 latency stays within the SLO (2 s).
+
+Not a test: it measures. Users arrive at random, whatever the server is doing, so the load is
+**open loop** (``bench.common.open_loop``): requests start at Poisson times at a fixed rate, and
+every arrival after the warm-up counts, however late its answer. For each rate a row gives
+p50/p95/p99 of the jokes answered, the share of *all* arrivals answered with a joke within the
+SLO, "busy" answers and errors. **Goodput** = the highest rate whose share within the SLO is
+≥ 95 % (p95 ≤ SLO, a busy answer or a failure counting as over it).
+
+Paths: ``raw`` POSTs pre-built chat requests to the api_servers (the engine alone); ``bot``
+POSTs the picture to real ``oogiri serve`` processes' ``/api/jokes`` (the web channel, as
+users reach it), with the bot's admission control on (a bounded queue, ``limits.max_queue``
+and ``limits.queue_timeout_s``) or off (no bound, no practical wait limit).
+
+Workloads: ``unique`` (every request a different picture: nothing can be cached) or ``zipf``
+(``zipf_items`` pictures, rank k drawn with probability ∝ 1/k^``zipf_s``; s = 1 by default,
+the classic heavy tail of shared media: at 200 pictures the top one is ~17 % of requests).
+
+A plan (JSON, validated by ``Plan``) names server groups and steps; all groups start first
+(their start-up dominates a device call), then the steps run one after another::
+
+    python -m bench.goodput --plan bench/plans/goodput-cpu.json --out /tmp/goodput
+    python -m bench.goodput --render bench/results/goodput-….json   # markdown only
+
+Server groups: ``launch`` (api_servers started with the managed mode's code; ``launch`` takes
+``bench.serve.Launch``'s keys) or ``fake`` (tests/fakes/fake_lmdeploy.py as the executable with
+a service time and a capacity: the CPU proof of the bench and of admission control; it proves
+nothing about a GPU) or ``base_urls``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from bench.common import (
+    ROOT,
+    Sample,
+    fmt,
+    latency_summary,
+    machine,
+    markdown_table,
+    open_loop,
+    photo_jpegs,
+    utc_now,
+    write_json,
+    write_section,
+    zipf_indices,
+)
+from bench.serve import SERVED_NAME, BotProcesses, Launch, launch_servers
+from bot.engines.openai_http import body_error
+from bot.settings import DEFAULT_PROMPT, EngineSettings
+
+# --------------------------------------------------------------------------- plan
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FakeServers(Strict):
+    """tests/fakes/fake_lmdeploy.py: ``delay_s`` per request, ``capacity`` at once."""
+
+    delay_s: float = Field(0.2, gt=0)
+    capacity: int = Field(4, ge=1)
+
+
+class ServerGroup(Strict):
+    launch: Launch | None = None
+    fake: FakeServers | None = None
+    servers: int = Field(1, ge=1, description="fake: how many")
+    base_urls: list[str] = Field(default_factory=list)
+
+
+class AdmissionPlan(Strict):
+    """The bot's ``limits`` for a ``bot`` step (``None`` on the step: admission off)."""
+
+    max_concurrency: int = Field(32, ge=1)
+    max_queue: int = Field(16, ge=0)
+    queue_timeout_s: float = Field(1.0, ge=0)
+
+
+#: Admission "off": every request goes to the engine at once and waits as long as it takes.
+ADMISSION_OFF = {"max_concurrency": 4096, "max_queue": 0, "queue_timeout_s": 3600}
+
+
+class Step(Strict):
+    name: str
+    group: str
+    path: Literal["raw", "bot"] = "raw"
+    bots: int = Field(1, ge=1)
+    admission: AdmissionPlan | None = None
+    workload: Literal["unique", "zipf"] = "unique"
+    zipf_s: float = Field(1.0, ge=0)
+    zipf_items: int = Field(200, ge=1)
+    rates: list[float] = Field(min_length=1)
+    warmup_s: float = Field(3.0, ge=0)
+    duration_s: float = Field(15.0, gt=0)
+    stop_after_misses: int = Field(
+        1, ge=0, description="skip the higher rates after this many rates missed the SLO (0: never)"
+    )
+
+
+class Plan(Strict):
+    model: str | None = None
+    max_new_tokens: int = 64
+    max_dynamic_patch: int = 6
+    image_size: tuple[int, int] = (1344, 896)
+    slo_s: float = 2.0
+    seed: int = 0
+    photos_dir: str | None = Field(None, description="unset: scikit-image's own photos")
+    groups: dict[str, ServerGroup]
+    steps: list[Step]
+
+
+# --------------------------------------------------------------------------- servers
+
+
+class Servers:
+    """Everything started for a plan's groups; ``urls[group]`` are its api_server base URLs."""
+
+    def __init__(self) -> None:
+        self.urls: dict[str, list[str]] = {}
+        self._stops: list[Any] = []
+        self.errors: dict[str, str] = {}
+
+    async def start(self, plan: Plan, out: Path, port: int, startup_timeout_s: float) -> None:
+        async def one(i: int, name: str, group: ServerGroup) -> None:
+            base = port + 20 * i
+            try:
+                if group.base_urls:
+                    self.urls[name] = list(group.base_urls)
+                    return
+                if group.fake is not None:
+                    launch = Launch(
+                        servers=group.servers,
+                        server_threads=1,
+                        server_command=[sys.executable, str(ROOT / "tests/fakes/fake_lmdeploy.py")],
+                    )
+                    os.environ["FAKE_LMDEPLOY_DELAY_S"] = str(group.fake.delay_s)
+                    os.environ["FAKE_LMDEPLOY_CAPACITY"] = str(group.fake.capacity)
+                    model = Path(tempfile.mkdtemp(prefix="goodput-fake-model-"))
+                    (model / "config.json").write_text("{}")
+                else:
+                    if group.launch is None or not plan.model:
+                        raise ValueError(f"group {name}: needs launch + the plan's model, or fake")
+                    launch, model = group.launch, Path(plan.model)
+                servers, proxy = await launch_servers(
+                    launch, model, base, out / "logs" / name, startup_timeout_s
+                )
+                self._stops.append(lambda: asyncio.gather(*(s.stop(grace_s=10) for s in servers)))
+                if proxy is not None:
+                    self._stops.append(lambda: asyncio.to_thread(proxy.stop))
+                    self.urls[name] = [proxy.url]
+                else:
+                    self.urls[name] = [f"http://127.0.0.1:{base + j}" for j in range(len(servers))]
+            except Exception as exc:  # one group failing must not lose the others' steps
+                self.errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+
+        await asyncio.gather(*(one(i, n, g) for i, (n, g) in enumerate(plan.groups.items())))
+
+    async def stop(self) -> None:
+        for stop in reversed(self._stops):
+            with contextlib.suppress(Exception):
+                await stop()
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def pictures_for(step: Step, plan: Plan) -> tuple[list[bytes], list[int]]:
+    """The step's pictures and, per arrival index, which picture it sends."""
+    most = max(step.rates) * (step.warmup_s + step.duration_s)
+    n_arrivals = int(most * 1.5) + 50  # Poisson arrivals run above the mean at times
+    if step.workload == "unique":
+        count = n_arrivals
+        order = list(range(n_arrivals))
+    else:
+        count = step.zipf_items
+        order = zipf_indices(n_arrivals, step.zipf_items, step.zipf_s, seed=plan.seed)
+    photos = Path(plan.photos_dir) if plan.photos_dir else None
+    return photo_jpegs(count, plan.image_size, workers=8, photos_dir=photos), order
+
+
+def chat_body(plan: Plan, jpeg: bytes) -> bytes:
+    n = plan.max_new_tokens
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    content = [
+        {
+            "type": "image_url",
+            "image_url": {"url": url, "max_dynamic_patch": plan.max_dynamic_patch},
+        },
+        {"type": "text", "text": DEFAULT_PROMPT},
+    ]
+    body = {
+        "model": SERVED_NAME,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": n,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "ignore_eos": True,
+        "min_new_tokens": n,
+    }
+    return json.dumps(body).encode()
+
+
+def engine_settings(plan: Plan, urls: list[str]) -> EngineSettings:
+    n = plan.max_new_tokens
+    return EngineSettings(
+        name="lmdeploy",
+        base_urls=urls,
+        served_model_name=SERVED_NAME,
+        max_new_tokens=n,
+        max_dynamic_patch=plan.max_dynamic_patch,
+        presize_to_tiles=True,
+        max_in_flight=4096,
+        retries=0,
+        breaker_failures=1_000_000,
+        timeout_s=300,
+        request_extra={"ignore_eos": True, "min_new_tokens": n},
+    )
+
+
+async def run_step(
+    step: Step, plan: Plan, urls: list[str], out: Path, port: int, deadline: float
+) -> list[dict[str, Any]]:
+    pictures, order = await asyncio.to_thread(pictures_for, step, plan)
+    loop = asyncio.get_running_loop()
+    client = httpx.AsyncClient(
+        timeout=300, limits=httpx.Limits(max_connections=4096), trust_env=False
+    )
+    bots: BotProcesses | None = None
+    try:
+        if step.path == "bot":
+            limits = step.admission.model_dump() if step.admission else dict(ADMISSION_OFF)
+            bots = await BotProcesses.launch(
+                engine_settings(plan, urls),
+                out / "bots" / step.name.replace(" ", "_"),
+                port=port,
+                count=step.bots,
+                startup_timeout_s=120,
+                limits=limits,
+            )
+            targets = bots.urls
+        else:
+            targets = urls
+
+        async def one(i: int) -> Sample:
+            jpeg = pictures[order[i % len(order)]]
+            target = targets[i % len(targets)]
+            t0 = loop.time()
+            try:
+                if step.path == "raw":
+                    r = await client.post(
+                        target + "/v1/chat/completions",
+                        content=chat_body(plan, jpeg),
+                        headers={"content-type": "application/json"},
+                    )
+                else:
+                    files = {"image": ("photo.jpg", jpeg, "image/jpeg")}
+                    r = await client.post(target + "/api/jokes", files=files)
+                data = r.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                return Sample(t0, loop.time(), False, error=type(exc).__name__)
+            t1 = loop.time()
+            if step.path == "bot":
+                if r.status_code == 201:
+                    return Sample(t0, t1, True, completion_tokens=plan.max_new_tokens)
+                key = data.get("error") if isinstance(data, dict) else None
+                return Sample(t0, t1, False, error=str(key or r.status_code))
+            if r.status_code != 200 or body_error(data):
+                return Sample(t0, t1, False, error=f"http {r.status_code}")
+            usage = data.get("usage") or {}
+            details = usage.get("prompt_tokens_details") or {}
+            return Sample(
+                t0,
+                t1,
+                True,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                cached_tokens=int(details.get("cached_tokens") or 0),
+            )
+
+        rows: list[dict[str, Any]] = []
+        misses = 0
+        for rate in sorted(step.rates):
+            if time.monotonic() + step.warmup_s + step.duration_s + 10 > deadline:
+                rows.append({**step_meta(step), "rate": rate, "skipped": "deadline"})
+                continue
+            if step.stop_after_misses and misses >= step.stop_after_misses:
+                rows.append({**step_meta(step), "rate": rate, "skipped": "above the knee"})
+                continue
+            samples, achieved = await open_loop(
+                one,
+                rate,
+                step.duration_s,
+                warmup_s=step.warmup_s,
+                seed=plan.seed + int(rate * 1000),
+                drain_s=max(30.0, 4 * plan.slo_s),
+            )
+            row = {**step_meta(step), "rate": rate, **summarize(samples, achieved, step, plan)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            misses = misses + 1 if not row["meets_slo"] else 0
+        return rows
+    finally:
+        await client.aclose()
+        if bots is not None:
+            await bots.stop()
+
+
+def step_meta(step: Step) -> dict[str, Any]:
+    return {
+        "step": step.name,
+        "group": step.group,
+        "path": step.path,
+        "bots": step.bots if step.path == "bot" else None,
+        "admission": step.admission.model_dump() if step.admission else None,
+        "workload": step.workload,
+        "zipf_s": step.zipf_s if step.workload == "zipf" else None,
+        "zipf_items": step.zipf_items if step.workload == "zipf" else None,
+    }
+
+
+def summarize(samples: list[Sample], achieved: float, step: Step, plan: Plan) -> dict[str, Any]:
+    ok = [s for s in samples if s.ok]
+    errors: dict[str, int] = {}
+    for s in samples:
+        if not s.ok:
+            errors[s.error] = errors.get(s.error, 0) + 1
+    busy = errors.pop("busy", 0)
+    good = sum(1 for s in ok if s.latency <= plan.slo_s)
+    n = len(samples)
+    jokes = latency_summary([s.latency for s in ok])
+    busy_lat = [s.latency for s in samples if not s.ok and s.error == "busy"]
+    within = good / n if n else None
+    return {
+        "arrivals": n,
+        "achieved_rate": round(achieved, 2),
+        "ok": len(ok),
+        "busy": busy,
+        "errors": errors,
+        "p50_s": jokes["p50_s"],
+        "p95_s": jokes["p95_s"],
+        "p99_s": jokes["p99_s"],
+        "busy_p95_s": latency_summary(busy_lat)["p95_s"],
+        "within_slo": round(within, 4) if within is not None else None,
+        "good_per_s": round(good / step.duration_s, 2),
+        "meets_slo": bool(n and within is not None and within >= 0.95),
+        "cached_tokens": round(sum(s.cached_tokens for s in ok) / len(ok), 1) if ok else None,
+        "prompt_tokens": round(sum(s.prompt_tokens for s in ok) / len(ok), 1) if ok else None,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def goodput(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per step: the highest rate that met the SLO (None: none did)."""
+    out: dict[str, float | None] = {}
+    for row in rows:
+        out.setdefault(row["step"], None)
+        if row.get("meets_slo"):
+            out[row["step"]] = max(out[row["step"]] or 0.0, row["rate"])
+    return out
+
+
+def admission_text(row: dict[str, Any]) -> str:
+    a = row.get("admission")
+    if row["path"] != "bot":
+        return "–"
+    if not a:
+        return "off"
+    return f"queue {a['max_queue']}, wait {a['queue_timeout_s']:g} s, {a['max_concurrency']}/bot"
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    meta, rows = doc["meta"], doc["rows"]
+    slo = meta["slo_s"]
+    head = (
+        f"{meta.get('device') or meta['machine']} · {meta.get('versions', '')} · "
+        f"bot {meta['commit']} · {meta['when']} · SLO {slo:g} s · "
+        f"{meta['max_new_tokens']} output tokens · mdp {meta['max_dynamic_patch']} · "
+        f"pictures {meta['image_size'][0]}×{meta['image_size'][1]}"
+    )
+    table_rows = []
+    for r in rows:
+        workload = r["workload"] + (
+            f" (s={r['zipf_s']:g}, {r['zipf_items']})" if r["workload"] == "zipf" else ""
+        )
+        path = r["path"] + (f" ({r['bots']} bots)" if r["path"] == "bot" else "")
+        if r.get("skipped"):
+            skipped = f"skipped: {r['skipped']}"
+            table_rows.append(
+                [r["step"], path, admission_text(r), workload, r["rate"], skipped] + [""] * 9
+            )
+            continue
+        errors = sum(r["errors"].values())
+        table_rows.append(
+            [
+                r["step"],
+                path,
+                admission_text(r),
+                workload,
+                fmt(r["rate"], 1),
+                fmt(r["achieved_rate"], 1),
+                fmt(r["p50_s"]),
+                fmt(r["p95_s"]),
+                fmt(r["p99_s"]),
+                f"{100 * r['within_slo']:.1f} %" if r["within_slo"] is not None else "–",
+                fmt(r["good_per_s"], 1),
+                f"{r['busy']} ({fmt(r['busy_p95_s'])} s)" if r["busy"] else "0",
+                str(errors),
+                fmt(r.get("cached_tokens"), 0),
+                "**yes**" if r["meets_slo"] else "no",
+            ]
+        )
+    columns = [
+        "step",
+        "path",
+        "admission",
+        "workload",
+        "rate /s",
+        "arrived /s",
+        "p50 s",
+        "p95 s",
+        "p99 s",
+        f"within {slo:g} s",
+        "jokes within SLO /s",
+        "busy (p95)",
+        "errors",
+        "cached tok",
+        "p95 ≤ SLO",
+    ]
+    lines = [head, "", markdown_table(columns, table_rows), ""]
+    for step, rate in goodput(rows).items():
+        lines.append(f"- **{step}**: goodput {fmt(rate, 1) if rate else 'below the lowest rate'}")
+    for name, error in (meta.get("group_errors") or {}).items():
+        lines.append(f"- group {name} did not start: {error}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def commit() -> str:
+    import subprocess
+
+    with contextlib.suppress(Exception):
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    return "?"
+
+
+async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: float) -> dict:
+    deadline = time.monotonic() + deadline_s
+    meta: dict[str, Any] = {
+        "machine": machine(),
+        "device": os.environ.get("GOODPUT_DEVICE"),
+        "versions": os.environ.get("GOODPUT_VERSIONS", ""),
+        "commit": commit(),
+        "when": utc_now(),
+        "slo_s": plan.slo_s,
+        "max_new_tokens": plan.max_new_tokens,
+        "max_dynamic_patch": plan.max_dynamic_patch,
+        "image_size": list(plan.image_size),
+        "plan": plan.model_dump(mode="json"),
+    }
+    servers = Servers()
+    rows: list[dict[str, Any]] = []
+    jsonl = out / "goodput-results.jsonl"
+    try:
+        t0 = time.monotonic()
+        await servers.start(plan, out, port, startup_s)
+        meta["startup_s"] = round(time.monotonic() - t0, 1)
+        meta["group_errors"] = servers.errors
+        for i, step in enumerate(plan.steps):
+            if step.group not in servers.urls:
+                rows.append({**step_meta(step), "rate": min(step.rates), "skipped": "no servers"})
+                continue
+            step_rows = await run_step(
+                step, plan, servers.urls[step.group], out, port + 500 + 10 * i, deadline
+            )
+            rows.extend(step_rows)
+            with jsonl.open("a") as f:
+                for row in step_rows:
+                    f.write(json.dumps(row) + "\n")
+    finally:
+        await servers.stop()
+    meta["goodput"] = goodput(rows)
+    return {"meta": meta, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--plan", type=Path)
+    ap.add_argument("--model", help="overrides the plan's model folder")
+    ap.add_argument("--images", type=Path, help="folder with the photos (overrides the plan's)")
+    ap.add_argument("--out", type=Path, default=Path("goodput-out"))
+    ap.add_argument("--port", type=int, default=24100)
+    ap.add_argument("--deadline-s", type=float, default=3600)
+    ap.add_argument("--startup-timeout-s", type=float, default=420)
+    ap.add_argument("--render", type=Path, help="print the markdown of saved results and exit")
+    ap.add_argument("--write-docs", action="store_true", help="the table into docs/benchmarks.md")
+    ap.add_argument("--results", type=Path, help="also write the results JSON here")
+    args = ap.parse_args(argv)
+    if args.render:
+        print(render_markdown(json.loads(args.render.read_text())))
+        return 0
+    if not args.plan:
+        ap.error("--plan or --render")
+    plan = Plan.model_validate_json(args.plan.read_text())
+    if args.model:
+        plan = plan.model_copy(update={"model": args.model})
+    if args.images:
+        plan = plan.model_copy(update={"photos_dir": str(args.images)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = asyncio.run(run(plan, args.out, args.port, args.deadline_s, args.startup_timeout_s))
+    write_json(args.out / "goodput-results.json", doc)
+    if args.results:
+        write_json(args.results, doc)
+    text = render_markdown(doc)
+    (args.out / "goodput.md").write_text(text + "\n")
+    print(text)
+    if args.write_docs:
+        write_section("goodput", "Goodput under a latency promise (`bench/goodput.py`)", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
