@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's device run: does the retraining loop learn? bench/learning_loop.py through the real
+# Issue 9's device run: does the retraining loop learn? bench/learning_loop through the real
 # stack — the tiny InternVL2 model (random weights) served by managed LMDeploy, the web API, a
 # simulated audience, `oogiri train run` (XTuner QLoRA, gate, blue/green promotion) — k rounds and
 # a control round. docs/learning-loop.md has the design; this is the device wrapper.
@@ -16,7 +16,7 @@
 # Knobs (environment): BUDGET (s for this call, default 580), PY (python3), WORK
 # (/tmp/oogiri-learning-loop), FRESH=1 (discard $WORK first), DRY=1 (no GPU: the harness's CPU
 # stand-ins), NPROC_PER_NODE (1; 2 on nvidia-h100-x2), LL_ARGS (more arguments for
-# bench/learning_loop.py, e.g. "--rounds 4"; give the same ones on every call of one experiment).
+# bench/learning_loop, e.g. "--rounds 4"; give the same ones on every call of one experiment).
 #
 # $OUT (./device-out elsewhere) receives: learning_loop.log (this output), timings.tsv, gpu.txt,
 # gpu.csv, xtuner-venv.log, learning-loop/ (results.jsonl, summary.md/json, like-rate.png, serve.log,
@@ -82,7 +82,7 @@ if [ "${DRY:-0}" = 1 ]; then
   say "DRY=1: the harness's CPU stand-ins (instant engine, fake XTuner, unigram evaluator)"
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
   # shellcheck disable=SC2086
-  "$PY" bench/learning_loop.py --dry-run --state "$W/state" --out "$OUT/learning-loop" \
+  "$PY" -m bench.learning_loop --dry-run --state "$W/state" --out "$OUT/learning-loop" \
     --budget-s $(( $(left) - 20 )) ${LL_ARGS:-}
   exit $?
 fi
@@ -114,7 +114,7 @@ if [ ! -f "$SITE/.ok" ]; then
   step bot-wheels "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$D"/wheels/*.whl \
     2>&1 | grep -v '^WARNING' | tail -3
 fi
-# $W/state/site: the plugins' entry points, written by bench/learning_loop.py (this tree is not
+# $W/state/site: the plugins' entry points, written by bench/learning_loop (this tree is not
 # pip-installed here)
 export PYTHONPATH="$W/state/site:$SITE:$LMDEPLOY_SITE:$ROOT"
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 COLUMNS=200
@@ -136,7 +136,7 @@ BASE_VERSION=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['ve
 
 # ------------------------------------------------------------------ 4. machine settings
 # The experiment's own settings (sampling, limits, training hyper-parameters, gate) are set and
-# recorded by bench/learning_loop.py; these are the machine's.
+# recorded by bench/learning_loop; these are the machine's.
 export OOGIRI_DATA_DIR=$W/data OOGIRI_WEB__PORT=8000
 export OOGIRI_ENGINE__MODEL=$BASE OOGIRI_ENGINE__MODEL_VERSION=$BASE_VERSION OOGIRI_ENGINE__TIMEOUT_S=90
 if ! { [ -d "$LMDEPLOY_SITE/lmdeploy" ] && "$PY" -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; }; then
@@ -153,9 +153,9 @@ export OOGIRI_TRAINING__DATALOADER_NUM_WORKERS=2
 export OOGIRI_TRAINING__TIMEOUT_HOURS=0.08   # any one command of a run: 288 s at most
 
 # ------------------------------------------------------------------ 5. the experiment
-say "bench/learning_loop.py ($(left) s left)"
+say "bench/learning_loop ($(left) s left)"
 # shellcheck disable=SC2086
-step learning-loop "$PY" bench/learning_loop.py --state "$W/state" --out "$OUT/learning-loop" \
+step learning-loop "$PY" -m bench.learning_loop --state "$W/state" --out "$OUT/learning-loop" \
   --budget-s $(( $(left) - 35 )) --wait-file "$W/xt.ready" --keep-serving ${LL_ARGS:-}
 RC=$?
 say "done (rc $RC)"

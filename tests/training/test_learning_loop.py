@@ -1,4 +1,4 @@
-"""bench/learning_loop.py's bookkeeping, on the CPU with stand-ins (issue 9).
+"""bench/learning_loop's bookkeeping, on the CPU with stand-ins (issue 9).
 
 The experiment itself needs the GPU: here the instant engine answers (the same text for a picture
 whatever the model), tests/training/fakes stands in for XTuner, the converter and the swap, and a
@@ -34,7 +34,7 @@ from bench.learning_loop import (  # noqa: E402
     two_proportion_p,
     wilson,
 )
-from bench.learning_loop_control import control_examples  # noqa: E402
+from bench.learning_loop.control import control_examples  # noqa: E402
 from bot.store import Store  # noqa: E402
 from training.export import heldout_bucket  # noqa: E402
 
@@ -127,7 +127,8 @@ def _harness(state: Path, out: Path, *extra: str) -> subprocess.CompletedProcess
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OOGIRI_", "FAKE_"))}
     args = [
         sys.executable,
-        str(ROOT / "bench" / "learning_loop.py"),
+        "-m",
+        "bench.learning_loop",
         "--dry-run",
         "--state",
         str(state),
@@ -239,9 +240,8 @@ def test_dry_run_end_to_end_resumes_blocks_the_control_and_claims_no_learning(
 
     doc = tmp_path / "learning-loop.md"
     doc.write_text("# Learning loop\n\nintro\n", encoding="utf-8")
-    script = str(ROOT / "bench" / "learning_loop.py")
     subprocess.run(
-        [sys.executable, script, "--render", str(out2), "--doc", str(doc)],
+        [sys.executable, "-m", "bench.learning_loop", "--render", str(out2), "--doc", str(doc)],
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -271,6 +271,6 @@ def test_a_resumed_call_keeps_the_project_plugins_in_its_entry_points(
     register_plugin(site)
     first = written.read_text()
     assert "training = training.cli" in first and "web = plugins.web" in first
-    assert "learning_loop_control = bench.learning_loop_control" in first
+    assert "learning_loop_control = bench.learning_loop.control" in first
     register_plugin(site)
     assert written.read_text() == first

@@ -1,4 +1,4 @@
-"""Stand-in for ``python evaluate_hf.py --model DIR --data F --out O …`` in bench/learning_loop.py's
+"""Stand-in for ``python evaluate_hf.py --model DIR --data F --out O …`` in bench/learning_loop's
 dry run: a model "is" the character unigram of the answers it was trained on.
 
 A fine-tuned folder (its oogiri-model.json names the run) is scored with the smoothed character

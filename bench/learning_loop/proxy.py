@@ -1,14 +1,14 @@
-"""A CPU proxy of bench/learning_loop.py, to choose its settings without spending GPU time.
+"""A CPU proxy of bench/learning_loop (the experiment), to choose its settings without spending GPU time.
 
 Not the experiment: no LMDeploy, no XTuner, no bot. The same tiny InternVL2 model (random weights,
 ``make_tiny_model --layout internvl2``) converted to transformers' layout, sampled as LMDeploy
 samples (temperature 0.8, top-p 0.9, top-k 50, XTuner's template), the same pictures and audience
-(bench/learning_loop.py), and a loop that mimics ``oogiri train run``: LoRA r/2r on every linear
+(bench/learning_loop), and a loop that mimics ``oogiri train run``: LoRA r/2r on every linear
 layer of the language model and its head (as XTuner's QLoRA, but unquantised, in plain torch),
 trained from the base on every liked answer so far, a split by picture hash, the gate's held-out
 loss, promotion. Then the control (disliked answers, matched per round or all).
 
-    python bench/learning_loop_proxy.py --seeds 0 1 2        # ~1 min per seed on one CPU core
+    python -m bench.learning_loop.proxy --seeds 0 1 2        # ~1 min per seed on one CPU core
 
 Prints one line per round and seed; docs/learning-loop.md quotes its results.
 """
@@ -24,11 +24,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.learning_loop import Audience, build_pool, source_photos, wilson  # noqa: E402
+from bench.learning_loop.audience import Audience, build_pool, source_photos  # noqa: E402
+from bench.learning_loop.stats import wilson  # noqa: E402
 from training.export import heldout_bucket  # noqa: E402
 
 PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"

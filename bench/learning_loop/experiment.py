@@ -9,7 +9,7 @@ web API:
             (POST /api/jokes/{id}/rating, several voters) → ``oogiri train run`` (export → XTuner
             → convert → gate → promote) → the held-out pool again, now served by the promoted model
   control   ``oogiri train run`` once more, its training data replaced by the disliked answers
-            (bench/learning_loop_control.py): the gate must reject it, the active model must stay
+            (bench/learning_loop/control.py): the gate must reject it, the active model must stay
 
 The audience's taste is a known rule (``Audience``): an answer is liked when it contains one of
 ``--like``'s characters (default 猫狗, "cat" or "dog"); each voter flips the verdict with
@@ -23,9 +23,9 @@ with the same folder continues where the first stopped (``--budget-s`` says how 
 take; a round is only started when it is expected to fit). Results go to ``--out``:
 results.jsonl, summary.json, summary.md, like-rate.png (when matplotlib is there).
 
-  python bench/learning_loop.py --state /tmp/ll --out device-out/learning-loop --budget-s 500
-  python bench/learning_loop.py --dry-run --state /tmp/ll-dry --out /tmp/ll-dry/out   # CPU
-  python bench/learning_loop.py --render device-out/learning-loop    # → docs/learning-loop.md
+  python -m bench.learning_loop --state /tmp/ll --out device-out/learning-loop --budget-s 500
+  python -m bench.learning_loop --dry-run --state /tmp/ll-dry --out /tmp/ll-dry/out   # CPU
+  python -m bench.learning_loop --render device-out/learning-loop    # → docs/learning-loop.md
 
 ``--dry-run`` swaps in stand-ins (the instant engine, tests/training/fakes' XTuner, converter and
 swap, and a character-unigram evaluator) so that the bookkeeping runs on any CPU; it cannot show
@@ -40,9 +40,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import random
 import shutil
 import signal
 import socket
@@ -51,7 +49,7 @@ import sys
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,7 +57,7 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -67,12 +65,16 @@ sys.path.insert(0, str(ROOT / "scripts" / "device"))
 
 from webcheck import alive  # noqa: E402
 
-from bench.learning_loop_control import ENV as CONTROL_ENV  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.learning_loop.audience import (  # noqa: E402
+    Audience,
+    build_pool,
+    source_photos,
+)
+from bench.learning_loop.control import ENV as CONTROL_ENV  # noqa: E402
+from bench.learning_loop.report import DOC, load_results, render_doc, write_reports  # noqa: E402
+from bench.learning_loop.stats import bootstrap_rate, wilson  # noqa: E402
 
 FAKES = ROOT / "tests" / "training" / "fakes"
-DOC = ROOT / "docs" / "learning-loop.md"
-PHOTO_NAMES = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 CSRF_HEADER = "X-CSRF-Token"  # plugins/web.py
 PLUGIN_NAME = "learning_loop_control"
 DEFAULT_ESTIMATE_S = {"round-0": 45.0, "round": 260.0, "control": 170.0}
@@ -141,172 +143,6 @@ class Config:
             "OOGIRI_TRAINING__GATE_MIN_SANITY": "0",
             "OOGIRI_TRAINING__AUTO_PROMOTE": "true",
         }
-
-
-# --------------------------------------------------------------------------- the audience
-
-
-def _unit(*parts: object) -> float:
-    """A number in [0, 1) fixed by ``parts`` (the same on every machine and run)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-@dataclass(frozen=True)
-class Audience:
-    """The simulated audience: a known taste plus independent voter noise.
-
-    An answer is liked when it contains any character of ``like``. Voter ``v`` reports the
-    opposite of the taste with probability ``noise``, drawn from (seed, joke id, v) alone, so the
-    votes are reproducible and do not depend on the order they are cast in.
-    """
-
-    like: str
-    noise: float = 0.1
-    voters: int = 3
-    seed: int = 0
-
-    def likes(self, text: str | None) -> bool:
-        return bool(text) and any(ch in str(text) for ch in self.like)
-
-    def vote(self, joke_id: int, text: str | None, voter: int) -> int:
-        liked = self.likes(text)
-        if _unit(self.seed, "vote", joke_id, voter) < self.noise:
-            liked = not liked
-        return 1 if liked else -1
-
-    def votes(self, joke_id: int, text: str | None) -> list[int]:
-        return [self.vote(joke_id, text, v) for v in range(self.voters)]
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (0, 1 when n is 0)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _quantiles(values: list[float], lo: float = 0.025, hi: float = 0.975) -> tuple[float, float]:
-    ordered = sorted(values)
-    last = len(ordered) - 1
-    return ordered[round(lo * last)], ordered[round(hi * last)]
-
-
-def bootstrap_rate(per_image: Sequence[tuple[int, int]], b: int = 2000, seed: int = 0) -> tuple:
-    """95 % interval of the like-rate, resampling pictures (answers to one picture may be alike)."""
-    if not per_image or sum(n for _, n in per_image) == 0:
-        return 0.0, 1.0
-    rng = random.Random(seed)
-    m = len(per_image)
-    rates = []
-    for _ in range(b):
-        pick = [per_image[rng.randrange(m)] for _ in range(m)]
-        n = sum(x[1] for x in pick)
-        rates.append(sum(x[0] for x in pick) / n if n else 0.0)
-    return _quantiles(rates)
-
-
-def bootstrap_diff(
-    before: dict[str, tuple[int, int]],
-    after: dict[str, tuple[int, int]],
-    b: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """95 % interval of (after − before), resampling the pictures both were measured on."""
-    keys = sorted(set(before) & set(after))
-    if not keys:
-        return -1.0, 1.0
-    rng = random.Random(seed)
-    diffs = []
-    for _ in range(b):
-        pick = [keys[rng.randrange(len(keys))] for _ in keys]
-        n0 = sum(before[k][1] for k in pick)
-        n1 = sum(after[k][1] for k in pick)
-        p0 = sum(before[k][0] for k in pick) / n0 if n0 else 0.0
-        p1 = sum(after[k][0] for k in pick) / n1 if n1 else 0.0
-        diffs.append(p1 - p0)
-    return _quantiles(diffs)
-
-
-def two_proportion_p(k0: int, n0: int, k1: int, n1: int) -> float | None:
-    """Two-sided p-value of the pooled two-proportion z-test (None when it is undefined)."""
-    if n0 == 0 or n1 == 0:
-        return None
-    pooled = (k0 + k1) / (n0 + n1)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n0 + 1 / n1))
-    if se == 0:
-        return None
-    z = (k1 / n1 - k0 / n0) / se
-    return math.erfc(abs(z) / math.sqrt(2))
-
-
-# --------------------------------------------------------------------------- pictures
-
-
-def source_photos(folder: Path | None) -> list[Path]:
-    """scikit-image's five photos (or the staged copies in .device/photos, or ``folder``)."""
-    candidates = [folder] if folder else []
-    with contextlib.suppress(ImportError):
-        import skimage
-
-        candidates.append(Path(skimage.__file__).parent / "data")
-    candidates.append(ROOT / ".device" / "photos")
-    for cand in candidates:
-        if cand is None or not cand.is_dir():
-            continue
-        named = [cand / n for n in PHOTO_NAMES if (cand / n).is_file()]
-        found = named or sorted(
-            p for p in cand.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")
-        )
-        if found:
-            return found
-    raise SystemExit("no photos: install scikit-image, stage .device/photos or pass --photos")
-
-
-def variant(photo: Any, size: int, key: str) -> Any:
-    """A deterministic square crop of ``photo``, flipped and recoloured by ``key``."""
-    from PIL import Image, ImageOps
-
-    rng = random.Random(key)
-    w, h = photo.size
-    side = int(min(w, h) * rng.uniform(0.45, 0.95))
-    x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-    img = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
-    if rng.random() < 0.5:
-        img = ImageOps.mirror(img)
-    colour = rng.randrange(5)
-    if colour == 1:
-        img = ImageOps.grayscale(img).convert("RGB")
-    elif colour == 2:
-        r, g, b = img.split()
-        img = Image.merge("RGB", (b, g, r))
-    elif colour == 3:
-        img = ImageOps.posterize(ImageOps.autocontrast(img), 3)
-    elif colour == 4:
-        img = Image.blend(img, Image.new("RGB", img.size, (255, 170, 60)), 0.25)
-    return img
-
-
-def build_pool(out: Path, photos: Sequence[Path], count: int, size: int, key: str) -> list[Path]:
-    """``count`` variants cycling over ``photos`` as PNG files in ``out`` (kept when present)."""
-    from PIL import Image
-
-    out.mkdir(parents=True, exist_ok=True)
-    sources = [Image.open(p).convert("RGB") for p in photos]
-    paths = []
-    for i in range(count):
-        path = out / f"{key}-{i:03d}.png"
-        if not path.is_file():
-            variant(sources[i % len(sources)], size, f"{key}:{i}").save(path)
-        paths.append(path)
-    return paths
 
 
 # --------------------------------------------------------------------------- web users
@@ -935,7 +771,7 @@ def register_plugin(site: Path) -> Path:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     wanted = dict(project.get("entry-points", {}).get("oogiri", {}))
-    wanted[PLUGIN_NAME] = "bench.learning_loop_control"
+    wanted[PLUGIN_NAME] = "bench.learning_loop.control"
     # our own distribution does not count: a resumed call would otherwise drop the project's
     # plugins it wrote the first time (the device's control run found no `train` command)
     seen = {
@@ -982,301 +818,6 @@ def dry_run_env(state_dir: Path) -> dict[str, str]:
         "OOGIRI_TRAINING__PROMOTE_COMMAND": json.dumps(swap),
         "FAKE_SWAP_RECORD": str(state_dir / "swaps.json"),
     }
-
-
-# --------------------------------------------------------------------------- reports
-
-
-def load_results(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-step rows, the margin test (last round vs round 0) and the control's verdict."""
-    steps: dict[str, dict[str, Any]] = {}
-    config: dict[str, Any] = {}
-    calls = []
-    for rec in records:
-        if rec.get("kind") == "step":
-            steps[rec["step"]] = rec
-        elif rec.get("kind") == "config":
-            config = rec["config"]
-        elif rec.get("kind") == "call":
-            calls.append(rec)
-        elif rec.get("kind") == "serve" and calls:
-            calls[-1]["serve_healthy_s"] = rec["seconds"]
-    base = steps.get("round-0", {}).get("measure")
-    rows = []
-    order = sorted(
-        steps, key=lambda s: (s == "control", int(s.split("-")[1]) if s != "control" else 0)
-    )
-    for name in order:
-        rec = steps[name]
-        m = rec.get("measure") or {}
-        row: dict[str, Any] = {"step": name, "seconds": rec.get("seconds")}
-        if m:
-            row |= {
-                "rate": m["rate"],
-                "liked": m["liked"],
-                "n": m["n"],
-                "wilson95": m["wilson95"],
-                "bootstrap95": m["bootstrap95"],
-                "served": m["versions"],
-            }
-            if base and name != "round-0":
-                k0, n0, k1, n1 = base["liked"], base["n"], m["liked"], m["n"]
-                row["delta"] = m["rate"] - base["rate"]
-                row["delta95"] = list(bootstrap_diff(base["per_image"], m["per_image"]))
-                row["p"] = two_proportion_p(k0, n0, k1, n1)
-        for key in ("answers", "ratings", "train", "export_check", "blocked", "served_expected"):
-            if key in rec:
-                row[key] = rec[key]
-        rows.append(row)
-    rounds = [r for r in rows if r["step"] not in ("round-0", "control")]
-    trained = [r for r in rounds if r.get("train", {}).get("status") in ("succeeded", "rejected")]
-    last = rounds[-1] if rounds else None
-    verdicts: dict[str, Any] = {
-        "rounds_end_to_end": len(trained),
-        "rounds_planned": config.get("rounds"),
-        "promotions": sum(1 for r in rounds if r.get("train", {}).get("promoted")),
-    }
-    if last and "delta95" in last:
-        verdicts["learned"] = {
-            "from": base["rate"] if base else None,
-            "to": last["rate"],
-            "delta": last["delta"],
-            "delta95": last["delta95"],
-            "p": last.get("p"),
-            "passed": last["delta95"][0] > 0,
-        }
-    control = steps.get("control")
-    if control:
-        verdicts["control"] = {
-            "mode": control.get("control"),
-            "status": control["train"]["status"],
-            "gate_reasons": control["train"]["gate_reasons"],
-            "active_before": control["train"]["active_before"],
-            "active_after": control["train"]["active_after"],
-            "export_ok": control.get("export_check", {}).get("ok"),
-            "passed": bool(control.get("blocked")),
-        }
-    mismatched = [
-        r["step"]
-        for r in rows
-        if r.get("served")
-        and r.get("served_expected")
-        and set(r["served"]) != {r["served_expected"]}
-    ]
-    verdicts["served_matches_registry"] = {
-        "passed": not mismatched,
-        "mismatched": mismatched,
-        # the instant engine reports one label whatever the registry promotes
-        "applicable": not config.get("dry_run"),
-    }
-    return {"config": config, "rows": rows, "verdicts": verdicts, "calls": calls}
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f} %"
-
-
-def _interval(iv: Sequence[float] | None, signed: bool = False) -> str:
-    if not iv:
-        return "–"
-    fmt = "{:+.1f}" if signed else "{:.1f}"
-    return f"[{fmt.format(100 * iv[0])}, {fmt.format(100 * iv[1])}]"
-
-
-def _served(row: dict[str, Any]) -> str:
-    served = row.get("served") or {}
-    return ", ".join(f"`{v}`" + (f" ×{n}" if len(served) > 1 else "") for v, n in served.items())
-
-
-def _train_cell(row: dict[str, Any]) -> str:
-    t = row.get("train")
-    if not t:
-        return "–"
-    text = f"{t['status']}"
-    if t.get("version"):
-        text += f" `{t['version']}`"
-    loss = t.get("heldout_loss") or {}
-    if loss.get("candidate") is not None:
-        active = loss.get("active")
-        text += f"; held-out loss {loss['candidate']:.3f}"
-        text += f" vs active {active:.3f}" if active is not None else ""
-    if t.get("promoted"):
-        text += "; promoted"
-    if t.get("error"):
-        text += f"; {t['error'][:80]}"
-    return text
-
-
-def _times(row: dict[str, Any]) -> str:
-    parts = []
-    if "answers" in row:
-        parts.append(f"answer {row['answers']['seconds']:.0f}")
-        parts.append(f"rate {row['ratings']['seconds']:.0f}")
-    t = row.get("train")
-    if t:
-        ts = t.get("timings_s") or {}
-        inner = ", ".join(
-            f"{k} {ts[k]:.0f}" for k in ("train", "convert", "evaluate", "promote") if k in ts
-        )
-        parts.append(f"train run {t['seconds']:.0f}" + (f" ({inner})" if inner else ""))
-    parts.append(f"total {row['seconds']:.0f}")
-    return ", ".join(parts)
-
-
-def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
-    """The results table and verdicts, as markdown."""
-    cfg = summary["config"]
-    rows = summary["rows"]
-    v = summary["verdicts"]
-    lines = []
-    if cfg.get("dry_run"):
-        lines += [
-            "**Dry run with stand-ins** (instant engine, fake XTuner, unigram evaluator): the "
-            "bookkeeping only. The served answers never change, so the like-rate cannot move.",
-            "",
-        ]
-    lines += [
-        "| step | served model | held-out like-rate | 95 % interval (Wilson; pictures) "
-        "| Δ vs round 0 (95 %, p) | rated answers (👍 audience / rule) | train run | seconds |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        rate = f"{_pct(row.get('rate'))} ({row.get('liked', '–')}/{row.get('n', '–')})"
-        iv = f"{_interval(row.get('wilson95'))}; {_interval(row.get('bootstrap95'))}"
-        delta = "–"
-        if "delta" in row:
-            p = row.get("p")
-            delta = f"{100 * row['delta']:+.1f} {_interval(row['delta95'], True)}"
-            delta += f", p={p:.2g}" if p is not None else ""
-        rated = "–"
-        if "answers" in row:
-            a, r = row["answers"], row["ratings"]
-            rated = f"{a['answered']}: {r['audience_liked']} / {a['rule_liked']}"
-        if row["step"] == "control":
-            check = row.get("export_check") or {}
-            tr, ho = check.get("train", {}), check.get("heldout", {})
-            rated = (
-                f"trained on {tr.get('disliked', '?')}/{tr.get('items', '?')} disliked; "
-                f"held out {ho.get('liked', '?')}/{ho.get('items', '?')} liked"
-            )
-        cells = [row["step"], _served(row), rate, iv, delta, rated, _train_cell(row), _times(row)]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    lines += ["", "**Verdicts**", ""]
-    learned = v.get("learned")
-    if learned:
-        mark = "PASS" if learned["passed"] else "FAIL"
-        p = learned.get("p")
-        lines.append(
-            f"- {mark} like-rate rose: {_pct(learned['from'])} → {_pct(learned['to'])}, "
-            f"Δ = {100 * learned['delta']:+.1f} points, 95 % interval "
-            f"{_interval(learned['delta95'], True)} (bootstrap over pictures)"
-            + (f", two-proportion p = {p:.2g}" if p is not None else "")
-            + "; the test: the interval's lower end is above 0."
-        )
-    else:
-        lines.append("- like-rate: no round measured yet")
-    control = v.get("control")
-    if control:
-        mark = "PASS" if control["passed"] else "FAIL"
-        lines.append(
-            f"- {mark} control ({control['mode']}, trained on disliked answers): "
-            f"{control['status']}; active model `{control['active_before']}` → "
-            f"`{control['active_after']}`; export check "
-            + ("ok" if control["export_ok"] else "FAILED")
-        )
-        for reason in control["gate_reasons"]:
-            lines.append(f"  - gate {reason}")
-    else:
-        lines.append("- control: not run yet")
-    served = v["served_matches_registry"]
-    if served.get("applicable", True):
-        lines.append(
-            f"- {'PASS' if served['passed'] else 'FAIL'} every measured answer came from the "
-            "registry's active version"
-            + (f" (mismatched: {', '.join(served['mismatched'])})" if served["mismatched"] else "")
-        )
-    lines.append(
-        f"- rounds end to end: {v['rounds_end_to_end']} of {v.get('rounds_planned')}, "
-        f"{v['promotions']} promoted"
-    )
-    if plot:
-        lines += ["", f"![held-out like-rate per round]({plot})"]
-    if cfg:
-        shown = {k: cfg[k] for k in sorted(cfg)}
-        lines += ["", "Configuration: `" + json.dumps(shown, ensure_ascii=False) + "`"]
-    for call in summary.get("calls", []):
-        serve = call.get("serve_healthy_s")
-        started = f" (oogiri serve healthy after {serve:.0f} s)" if serve is not None else ""
-        lines.append(f"- call at {call['at']}{started}: `{call['argv']}`")
-    return "\n".join(lines) + "\n"
-
-
-def plot_png(summary: dict[str, Any], path: Path) -> bool:
-    """Held-out like-rate with its interval per step; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [r for r in summary["rows"] if "rate" in r]
-    if not rows:
-        return False
-    xs = list(range(len(rows)))
-    rates = [100 * r["rate"] for r in rows]
-    lo = [100 * (r["rate"] - r["wilson95"][0]) for r in rows]
-    hi = [100 * (r["wilson95"][1] - r["rate"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
-    colours = ["tab:red" if r["step"] == "control" else "tab:blue" for r in rows]
-    ax.errorbar(xs, rates, yerr=[lo, hi], fmt="none", ecolor="gray", capsize=4)
-    ax.scatter(xs, rates, c=colours, zorder=3)
-    n_rounds = sum(1 for r in rows if r["step"] != "control")
-    ax.plot(xs[:n_rounds], rates[:n_rounds], alpha=0.4)
-    ax.set_xticks(xs, [r["step"] for r in rows])
-    ax.set_ylabel("held-out like-rate (%)")
-    ax.set_ylim(0, max(100.0, max(rates) + 5))
-    ax.set_title("Simulated audience: like-rate on held-out pictures (95 % Wilson)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def write_reports(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
-    summary = summarize(records)
-    plotted = plot_png(summary, out_dir / "like-rate.png")
-    (out_dir / "summary.json").write_text(
-        json.dumps(summary, ensure_ascii=False, indent=1, default=str), encoding="utf-8"
-    )
-    (out_dir / "summary.md").write_text(
-        render_markdown(summary, "like-rate.png" if plotted else None), encoding="utf-8"
-    )
-    return summary
-
-
-def render_doc(results_dir: Path, doc: Path = DOC) -> None:
-    """Rewrite the results section of docs/learning-loop.md from a results folder."""
-    records = load_results(results_dir / "results.jsonl")
-    if not records:
-        raise SystemExit(f"no results in {results_dir}")
-    summary = summarize(records)
-    plot = None
-    png = results_dir / "like-rate.png"
-    if png.is_file():  # linked where it lies, not copied next to the doc
-        plot = Path(os.path.relpath(png.resolve(), doc.resolve().parent)).as_posix()
-    kind = "dry run (stand-ins)" if summary["config"].get("dry_run") else "device"
-    first = summary["calls"][0]["at"] if summary["calls"] else "?"
-    body = f"From `{results_dir}` ({kind}, first call {first}).\n\n" + render_markdown(
-        summary, plot
-    )
-    write_section("learning-loop-results", "Results", body, doc=doc)
 
 
 # --------------------------------------------------------------------------- main

@@ -1,6 +1,6 @@
-"""The control round of bench/learning_loop.py: train on the answers the audience disliked.
+"""The control round of bench/learning_loop: train on the answers the audience disliked.
 
-A plugin (``oogiri_training_examples``) that bench/learning_loop.py registers for its own
+A plugin (``oogiri_training_examples``) that bench/learning_loop registers for its own
 processes only, through an entry point in its state folder; it does nothing unless
 ``OOGIRI_LEARNING_LOOP_CONTROL`` is set, which the experiment does for the control run alone.
 

@@ -1,0 +1,49 @@
+"""Does the retraining loop learn? The learning-loop experiment, split by concern (issue 18.7).
+
+- ``audience``: the simulated audiences (v1: a catchphrase; v2: names what is in the picture) and
+  the picture pools;
+- ``stats``: intervals, bootstrap over pictures, p-values, distinct-answer share;
+- ``experiment``: the process control — ``oogiri serve``, web users, ``oogiri train run``, the
+  live A/B step, resumable state (``python -m bench.learning_loop …``);
+- ``report``: summary, markdown, plot and docs/learning-loop.md's results section;
+- ``control``: the control run's plugin (trains on disliked answers);
+- ``proxy``: the CPU proxy (``python -m bench.learning_loop.proxy``).
+
+See docs/learning-loop.md.
+"""
+
+from __future__ import annotations
+
+from bench.learning_loop.audience import (
+    KEYWORDS,
+    Audience,
+    PictureAudience,
+    build_pool,
+    source_of,
+    source_photos,
+)
+from bench.learning_loop.experiment import Config, Experiment, register_plugin
+from bench.learning_loop.stats import (
+    bootstrap_diff,
+    bootstrap_rate,
+    distinct_share,
+    two_proportion_p,
+    wilson,
+)
+
+__all__ = [
+    "KEYWORDS",
+    "Audience",
+    "Config",
+    "Experiment",
+    "PictureAudience",
+    "bootstrap_diff",
+    "bootstrap_rate",
+    "build_pool",
+    "distinct_share",
+    "register_plugin",
+    "source_of",
+    "source_photos",
+    "two_proportion_p",
+    "wilson",
+]

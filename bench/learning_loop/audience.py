@@ -1,0 +1,170 @@
+"""The simulated audience and the pictures it is shown (bench/learning_loop, issue 9 and 15 C).
+
+Two tastes:
+- ``Audience`` (version 1): an answer is liked when it contains one of ``like``'s characters,
+  whatever the picture (猫狗 by default). A model that says 猫 to everything wins.
+- ``PictureAudience`` (version 2): an answer is liked only when it names what is in *that*
+  picture (``KEYWORDS``: 猫 for the cat, 火箭 for the rocket, …). Saying 猫 to everything is liked
+  on cat pictures only.
+
+Both add independent voter noise, drawn from (seed, joke id, voter) alone, so every vote is
+reproducible on any machine and in any order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+PHOTO_NAMES = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+# what a picture made from each source photo shows, as the audience names it
+KEYWORDS: dict[str, str] = {
+    "chelsea": "猫",
+    "astronaut": "宇航员",
+    "coffee": "咖啡",
+    "rocket": "火箭",
+    "motorcycle_left": "摩托",
+}
+
+
+def _unit(*parts: object) -> float:
+    """A number in [0, 1) fixed by ``parts`` (the same on every machine and run)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+@dataclass(frozen=True)
+class Audience:
+    """The simulated audience: a known taste plus independent voter noise.
+
+    An answer is liked when it contains any character of ``like``. Voter ``v`` reports the
+    opposite of the taste with probability ``noise``, drawn from (seed, joke id, v) alone, so the
+    votes are reproducible and do not depend on the order they are cast in.
+    """
+
+    like: str
+    noise: float = 0.1
+    voters: int = 3
+    seed: int = 0
+
+    def likes(self, text: str | None) -> bool:
+        return bool(text) and any(ch in str(text) for ch in self.like)
+
+    def vote(self, joke_id: int, text: str | None, voter: int) -> int:
+        liked = self.likes(text)
+        if _unit(self.seed, "vote", joke_id, voter) < self.noise:
+            liked = not liked
+        return 1 if liked else -1
+
+    def votes(self, joke_id: int, text: str | None) -> list[int]:
+        return [self.vote(joke_id, text, v) for v in range(self.voters)]
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def source_photos(folder: Path | None) -> list[Path]:
+    """scikit-image's five photos (or the staged copies in .device/photos, or ``folder``)."""
+    candidates = [folder] if folder else []
+    with contextlib.suppress(ImportError):
+        import skimage
+
+        candidates.append(Path(skimage.__file__).parent / "data")
+    candidates.append(ROOT / ".device" / "photos")
+    for cand in candidates:
+        if cand is None or not cand.is_dir():
+            continue
+        named = [cand / n for n in PHOTO_NAMES if (cand / n).is_file()]
+        found = named or sorted(
+            p for p in cand.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+        )
+        if found:
+            return found
+    raise SystemExit("no photos: install scikit-image, stage .device/photos or pass --photos")
+
+
+def variant(photo: Any, size: int, key: str) -> Any:
+    """A deterministic square crop of ``photo``, flipped and recoloured by ``key``."""
+    from PIL import Image, ImageOps
+
+    rng = random.Random(key)
+    w, h = photo.size
+    side = int(min(w, h) * rng.uniform(0.45, 0.95))
+    x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+    img = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    colour = rng.randrange(5)
+    if colour == 1:
+        img = ImageOps.grayscale(img).convert("RGB")
+    elif colour == 2:
+        r, g, b = img.split()
+        img = Image.merge("RGB", (b, g, r))
+    elif colour == 3:
+        img = ImageOps.posterize(ImageOps.autocontrast(img), 3)
+    elif colour == 4:
+        img = Image.blend(img, Image.new("RGB", img.size, (255, 170, 60)), 0.25)
+    return img
+
+
+def build_pool(out: Path, photos: Sequence[Path], count: int, size: int, key: str) -> list[Path]:
+    """``count`` variants cycling over ``photos`` as PNG files in ``out`` (kept when present)."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [Image.open(p).convert("RGB") for p in photos]
+    paths = []
+    for i in range(count):
+        src = Path(photos[i % len(photos)]).stem
+        path = out / f"{key}-{i:03d}--{src}.png"
+        if not path.is_file():
+            variant(sources[i % len(sources)], size, f"{key}:{i}").save(path)
+        paths.append(path)
+    return paths
+
+
+@dataclass(frozen=True)
+class PictureAudience:
+    """Version 2's audience: an answer is liked only when it names what is in its picture.
+
+    ``source_of(picture)`` says which source photo a picture was made from (the pools record it in
+    their file names); the answer must contain that photo's keyword (``KEYWORDS``). Voter noise as
+    in ``Audience``.
+    """
+
+    keywords: dict[str, str] = field(default_factory=lambda: dict(KEYWORDS))
+    noise: float = 0.1
+    voters: int = 3
+    seed: int = 0
+
+    def keyword(self, picture: str) -> str:
+        source = source_of(picture)
+        if source not in self.keywords:
+            raise ValueError(f"no keyword for picture {picture!r} (source {source!r})")
+        return self.keywords[source]
+
+    def likes(self, text: str | None, picture: str) -> bool:
+        return bool(text) and self.keyword(picture) in str(text)
+
+    def vote(self, joke_id: int, text: str | None, voter: int, picture: str) -> int:
+        liked = self.likes(text, picture)
+        if _unit(self.seed, "vote", joke_id, voter) < self.noise:
+            liked = not liked
+        return 1 if liked else -1
+
+    def votes(self, joke_id: int, text: str | None, picture: str) -> list[int]:
+        return [self.vote(joke_id, text, v, picture) for v in range(self.voters)]
+
+
+def source_of(picture: str | Path) -> str:
+    """The source photo's stem of a pool picture: ``train-003--rocket.png`` → ``rocket``."""
+    stem = Path(picture).stem
+    if "--" not in stem:
+        raise ValueError(f"{picture!r} does not name its source photo (expected KEY-NNN--SOURCE)")
+    return stem.split("--", 1)[1]

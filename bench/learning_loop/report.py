@@ -1,0 +1,306 @@
+"""Reports of the learning-loop experiment: summary, markdown, plot, the docs section."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.learning_loop.stats import bootstrap_diff, two_proportion_p
+from bench.report import write_section
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "learning-loop.md"
+
+
+def load_results(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-step rows, the margin test (last round vs round 0) and the control's verdict."""
+    steps: dict[str, dict[str, Any]] = {}
+    config: dict[str, Any] = {}
+    calls = []
+    for rec in records:
+        if rec.get("kind") == "step":
+            steps[rec["step"]] = rec
+        elif rec.get("kind") == "config":
+            config = rec["config"]
+        elif rec.get("kind") == "call":
+            calls.append(rec)
+        elif rec.get("kind") == "serve" and calls:
+            calls[-1]["serve_healthy_s"] = rec["seconds"]
+    base = steps.get("round-0", {}).get("measure")
+    rows = []
+    order = sorted(
+        steps, key=lambda s: (s == "control", int(s.split("-")[1]) if s != "control" else 0)
+    )
+    for name in order:
+        rec = steps[name]
+        m = rec.get("measure") or {}
+        row: dict[str, Any] = {"step": name, "seconds": rec.get("seconds")}
+        if m:
+            row |= {
+                "rate": m["rate"],
+                "liked": m["liked"],
+                "n": m["n"],
+                "wilson95": m["wilson95"],
+                "bootstrap95": m["bootstrap95"],
+                "served": m["versions"],
+            }
+            if base and name != "round-0":
+                k0, n0, k1, n1 = base["liked"], base["n"], m["liked"], m["n"]
+                row["delta"] = m["rate"] - base["rate"]
+                row["delta95"] = list(bootstrap_diff(base["per_image"], m["per_image"]))
+                row["p"] = two_proportion_p(k0, n0, k1, n1)
+        for key in ("answers", "ratings", "train", "export_check", "blocked", "served_expected"):
+            if key in rec:
+                row[key] = rec[key]
+        rows.append(row)
+    rounds = [r for r in rows if r["step"] not in ("round-0", "control")]
+    trained = [r for r in rounds if r.get("train", {}).get("status") in ("succeeded", "rejected")]
+    last = rounds[-1] if rounds else None
+    verdicts: dict[str, Any] = {
+        "rounds_end_to_end": len(trained),
+        "rounds_planned": config.get("rounds"),
+        "promotions": sum(1 for r in rounds if r.get("train", {}).get("promoted")),
+    }
+    if last and "delta95" in last:
+        verdicts["learned"] = {
+            "from": base["rate"] if base else None,
+            "to": last["rate"],
+            "delta": last["delta"],
+            "delta95": last["delta95"],
+            "p": last.get("p"),
+            "passed": last["delta95"][0] > 0,
+        }
+    control = steps.get("control")
+    if control:
+        verdicts["control"] = {
+            "mode": control.get("control"),
+            "status": control["train"]["status"],
+            "gate_reasons": control["train"]["gate_reasons"],
+            "active_before": control["train"]["active_before"],
+            "active_after": control["train"]["active_after"],
+            "export_ok": control.get("export_check", {}).get("ok"),
+            "passed": bool(control.get("blocked")),
+        }
+    mismatched = [
+        r["step"]
+        for r in rows
+        if r.get("served")
+        and r.get("served_expected")
+        and set(r["served"]) != {r["served_expected"]}
+    ]
+    verdicts["served_matches_registry"] = {
+        "passed": not mismatched,
+        "mismatched": mismatched,
+        # the instant engine reports one label whatever the registry promotes
+        "applicable": not config.get("dry_run"),
+    }
+    return {"config": config, "rows": rows, "verdicts": verdicts, "calls": calls}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _interval(iv: Sequence[float] | None, signed: bool = False) -> str:
+    if not iv:
+        return "–"
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return f"[{fmt.format(100 * iv[0])}, {fmt.format(100 * iv[1])}]"
+
+
+def _served(row: dict[str, Any]) -> str:
+    served = row.get("served") or {}
+    return ", ".join(f"`{v}`" + (f" ×{n}" if len(served) > 1 else "") for v, n in served.items())
+
+
+def _train_cell(row: dict[str, Any]) -> str:
+    t = row.get("train")
+    if not t:
+        return "–"
+    text = f"{t['status']}"
+    if t.get("version"):
+        text += f" `{t['version']}`"
+    loss = t.get("heldout_loss") or {}
+    if loss.get("candidate") is not None:
+        active = loss.get("active")
+        text += f"; held-out loss {loss['candidate']:.3f}"
+        text += f" vs active {active:.3f}" if active is not None else ""
+    if t.get("promoted"):
+        text += "; promoted"
+    if t.get("error"):
+        text += f"; {t['error'][:80]}"
+    return text
+
+
+def _times(row: dict[str, Any]) -> str:
+    parts = []
+    if "answers" in row:
+        parts.append(f"answer {row['answers']['seconds']:.0f}")
+        parts.append(f"rate {row['ratings']['seconds']:.0f}")
+    t = row.get("train")
+    if t:
+        ts = t.get("timings_s") or {}
+        inner = ", ".join(
+            f"{k} {ts[k]:.0f}" for k in ("train", "convert", "evaluate", "promote") if k in ts
+        )
+        parts.append(f"train run {t['seconds']:.0f}" + (f" ({inner})" if inner else ""))
+    parts.append(f"total {row['seconds']:.0f}")
+    return ", ".join(parts)
+
+
+def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
+    """The results table and verdicts, as markdown."""
+    cfg = summary["config"]
+    rows = summary["rows"]
+    v = summary["verdicts"]
+    lines = []
+    if cfg.get("dry_run"):
+        lines += [
+            "**Dry run with stand-ins** (instant engine, fake XTuner, unigram evaluator): the "
+            "bookkeeping only. The served answers never change, so the like-rate cannot move.",
+            "",
+        ]
+    lines += [
+        "| step | served model | held-out like-rate | 95 % interval (Wilson; pictures) "
+        "| Δ vs round 0 (95 %, p) | rated answers (👍 audience / rule) | train run | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rate = f"{_pct(row.get('rate'))} ({row.get('liked', '–')}/{row.get('n', '–')})"
+        iv = f"{_interval(row.get('wilson95'))}; {_interval(row.get('bootstrap95'))}"
+        delta = "–"
+        if "delta" in row:
+            p = row.get("p")
+            delta = f"{100 * row['delta']:+.1f} {_interval(row['delta95'], True)}"
+            delta += f", p={p:.2g}" if p is not None else ""
+        rated = "–"
+        if "answers" in row:
+            a, r = row["answers"], row["ratings"]
+            rated = f"{a['answered']}: {r['audience_liked']} / {a['rule_liked']}"
+        if row["step"] == "control":
+            check = row.get("export_check") or {}
+            tr, ho = check.get("train", {}), check.get("heldout", {})
+            rated = (
+                f"trained on {tr.get('disliked', '?')}/{tr.get('items', '?')} disliked; "
+                f"held out {ho.get('liked', '?')}/{ho.get('items', '?')} liked"
+            )
+        cells = [row["step"], _served(row), rate, iv, delta, rated, _train_cell(row), _times(row)]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "**Verdicts**", ""]
+    learned = v.get("learned")
+    if learned:
+        mark = "PASS" if learned["passed"] else "FAIL"
+        p = learned.get("p")
+        lines.append(
+            f"- {mark} like-rate rose: {_pct(learned['from'])} → {_pct(learned['to'])}, "
+            f"Δ = {100 * learned['delta']:+.1f} points, 95 % interval "
+            f"{_interval(learned['delta95'], True)} (bootstrap over pictures)"
+            + (f", two-proportion p = {p:.2g}" if p is not None else "")
+            + "; the test: the interval's lower end is above 0."
+        )
+    else:
+        lines.append("- like-rate: no round measured yet")
+    control = v.get("control")
+    if control:
+        mark = "PASS" if control["passed"] else "FAIL"
+        lines.append(
+            f"- {mark} control ({control['mode']}, trained on disliked answers): "
+            f"{control['status']}; active model `{control['active_before']}` → "
+            f"`{control['active_after']}`; export check "
+            + ("ok" if control["export_ok"] else "FAILED")
+        )
+        for reason in control["gate_reasons"]:
+            lines.append(f"  - gate {reason}")
+    else:
+        lines.append("- control: not run yet")
+    served = v["served_matches_registry"]
+    if served.get("applicable", True):
+        lines.append(
+            f"- {'PASS' if served['passed'] else 'FAIL'} every measured answer came from the "
+            "registry's active version"
+            + (f" (mismatched: {', '.join(served['mismatched'])})" if served["mismatched"] else "")
+        )
+    lines.append(
+        f"- rounds end to end: {v['rounds_end_to_end']} of {v.get('rounds_planned')}, "
+        f"{v['promotions']} promoted"
+    )
+    if plot:
+        lines += ["", f"![held-out like-rate per round]({plot})"]
+    if cfg:
+        shown = {k: cfg[k] for k in sorted(cfg)}
+        lines += ["", "Configuration: `" + json.dumps(shown, ensure_ascii=False) + "`"]
+    for call in summary.get("calls", []):
+        serve = call.get("serve_healthy_s")
+        started = f" (oogiri serve healthy after {serve:.0f} s)" if serve is not None else ""
+        lines.append(f"- call at {call['at']}{started}: `{call['argv']}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(summary: dict[str, Any], path: Path) -> bool:
+    """Held-out like-rate with its interval per step; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in summary["rows"] if "rate" in r]
+    if not rows:
+        return False
+    xs = list(range(len(rows)))
+    rates = [100 * r["rate"] for r in rows]
+    lo = [100 * (r["rate"] - r["wilson95"][0]) for r in rows]
+    hi = [100 * (r["wilson95"][1] - r["rate"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    colours = ["tab:red" if r["step"] == "control" else "tab:blue" for r in rows]
+    ax.errorbar(xs, rates, yerr=[lo, hi], fmt="none", ecolor="gray", capsize=4)
+    ax.scatter(xs, rates, c=colours, zorder=3)
+    n_rounds = sum(1 for r in rows if r["step"] != "control")
+    ax.plot(xs[:n_rounds], rates[:n_rounds], alpha=0.4)
+    ax.set_xticks(xs, [r["step"] for r in rows])
+    ax.set_ylabel("held-out like-rate (%)")
+    ax.set_ylim(0, max(100.0, max(rates) + 5))
+    ax.set_title("Simulated audience: like-rate on held-out pictures (95 % Wilson)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_reports(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    summary = summarize(records)
+    plotted = plot_png(summary, out_dir / "like-rate.png")
+    (out_dir / "summary.json").write_text(
+        json.dumps(summary, ensure_ascii=False, indent=1, default=str), encoding="utf-8"
+    )
+    (out_dir / "summary.md").write_text(
+        render_markdown(summary, "like-rate.png" if plotted else None), encoding="utf-8"
+    )
+    return summary
+
+
+def render_doc(results_dir: Path, doc: Path = DOC) -> None:
+    """Rewrite the results section of docs/learning-loop.md from a results folder."""
+    records = load_results(results_dir / "results.jsonl")
+    if not records:
+        raise SystemExit(f"no results in {results_dir}")
+    summary = summarize(records)
+    plot = None
+    png = results_dir / "like-rate.png"
+    if png.is_file():  # linked where it lies, not copied next to the doc
+        plot = Path(os.path.relpath(png.resolve(), doc.resolve().parent)).as_posix()
+    kind = "dry run (stand-ins)" if summary["config"].get("dry_run") else "device"
+    first = summary["calls"][0]["at"] if summary["calls"] else "?"
+    body = f"From `{results_dir}` ({kind}, first call {first}).\n\n" + render_markdown(
+        summary, plot
+    )
+    write_section("learning-loop-results", "Results", body, doc=doc)
