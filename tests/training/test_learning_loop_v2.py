@@ -1,0 +1,94 @@
+"""The learning loop's version-2 audience: it likes an answer only when it names what is in the
+picture (issue 15 C). A model that says 猫 to everything must score poorly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # bench/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.learning_loop import KEYWORDS, PictureAudience, build_pool, source_of  # noqa: E402
+from bench.learning_loop.stats import distinct_share  # noqa: E402
+
+PICTURES = [f"heldout-{i:03d}--{src}.png" for i, src in enumerate(sorted(KEYWORDS) * 4)]
+
+
+def _rate(answer_for: dict[str, str], audience: PictureAudience) -> float:
+    liked = [audience.likes(answer_for[source_of(p)], p) for p in PICTURES]
+    return sum(liked) / len(liked)
+
+
+def test_a_cat_everywhere_model_scores_one_in_five() -> None:
+    audience = PictureAudience()
+    cat_everywhere = {src: "这只猫看起来很严肃" for src in KEYWORDS}
+    assert _rate(cat_everywhere, audience) == pytest.approx(0.2)
+    # v1's winning catchphrase is no better than chance here
+    assert _rate({src: "图片里的狗在想什么" for src in KEYWORDS}, audience) == 0.0
+
+
+def test_naming_each_picture_scores_everything() -> None:
+    audience = PictureAudience()
+    right = {src: f"这张图里有{kw}！" for src, kw in KEYWORDS.items()}
+    assert _rate(right, audience) == 1.0
+    # one keyword off by one photo: exactly that photo's pictures are lost
+    shifted = dict(right, rocket="咖啡喝多了")
+    assert _rate(shifted, audience) == pytest.approx(0.8)
+
+
+def test_keywords_are_the_issues_and_need_the_whole_word() -> None:
+    assert KEYWORDS == {
+        "chelsea": "猫",
+        "astronaut": "宇航员",
+        "coffee": "咖啡",
+        "rocket": "火箭",
+        "motorcycle_left": "摩托",
+    }
+    a = PictureAudience()
+    assert a.likes("宇航员说你好", "x-001--astronaut.png")
+    assert not a.likes("宇航说你好", "x-001--astronaut.png")  # half a word is not the picture
+    assert not a.likes(None, "x-001--astronaut.png") and not a.likes("", "x-001--rocket.png")
+
+
+def test_source_of_reads_the_pool_name_and_refuses_others() -> None:
+    assert source_of("train-007--motorcycle_left.png") == "motorcycle_left"
+    assert source_of(Path("/x/heldout-000--chelsea.png")) == "chelsea"
+    with pytest.raises(ValueError, match="source photo"):
+        source_of("train-007.png")
+    with pytest.raises(ValueError, match="no keyword"):
+        PictureAudience().likes("猫", "train-000--hubble.png")
+
+
+def test_votes_are_reproducible_and_noisy_at_the_stated_rate() -> None:
+    a = PictureAudience(noise=0.1, voters=3, seed=5)
+    picture = "train-000--rocket.png"
+    assert a.votes(42, "火箭", picture) == a.votes(42, "火箭", picture)
+    votes = [v for j in range(2000) for v in a.votes(j, "火箭", picture)]
+    flipped = votes.count(-1) / len(votes)
+    assert 0.08 < flipped < 0.12
+    other = PictureAudience(noise=0.1, voters=3, seed=6)
+    assert [a.votes(j, "火箭", picture) for j in range(50)] != [
+        other.votes(j, "火箭", picture) for j in range(50)
+    ]
+
+
+def test_pools_name_their_source_and_cycle_over_photos(tmp_path: Path) -> None:
+    pytest.importorskip("PIL")
+    photos = []
+    from PIL import Image
+
+    for name in ("chelsea.png", "rocket.jpg"):
+        Image.new("RGB", (64, 48), (200, 100, 50)).save(tmp_path / name)
+        photos.append(tmp_path / name)
+    pool = build_pool(tmp_path / "pool", photos, 5, 32, "train")
+    assert [source_of(p) for p in pool] == ["chelsea", "rocket", "chelsea", "rocket", "chelsea"]
+
+
+def test_distinct_share() -> None:
+    assert distinct_share(["a", "a", "b", "c"]) == 0.75
+    assert distinct_share(["猫"] * 10) == 0.1
+    assert distinct_share([]) is None
