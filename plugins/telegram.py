@@ -16,17 +16,22 @@ import hashlib
 import hmac
 import logging
 import re
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi import Request, Response
 
 from bot.hookspecs import hookimpl
 from bot.logs import RedactingFilter
-from bot.models import JokeRequest, NotFound, OogiriError
+from bot.models import JokeRequest, NotFound, OogiriError, RateLimited, Rejected
 from bot.models import message as core_message
+from bot.moderation import moderation_for
+from bot.moderation_settings import check_subject
+from bot.outbox import Outbox, OutboxItem, OutboxWorker, RetryLater, Undeliverable
 from plugins.telegram_texts import text
 
 try:  # the ``telegram`` extra; without it the plugin loads but its channel refuses to start
@@ -39,9 +44,15 @@ try:  # the ``telegram`` extra; without it the plugin loads but its channel refu
         Update,
     )
     from telegram.constants import ChatAction, ChatType, MessageEntityType, MessageLimit
-    from telegram.error import BadRequest, InvalidToken, RetryAfter, TelegramError
+    from telegram.error import (
+        BadRequest,
+        ChatMigrated,
+        Forbidden,
+        InvalidToken,
+        RetryAfter,
+        TelegramError,
+    )
     from telegram.ext import (
-        AIORateLimiter,
         Application,
         ApplicationBuilder,
         CallbackQueryHandler,
@@ -50,6 +61,8 @@ try:  # the ``telegram`` extra; without it the plugin loads but its channel refu
         MessageHandler,
         filters,
     )
+
+    from plugins.telegram_flow import ChatFlowLimiter, retry_seconds
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     _PTB_MISSING: ImportError | None = exc
 else:
@@ -71,7 +84,7 @@ BOT_API_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # getFile refuses bigger files on the
 POLL_TIMEOUT_S = 10  # long-poll duration of getUpdates
 TYPING_EVERY_S = 4.5  # Telegram shows "typing…" for 5 s per chat action
 CONCURRENT_UPDATES = 256  # handlers in flight; the service's own semaphore bounds engine calls
-RATE_LIMIT_RETRIES = 3  # RetryAfter answers honoured per request before giving up
+SHOWN_MAX = 50_000  # vote keyboards whose shown counts are remembered (no-op edits skipped)
 MAX_WEBHOOK_BODY = 1 << 20
 VOTE_RE = re.compile(r"v:([1-9][0-9]{0,17}):([+-]1)")
 SECRET_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
@@ -272,8 +285,16 @@ def _is_reply_to_me(message: Message, bot: Bot) -> bool:
 
 
 def _sender_id(message: Message) -> int:
-    sender = message.from_user or message.sender_chat
+    """Who asked: the chat a message was sent *as* (anonymous admins, "send as channel": Telegram
+    puts a placeholder bot in ``from``), else the user."""
+    sender = message.sender_chat or message.from_user
     return sender.id if sender is not None else message.chat.id
+
+
+def _from_a_bot(message: Message) -> bool:
+    """A real bot's message (ignored). A ``sender_chat`` post is a person behind a placeholder
+    bot (GroupAnonymousBot, Channel_Bot), so it is not one."""
+    return message.sender_chat is None and bool(message.from_user and message.from_user.is_bot)
 
 
 def _quiet_sensitive_logs(token: str) -> None:
@@ -415,14 +436,6 @@ class _WebhookServer:
 
 class TelegramChannel:
     name = CHANNEL
-    #: AIORateLimiter's arguments: Telegram's documented flood limits (30 messages a second, 20 a
-    #: minute per group). A load test against a fake Bot API may raise them on a subclass.
-    rate_limits: ClassVar[dict[str, float]] = {
-        "overall_max_rate": 30,
-        "overall_time_period": 1,
-        "group_max_rate": 20,
-        "group_time_period": 60,
-    }
 
     def __init__(self, app: App) -> None:
         if _PTB_MISSING is not None:
@@ -434,17 +447,37 @@ class TelegramChannel:
         self.application: Application | None = None
         self.running = False
         self._server: _WebhookServer | None = None
+        tg = self.settings.telegram
+        self.outbox = Outbox(
+            app.store,
+            CHANNEL,
+            lease_s=tg.outbox_lease_s,
+            max_age_s=tg.outbox_max_age_s,
+            metrics=app.metrics,
+        )
+        self.worker = OutboxWorker(self.outbox, self._deliver, poll_s=tg.outbox_poll_s)
+        self.flow: ChatFlowLimiter | None = None
+        # vote keyboards: the counts a message shows, the last edit, the pending refresh
+        self._shown: OrderedDict[tuple[int, int], tuple[int, int]] = OrderedDict()
+        self._last_edit: dict[tuple[int, int], float] = {}
         self._refreshing: dict[tuple[int, int], bool] = {}  # message → "counts changed again"
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
     def build_application(self) -> Application:
         tg = self.settings.telegram
         token = bot_token(self.settings)
+        self.flow = ChatFlowLimiter(
+            private_per_s=tg.private_per_s,
+            group_per_minute=tg.group_per_minute,
+            global_per_s=tg.global_per_s,
+            max_retries=tg.flood_retries,
+        )
         builder = (
             ApplicationBuilder()
             .token(token)
-            .rate_limiter(AIORateLimiter(max_retries=RATE_LIMIT_RETRIES, **self.rate_limits))
+            .rate_limiter(self.flow)
             .concurrent_updates(CONCURRENT_UPDATES)
             .pool_timeout(30.0)  # under load, wait for a pooled connection rather than fail
             .get_updates_pool_timeout(30.0)
@@ -462,6 +495,9 @@ class TelegramChannel:
         application.add_handler(CommandHandler("privacy", self.on_privacy, message_only))
         application.add_handler(CommandHandler("stats", self.on_stats, message_only))
         application.add_handler(CommandHandler("joke", self.on_joke_command, message_only))
+        application.add_handler(CommandHandler("block", self.on_block, message_only))
+        application.add_handler(CommandHandler("unblock", self.on_unblock, message_only))
+        application.add_handler(CommandHandler("delete", self.on_delete, message_only))
         application.add_handler(
             MessageHandler(message_only & filters.COMMAND & filters.ChatType.PRIVATE, self.on_help)
         )
@@ -489,6 +525,7 @@ class TelegramChannel:
                 ) from None
             await self._set_commands(application.bot)
             await application.start()
+            self.worker.start()  # replies left pending (by a failed send or a killed replica)
             self.app.state[STATE_KEY] = self
             if tg.mode == "polling":
                 assert application.updater is not None
@@ -522,7 +559,10 @@ class TelegramChannel:
                     await application.updater.stop()
             if application.running:
                 await application.stop()  # handles what is already queued
+            await self.worker.stop()  # what is still pending stays in the outbox for later
             await application.shutdown()
+        else:
+            await self.worker.stop()
         if self.app.state.get(STATE_KEY) is self:
             self.app.state.pop(STATE_KEY, None)
 
@@ -627,11 +667,40 @@ class TelegramChannel:
         hint: str | None,
         user: User | None,
     ) -> None:
-        """Download ``picture``, ask the service for a joke, reply to ``asking`` with it."""
+        """Admit, download ``picture``, ask the service for a joke, reply to ``asking`` with it.
+
+        Admission (rate limits, moderation) comes before any Telegram call: a flooder costs a
+        counter, not a getFile and a download. The joke's reply is stored with the joke (the
+        outbox) and sent at once; if that send fails it is delivered later, in order.
+        """
         lang = self.language(user)
         limit = self.download_limit
         if picture.file_size and picture.file_size > limit:
             await self._reply(bot, asking, self._too_large(lang))
+            return
+        sender = _sender_id(asking)
+        request = JokeRequest(
+            image_bytes=b"",
+            channel=CHANNEL,
+            user_id=f"tg:{sender}",
+            chat_id=f"tg:{asking.chat.id}",
+            hint=hint,
+            language=lang,
+            filename=picture.filename,
+            content_type=picture.content_type,
+            meta={"chat_type": asking.chat.type, "message_id": asking.message_id},
+        )
+        try:
+            await self.app.service.admit(request)
+        except RateLimited as exc:
+            await self._slow_down(bot, asking, request.user_id, exc, lang)
+            return
+        except Rejected as exc:
+            if exc.key not in ("blocked", "not_allowed"):  # moderation refusals get silence
+                await self._reply(bot, asking, exc.user_message(lang))
+            return
+        except OogiriError as exc:
+            await self._reply(bot, asking, exc.user_message(lang))
             return
         async with self._typing(bot, asking):
             try:
@@ -639,7 +708,7 @@ class TelegramChannel:
                 if tg_file.file_size and tg_file.file_size > limit:
                     await self._reply(bot, asking, self._too_large(lang))
                     return
-                data = bytes(await tg_file.download_as_bytearray())
+                request.image_bytes = bytes(await tg_file.download_as_bytearray())
             except BadRequest as exc:
                 too_big = "too big" in str(exc).lower()
                 await self._reply(
@@ -652,23 +721,81 @@ class TelegramChannel:
                 log.warning("telegram: download failed: %s", exc)
                 await self._reply(bot, asking, text("download_failed", lang))
                 return
-            request = JokeRequest(
-                image_bytes=data,
-                channel=CHANNEL,
-                user_id=f"tg:{_sender_id(asking)}",
-                chat_id=f"tg:{asking.chat.id}",
-                hint=hint,
-                language=lang,
-                filename=picture.filename,
-                content_type=picture.content_type,
-                meta={"chat_type": asking.chat.type, "message_id": asking.message_id},
+            thread = asking.message_thread_id if asking.is_topic_message else None
+            request.delivery = self.outbox.delivery(
+                f"tg:{asking.chat.id}",
+                {
+                    "chat_id": asking.chat.id,
+                    "reply_to": asking.message_id,
+                    "thread_id": thread,
+                    "lang": lang,
+                },
             )
             try:
                 joke = await self.app.service.tell(request)
             except OogiriError as exc:
                 await self._reply(bot, asking, exc.user_message(lang))
                 return
-        await self._reply(bot, asking, joke.text, vote_keyboard(joke.id, joke.up, joke.down))
+        await self._send_joke(joke.id)
+
+    async def _send_joke(self, joke_id: int) -> None:
+        """Send a just-stored joke's reply now (its outbox row is already ours)."""
+        try:
+            item = await self.outbox.for_joke(joke_id)
+        except OogiriError:
+            log.warning("telegram: joke %s stored, its reply left to the outbox", joke_id)
+            return  # the claim lapses and the worker sends it
+        if item is not None:
+            await self.worker.send_now(item)
+
+    async def _slow_down(
+        self, bot: Bot, asking: Message, user_key: str, exc: RateLimited, lang: str
+    ) -> None:
+        """One "slow down" per user per window; later refusals in it are silent."""
+        window = self.settings.telegram.slow_down_notice_s
+        first = window <= 0 or (
+            await self.app.limiter.hit(f"notice:{CHANNEL}:{user_key}", 1, window) is None
+        )
+        if first:
+            await self._reply(bot, asking, exc.user_message(lang))
+
+    async def _deliver(self, item: OutboxItem) -> dict[str, Any] | None:
+        """Send one outbox reply (a joke with its current vote counts) — the outbox's callback."""
+        application = self.application
+        if application is None:
+            raise RetryLater("the telegram channel is not running", 1.0)
+        payload = item.payload
+        if item.joke_id is None:
+            raise Undeliverable("an outbox row without a joke")
+        try:
+            joke = await self.app.service.get_joke(item.joke_id)
+        except NotFound:
+            raise Undeliverable(f"joke {item.joke_id} no longer exists") from None
+        if item.joke_id in await moderation_for(self.app).removed_jokes_cached():
+            raise Undeliverable(f"joke {item.joke_id} was removed by an admin")
+        chat_id = int(payload["chat_id"])
+        try:
+            sent = await application.bot.send_message(
+                chat_id=chat_id,
+                text=joke.text[: MessageLimit.MAX_TEXT_LENGTH],
+                reply_parameters=ReplyParameters(
+                    message_id=int(payload["reply_to"]), allow_sending_without_reply=True
+                )
+                if payload.get("reply_to")
+                else None,
+                reply_markup=vote_keyboard(joke.id, joke.up, joke.down),
+                message_thread_id=payload.get("thread_id"),
+            )
+        except RetryAfter as exc:
+            raise RetryLater(f"flood control: {exc}", retry_seconds(exc) + 0.1) from None
+        except (Forbidden, ChatMigrated) as exc:
+            raise Undeliverable(f"{type(exc).__name__}: {exc}") from None
+        except BadRequest as exc:
+            raise Undeliverable(f"BadRequest: {exc}") from None
+        except TelegramError as exc:  # 5xx, timeouts, the network: worth another try
+            raise RetryLater(f"{type(exc).__name__}: {exc}") from None
+        self._remember_shown((chat_id, sent.message_id), (joke.up, joke.down))
+        return {"chat_id": chat_id, "message_id": sent.message_id}
 
     async def _joke_on_reply(
         self, bot: Bot, message: Message, hint: str | None, private: bool
@@ -732,7 +859,7 @@ class TelegramChannel:
 
     async def on_joke_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        if message is None or (message.from_user and message.from_user.is_bot):
+        if message is None or _from_a_bot(message):
             return
         hint = " ".join(context.args or ()) or None
         private = message.chat.type == ChatType.PRIVATE
@@ -740,7 +867,7 @@ class TelegramChannel:
 
     async def on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.message
-        if message is None or (message.from_user and message.from_user.is_bot):
+        if message is None or _from_a_bot(message):
             return
         bot = context.bot
         user = message.from_user
@@ -790,6 +917,8 @@ class TelegramChannel:
             joke_id, value = vote
             chat_id = query.message.chat.id
             try:
+                # A callback query always names the person who pressed (anonymous admins too),
+                # so one vote per person per joke holds however they post.
                 rating = await self.app.service.rate(
                     joke_id,
                     f"tg:{query.from_user.id}",
@@ -813,21 +942,41 @@ class TelegramChannel:
                 toast = text("vote_changed_up" if value > 0 else "vote_changed_down", lang)
             answered = True
             await query.answer(toast)
-            await self._refresh_counts(context.bot, joke_id, chat_id, query.message.message_id)
+            if rating.previous != value:  # the same vote again changes no count: no edit
+                self._schedule_refresh(context.bot, joke_id, chat_id, query.message.message_id)
         finally:
             if not answered:  # whatever failed, the user's spinner must stop
                 with contextlib.suppress(Exception):
                     await query.answer()
 
-    async def _refresh_counts(self, bot: Bot, joke_id: int, chat_id: int, message_id: int) -> None:
-        """Show the current 👍/👎 counts; concurrent votes on a message coalesce into few edits."""
+    def _remember_shown(self, key: tuple[int, int], counts: tuple[int, int]) -> None:
+        self._shown[key] = counts
+        self._shown.move_to_end(key)
+        while len(self._shown) > SHOWN_MAX:
+            old, _ = self._shown.popitem(last=False)
+            self._last_edit.pop(old, None)
+
+    def _schedule_refresh(self, bot: Bot, joke_id: int, chat_id: int, message_id: int) -> None:
+        """Coalesce keyboard refreshes: one edit per message per ``edit_window_s``, last state
+        wins; a refresh already waiting for this message reads the counts when it runs."""
         key = (chat_id, message_id)
         if key in self._refreshing:
-            self._refreshing[key] = True  # the running refresher will read the counts again
+            self._refreshing[key] = True
             return
         self._refreshing[key] = False
+        task = asyncio.create_task(self._refresh_counts(bot, joke_id, chat_id, message_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_counts(self, bot: Bot, joke_id: int, chat_id: int, message_id: int) -> None:
+        """Show the current 👍/👎 counts, unless the message shows them already."""
+        key = (chat_id, message_id)
+        window = self.settings.telegram.edit_window_s
         try:
             while True:
+                wait = self._last_edit.get(key, 0.0) + window - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 self._refreshing[key] = False
                 try:
                     joke = await self.app.service.get_joke(joke_id)
@@ -836,21 +985,141 @@ class TelegramChannel:
                     # in the chat would not be.
                     log.warning("telegram: vote counts not refreshed: %s", exc)
                     break
-                try:
-                    await bot.edit_message_reply_markup(
-                        chat_id=chat_id,
-                        message_id=message_id,
-                        reply_markup=vote_keyboard(joke.id, joke.up, joke.down),
-                    )
-                except BadRequest as exc:
-                    if "not modified" not in str(exc).lower():
+                counts = (joke.up, joke.down)
+                if self._shown.get(key) != counts:
+                    self._last_edit[key] = time.monotonic()
+                    try:
+                        await bot.edit_message_reply_markup(
+                            chat_id=chat_id,
+                            message_id=message_id,
+                            reply_markup=vote_keyboard(joke.id, *counts),
+                        )
+                        self._remember_shown(key, counts)
+                    except BadRequest as exc:
+                        if "not modified" in str(exc).lower():
+                            self._remember_shown(key, counts)
+                        else:
+                            log.warning("telegram: could not update vote counts: %s", exc)
+                    except TelegramError as exc:
                         log.warning("telegram: could not update vote counts: %s", exc)
-                except TelegramError as exc:
-                    log.warning("telegram: could not update vote counts: %s", exc)
                 if not self._refreshing[key]:
                     break
         finally:
             self._refreshing.pop(key, None)
+
+    # ------------------------------------------------------------------ moderation (admins)
+
+    def _is_admin(self, update: Update) -> bool:
+        user = update.effective_user
+        return bool(
+            user is not None
+            and update.effective_message is not None
+            and update.effective_message.sender_chat is None  # an anonymous admin is nobody
+            and user.id in self.settings.telegram.admin_ids
+        )
+
+    def _subject(self, message: Message, args: list[str]) -> str | None:
+        """Whom ``/block``/``/unblock`` means: the replied-to sender, or an id or subject."""
+        if args:
+            value = args[0].strip()
+            if ":" in value:
+                return check_subject(value)
+            if re.fullmatch(r"-?[0-9]{1,20}", value):
+                kind = "chat" if value.startswith("-") else "user"
+                return f"{CHANNEL}:{kind}:{value}"
+            raise ValueError(f"not a Telegram id: {value[:40]}")
+        original = message.reply_to_message
+        if original is None:
+            return None
+        if original.sender_chat is not None:
+            return f"{CHANNEL}:chat:{original.sender_chat.id}"
+        if original.from_user is not None:
+            return f"{CHANNEL}:user:{original.from_user.id}"
+        return None
+
+    async def _moderate(self, update: Update, context: Any, command: str) -> None:
+        message = update.effective_message
+        if message is None:
+            return
+        lang = self.language(update.effective_user)
+        if not self._is_admin(update):
+            await self._reply(context.bot, message, text("admins_only", lang))
+            return
+        moderation = moderation_for(self.app)
+        try:
+            subject = self._subject(message, list(context.args or ()))
+            if subject is None:
+                await self._reply(context.bot, message, text("mod_usage", lang, command=command))
+                return
+            by = f"{CHANNEL}:user:{update.effective_user.id}"  # type: ignore[union-attr]
+            if command == "block":
+                done = await moderation.block(subject, by=by)
+                key = "blocked" if done else "already_blocked"
+            else:
+                done = await moderation.unblock(subject)
+                key = "unblocked" if done else "not_blocked"
+        except ValueError as exc:
+            await self._reply(context.bot, message, text("mod_error", lang, error=str(exc)))
+            return
+        except OogiriError as exc:
+            await self._reply(context.bot, message, exc.user_message(lang))
+            return
+        await self._reply(context.bot, message, text(key, lang, subject=subject))
+
+    async def on_block(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._moderate(update, context, "block")
+
+    async def on_unblock(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._moderate(update, context, "unblock")
+
+    async def on_delete(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """``/delete`` in reply to one of the bot's jokes (or ``/delete <joke id>``): the joke is
+        removed from the chat and from every later training export."""
+        message = update.effective_message
+        if message is None:
+            return
+        bot = context.bot
+        lang = self.language(update.effective_user)
+        if not self._is_admin(update):
+            await self._reply(bot, message, text("admins_only", lang))
+            return
+        target: tuple[int, int] | None = None
+        joke_id: int | None = None
+        original = message.reply_to_message
+        if context.args and context.args[0].isdigit():
+            joke_id = int(context.args[0])
+        elif original is not None and original.from_user and original.from_user.id == bot.id:
+            markup = original.reply_markup
+            for row in markup.inline_keyboard if markup else ():
+                for button in row:
+                    vote = parse_vote(button.callback_data if button else None)
+                    if vote is not None:
+                        joke_id = vote[0]
+            target = (original.chat.id, original.message_id)
+        if joke_id is None:
+            await self._reply(bot, message, text("delete_usage", lang))
+            return
+        by = f"{CHANNEL}:user:{update.effective_user.id}"  # type: ignore[union-attr]
+        try:
+            await moderation_for(self.app).remove_joke(joke_id, by=by)
+            if target is None:
+                sent = await self.outbox.delivered_result(joke_id)
+                if sent and sent.get("message_id"):
+                    target = (int(sent["chat_id"]), int(sent["message_id"]))
+        except NotFound:
+            await self._reply(bot, message, text("bad_button", lang))
+            return
+        except OogiriError as exc:
+            await self._reply(bot, message, exc.user_message(lang))
+            return
+        deleted = False
+        if target is not None:
+            try:
+                deleted = bool(await bot.delete_message(chat_id=target[0], message_id=target[1]))
+            except TelegramError as exc:  # older than 48 h, or no right to delete here
+                log.warning("telegram: could not delete joke %s's message: %s", joke_id, exc)
+        key = "joke_deleted" if deleted else "joke_deleted_kept"
+        await self._reply(bot, message, text(key, lang, joke_id=joke_id))
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         error = context.error

@@ -97,6 +97,36 @@ TEXTS: dict[str, dict[str, str]] = {
     "cmd_help": {"en": "How to use me", "zh": "使用说明"},
     "cmd_joke": {"en": "Joke about the picture you reply to", "zh": "给你回复的图片讲个梗"},
     "cmd_privacy": {"en": "What I store", "zh": "我会保存什么"},
+    # moderation (admins only)
+    "admins_only": {
+        "en": "Sorry, that command is for the bot's admins.",
+        "zh": "抱歉，这个命令只对管理员开放。",
+    },
+    "mod_usage": {
+        "en": (
+            "/{command} as a reply to someone's message, or /{command} <user id>, "
+            "/{command} <chat id> or /{command} telegram:user:<id>."
+        ),
+        "zh": "回复某人的消息发送 /{command}，或 /{command} <用户 id>、/{command} <群 id>、"
+        "/{command} telegram:user:<id>。",
+    },
+    "blocked": {"en": "Blocked {subject}.", "zh": "已屏蔽 {subject}。"},
+    "already_blocked": {"en": "{subject} was already blocked.", "zh": "{subject} 已经被屏蔽了。"},
+    "unblocked": {"en": "Unblocked {subject}.", "zh": "已解除屏蔽 {subject}。"},
+    "not_blocked": {"en": "{subject} was not blocked.", "zh": "{subject} 没有被屏蔽。"},
+    "mod_error": {"en": "Not changed: {error}", "zh": "未更改：{error}"},
+    "delete_usage": {
+        "en": "Reply to one of my jokes with /delete (or /delete <joke id>).",
+        "zh": "回复我的某个笑话发送 /delete（或 /delete <笑话 id>）。",
+    },
+    "joke_deleted": {
+        "en": "Joke {joke_id} removed; it will never be used for training.",
+        "zh": "笑话 {joke_id} 已删除，不会再用于训练。",
+    },
+    "joke_deleted_kept": {
+        "en": "Joke {joke_id} removed from training, but I could not delete the message here.",
+        "zh": "笑话 {joke_id} 已从训练数据中移除，但没能删除这里的消息。",
+    },
 }
 
 

@@ -13,6 +13,7 @@ from fakebotapi import FakeBotAPI
 from PIL import Image
 from tgsupport import STEP_TIMEOUT_S, StartBot, make_settings
 
+import plugins.moderation as moderation_plugin
 import plugins.telegram as telegram_plugin
 from bot.app import App
 from bot.engines.instant import InstantEngine
@@ -34,7 +35,11 @@ async def start_bot(tmp_path: Path, botapi: FakeBotAPI) -> AsyncIterator[StartBo
     async def start(engine: Any = None, only: list[str] | None = None, **overrides: Any) -> App:
         settings = make_settings(tmp_path / f"app{len(apps)}", botapi, **overrides)
         app = await asyncio.wait_for(
-            App.create(settings, engine=engine or InstantEngine(), plugins=[telegram_plugin]),
+            App.create(
+                settings,
+                engine=engine or InstantEngine(),
+                plugins=[telegram_plugin, moderation_plugin],
+            ),
             STEP_TIMEOUT_S,
         )
         apps.append(app)
@@ -68,3 +73,19 @@ def coffee_png(sample_dir: Path) -> bytes:
 @pytest.fixture(scope="session")
 def sticker_webp(sample_dir: Path) -> bytes:
     return _encode(sample_dir / "astronaut.png", "WEBP", (512, 512))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL on each backend (PostgreSQL: the session's test database, emptied)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'shared.sqlite3'}"
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = request.getfixturevalue("pg_database")
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+        await conn.exec_driver_sql("CREATE SCHEMA public")
+    await engine.dispose()
+    return url

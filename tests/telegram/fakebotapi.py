@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +27,16 @@ from aiohttp import ClientSession, ClientTimeout, web
 TOKEN = "123456789:AAFakeTokenForOogiriTests_0123456789abc"
 BOT_ID = 123456789
 BOT_USERNAME = "oogiri_test_bot"
+# The placeholder senders Telegram puts in ``from`` of anonymous posts (Bot API docs, Message).
+GROUP_ANONYMOUS_BOT = {
+    "id": 1087968824,
+    "is_bot": True,
+    "first_name": "Group",
+    "username": "GroupAnonymousBot",
+}
+CHANNEL_BOT = {"id": 136817688, "is_bot": True, "first_name": "Channel", "username": "Channel_Bot"}
+#: Methods that put a message into a chat (what flood control and chaos apply to).
+CHAT_SENDS = ("sendMessage", "editMessageReplyMarkup", "editMessageText", "deleteMessage")
 FILE_LIMIT = 20 * 1024 * 1024
 
 # Parameters that are always strings (PTB sends them raw; everything else is JSON-encoded).
@@ -91,6 +102,12 @@ class FakeBotAPI:
         self.webhook: dict[str, Any] = {"url": ""}
         self.commands: dict[str | None, list[dict[str, Any]]] = {}
         self.failures: dict[str, list[int]] = {}
+        self.chat_failures: dict[tuple[str, int], list[tuple[int, int]]] = {}
+        self.flood_until: dict[int, float] = {}  # chat → its 429 holds until then
+        self.chaos_rates: tuple[float, float] = (0.0, 0.0)
+        self.chaos_retry_after = 1
+        self._chaos = random.Random(0)
+        self.injected: dict[str, int] = {"429": 0, "5xx": 0}
         self.port = 0
         self._ids = itertools.count(1)
         self._update_ids = itertools.count(1)
@@ -141,6 +158,56 @@ class FakeBotAPI:
     def fail(self, method: str, retry_after: int = 1, times: int = 1) -> None:
         """Answer the next ``times`` calls of ``method`` with 429 Too Many Requests."""
         self.failures.setdefault(method, []).extend([retry_after] * times)
+
+    def fail_chat(
+        self,
+        chat_id: int,
+        method: str = "sendMessage",
+        times: int = 1,
+        status: int = 429,
+        retry_after: int = 1,
+    ) -> None:
+        """Fail the next ``times`` ``method`` calls into ``chat_id`` only: 429 (flood control:
+        the chat then stays refused for ``retry_after`` seconds, as Telegram does) or a 5xx."""
+        self.chat_failures.setdefault((method, chat_id), []).extend([(status, retry_after)] * times)
+
+    def chaos(self, rate_429: float, rate_5xx: float, retry_after: int = 1, seed: int = 0) -> None:
+        """Refuse a share of chat sends at random: 429 for that chat, or a 5xx (benchmarks)."""
+        self.chaos_rates = (rate_429, rate_5xx)
+        self.chaos_retry_after = retry_after
+        self._chaos = random.Random(seed)
+
+    def _chat_failure(self, method: str, params: dict[str, Any]) -> web.Response | None:
+        if method not in CHAT_SENDS:
+            return None
+        try:
+            chat_id = int(params.get("chat_id"))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None
+        now = time.monotonic()
+        until = self.flood_until.get(chat_id, 0.0)
+        if until > now:  # still under flood control: Telegram keeps refusing this chat
+            left = max(1, round(until - now))
+            return _error(429, f"Too Many Requests: retry after {left}", {"retry_after": left})
+        planned = self.chat_failures.get((method, chat_id))
+        status, retry_after = planned.pop(0) if planned else (0, 0)
+        if not status:
+            r429, r5xx = self.chaos_rates
+            roll = self._chaos.random()
+            if roll < r429:
+                status, retry_after = 429, self.chaos_retry_after
+            elif roll < r429 + r5xx:
+                status = 502
+        if status == 429:
+            self.injected["429"] += 1
+            self.flood_until[chat_id] = now + retry_after
+            return _error(
+                429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after}
+            )
+        if status >= 500:
+            self.injected["5xx"] += 1
+            return _error(status, "Bad Gateway" if status == 502 else "Internal Server Error")
+        return None
 
     # ------------------------------------------------------------------ what the bot did
 
@@ -300,6 +367,24 @@ class FakeBotAPI:
         self.messages[(chat["id"], msg["message_id"])] = msg
         return msg
 
+    def anonymous_message(
+        self,
+        chat: dict[str, Any],
+        as_chat: dict[str, Any] | None = None,
+        **content: Any,
+    ) -> dict[str, Any]:
+        """A post with ``sender_chat``: an anonymous admin of ``chat`` (``as_chat`` unset) or a
+        member posting as their channel ``as_chat``, as the Bot API shows them."""
+        placeholder = GROUP_ANONYMOUS_BOT if as_chat is None else CHANNEL_BOT
+        msg = self.message(chat, placeholder, **content)
+        msg["sender_chat"] = as_chat or chat
+        return msg
+
+    def channel_chat(self, chat_id: int = -1009876543210, title: str = "Cats") -> dict[str, Any]:
+        chat = {"id": chat_id, "type": "channel", "title": title}
+        self.chats[chat_id] = chat
+        return chat
+
     def update(self, **payload: Any) -> dict[str, Any]:
         return {"update_id": next(self._update_ids), **payload}
 
@@ -377,6 +462,10 @@ class FakeBotAPI:
         if request.match_info["token"] != self.token:
             return _error(401, "Unauthorized")
         params = await self._params(request)
+        refused = self._chat_failure(method, params)
+        if refused is not None:
+            await self._record(method, params, refused.status)
+            return refused
         pending = self.failures.get(method)
         if pending:
             retry_after = pending.pop(0)
@@ -534,6 +623,12 @@ class FakeBotAPI:
         if markup:
             msg["reply_markup"] = markup
         return msg
+
+    async def api_deleteMessage(self, params: dict[str, Any]) -> Any:
+        key = (int(params.get("chat_id") or 0), int(params.get("message_id") or 0))
+        if self.messages.pop(key, None) is None:
+            raise BotAPIError(400, "Bad Request: message to delete not found")
+        return True
 
     async def api_answerCallbackQuery(self, params: dict[str, Any]) -> Any:
         if self.open_queries.pop(str(params.get("callback_query_id")), None) is None:
