@@ -5,40 +5,48 @@
 #
 #   docker build -f deploy/train.Dockerfile -t oogiri-train:0.1.0 .
 #
-# The XTuner pins are the ones that trained and merged InternVL2 on the device (shared field notes,
-# 2026-11): bitsandbytes >= 0.48 (0.45 has no CUDA 13 build and imports triton.ops), deepspeed
-# 0.16.2 built without ops. Keep them in step with `oogiri train setup`.
+# The training venv is installed from ONE lock file, training/requirements-xtuner.txt, the same one
+# `oogiri train setup` installs (--no-deps: XTuner's own pins, bitsandbytes 0.45 and opencv-python,
+# do not work on current CUDA). torch and torchvision come from the base image. The build ends with
+# `oogiri train setup --check`: it imports xtuner.dataset (scikit-image, matplotlib, OpenCV), timm
+# and the model code and builds a one-sample XTuner data set, so an image that cannot train does
+# not build.
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
 FROM ${BASE_IMAGE}
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
-# DeepSpeed initialises through MPI when NPROC_PER_NODE=1.
+# DeepSpeed initialises through MPI when NPROC_PER_NODE=1; OpenCV (headless) needs glib.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends openmpi-bin libopenmpi-dev git \
+ && apt-get install -y --no-install-recommends openmpi-bin libopenmpi-dev libglib2.0-0 git \
  && rm -rf /var/lib/apt/lists/*
 
 # XTuner's environment reuses the base image's CUDA torch (system site packages).
+COPY training/requirements-xtuner.txt /opt/requirements-xtuner.txt
 RUN python -m venv --system-site-packages /opt/xtuner \
- && /opt/xtuner/bin/pip install \
-      "transformers==4.48.0" "tokenizers==0.21.0" "huggingface_hub==0.27.1" "peft==0.14.0" \
-      "accelerate==1.2.1" "datasets==3.2.0" "mmengine==0.10.6" "pydantic>=2.10,<2.11" \
-      "bitsandbytes>=0.48" "einops" "timm" "sentencepiece" "hjson" "loguru" "addict" "yapf" \
-      "mpi4py" \
- && DS_BUILD_OPS=0 /opt/xtuner/bin/pip install --no-build-isolation "deepspeed==0.16.2" \
- && /opt/xtuner/bin/pip install --no-deps "xtuner==0.2.0" \
- && /opt/xtuner/bin/python -c "import xtuner, transformers; assert transformers.__version__ == '4.48.0'"
+ && grep -v '^deepspeed==' /opt/requirements-xtuner.txt > /tmp/pins.txt \
+ && /opt/xtuner/bin/pip install --no-deps -r /tmp/pins.txt \
+ && DS_BUILD_OPS=0 /opt/xtuner/bin/pip install --no-deps --no-build-isolation \
+      "$(grep '^deepspeed==' /opt/requirements-xtuner.txt)" \
+ && rm /tmp/pins.txt
 
 # oogiri itself, without torch (the job drives XTuner through /opt/xtuner/bin/python).
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY oogiri ./oogiri
 COPY bot ./bot
 COPY plugins ./plugins
 COPY training ./training
 RUN python -m venv /opt/oogiri \
  && /opt/oogiri/bin/pip install . \
- && ln -s /opt/oogiri/bin/oogiri /usr/local/bin/oogiri \
- && rm -rf /src
+ && ln -s /opt/oogiri/bin/oogiri /usr/local/bin/oogiri
+
+# The check: a tiny InternVL2 folder (config class and tokenizer, built by the training venv's own
+# transformers) → imports + a one-sample XTuner data set; a problem fails the build.
+RUN /opt/xtuner/bin/python -c "import sys; sys.path.append('/src'); \
+from bot.tinymodel import make_tiny_model; make_tiny_model('/tmp/check-model', layout='internvl2')" \
+ && oogiri train setup --check --venv /opt/xtuner --model /tmp/check-model \
+ && rm -rf /tmp/check-model /src
 
 RUN groupadd --system --gid 10001 oogiri \
  && useradd --system --uid 10001 --gid oogiri --home-dir /data --shell /usr/sbin/nologin oogiri \

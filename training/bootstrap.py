@@ -384,8 +384,9 @@ async def bootstrap(
             run = await pipeline.run(promote=False)
             result.run = run
             result.version, result.model_dir = run.version, run.model_dir
-            if run.status == "failed":
-                raise BootstrapError(f"training run #{run.run_id} failed: {run.error}")
+            if run.status in ("failed", "skipped"):
+                # skipped: too few samples for the schedule (a small --n): the message says why
+                raise BootstrapError(f"training run #{run.run_id} {run.status}: {run.error}")
             if run.status != "succeeded":
                 result.steps["train"] = "done"
                 result.status = "rejected"

@@ -158,7 +158,7 @@ class _BuildEvents:
 
     def build_progress(self, done: int, total: int | None, what: str) -> None:
         if self.task is None:
-            self.task = self.progress.add_task(what, total=total)
+            self.task = self.progress.add_task(what, total=total, loss="-", eta="-")
         self.progress.update(self.task, completed=done, total=total)
 
 

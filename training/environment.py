@@ -99,8 +99,11 @@ if spec and spec.submodule_search_locations:
     out["convert_script"] = str(p)
     out["convert_script_exists"] = p.is_file()
 model = os.environ.get("OOGIRI_CHECK_MODEL")
-if model and out.get("xtuner_internvl"):
+if model:
     out["model"] = model
+if model and not out.get("xtuner_internvl"):
+    out["errors"]["dataset"] = "not built: XTuner's InternVL code does not import"
+if model and out.get("xtuner_internvl"):
     mdir = pathlib.Path(model)
     # InternVL's own model code (a real download has it; timm is imported by InternViT's)
     if (mdir / "modeling_internvl_chat.py").is_file():

@@ -287,6 +287,14 @@ def build(
                     stars.append(r.star)
         if progress is not None:
             progress(total, total, "pictures")
+    # Fewer usable pictures than asked for: the hash rule may have held none out, yet the gate
+    # needs some. Hold out the weakest-ranked training samples (about 5 %, at least one).
+    while (
+        len(held) < held_target
+        and len(train) > 1
+        and len(held) < max(1, (len(train) + len(held)) // 20)
+    ):
+        held.append(train.pop())
     if not train:
         shutil.rmtree(work, ignore_errors=True)
         raise DataError(

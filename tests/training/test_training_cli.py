@@ -177,8 +177,15 @@ def test_setup_print_builds_the_field_notes_recipe(env: dict[str, Any]) -> None:
     assert r.exit_code == 0
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "python3.12 -m venv --system-site-packages /opt/xt"
-    assert lines[2].startswith("/opt/xt/bin/python -m pip install --no-deps xtuner==0.2.0 ")
-    for pin in ("transformers==4.48.0", "mmengine==0.10.6", "peft==0.14.0", "bitsandbytes==0.50.2"):
+    assert lines[2].startswith("/opt/xt/bin/python -m pip install --no-deps ")
+    pins = ("xtuner==0.2.0", "transformers==4.48.0", "mmengine==0.10.6", "peft==0.14.0")
+    for pin in (
+        *pins,
+        "bitsandbytes==0.50.2",
+        "scikit-image==",
+        "timm==",
+        "opencv-python-headless",
+    ):
         assert pin in lines[2]
     assert lines[3] == (
         "DS_BUILD_OPS=0 /opt/xt/bin/python -m pip install --no-deps --no-build-isolation "
@@ -190,7 +197,7 @@ def test_setup_print_builds_the_field_notes_recipe(env: dict[str, Any]) -> None:
         "train", "setup", "--print", "--venv", "/v", "--wheels", "/w", "--extra", "opencv-python"
     )
     assert "--no-index --find-links /w" in offline.stdout
-    assert offline.stdout.splitlines()[2].endswith("nvidia-ml-py opencv-python")
+    assert offline.stdout.splitlines()[2].endswith(f"{PINS[-1]} opencv-python")
     dl = invoke("train", "setup", "--download", "/w")
     assert "pip download --no-deps -d /w --only-binary=:all: --python-version 3.12" in dl.stdout
     assert "--no-binary=:all: deepspeed==0.16.2" in dl.stdout
@@ -263,6 +270,9 @@ GOOD_REPORT = {
     "convert_script": "/v/lib/xtuner/configs/internvl/v1_5/convert_to_official.py",
     "convert_script_exists": True,
     "cuda": True,
+    "model": "/models/InternVL2-2B",
+    "model_code": True,
+    "dataset": {"samples": 1, "input_ids": 1300, "pixel_values": [7, 3, 448, 448]},
 }
 
 
@@ -319,7 +329,9 @@ def test_setup_runs_its_steps_in_order(
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    monkeypatch.setattr("training.environment.check_venv", lambda python: (GOOD_REPORT, [], []))
+    monkeypatch.setattr(
+        "training.environment.check_venv", lambda python, model=None: (GOOD_REPORT, [], [])
+    )
     venv = env["tmp"] / "newvenv"
     r = invoke("train", "setup", "--venv", str(venv))
     assert r.exit_code == 0, r.output
