@@ -466,3 +466,104 @@ def test_models_ab_status_and_stop_commands(
 
     docs = asyncio.run(check())
     assert [(d["kind"], d["status"]) for d in docs] == [("watch", "stopped"), ("ab", "promoted")]
+
+
+# --------------------------------------------------------------------------- the training run
+
+
+def text_of(path: Path | str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+class HeldoutEvaluator:
+    """The candidate (a folder under work_dir/models) scores better than the active model."""
+
+    async def evaluate(self, model_dir: Path, heldout: Path, image_root: Path) -> Any:
+        from training.gate import EvalResult
+
+        n = len(json.loads(text_of(heldout)))
+        loss = 1.0 if "models" in model_dir.parts else 2.0
+        return EvalResult(str(model_dir), n, 10 * n, loss, ["这只猫刚刚发现冰箱是空的。"] * n)
+
+
+@pytest.fixture
+def run_rig(tmp_path: Path, tsettings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    from trainhelp import fake_base_model, fake_venv
+
+    for var in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT", "FAKE_XTUNER"):
+        monkeypatch.delenv(var, raising=False)
+    t = tsettings.training
+    t.base_model = fake_base_model(tmp_path / "InternVL2-2B")
+    t.xtuner_python = fake_venv(tmp_path / "xtuner-venv")
+    t.work_dir = tmp_path / "work"
+    t.min_examples = 2
+    t.heldout_fraction = 0.25
+    t.batch_size = t.accumulative_counts = 1
+    t.max_epochs = 2
+    t.warmup_ratio = 0.2
+    t.max_length = 1024
+    t.dataloader_num_workers = 0
+    t.every_days = None
+    t.min_new_ratings = 1
+    tsettings.ab.enabled = True
+    tsettings.ab.min_votes = 50
+    return tsettings
+
+
+async def test_a_run_that_passes_offline_ends_testing_and_the_schedule_waits_for_the_test(
+    run_rig: Settings, tstore: Store
+) -> None:
+    from trainhelp import seed_ratings
+
+    from training.run import RunResult, TrainingPipeline, run_guarded
+    from training.schedule import DueDecision
+
+    await seed_ratings(tstore, 8)
+    promoter = Promoter()
+    kw: dict[str, Any] = {"evaluator": HeldoutEvaluator(), "promoter": promoter}
+    result = await TrainingPipeline(run_rig, tstore, **kw).run()
+    assert result.status == "testing" and not result.promoted, result.error
+    assert result.decision is not None and result.decision.verdict == "pending"
+    assert [c.name for c in result.decision.checks if c.pending] == ["live_ab"]
+    assert promoter.calls == []
+    version = result.version
+    assert (await tstore.get_model_version(version)).status == "testing"
+    test = await tstore.running_ab_test()
+    assert (test.kind, test.candidate, test.control, test.run_id) == (
+        "ab", version, "base-v0", result.run_id,
+    )  # fmt: skip
+    assert result.metrics["ab_test"] == test.id
+    (run,) = await tstore.training_runs()
+    assert run.status == "testing"
+    assert f"live A/B test #{test.id} started" in text_of(run.log_path)
+
+    # the CronJob's tick decides the test first; while it runs, no new training starts
+    tick = await run_guarded(run_rig, tstore, if_due=True, **kw)
+    assert isinstance(tick, DueDecision) and not tick.due
+    assert f"A/B test #{test.id}" in str(tick)
+    # the users decide: the candidate wins, the tick promotes it and the schedule goes on
+    await seed_arm(tstore, "base-v0", 120, 30, "c")
+    await seed_arm(tstore, version, 120, 90, "k")
+    tick = await run_guarded(run_rig, tstore, if_due=True, **kw)
+    assert promoter.calls == [version]
+    assert (await tstore.active_model()).version == version
+    watch = await tstore.running_ab_test()
+    assert watch is not None and watch.kind == "watch"
+    assert isinstance(tick, DueDecision)  # the watch runs: still no new candidate
+    await stop_test(tstore, run_rig, None, promoter, "stop")
+    again = await run_guarded(run_rig, tstore, if_due=True, **kw)
+    assert isinstance(again, RunResult) and again.status == "testing"
+
+
+async def test_a_second_candidate_waits_while_a_test_runs(run_rig: Settings, tstore: Store) -> None:
+    from trainhelp import seed_ratings
+
+    from training.run import TrainingPipeline
+
+    await seed_ratings(tstore, 8)
+    kw: dict[str, Any] = {"evaluator": HeldoutEvaluator(), "promoter": Promoter()}
+    first = await TrainingPipeline(run_rig, tstore, **kw).run()
+    second = await TrainingPipeline(run_rig, tstore, **kw).run()
+    assert first.status == "testing" and second.status == "succeeded"
+    assert (await tstore.get_model_version(second.version)).status == "candidate"
+    assert (await tstore.running_ab_test()).candidate == first.version

@@ -1,0 +1,170 @@
+"""The live A/B test end to end in a serving app: the managed LMDeploy engine (a fake
+``lmdeploy`` executable over loopback HTTP) serves both arms, users get sticky arms, votes go
+through JokeService, the decision promotes through the real swap command and control socket,
+the previous model stays on a small arm (the watch), and everything stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.ab import ArmsEngine, assign
+from bot.ab_serving import AbServing
+from bot.app import App
+from bot.engines import lmdeploy_server
+from bot.engines.lmdeploy_server import ManagedLMDeploy, ServerProcess, control_request
+from bot.models import JokeRequest
+from bot.settings import Settings
+from training.ab import start_test
+from training.ab_plugin import decide_once
+from training.run import ensure_registry
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+FAKE_CMD = [sys.executable, str(FAKES / "fake_lmdeploy.py")]
+
+
+def free_port_block(n: int = 8) -> int:
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        if all(lmdeploy_server.port_is_free("127.0.0.1", p) for p in range(base, base + n)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def model_dir(root: Path, name: str) -> Path:
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"]}))
+    return path
+
+
+def picture(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 64), (i * 37 % 255, 90, 200 - i % 100)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def fast_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ServerProcess, "HEALTH_POLL_S", 0.05)
+    monkeypatch.setattr(ServerProcess, "STOP_GRACE_S", 3.0)
+    monkeypatch.setenv("FAKE_LMDEPLOY_STARTUP_S", "0.2")
+    monkeypatch.setenv("FAKE_LMDEPLOY_DELAY_S", "0.0")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    sock = tmp_path / "run" / "engine.sock"
+    # the promotion runs `python -m bot.cli engine swap …`, which finds serve by this socket
+    monkeypatch.setenv("OOGIRI_ENGINE__CONTROL_SOCKET", str(sock))
+    return Settings(
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        plugins=["engine_lmdeploy_server", "engine_openai_http", "training", "ab"],
+        limits={"per_user_per_minute": 0, "per_chat_per_minute": 0},
+        engine={
+            "name": "lmdeploy",
+            "manage": True,
+            "model": str(model_dir(tmp_path, "model-v1")),
+            "model_version": "v1",
+            "port": free_port_block(),
+            "server_command": FAKE_CMD,
+            "retry_backoff_s": 0.05,
+            "startup_timeout_s": 30,
+            "drain_timeout_s": 10,
+            "max_dynamic_patch": 1,
+            "control_socket": str(sock),
+        },
+        ab={
+            "share": 0.5,
+            "min_votes": 20,
+            "watch_share": 0.25,
+            "poll_s": 30,  # the test asks for each look itself
+            "decide_in_serve": False,
+        },
+    )
+
+
+async def ask(app: App, user: str, i: int) -> tuple[int, str, str]:
+    joke = await app.service.tell(
+        JokeRequest(image_bytes=picture(i), channel="web", user_id=user, language="zh")
+    )
+    return joke.id, joke.model_version, joke.text
+
+
+async def test_live_ab_serves_both_arms_decides_promotes_and_watches(
+    settings: Settings, tmp_path: Path
+) -> None:
+    app = await App.create(settings)
+    try:
+        base = app.engine
+        assert isinstance(base, ManagedLMDeploy)
+        store = app.store
+        active = await ensure_registry(store, settings)
+        assert active is not None and active.version == "v1"
+        v2 = model_dir(tmp_path, "model-v2")
+        await store.add_model_version("v2", str(v2), parent="v1")
+        serving: AbServing = app.state["ab_serving"]
+
+        test = await start_test(store, settings, "v2", "v1")
+        # the control socket's ab_sync makes serve look now (as a CronJob's decision does)
+        answer = await asyncio.to_thread(
+            control_request, settings.engine.control_socket, {"op": "ab_sync"}, None, 60
+        )
+        assert answer["ok"] and answer["result"]["serving"]["test"] == test.id, answer
+        arms = app.engine
+        assert isinstance(arms, ArmsEngine) and arms.base_engine is base
+
+        users = [f"u{i}" for i in range(60)]
+        votes: list[tuple[int, str, int]] = []
+        for i, user in enumerate(users):
+            for k in range(2):
+                joke_id, version, text = await ask(app, user, i * 2 + k)
+                arm = assign(test.id, f"web:{user}", 0.5)
+                assert version == ("v2" if arm == "candidate" else "v1")
+                assert f"[{version}]" in text  # answered by that version's own server
+                # the audience prefers the candidate; each user rates their own jokes
+                liked = (version == "v2") == (k == 0 or i % 4 != 0)
+                votes.append((joke_id, user, 1 if liked else -1))
+        for joke_id, user, value in votes:
+            await app.service.rate(joke_id, f"web:{user}", value, "web")
+            await app.service.rate(joke_id, f"web:{user}", value, "web")  # twice: counted once
+
+        metrics = app.metrics.render().decode()
+        assert 'oogiri_ab_requests_total{arm="candidate"' in metrics
+
+        outcomes = await decide_once(app)
+        assert [o.outcome for o in outcomes] == ["promoted"], outcomes
+        # promoted through the normal path: the swap command reached serve's socket
+        assert (await store.active_model()).version == "v2"
+        assert base.label == "v2" and base.model_dir == v2.resolve()
+        watch = await store.running_ab_test()
+        assert watch is not None and (watch.kind, watch.candidate) == ("watch", "v1")
+
+        await serving.reconcile()
+        arms = app.engine
+        assert isinstance(arms, ArmsEngine) and arms.test_id == watch.id
+        seen = set()
+        for i, user in enumerate(users):
+            _, version, text = await ask(app, user, 500 + i)
+            arm = assign(watch.id, f"web:{user}", 0.25)
+            assert version == ("v1" if arm == "candidate" else "v2") and f"[{version}]" in text
+            seen.add(version)
+        assert seen == {"v1", "v2"}
+
+        await serving.reconcile()
+        metrics = app.metrics.render().decode()
+        assert f'oogiri_ab_votes{{arm="control",test="{watch.id}",version="v2"}}' in metrics
+        assert "oogiri_model_rollbacks 0.0" in metrics
+    finally:
+        await app.close()
+    # every server the test started is gone (the arm's and both models')
+    for pid_file in (settings.data_dir / "logs").glob("lmdeploy-*.pid"):
+        pytest.fail(f"a managed server was left behind: {pid_file}")
