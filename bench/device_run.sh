@@ -8,6 +8,9 @@
 #   bash bench/device_run.sh bench bench/plans/serve-device-1.json   # ≈ 9 min: full-size model
 #   bash bench/device_run.sh bench bench/plans/serve-device-2.json
 #   bash bench/device_run.sh bench bench/plans/serve-device-3.json   # bot processes (web path)
+#   bash bench/device_run.sh goodput bench/plans/goodput-device.json # issue 20: goodput (open
+#        loop, admission on/off, Zipf with prefix caching on/off), the prefix-caching safety
+#        check and the profiled server, one call (≈ 5 min); DEVICE_DIR: where .device/ is
 # Needs .device/ from bench/device_prep.sh carried with the tree: run(carry=[".device"]).
 # Everything worth keeping goes to $OUT (the device tool's folder; ./device-out elsewhere).
 set -uo pipefail
@@ -15,12 +18,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 SITE=/tmp/oogiri-site
+DEV=$(cd "${DEVICE_DIR:-.device}" && pwd)
 if [ ! -f "$SITE/.done" ]; then
-  python3 -m pip install -q --no-index --no-deps --target "$SITE" .device/wheels/*.whl \
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" "$DEV"/wheels/*.whl \
     2>&1 | grep -v "^WARNING" | tail -3
   touch "$SITE/.done"
 fi
-export PYTHONPATH="$SITE:$PWD/.device/lmdeploy:$PWD"
+export PYTHONPATH="$SITE:$DEV/lmdeploy:$PWD"
 # the `web` path starts real `oogiri serve` processes: they need the plugins' entry points
 [ -d "$SITE/oogiri_device_entry_points-0.dist-info" ] || python3 scripts/device/entry_points.py "$SITE"
 export PYTHONDONTWRITEBYTECODE=1
@@ -39,7 +43,7 @@ case "${1:-test}" in
     OUT="$OUT/gpu" timeout "$left" python3 tests/gpu/test_lmdeploy_gpu.py 2>&1 | tail -40
     echo "exit: ${PIPESTATUS[0]}"
     ;;
-  bench)
+  bench|goodput)
     PLAN=${2:?plan file}
     MODEL=/tmp/oogiri-full-internvl2
     if [ ! -f "$MODEL/config.json" ]; then
@@ -64,6 +68,25 @@ for doc in (plan, *plan["configs"]):
 json.dump(plan, open(sys.argv[3], "w"), indent=1)
 PY
     left=$(( ${BUDGET:-585} - SECONDS ))
+    if [ "$1" = goodput ]; then
+      # at most 8 files come back from $OUT: work elsewhere, copy the essentials
+      GP=/tmp/goodput
+      GOODPUT_DEVICE="$(head -1 "$OUT/gpu.txt")" GOODPUT_VERSIONS="$(cat "$OUT/versions.txt")" \
+        PYTHONUNBUFFERED=1 timeout "$left" python3 -m bench.goodput --plan "$OUT/plan.json" \
+        --images "$DEV/photos" --out "$GP" --deadline-s $(( left - 40 )) \
+        --startup-timeout-s "${STARTUP_S:-240}" 2>&1 | tee "$OUT/goodput-log.txt" | tail -60
+      cp "$GP"/goodput-results.json "$GP"/goodput.md "$OUT"/ 2>/dev/null \
+        || cp "$GP"/goodput-results.jsonl "$OUT"/ 2>/dev/null
+      mv "$OUT/plan.json" "$GP/" 2>/dev/null  # the results' meta keeps the plan
+      trace=$(ls "$GP"/profile/*.json* 2>/dev/null | tail -1)
+      if [ -n "$trace" ] && [ "$(stat -c %s "$trace")" -lt 15000000 ]; then
+        cp "$trace" "$OUT/profile-trace.json.gz"
+      fi
+      for f in "$GP"/logs/*/*.log "$GP"/bots/*/*.log; do
+        [ -f "$f" ] && { echo "== $f"; tail -n 25 "$f"; }
+      done > "$OUT/logs-tail.txt" 2>&1
+      exit 0
+    fi
     timeout "$left" python3 bench/serve.py --plan "$OUT/plan.json" --images .device/photos \
       --out "$OUT/bench" --deadline-s $(( left - 60 )) --startup-timeout-s "${STARTUP_S:-420}" 2>&1 | tail -40
     # killed at the limit: the finished cells are in serve-results.jsonl; render them anyway

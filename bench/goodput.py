@@ -82,6 +82,9 @@ class ServerGroup(Strict):
     fake: FakeServers | None = None
     servers: int = Field(1, ge=1, description="fake: how many")
     base_urls: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(
+        default_factory=dict, description="extra environment of this group's servers (profiler)"
+    )
 
 
 class AdmissionPlan(Strict):
@@ -99,13 +102,15 @@ ADMISSION_OFF = {"max_concurrency": 4096, "max_queue": 0, "queue_timeout_s": 360
 class Step(Strict):
     name: str
     group: str
+    kind: Literal["load", "prefix_cache_check"] = "load"
+    servers_used: int | None = Field(None, ge=1, description="only the group's first N servers")
     path: Literal["raw", "bot"] = "raw"
     bots: int = Field(1, ge=1)
     admission: AdmissionPlan | None = None
     workload: Literal["unique", "zipf"] = "unique"
     zipf_s: float = Field(1.0, ge=0)
     zipf_items: int = Field(200, ge=1)
-    rates: list[float] = Field(min_length=1)
+    rates: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     warmup_s: float = Field(3.0, ge=0)
     duration_s: float = Field(15.0, gt=0)
     stop_after_misses: int = Field(
@@ -121,6 +126,8 @@ class Plan(Strict):
     slo_s: float = 2.0
     seed: int = 0
     photos_dir: str | None = Field(None, description="unset: scikit-image's own photos")
+    profile_step: str | None = Field(None, description="the step that loads the profiled group")
+    profile_wait_s: float = Field(90, ge=0, description="wait this long for the trace")
     groups: dict[str, ServerGroup]
     steps: list[Step]
 
@@ -139,6 +146,13 @@ class Servers:
     async def start(self, plan: Plan, out: Path, port: int, startup_timeout_s: float) -> None:
         async def one(i: int, name: str, group: ServerGroup) -> None:
             base = port + 20 * i
+            # launch_servers copies os.environ before its first await: set exactly this group's
+            for key, value in base_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            os.environ.update({k: expand(v) for k, v in group.env.items()})
             try:
                 if group.base_urls:
                     self.urls[name] = list(group.base_urls)
@@ -169,7 +183,22 @@ class Servers:
             except Exception as exc:  # one group failing must not lose the others' steps
                 self.errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
 
+        base_env = {k: os.environ.get(k) for g in plan.groups.values() for k in g.env}
+
+        def expand(value: str) -> str:
+            """{out}, {root} and {PYTHONPATH} (as the bench process has it) in env values."""
+            return (
+                value.replace("{out}", str(out))
+                .replace("{root}", str(ROOT))
+                .replace("{PYTHONPATH}", base_env.get("PYTHONPATH") or "")
+            )
+
         await asyncio.gather(*(one(i, n, g) for i, (n, g) in enumerate(plan.groups.items())))
+        for key, value in base_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     async def stop(self) -> None:
         for stop in reversed(self._stops):
@@ -400,7 +429,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         workload = r["workload"] + (
             f" (s={r['zipf_s']:g}, {r['zipf_items']})" if r["workload"] == "zipf" else ""
         )
-        path = r["path"] + (f" ({r['bots']} bots)" if r["path"] == "bot" else "")
+        servers = f"{r['servers']} srv" if r.get("servers") else ""
+        bots = f", {r['bots']} bots" if r["path"] == "bot" else ""
+        path = f"{r['path']} ({servers}{bots})" if servers else r["path"]
         if r.get("skipped"):
             skipped = f"skipped: {r['skipped']}"
             table_rows.append(
@@ -449,10 +480,80 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- **{step}**: goodput {fmt(rate, 1) if rate else 'below the lowest rate'}")
     for name, error in (meta.get("group_errors") or {}).items():
         lines.append(f"- group {name} did not start: {error}")
+    for name, check in (meta.get("checks") or {}).items():
+        verdict = {True: "**passed**", False: "**FAILED**", None: "did not run"}[check.get("ok")]
+        lines.append(f"- {name}: {verdict}")
+        for what, ok in (check.get("checks") or {}).items():
+            lines.append(f"  - {what}: {'yes' if ok else 'NO'}")
+        if check.get("error"):
+            lines.append(f"  - error: {check['error']}")
+        if "cached_tokens_a_again" in check:
+            lines.append(
+                f"  - cached prompt tokens reported: repeated picture "
+                f"{check['cached_tokens_a_again']} of {check['prompt_tokens']}, burst max "
+                f"{check['cached_tokens_burst_max']}"
+            )
+    prof = meta.get("profile")
+    if prof and not prof.get("error"):
+        share = prof["kernel_share"]
+        lines.append(
+            f"- profile ({prof['step']}, {prof['window_s']:.1f} s window, "
+            f"{prof.get('jokes') or '?'} jokes): GPU idle {100 * prof['idle_share']:.1f} %; "
+            "kernel time " + ", ".join(f"{p} {100 * (share[p] or 0):.1f} %" for p in share)
+        )
+        if prof.get("per_joke_ms"):
+            lines.append(
+                "  - per joke (ms): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in prof["per_joke_ms"].items())
+            )
+        for k in prof["top_kernels"][:8]:
+            lines.append(f"  - {k['phase']}: `{k['name'][:90]}` {k['s']:.3f} s, {k['calls']} calls")
+    elif prof:
+        lines.append(f"- profile: {prof['error']}")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
+
+
+async def profile_summary(plan: Plan, out: Path, rows: list[dict[str, Any]]) -> dict | None:
+    """bench/profile_trace's split of the profiled group's trace (None: no trace yet)."""
+    if not any("LMDEPLOY_PROFILE_CUDA" in g.env for g in plan.groups.values()):
+        return None
+    for _ in range(int(plan.profile_wait_s)):
+        traces = sorted((out / "profile").glob("*.json*"))
+        if traces and all(time.time() - t.stat().st_mtime > 3 for t in traces):
+            break
+        await asyncio.sleep(1)
+    else:
+        return None
+    from bench.profile_trace import analyse, load
+
+    step = next((r for r in rows if r.get("step") == plan.profile_step and r.get("ok")), None)
+    # the trace's last burst is the whole step, warm-up included
+    jokes = None
+    if step:
+        spec = next(s for s in plan.steps if s.name == plan.profile_step)
+        jokes = round(step["ok"] * (spec.warmup_s + spec.duration_s) / spec.duration_s)
+    try:
+        summary = await asyncio.to_thread(lambda: analyse(load(traces[-1]), jokes))
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "trace": traces[-1].name}
+    summary["trace"] = traces[-1].name
+    summary["trace_mb"] = round(traces[-1].stat().st_size / 2**20, 1)
+    summary["step"] = plan.profile_step
+    return summary
+
+
+async def prefix_cache_check(plan: Plan, urls: list[str]) -> dict[str, Any]:
+    """tests/gpu/test_prefix_caching.py's check against the group's first server."""
+    try:
+        from tests.gpu.test_prefix_caching import check
+
+        photos = Path(plan.photos_dir) if plan.photos_dir else None
+        return await check(urls[0], SERVED_NAME, photos_dir=photos)
+    except Exception as exc:
+        return {"ok": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 def commit() -> str:
@@ -491,15 +592,23 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
             if step.group not in servers.urls:
                 rows.append({**step_meta(step), "rate": min(step.rates), "skipped": "no servers"})
                 continue
-            step_rows = await run_step(
-                step, plan, servers.urls[step.group], out, port + 500 + 10 * i, deadline
-            )
+            urls = servers.urls[step.group][: step.servers_used]
+            if step.kind == "prefix_cache_check":
+                meta.setdefault("checks", {})[step.name] = await prefix_cache_check(plan, urls)
+                print(json.dumps(meta["checks"][step.name]), flush=True)
+                continue
+            step_rows = await run_step(step, plan, urls, out, port + 500 + 10 * i, deadline)
+            for row in step_rows:
+                row["servers"] = len(urls)
             rows.extend(step_rows)
             with jsonl.open("a") as f:
                 for row in step_rows:
                     f.write(json.dumps(row) + "\n")
+        meta["profile"] = await profile_summary(plan, out, rows)
     finally:
         await servers.stop()
+    if meta.get("profile") is None:  # a trace written at the servers' stop
+        meta["profile"] = await profile_summary(plan, out, rows)
     meta["goodput"] = goodput(rows)
     return {"meta": meta, "rows": rows}
 

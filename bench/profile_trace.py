@@ -41,7 +41,8 @@ def _ranges(events: list[dict[str, Any]]) -> dict[tuple[Any, Any], list[tuple[fl
     out: dict[tuple[Any, Any], list[tuple[float, float, str]]] = defaultdict(list)
     for e in events:
         if e.get("ph") == "X" and str(e.get("name", "")).startswith("oogiri::"):
-            out[(e.get("pid"), e.get("tid"))].append(
+            gpu = str(e.get("cat", "")).lower() == "gpu_user_annotation"
+            out[("gpu", "gpu") if gpu else (e.get("pid"), e.get("tid"))].append(
                 (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"][8:])
             )
     for v in out.values():
@@ -111,6 +112,8 @@ def analyse(
                     if key in ranges
                     else None
                 )
+                if mark is None and ("gpu", "gpu") in ranges:  # the GPU-side copy of the marks
+                    mark = _phase_at(ranges[("gpu", "gpu")], starts[("gpu", "gpu")], ts)
                 if mark == "vision":
                     phase = "vision"
                 elif mark == "prefill":

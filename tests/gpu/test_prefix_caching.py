@@ -1,0 +1,191 @@
+"""Prefix caching must never answer one picture from another picture's cached prefix (issue 20).
+
+Every InternVL2 image becomes the same run of ``<IMG_CONTEXT>`` token ids; only the image's
+features differ. A prefix cache keyed on token ids alone would match picture B's prompt to
+picture A's cached blocks and tell B's user a joke about A's picture. LMDeploy 0.18's PyTorch
+engine hashes multimodal content into its cache keys; this test checks that it works for the
+project's InternVL2 layout, with greedy decoding (deterministic answers) and logprobs:
+
+1. A, then B (A with one 64×64 block inverted: a near-duplicate), then A again: A's answer is the
+   same both times; B's is not A's (text or logprobs differ; bit-identical logprobs would mean B
+   reused A's image blocks).
+2. A burst of many different pictures, each answered once alone first: in the burst every picture
+   gets its own answer back (same first tokens), and no two pictures' answers are bit-identical.
+
+Skips without CUDA, LMDeploy or a model (``OOGIRI_GPU_MODEL``: an InternVL2-layout folder). Run::
+
+    OOGIRI_GPU_MODEL=/tmp/oogiri-full-internvl2 python -m pytest tests/gpu/test_prefix_caching.py
+
+``check(url, model_name)`` does the same against a running server started with
+``--enable-prefix-caching`` (bench/goodput.py runs it as a plan step in the device call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+GREEDY_TOKENS = 24
+SAME_PREFIX_TOKENS = 8  # batching may move a late near-tie; a wrong prefix changes token one
+PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
+
+
+def why_skip() -> str | None:
+    if importlib.util.find_spec("lmdeploy") is None:
+        return "lmdeploy is not importable"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not os.environ.get("OOGIRI_GPU_MODEL"):
+        return "set OOGIRI_GPU_MODEL to an InternVL2-layout model folder"
+    return None
+
+
+def pictures(count: int, photos_dir: Path | None = None) -> list[bytes]:
+    """Pictures 0, 1 are A and its near-duplicate B; the rest are distinct variants."""
+    from PIL import Image, ImageOps
+
+    if photos_dir is None:
+        import skimage
+
+        photos_dir = Path(skimage.__file__).parent / "data"
+    names = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+    base = [Image.open(photos_dir / n).convert("RGB").resize((1344, 896)) for n in names]
+    rng = random.Random(7)
+    out = []
+    for i in range(count):
+        img = base[0 if i < 2 else i % len(base)].copy()
+        if i >= 1:  # invert one 64×64 block somewhere: same photo, different picture
+            x, y = rng.randrange(0, 1344 - 64), rng.randrange(0, 896 - 64)
+            box = (x, y, x + 64, y + 64)
+            img.paste(ImageOps.invert(img.crop(box)), box)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def body(model_name: str, jpeg: bytes) -> dict[str, Any]:
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    return {
+        "model": model_name,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url, "max_dynamic_patch": 6}},
+                    {"type": "text", "text": PROMPT},
+                ],
+            }
+        ],
+        "max_tokens": GREEDY_TOKENS,
+        "temperature": 0.0,
+        "top_k": 1,
+        "ignore_eos": True,
+        "min_new_tokens": GREEDY_TOKENS,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
+
+
+async def ask(client: httpx.AsyncClient, url: str, model_name: str, jpeg: bytes) -> dict:
+    r = await client.post(url + "/v1/chat/completions", json=body(model_name, jpeg))
+    r.raise_for_status()
+    data = r.json()
+    choice = data["choices"][0]
+    content = ((choice.get("logprobs") or {}).get("content")) or []
+    usage = data.get("usage") or {}
+    return {
+        "text": choice["message"]["content"],
+        "tokens": [c.get("token") for c in content],
+        "logprobs": [c.get("logprob") for c in content],
+        "cached_tokens": ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0,
+        "prompt_tokens": usage.get("prompt_tokens"),
+    }
+
+
+def same_answer(a: dict, b: dict) -> bool:
+    if a["tokens"] and b["tokens"]:
+        return a["tokens"][:SAME_PREFIX_TOKENS] == b["tokens"][:SAME_PREFIX_TOKENS]
+    return a["text"][:16] == b["text"][:16]
+
+
+def identical(a: dict, b: dict) -> bool:
+    """Bit-identical answers: what a shared image prefix produces."""
+    return a["text"] == b["text"] and a["logprobs"] == b["logprobs"]
+
+
+async def check(
+    url: str, model_name: str, *, burst: int = 24, photos_dir: Path | None = None
+) -> dict[str, Any]:
+    pics = pictures(max(burst, 2), photos_dir)
+    async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+        a1 = await ask(client, url, model_name, pics[0])
+        b = await ask(client, url, model_name, pics[1])
+        a2 = await ask(client, url, model_name, pics[0])
+        refs = [a1, b] + [await ask(client, url, model_name, p) for p in pics[2:burst]]
+        order = list(range(burst)) * 2
+        random.Random(3).shuffle(order)
+        answers = await asyncio.gather(*(ask(client, url, model_name, pics[i]) for i in order))
+    mismatched = [i for i, ans in zip(order, answers, strict=True) if not same_answer(ans, refs[i])]
+    twins = [
+        (i, j) for i in range(burst) for j in range(i + 1, burst) if identical(refs[i], refs[j])
+    ]
+    checks = {
+        "A again gives A's answer": same_answer(a1, a2),
+        "B (A's near-duplicate) is not answered from A's prefix": not identical(a1, b),
+        "burst: every picture got its own answer": not mismatched,
+        "burst: no two pictures' answers are bit-identical": not twins,
+        "logprobs returned": bool(a1["logprobs"]),
+    }
+    return {
+        "ok": all(checks.values()),
+        "checks": checks,
+        "a_first": a1["text"][:80],
+        "b": b["text"][:80],
+        "a_again": a2["text"][:80],
+        "cached_tokens_a_again": a2["cached_tokens"],
+        "cached_tokens_burst_max": max(x["cached_tokens"] for x in answers),
+        "prompt_tokens": a1["prompt_tokens"],
+        "burst": burst,
+        "burst_requests": len(order),
+        "mismatched": mismatched[:10],
+        "bit_identical_pairs": twins[:10],
+    }
+
+
+@pytest.mark.skipif(why_skip() is not None, reason=why_skip() or "")
+async def test_prefix_caching_never_mixes_pictures(tmp_path: Path) -> None:
+    from bench.serve import SERVED_NAME, Launch, launch_servers
+
+    launch = Launch(servers=1, extra_args=["--enable-prefix-caching"])
+    model = Path(os.environ["OOGIRI_GPU_MODEL"])
+    servers, _ = await launch_servers(launch, model, 24600, tmp_path / "logs", 420)
+    try:
+        result = await check("http://127.0.0.1:24600", SERVED_NAME)
+    finally:
+        await asyncio.gather(*(s.stop(grace_s=10) for s in servers))
+    assert result["ok"], result
+
+
+async def test_the_check_catches_a_server_that_answers_every_picture_alike() -> None:
+    """The fake api_server ignores the picture: exactly what a false cache hit looks like."""
+    from tests.fakes.fake_lmdeploy import FakeLMDeploy
+
+    with FakeLMDeploy() as fake:
+        result = await check(fake.url, "fake-internvl2", burst=4)
+    assert not result["ok"]
+    assert not result["checks"]["B (A's near-duplicate) is not answered from A's prefix"]
+    assert result["bit_identical_pairs"]
