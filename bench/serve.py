@@ -66,7 +66,10 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 
 from bot.engines import tiling  # noqa: E402
-from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings  # noqa: E402
+try:  # the managed server's settings live with its engine plugin (issue 18.3)
+    from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
+except ImportError:  # a tree from before that move
+    from bot.settings import EngineSettings  # type: ignore[assignment]
 from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher  # noqa: E402
 from bot.engines.openai_http import OpenAIHTTPEngine, body_error, to_data_url  # noqa: E402
 from bot.models import GenerationParams, NormalizedImage  # noqa: E402
