@@ -66,6 +66,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 
 from bot.engines import tiling  # noqa: E402
+
 try:  # the managed server's settings live with its engine plugin (issue 18.3)
     from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 except ImportError:  # a tree from before that move
