@@ -582,6 +582,7 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
     }
     servers = Servers()
     rows: list[dict[str, Any]] = []
+    (out / "profile").mkdir(parents=True, exist_ok=True)  # LMDeploy's profiler will not make it
     jsonl = out / "goodput-results.jsonl"
     try:
         t0 = time.monotonic()
