@@ -244,6 +244,7 @@ class Joke:
     up: int = 0
     down: int = 0
     created_at: datetime | None = None
+    public_id: str | None = None  # what public APIs show instead of the sequential id
 
 
 @dataclass(frozen=True, slots=True)

@@ -250,15 +250,26 @@ class JokeService:
         value: int,
         channel: str,
         chat_id: str | None = None,
+        network: str | None = None,
     ) -> Rating:
-        """Record (or change) one user's vote; observers are told only after it is committed."""
-        rating = await self.store.rate(joke_id, user_id, value, channel, chat_id=chat_id)
+        """Record (or change) one user's vote; observers are told only after it is committed.
+
+        ``network``: an anonymous channel's keyed hash of where the vote came from (training can
+        require several distinct networks behind a joke rated only there).
+        """
+        rating = await self.store.rate(
+            joke_id, user_id, value, channel, chat_id=chat_id, network=network
+        )
         self.metrics.ratings.labels(channel, "up" if value > 0 else "down").inc()
         await notify(self.pm, "oogiri_on_rating", rating=rating)  # the vote is already stored
         return rating
 
     async def get_joke(self, joke_id: int) -> Joke:
         return await self.store.get_joke(joke_id)
+
+    async def get_joke_by_public_id(self, public_id: str) -> Joke:
+        """For public APIs, which never expose (or accept) the sequential id."""
+        return await self.store.get_joke_by_public_id(public_id)
 
     async def stats(self) -> list[VersionStats]:
         """Jokes, 👍 and 👎 per model version (for /stats pages and admin commands)."""

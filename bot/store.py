@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -54,6 +55,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def new_public_id() -> str:
+    """A joke's public id: 16 URL-safe characters, 96 random bits."""
+    return secrets.token_urlsafe(12)
+
+
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {
         datetime: DateTime(timezone=True),
@@ -95,6 +101,9 @@ class JokeRow(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # The id a public API shows (migration 0002_public_ids): random, so jokes cannot be
+    # enumerated; the sequential ``id`` stays internal.
+    public_id: Mapped[str | None] = mapped_column(String(32), unique=True, index=True)
 
 
 class RatingRow(Base):
@@ -107,6 +116,9 @@ class RatingRow(Base):
     value: Mapped[int] = mapped_column(SmallInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # A keyed hash of the voter's network for votes from anonymous channels (migration
+    # 0002_vote_networks): training can ask for several distinct networks behind a joke.
+    network: Mapped[str | None] = mapped_column(String(64))
 
 
 class RequestRow(Base):
@@ -296,6 +308,7 @@ def _joke_from_row(row: JokeRow, up: int = 0, down: int = 0) -> Joke:
         up=up,
         down=down,
         created_at=row.created_at,
+        public_id=row.public_id,
     )
 
 
@@ -450,6 +463,7 @@ class Store:
             image, path, {"image_sha256": image.sha256, **fields}, request, delivery
         )
         item.values["created_at"] = utcnow()
+        item.values.setdefault("public_id", new_public_id())
         if self._write_lock is None:
             async with self.session(write=True) as s:
                 return (await self._insert_jokes(s, [item]))[0]
@@ -537,6 +551,15 @@ class Store:
             up, down = await self._counts(s, joke_id)
             return _joke_from_row(row, up, down)
 
+    async def get_joke_by_public_id(self, public_id: str) -> Joke:
+        """The joke a public API names (``Joke.public_id``); ``NotFound`` otherwise."""
+        async with self.session() as s:
+            row = await s.scalar(select(JokeRow).where(JokeRow.public_id == public_id))
+            if row is None:
+                raise NotFound()
+            up, down = await self._counts(s, row.id)
+            return _joke_from_row(row, up, down)
+
     async def record_request(self, **fields: Any) -> None:
         async with self.session(write=True) as s:
             s.add(RequestRow(**fields))
@@ -557,11 +580,12 @@ class Store:
         value: int,
         channel: str,
         chat_id: str | None = None,
+        network: str | None = None,
     ) -> Rating:
         """One vote per user per joke; a second vote replaces the first.
 
         With ``chat_id`` the joke must belong to that chat, so a forged button from another chat
-        cannot vote on it.
+        cannot vote on it. ``network``: a keyed hash of where an anonymous vote came from.
         """
         if value not in (1, -1):
             raise OogiriError("bad_vote")
@@ -582,10 +606,11 @@ class Store:
                 value=value,
                 created_at=now,
                 updated_at=now,
+                network=network,
             )
             stmt = stmt.on_conflict_do_update(
                 index_elements=["joke_id", "user_id"],
-                set_={"value": value, "updated_at": now},
+                set_={"value": value, "updated_at": now, "network": network},
             )
             await s.execute(stmt)
             up, down = await self._counts(s, joke_id)
@@ -655,13 +680,19 @@ class Store:
         async with self.session() as s:
             rows = (
                 await s.execute(
-                    select(JokeRow, RatingRow.user_id, RatingRow.value)
+                    select(
+                        JokeRow,
+                        RatingRow.user_id,
+                        RatingRow.value,
+                        RatingRow.channel,
+                        RatingRow.network,
+                    )
                     .join(RatingRow, RatingRow.joke_id == JokeRow.id)
                     .order_by(JokeRow.id, RatingRow.id)
                 )
             ).all()
         out: dict[int, dict[str, Any]] = {}
-        for joke, voter, value in rows:
+        for joke, voter, value, vote_channel, network in rows:
             item = out.setdefault(
                 joke.id,
                 {
@@ -669,9 +700,11 @@ class Store:
                     "params": joke.params,
                     "hint": joke.hint,
                     "votes": [],
+                    "vote_sources": {},  # voter → (channel, network hash or None)
                 },
             )
             item["votes"].append((voter, value))
+            item["vote_sources"][voter] = (vote_channel, network)
         return list(out.values())
 
     # ------------------------------------------------------------------ model registry
