@@ -55,6 +55,14 @@ def oogiri_startup(app: App) -> Awaitable[None]:
             return await serving.reconcile()
 
         app.state.setdefault("control_ops", {})["ab_sync"] = sync
+
+        async def stats_section(lang: str) -> str:
+            from training.ab_web import render_section
+
+            return render_section(await api_doc(app.store), lang)
+
+        # the web stats page shows what plugins put here (plugins/web/pages.py)
+        app.state.setdefault("stats_sections", []).append(stats_section)
         serving.start()
         if app.settings.ab.decide_in_serve:
             app.state["ab_decider"] = asyncio.create_task(decider_loop(app), name="ab-decider")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,8 @@ from plugins.web.texts import PAGE_TEXTS, request_language, web_message
 if TYPE_CHECKING:
     from bot.app import App
     from plugins.web.state import WebState
+
+log = logging.getLogger(__name__)
 
 
 class Template:
@@ -108,6 +111,18 @@ async def stats_rows(app: App) -> list[dict[str, Any]]:
     ]
 
 
+async def plugin_sections(app: App, lang: str) -> str:
+    """HTML sections other plugins add to the stats page (``app.state["stats_sections"]``:
+    async ``fn(lang) -> html``, escaped by the plugin); a failing one is left out, not fatal."""
+    parts = []
+    for section in app.state.get("stats_sections", []):
+        try:
+            parts.append(await section(lang))
+        except Exception:
+            log.exception("a stats page section failed")
+    return "".join(parts)
+
+
 def add_page_routes(api: FastAPI, app: App, state: WebState) -> None:
     """``GET /`` (the upload page) and ``GET /stats``."""
     settings = app.settings
@@ -172,6 +187,11 @@ def add_page_routes(api: FastAPI, app: App, state: WebState) -> None:
             "icon": state.assets.url("icon.svg"),
         }
         page = state.stats_page.render(
-            values, {"rows": table, "chart": stats_svg(rows, texts) if rows else ""}
+            values,
+            {
+                "rows": table,
+                "chart": stats_svg(rows, texts) if rows else "",
+                "sections": await plugin_sections(app, lang),
+            },
         )
         return HTMLResponse(page, headers={"Cache-Control": "no-store", "Vary": "Accept-Language"})
