@@ -62,7 +62,7 @@ make_tiny_model(Path('$MODEL'), layout='internvl2', size='full', device='cuda')
     python3 - "$PLAN" "$MODEL" "$OUT/plan.json" <<'PY'
 import json, sys
 plan, model = json.load(open(sys.argv[1])), sys.argv[2]
-for doc in (plan, *plan["configs"]):
+for doc in (plan, *plan.get("configs", [])):
     if isinstance(doc.get("model"), str) and doc["model"].startswith("MODEL"):
         doc["model"] = model + doc["model"][len("MODEL"):]
 json.dump(plan, open(sys.argv[3], "w"), indent=1)
