@@ -110,6 +110,9 @@ def serve(
     channels: Annotated[
         str | None, typer.Option(help="comma-separated channels (default: settings.channels)")
     ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="refuse to start on an unknown OOGIRI_ setting")
+    ] = False,
 ) -> None:
     """Run the bot: every enabled channel, on the configured engine and store."""
     from bot.app import App
@@ -119,6 +122,7 @@ def serve(
         overrides["channels"] = channels
     settings = Settings(**overrides)
     configure_logging(settings)
+    check_unknown_settings(settings, strict)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # 7 lines of "context impl" noise
 
     async def main() -> None:
@@ -251,9 +255,24 @@ def plugins_cmd() -> None:
 
 
 @config_cli.command("show")
-def config_show() -> None:
-    """Print the effective settings as JSON, secrets masked."""
-    print(json.dumps(Settings().masked(), indent=2, ensure_ascii=False))
+def config_show(
+    strict: Annotated[
+        bool, typer.Option("--strict", help="exit 2 on an unknown OOGIRI_ setting")
+    ] = False,
+) -> None:
+    """Print the effective settings as JSON, secrets masked; unknown keys warned on stderr."""
+    settings = Settings()
+    print(json.dumps(settings.masked(), indent=2, ensure_ascii=False))
+    check_unknown_settings(settings, strict)
+
+
+def check_unknown_settings(settings: Settings, strict: bool) -> None:
+    """Unknown OOGIRI_ keys (typos, settings of plugins not installed): warn, or exit 2."""
+    for key in settings.unknown_keys():
+        console.print(f"[yellow]warning:[/yellow] unknown setting {key}: nothing reads it")
+    if strict and settings.unknown_keys():
+        console.print("[red]error:[/red] unknown settings and --strict (or OOGIRI_STRICT)")
+        raise typer.Exit(code=2)
 
 
 @db_cli.command("upgrade")

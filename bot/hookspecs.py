@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from bot.app import App
     from bot.models import Joke, JokeRequest, Rating
     from bot.settings import Settings
@@ -31,6 +33,13 @@ def oogiri_register_channels(register: Callable[..., None], settings: Settings) 
 @hookspec
 def oogiri_register_engines(register: Callable[..., None], settings: Settings) -> None:
     """Register engine factories: ``register(name, factory)``; factory(settings) -> Engine."""
+
+
+@hookspec
+def oogiri_register_settings(register: Callable[[str, type[BaseModel]], None]) -> None:
+    """Add a settings section: ``register(section, Model)`` → ``settings.<section>``, read from
+    ``OOGIRI_<SECTION>__<FIELD>`` and ``[section]`` in oogiri.toml. A subclass of a core section's
+    model adds fields to that section."""
 
 
 @hookspec

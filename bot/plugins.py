@@ -13,6 +13,7 @@ from typing import Any
 import pluggy
 
 from bot import hookspecs
+from bot.settings import register_plugin_sections
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def make_manager(
     for plugin in extra:
         if not pm.is_registered(plugin):  # already loaded through its entry point
             pm.register(plugin)
+    register_plugin_sections(pm)
     return pm
 
 

@@ -7,14 +7,19 @@ that printing settings (``oogiri config show``) or logging them never leaks a to
 from __future__ import annotations
 
 import json
+import logging
 import os
-from functools import cached_property
+import re
+import threading
+from contextvars import ContextVar
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, create_model, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -23,6 +28,8 @@ from pydantic_settings import (
 
 from bot.ab_settings import AbSettings
 from bot.moderation_settings import ModerationSettings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
 
@@ -71,23 +78,6 @@ class EngineSettings(BaseModel):
     breaker_failures: int = Field(5, ge=1, description="consecutive failures that open the breaker")
     breaker_reset_s: float = Field(15.0, gt=0)
     presize_to_tiles: bool = Field(True, description="resize images to the tile grid before upload")
-    # managed LMDeploy server
-    manage: bool = False
-    backend: Literal["pytorch", "turbomind"] = "pytorch"
-    tp: int = Field(1, ge=1)
-    session_len: int = 8192
-    cache_max_entry_count: float = Field(0.2, gt=0, le=1)
-    max_batch_size: int = 256
-    max_prefill_token_num: int | None = Field(
-        16384,
-        ge=1,
-        description="prompt tokens per engine step; LMDeploy's 8192 holds four 6-tile requests "
-        "(16384: +11 % jokes/s on an H100, docs/benchmarks.md); unset: LMDeploy's default",
-    )
-    chat_template: Path | None = Field(None, description="unset: the shipped InternVL2 template")
-    port: int = 23333
-    server_threads: int = Field(2, ge=1, description="OMP/MKL threads of the managed server")
-    extra_args: list[str] = Field(default_factory=list)
     # HTTP engine details (bot/engines/openai_http.py)
     connect_timeout_s: float = Field(5.0, gt=0)
     retry_backoff_s: float = Field(
@@ -96,20 +86,6 @@ class EngineSettings(BaseModel):
     request_extra: dict[str, Any] = Field(
         default_factory=dict,
         description="extra JSON fields for every chat request (e.g. ignore_eos for benchmarks)",
-    )
-    # managed server details (bot/engines/lmdeploy_server.py)
-    server_command: list[str] = Field(
-        default_factory=list,
-        description="argv that runs lmdeploy's CLI; empty: [this python, -m, lmdeploy]",
-    )
-    server_host: str = Field("127.0.0.1", description="--server-name of the managed server")
-    trust_remote_code: bool = Field(True, description="InternVL2 folders need remote config code")
-    startup_timeout_s: float = Field(900.0, gt=0, description="wait this long for /health")
-    drain_timeout_s: float = Field(
-        180.0, gt=0, description="swap: wait this long for in-flight requests on the old server"
-    )
-    control_socket: Path | None = Field(
-        None, description="admin socket of `oogiri serve`; unset: data_dir/run/engine.sock"
     )
 
 
@@ -148,182 +124,6 @@ class StoreSettings(BaseModel):
     echo: bool = False
 
 
-class WebSettings(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = 8000
-    cookie_secret: SecretStr | None = Field(
-        None, description="unset: a random secret is created once in data_dir"
-    )
-    secure_cookies: bool = Field(False, description="set when served over HTTPS")
-    public_stats: bool = True
-
-
-class TelegramSettings(BaseModel):
-    token: SecretStr | None = None
-    mode: Literal["polling", "webhook"] = "polling"
-    webhook_url: str | None = None
-    webhook_secret: SecretStr | None = None
-    webhook_path: str = "/telegram/webhook"
-    admin_ids: list[int] = Field(default_factory=list)
-    language: Literal["auto", "zh", "en"] = "auto"
-    base_url: str | None = Field(None, description="Bot API base URL (tests, local Bot API server)")
-    base_file_url: str | None = None
-    # flow control and the outbox (docs/telegram.md)
-    private_per_s: float = Field(1.0, gt=0, description="messages a second into one private chat")
-    group_per_minute: float = Field(20.0, gt=0, description="messages a minute into one group")
-    global_per_s: float = Field(30.0, gt=0, description="messages a second in all, every chat")
-    flood_retries: int = Field(
-        2, ge=0, le=10, description="429 answers waited out in a send before the outbox takes it"
-    )
-    outbox_max_age_s: float = Field(
-        6 * 3600.0, gt=0, description="an undelivered reply is given up (counted, logged) after"
-    )
-    outbox_lease_s: float = Field(
-        60.0, gt=0, description="a replica's claim on a reply; a killed one's lapses after this"
-    )
-    outbox_poll_s: float = Field(1.0, gt=0, description="how often pending replies are retried")
-    slow_down_notice_s: float = Field(
-        60.0, ge=0, description="at most one 'slow down' notice per user in this window"
-    )
-    edit_window_s: float = Field(
-        1.0, ge=0, description="vote-count edits of one message are coalesced within this window"
-    )
-
-
-class DiscordSettings(BaseModel):
-    token: SecretStr | None = None
-    dev_guild_id: int | None = Field(None, description="sync commands here only (fast iteration)")
-    clear_guild_ids: list[int] = Field(
-        default_factory=list,
-        description="remove the bot's server-only commands here at start (after dev_guild_id)",
-    )
-    max_attachment_bytes: int = 10 * 1024 * 1024
-    shard_count: int | None = None
-    shard_ids: list[int] | None = None
-    api_base_url: str | None = Field(None, description="REST base (tests)")
-    gateway_url: str | None = Field(None, description="gateway override (tests)")
-    sync_on_start: bool | None = Field(
-        None,
-        description="sync slash commands when `serve` starts; unset: only with dev_guild_id "
-        "(production: run `oogiri discord sync` once per release instead)",
-    )
-    admin_ids: list[int] = Field(
-        default_factory=list, description="users who may use /mod besides server administrators"
-    )
-    outbox_max_age_s: float = Field(
-        14 * 60.0,
-        gt=0,
-        le=15 * 60.0,
-        description="an undelivered follow-up is given up after this (tokens last 15 min)",
-    )
-    outbox_lease_s: float = Field(60.0, gt=0)
-    outbox_poll_s: float = Field(1.0, gt=0)
-
-
-class TrainingSettings(BaseModel):
-    base_model: Path | None = Field(None, description="model folder XTuner fine-tunes")
-    xtuner_python: Path | None = Field(None, description="python of the training venv")
-    work_dir: Path | None = Field(None, description="unset: data_dir/training")
-    base_dataset: Path | None = Field(None, description="XTuner-format JSON to mix in")
-    base_ratio: float = Field(1.0, ge=0.0, description="base samples per rated sample")
-    min_votes: int = Field(1, ge=1)
-    min_net_score: int = Field(1)
-    per_user_cap: int = Field(50, ge=1)
-    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    every_days: float | None = Field(7.0, description="retrain at least this often (None: never)")
-    min_new_ratings: int | None = Field(200, description="or after this many new ratings")
-    nproc_per_node: int = 1
-    nnodes: int = 1
-    max_epochs: int = 1
-    batch_size: int = 4
-    accumulative_counts: int = 4
-    lr: float = 2e-5
-    max_length: int = 6656
-    # --- export (training/export.py)
-    base_image_folder: Path | None = Field(
-        None, description="image folder of base_dataset; unset: the JSON's own folder"
-    )
-    per_voter_cap: int | None = Field(
-        None, ge=1, description="votes counted per voter, earliest first (None: all)"
-    )
-    max_jokes_per_image: int = Field(1, ge=1, description="best-rated jokes kept per image")
-    min_examples: int = Field(
-        257,
-        ge=1,
-        description="fewer training examples: the run is skipped; 257 is the fewest the default "
-        "schedule (batch 4 x accumulation 4, warmup_ratio 0.03, 1 GPU) can train on",
-    )
-    seed: int = Field(0, description="seed of the base-dataset sampling")
-    # --- XTuner config and launch (training/config.py, training/run.py)
-    template: Path | None = Field(None, description="XTuner config template; unset: shipped QLoRA")
-    warmup_ratio: float = Field(0.03, gt=0.0, lt=1.0)
-    weight_decay: float = Field(0.05, ge=0.0)
-    max_norm: float = Field(1.0, gt=0.0, description="gradient clipping")
-    dataloader_num_workers: int = Field(4, ge=0)
-    save_steps: int = Field(1000, ge=1)
-    save_total_limit: int = Field(1, description="checkpoints kept (-1: all)")
-    quantization_llm: bool = Field(True, description="QLoRA: 4-bit LLM")
-    lora_r: int = Field(128, ge=1)
-    lora_alpha: int = Field(256, ge=1)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    deepspeed: str | None = Field("deepspeed_zero1", description="None: no DeepSpeed")
-    convert_script: Path | None = Field(
-        None, description="convert_to_official.py; unset: found in the training venv's xtuner"
-    )
-    timeout_hours: float | None = Field(None, gt=0, description="kill a step running longer")
-    venv: Path | None = Field(None, description="where `oogiri train setup` builds the venv")
-    # --- evaluation gate (training/gate.py)
-    eval_python: Path | None = Field(None, description="python that evaluates; unset: xtuner's")
-    eval_device: str = Field("auto", description="auto, cuda, cpu")
-    eval_max_samples: int = Field(64, ge=1)
-    eval_max_new_tokens: int = Field(64, ge=1)
-    eval_max_dynamic_patch: int = Field(6, ge=1)
-    gate_loss_tolerance: float = Field(
-        0.0, ge=0.0, description="candidate held-out loss may exceed the active one by this share"
-    )
-    gate_min_heldout: int = Field(
-        8,
-        ge=1,
-        description="fewest held-out answers the loss comparison may decide on; fewer: rejected",
-    )
-    gate_min_sanity: float = Field(0.8, ge=0.0, le=1.0, description="share of sane generations")
-    gate_language: Literal["zh", "en", "any"] | None = Field(
-        None, description="language generations must be in; unset: settings.language"
-    )
-    gate_min_chars: int = Field(2, ge=0)
-    gate_max_chars: int = Field(200, ge=1)
-    # --- promotion and schedule (training/run.py, training/schedule.py)
-    auto_promote: bool = Field(True, description="promote a candidate that passes the gate")
-    promote_command: list[str] = Field(
-        default_factory=lambda: [
-            "{python}",
-            "-m",
-            "bot.cli",
-            "engine",
-            "swap",
-            "{model_dir}",
-            "--label",
-            "{version}",
-        ],
-        description="engine swap command; {python} {model_dir} {version} are substituted",
-    )
-    schedule_mode: Literal["any", "all"] = Field(
-        "any", description="due when any (or all) of every_days / min_new_ratings is met"
-    )
-    retry_failed_after_hours: float = Field(6.0, ge=0.0)
-    schedule_in_serve: bool = Field(False, description="`oogiri serve` checks --if-due itself")
-    schedule_check_minutes: float = Field(10.0, gt=0.0)
-
-    @model_validator(mode="after")
-    def _gate_can_decide(self) -> TrainingSettings:
-        if self.eval_max_samples < self.gate_min_heldout:
-            raise ValueError(
-                f"eval_max_samples ({self.eval_max_samples}) is below gate_min_heldout "
-                f"({self.gate_min_heldout}): the gate could never promote a model"
-            )
-        return self
-
-
 class Settings(BaseSettings):
     """The whole configuration. Precedence: init > env > .env > TOML file > defaults."""
 
@@ -345,17 +145,47 @@ class Settings(BaseSettings):
     prompt: str = DEFAULT_PROMPT
     language: Literal["zh", "en"] = "zh"
     log_level: str = "INFO"
+    strict: bool = Field(
+        False, description="an unknown OOGIRI_ key (env, .env, TOML) is an error, not a warning"
+    )
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
-    web: WebSettings = Field(default_factory=WebSettings)
-    telegram: TelegramSettings = Field(default_factory=TelegramSettings)
-    discord: DiscordSettings = Field(default_factory=DiscordSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
     ab: AbSettings = Field(default_factory=AbSettings)
     moderation: ModerationSettings = Field(default_factory=ModerationSettings)
+
+    _unknown: list[str] = PrivateAttr(default_factory=list)
+
+    if TYPE_CHECKING:
+        # Plugin sections (settings.web, settings.telegram, …) are fields of the class that
+        # ``settings_class()`` builds at run time; a plugin reads its own section typed.
+        def __getattr__(self, name: str) -> Any: ...
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Settings:
+        # ``Settings()`` is the core plus every installed plugin's section.
+        return super().__new__(settings_class() if cls is Settings else cls)
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        self._unknown = _pending_unknown.get() or []
+        _pending_unknown.set(None)
+        if self.strict and self._unknown:
+            raise UnknownSettingsError(self._unknown)
+
+    def unknown_keys(self) -> list[str]:
+        """OOGIRI_ keys of env, .env and TOML that no setting reads (``where: KEY`` each)."""
+        return list(self._unknown)
+
+    def report_unknown(self, strict: bool = False) -> None:
+        """Warn about each unknown key; raise ``UnknownSettingsError`` instead when strict."""
+        if not self._unknown:
+            return
+        if strict or self.strict:
+            raise UnknownSettingsError(self._unknown)
+        for key in self._unknown:
+            log.warning("unknown setting %s: no installed plugin reads it (typo?)", key)
 
     @field_validator("channels", "plugins", mode="before")
     @classmethod
@@ -376,12 +206,14 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls)
         return (
             init_settings,
             env_settings,
             dotenv_settings,
-            TomlConfigSettingsSource(settings_cls),
+            toml,
             file_secret_settings,
+            _UnknownKeys(settings_cls, [env_settings, dotenv_settings, toml]),
         )
 
     @cached_property
@@ -395,8 +227,206 @@ class Settings(BaseSettings):
         return self.data_dir / "images"
 
     def masked(self) -> dict[str, Any]:
-        """Effective settings as JSON-safe data with every secret replaced by '**********'."""
-        return self.model_dump(mode="json")
+        """Effective settings as JSON-safe data with every secret replaced by '**********'.
+
+        Besides fields typed as secrets, a password inside any URL-shaped value (store URL,
+        Redis URL, engine base URLs, …) is masked too.
+        """
+        return _mask_url_values(self.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------- plugin sections
+#
+# A plugin contributes its own section through ``oogiri_register_settings(register)``:
+# ``register("telegram", TelegramSettings)`` makes ``settings.telegram`` and OOGIRI_TELEGRAM__*.
+# Registering a subclass of a core section's model adds fields to that section (the LMDeploy
+# server plugin adds its ``engine.manage``, ``engine.tp``, … this way). ``Settings()`` builds its
+# class from the core fields plus every section of the installed plugins (all entry points, found
+# once per process) and of the plugins handed to ``make_manager``.
+
+_sections: dict[str, type[BaseModel]] = {}
+_discovery = threading.Lock()
+_discovered = False
+
+# OOGIRI_* variables that are not settings: the TOML file's path, the training venv's PYTHONPATH,
+# test and benchmark switches (a trailing "_" is a prefix).
+NOT_SETTINGS = (
+    "config_file",
+    "xtuner_pythonpath",
+    "commit",
+    "reliability_json",
+    "learning_loop_control",
+    "test_",
+    "gpu_",
+)
+
+
+class UnknownSettingsError(ValueError):
+    """OOGIRI_ keys that no setting reads, refused in strict mode (``--strict``, OOGIRI_STRICT)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        super().__init__(
+            "unknown settings (typo, or a plugin that is not installed?): " + ", ".join(keys)
+        )
+
+
+def _name(model: type) -> str:
+    return f"{model.__module__}.{model.__qualname__}"
+
+
+def register_section(section: str, model: type[BaseModel]) -> None:
+    """The ``register`` callback of ``oogiri_register_settings``: add (or extend) a section."""
+    if not section.isidentifier() or section != section.lower() or section.startswith("_"):
+        raise ValueError(f"settings section {section!r}: use a lower-case Python identifier")
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise TypeError(f"settings section {section!r}: {model!r} is not a pydantic model")
+    core = Settings.model_fields.get(section)
+    if core is not None:
+        base = core.annotation
+        if not (isinstance(base, type) and issubclass(base, BaseModel)):
+            raise ValueError(f"{section!r} is a core setting, not a section")
+        if not issubclass(model, base):
+            raise ValueError(
+                f"settings section {section!r} belongs to the core: register a subclass of "
+                f"{base.__name__} to add fields to it"
+            )
+    previous = _sections.get(section)
+    if previous is None or issubclass(model, previous):
+        _sections[section] = model
+    elif not issubclass(previous, model):
+        raise ValueError(
+            f"settings section {section!r} is registered twice ({_name(previous)}, {_name(model)})"
+        )
+
+
+def register_plugin_sections(pm: Any) -> None:
+    """Ask every plugin of ``pm`` for its sections (``bot.plugins.make_manager`` does this)."""
+    pm.hook.oogiri_register_settings(register=register_section)
+
+
+def _discover() -> None:
+    global _discovered
+    with _discovery:
+        if _discovered:
+            return
+        _discovered = True
+        from bot.plugins import make_manager
+
+        make_manager(None)  # every installed plugin, whatever OOGIRI_PLUGINS says
+
+
+@lru_cache(maxsize=32)
+def _build(sections: tuple[tuple[str, type[BaseModel]], ...]) -> type[Settings]:
+    fields: dict[str, Any] = {
+        name: (model, Field(default_factory=model)) for name, model in sections
+    }
+    cls = create_model("Settings", __base__=Settings, __module__=__name__, **fields)
+    cls.__doc__ = Settings.__doc__
+    return cls
+
+
+def settings_class() -> type[Settings]:
+    """The settings class of this process: the core's fields plus every plugin section."""
+    _discover()
+    return _build(tuple(sorted(_sections.items())))
+
+
+def _field_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model behind a field's annotation (``Model`` or ``Model | None``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def _unknown_path(model: type[BaseModel], parts: list[str]) -> bool:
+    field = model.model_fields.get(parts[0])
+    if field is None:
+        return True
+    if len(parts) == 1:
+        return False
+    nested = _field_model(field.annotation)
+    if nested is not None:
+        return _unknown_path(nested, parts[1:])
+    # a dict (or free-form) field takes any key below it; a plain value has nothing below it
+    origin = get_origin(field.annotation) or field.annotation
+    return not (origin is dict or field.annotation is Any)
+
+
+def _unknown_in_toml(model: type[BaseModel], data: dict[str, Any], where: str) -> list[str]:
+    out = []
+    for key, value in data.items():
+        if _unknown_path(model, [key]):
+            out.append(f"{where}{key}")
+            continue
+        nested = _field_model(model.model_fields[key].annotation)
+        if nested is not None and isinstance(value, dict):
+            out += _unknown_in_toml(nested, value, f"{where}{key}.")
+    return out
+
+
+_pending_unknown: ContextVar[list[str] | None] = ContextVar("oogiri_unknown", default=None)
+
+
+class _UnknownKeys(PydanticBaseSettingsSource):
+    """Not a source of values: notes every OOGIRI_ key of env, .env and TOML no setting reads."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], sources: list[PydanticBaseSettingsSource]
+    ) -> None:
+        super().__init__(settings_cls)
+        self.sources = sources
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = str(self.config.get("env_prefix") or "").lower()
+        delimiter = str(self.config.get("env_nested_delimiter") or "__")
+        unknown: list[str] = []
+        for source in self.sources:
+            if isinstance(source, TomlConfigSettingsSource):
+                unknown += [
+                    f"{self.config.get('toml_file')}: {key}"
+                    for key in _unknown_in_toml(self.settings_cls, source.toml_data, "")
+                ]
+                continue
+            origin = "env" if type(source) is EnvSettingsSource else ".env"
+            for name in getattr(source, "env_vars", {}):
+                lowered = name.lower()
+                if not lowered.startswith(prefix):
+                    continue
+                rest = lowered[len(prefix) :]
+                if any(rest == n or (n.endswith("_") and rest.startswith(n)) for n in NOT_SETTINGS):
+                    continue
+                if _unknown_path(self.settings_cls, rest.split(delimiter)):
+                    unknown.append(f"{origin}: {name.upper()}")
+        _pending_unknown.set(sorted(set(unknown)))
+        return {}
+
+
+#: ``scheme://user:password@`` (or ``scheme://password@`` / ``scheme://:password@``) in any text.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s@:]*:)?([^/\s@]+)@")
+
+
+def mask_url_credentials(text: str) -> str:
+    """Replace the password of every URL in ``text`` with '**********' (user names stay).
+
+    A lone ``user@`` counts as a credential only with a password; ``scheme://token@host`` (as
+    Redis and some APIs take it) is masked whole.
+    """
+    return _URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}**********@", text)
+
+
+def _mask_url_values(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_url_credentials(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: _mask_url_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_url_values(v) for v in value]
+    return value
 
 
 def mask_url(url: str) -> str:

@@ -28,8 +28,10 @@ from collections.abc import Callable
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
-from bot.hookspecs import hookimpl
+from pydantic import Field, SecretStr
+
 from bot.models import ImageRejected, JokeRequest, OogiriError, message
+from oogiri import PluginSettings, hookimpl
 
 try:  # the `discord` extra
     import aiohttp
@@ -56,6 +58,38 @@ VOTE_EMOJI = {"up": "👍", "down": "👎"}
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".avif"}
 )
+class DiscordSettings(PluginSettings):
+    """``settings.discord`` (OOGIRI_DISCORD__…): the bot token, command sync, shards, outbox."""
+
+    token: SecretStr | None = None
+    dev_guild_id: int | None = Field(None, description="sync commands here only (fast iteration)")
+    clear_guild_ids: list[int] = Field(
+        default_factory=list,
+        description="remove the bot's server-only commands here at start (after dev_guild_id)",
+    )
+    max_attachment_bytes: int = 10 * 1024 * 1024
+    shard_count: int | None = None
+    shard_ids: list[int] | None = None
+    api_base_url: str | None = Field(None, description="REST base (tests)")
+    gateway_url: str | None = Field(None, description="gateway override (tests)")
+    sync_on_start: bool | None = Field(
+        None,
+        description="sync slash commands when `serve` starts; unset: only with dev_guild_id "
+        "(production: run `oogiri discord sync` once per release instead)",
+    )
+    admin_ids: list[int] = Field(
+        default_factory=list, description="users who may use /mod besides server administrators"
+    )
+    outbox_max_age_s: float = Field(
+        14 * 60.0,
+        gt=0,
+        le=15 * 60.0,
+        description="an undelivered follow-up is given up after this (tokens last 15 min)",
+    )
+    outbox_lease_s: float = Field(60.0, gt=0)
+    outbox_poll_s: float = Field(1.0, gt=0)
+
+
 #: The picture is re-attached to the joke only up to this size (Discord's default upload limit).
 REUPLOAD_MAX_BYTES = 8 * 1024 * 1024
 MAX_CONTENT_CHARS = 2000
@@ -696,6 +730,11 @@ def _make_translator() -> Any:
             return None
 
     return Translator()
+
+
+@hookimpl
+def oogiri_register_settings(register: Callable[..., None]) -> None:
+    register("discord", DiscordSettings)
 
 
 @hookimpl

@@ -20,18 +20,19 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from fastapi import Request, Response
+from pydantic import Field, SecretStr
 
-from bot.hookspecs import hookimpl
 from bot.logs import RedactingFilter
 from bot.models import JokeRequest, NotFound, OogiriError, RateLimited, Rejected
 from bot.models import message as core_message
 from bot.moderation import moderation_for
 from bot.moderation_settings import check_subject
 from bot.outbox import Outbox, OutboxItem, OutboxWorker, RetryLater, Undeliverable
+from oogiri import PluginSettings, hookimpl
 from plugins.telegram_texts import text
 
 try:  # the ``telegram`` extra; without it the plugin loads but its channel refuses to start
@@ -90,6 +91,40 @@ VOTE_RE = re.compile(r"v:([1-9][0-9]{0,17}):([+-]1)")
 SECRET_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SENSITIVE_LOGGERS = ("httpx", "httpcore")  # they print request URLs, which hold the token
+
+
+class TelegramSettings(PluginSettings):
+    """``settings.telegram`` (OOGIRI_TELEGRAM__…): token, polling or webhook, flow control."""
+
+    token: SecretStr | None = None
+    mode: Literal["polling", "webhook"] = "polling"
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_path: str = "/telegram/webhook"
+    admin_ids: list[int] = Field(default_factory=list)
+    language: Literal["auto", "zh", "en"] = "auto"
+    base_url: str | None = Field(None, description="Bot API base URL (tests, local Bot API server)")
+    base_file_url: str | None = None
+    # flow control and the outbox (docs/telegram.md)
+    private_per_s: float = Field(1.0, gt=0, description="messages a second into one private chat")
+    group_per_minute: float = Field(20.0, gt=0, description="messages a minute into one group")
+    global_per_s: float = Field(30.0, gt=0, description="messages a second in all, every chat")
+    flood_retries: int = Field(
+        2, ge=0, le=10, description="429 answers waited out in a send before the outbox takes it"
+    )
+    outbox_max_age_s: float = Field(
+        6 * 3600.0, gt=0, description="an undelivered reply is given up (counted, logged) after"
+    )
+    outbox_lease_s: float = Field(
+        60.0, gt=0, description="a replica's claim on a reply; a killed one's lapses after this"
+    )
+    outbox_poll_s: float = Field(1.0, gt=0, description="how often pending replies are retried")
+    slow_down_notice_s: float = Field(
+        60.0, ge=0, description="at most one 'slow down' notice per user in this window"
+    )
+    edit_window_s: float = Field(
+        1.0, ge=0, description="vote-count edits of one message are coalesced within this window"
+    )
 
 
 # --------------------------------------------------------------------------- small pure helpers
@@ -1135,6 +1170,11 @@ class TelegramChannel:
 
 
 # --------------------------------------------------------------------------- hooks
+
+
+@hookimpl
+def oogiri_register_settings(register: Callable[..., None]) -> None:
+    register("telegram", TelegramSettings)
 
 
 @hookimpl

@@ -404,6 +404,14 @@ class WrapEverything:
         return (yield from self._wrap("prompt"))
 
     @hookimpl(wrapper=True)
+    def oogiri_register_settings(self, register):
+        return (yield from self._wrap("register_settings"))
+
+    @hookimpl(wrapper=True)
+    def oogiri_admit(self, request):
+        return (yield from self._wrap("admit"))
+
+    @hookimpl(wrapper=True)
     def oogiri_before_joke(self, request):
         return (yield from self._wrap("before_joke"))
 
@@ -625,3 +633,68 @@ def test_the_public_api_names_what_plugins_need() -> None:
     assert oogiri.App is App
     with pytest.raises(AttributeError):
         _ = oogiri.no_such_name  # type: ignore[attr-defined]
+
+
+async def test_hook_admit(settings: Settings, chelsea_png: bytes) -> None:
+    class Blocklist:
+        @hookimpl
+        def oogiri_admit(self, request):
+            assert request.image is None  # nothing downloaded or decoded yet
+            if request.user_id == "test:blocked":
+                raise Rejected("blocked")
+
+    app = await make_app(settings, Blocklist())
+    try:
+        blocked = JokeRequest(chelsea_png, channel="test", user_id="test:blocked")
+        with pytest.raises(Rejected):
+            await app.service.admit(blocked)
+        with pytest.raises(Rejected):  # tell() admits a request no channel admitted
+            await app.service.tell(JokeRequest(chelsea_png, channel="test", user_id="test:blocked"))
+        assert app.engine.calls == 0
+        fine = req(chelsea_png)
+        await app.service.admit(fine)
+        assert fine.admitted and (await app.service.tell(fine)).text
+    finally:
+        await app.close()
+
+
+def test_hook_register_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, plugin_sections: None
+) -> None:
+    from pydantic import Field, SecretStr
+
+    from oogiri import PluginSettings
+
+    class GreeterSettings(PluginSettings):
+        word: str = "hello"
+        times: int = Field(1, ge=1)
+        token: SecretStr | None = None
+
+    class Greeter:
+        @hookimpl
+        def oogiri_register_settings(self, register):
+            register("greeter", GreeterSettings)
+
+    make_manager([], extra=[Greeter()])
+    monkeypatch.setenv("OOGIRI_GREETER__WORD", "你好")
+    monkeypatch.setenv("OOGIRI_GREETER__TOKEN", "s3cret")
+    s = Settings(_env_file=None, data_dir=tmp_path)
+    assert isinstance(s.greeter, GreeterSettings)
+    assert (s.greeter.word, s.greeter.times) == ("你好", 1)
+    assert s.masked()["greeter"] == {"word": "你好", "times": 1, "token": "**********"}
+    assert s.unknown_keys() == []
+    monkeypatch.setenv("OOGIRI_GREETER__TIMES", "0")
+    with pytest.raises(ValueError, match="times"):
+        Settings(_env_file=None, data_dir=tmp_path)
+
+
+@pytest.fixture
+def plugin_sections():
+    """Sections registered by a test are forgotten after it."""
+    import bot.settings as core
+
+    core.settings_class()  # the installed plugins' sections are found before the snapshot
+    saved = dict(core._sections)
+    yield
+    core._sections.clear()
+    core._sections.update(saved)

@@ -26,7 +26,8 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 
-from bot.hookspecs import hookimpl
+from oogiri import hookimpl
+from training.settings import TrainingSettings
 
 if TYPE_CHECKING:
     from bot.app import App
@@ -45,6 +46,11 @@ EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the lock
 
 
 # --------------------------------------------------------------------------- plugin hooks
+
+
+@hookimpl
+def oogiri_register_settings(register: Callable[..., None]) -> None:
+    register("training", TrainingSettings)
 
 
 @hookimpl

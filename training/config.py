@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.settings import TrainingSettings
+from training.settings import TrainingSettings
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 DEFAULT_TEMPLATE = TEMPLATES_DIR / "internvl_v2_internlm2_2b_qlora.py.tmpl"

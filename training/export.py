@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.plugins import await_results, each_implementation
-from bot.settings import TrainingSettings
+from training.settings import TrainingSettings
 
 IMAGE_TOKEN = "<image>"
 JSON_INDENT = 2

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bot.ab_settings import AbSettings
-from bot.settings import TrainingSettings
+from training.settings import TrainingSettings
 
 EVALUATE_SCRIPT = Path(__file__).with_name("evaluate_hf.py")
 

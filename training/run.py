@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from bot.plugins import call_hook
-from bot.settings import Settings, TrainingSettings
+from bot.settings import Settings
 from bot.tinymodel import MARKER, read_marker
 from training.config import ConfigError, Plan, TrainParams, min_schedule_samples, write_config
 from training.export import ExportResult, NotEnoughData, export_dataset
@@ -49,6 +49,7 @@ from training.gate import (
 from training.lock import training_lock
 from training.proc import run_command
 from training.schedule import DueDecision, check_due
+from training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
 

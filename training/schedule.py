@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bot.settings import TrainingSettings
+from training.settings import TrainingSettings
 
 # Runs that count as "we trained (or tried on enough data)" for the period.
 COMPLETED = ("succeeded", "testing", "rejected", "skipped")

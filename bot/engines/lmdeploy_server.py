@@ -43,9 +43,10 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import httpx
+from pydantic import Field
 
 from bot.engines.base import EngineHealth
 from bot.engines.openai_http import (
@@ -70,6 +71,53 @@ LOG_ROTATE_BYTES = 64 * 1024 * 1024
 Progress = Callable[[str], None]
 
 
+class LMDeployEngineSettings(EngineSettings):
+    """The core's ``engine`` section plus the knobs of a managed ``lmdeploy serve api_server``.
+
+    This plugin registers it for the ``engine`` section (``oogiri_register_settings`` with a
+    subclass of ``EngineSettings``), so the fields keep their names: ``settings.engine.manage``,
+    OOGIRI_ENGINE__TP, ``[engine] session_len`` in oogiri.toml; the core declares none of them.
+    """
+
+    manage: bool = False
+    backend: Literal["pytorch", "turbomind"] = "pytorch"
+    tp: int = Field(1, ge=1)
+    session_len: int = 8192
+    cache_max_entry_count: float = Field(0.2, gt=0, le=1)
+    max_batch_size: int = 256
+    max_prefill_token_num: int | None = Field(
+        16384,
+        ge=1,
+        description="prompt tokens per engine step; LMDeploy's 8192 holds four 6-tile requests "
+        "(16384: +11 % jokes/s on an H100, docs/benchmarks.md); unset: LMDeploy's default",
+    )
+    chat_template: Path | None = Field(None, description="unset: the shipped InternVL2 template")
+    port: int = 23333
+    server_threads: int = Field(2, ge=1, description="OMP/MKL threads of the managed server")
+    extra_args: list[str] = Field(default_factory=list)
+    server_command: list[str] = Field(
+        default_factory=list,
+        description="argv that runs lmdeploy's CLI; empty: [this python, -m, lmdeploy]",
+    )
+    server_host: str = Field("127.0.0.1", description="--server-name of the managed server")
+    trust_remote_code: bool = Field(True, description="InternVL2 folders need remote config code")
+    startup_timeout_s: float = Field(900.0, gt=0, description="wait this long for /health")
+    drain_timeout_s: float = Field(
+        180.0, gt=0, description="swap: wait this long for in-flight requests on the old server"
+    )
+    control_socket: Path | None = Field(
+        None, description="admin socket of `oogiri serve`; unset: data_dir/run/engine.sock"
+    )
+
+
+def server_settings(settings: Settings) -> LMDeployEngineSettings:
+    """``settings.engine`` with this plugin's fields (present whenever the plugin is installed)."""
+    engine = settings.engine
+    if not isinstance(engine, LMDeployEngineSettings):
+        raise TypeError("settings.engine lacks the LMDeploy server fields: is the plugin loaded?")
+    return engine
+
+
 class ServerFailed(EngineError):
     """A managed server did not start, died during start, or never became healthy."""
 
@@ -81,16 +129,16 @@ class SwapError(EngineError):
 # --------------------------------------------------------------------------- command line
 
 
-def launcher(settings: EngineSettings) -> list[str]:
+def launcher(settings: LMDeployEngineSettings) -> list[str]:
     return list(settings.server_command) or [sys.executable, "-m", "lmdeploy"]
 
 
-def template_path(settings: EngineSettings) -> Path:
+def template_path(settings: LMDeployEngineSettings) -> Path:
     return Path(settings.chat_template) if settings.chat_template else TEMPLATE
 
 
 def build_command(
-    settings: EngineSettings, model_dir: Path | str, port: int, served_name: str
+    settings: LMDeployEngineSettings, model_dir: Path | str, port: int, served_name: str
 ) -> list[str]:
     """The ``lmdeploy serve api_server`` argv for one managed server."""
     cmd = [
@@ -144,7 +192,9 @@ def redact(cmd: list[str]) -> list[str]:
     return out
 
 
-def build_env(settings: EngineSettings, base: dict[str, str] | None = None) -> dict[str, str]:
+def build_env(
+    settings: LMDeployEngineSettings, base: dict[str, str] | None = None
+) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     threads = str(settings.server_threads)
     env["OMP_NUM_THREADS"] = threads
@@ -210,7 +260,7 @@ class ServerProcess:
 
     def __init__(
         self,
-        settings: EngineSettings,
+        settings: LMDeployEngineSettings,
         model_dir: Path,
         port: int,
         served_name: str,
@@ -458,7 +508,7 @@ class ManagedLMDeploy:
     PORT_CANDIDATES = 16
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
-        e = settings.engine
+        e = server_settings(settings)
         if e.model is None:
             raise EngineError(
                 detail="engine.manage needs engine.model: a local InternVL2 model folder"
@@ -825,6 +875,23 @@ def control_request(
 
 
 # --------------------------------------------------------------------------- hooks
+
+
+@hookimpl
+def oogiri_register_settings(register: Callable[..., None]) -> None:
+    register("engine", LMDeployEngineSettings)
+
+
+def make_lmdeploy_engine(settings: Settings) -> Any:
+    """``engine.name = "lmdeploy"``: a managed server when ``engine.manage``, else plain HTTP."""
+    if server_settings(settings).manage:
+        return ManagedLMDeploy(settings)
+    return OpenAIHTTPEngine(settings.engine, flavor="lmdeploy")
+
+
+@hookimpl
+def oogiri_register_engines(register: Callable[..., Any], settings: Any) -> None:
+    register("lmdeploy", make_lmdeploy_engine)
 
 
 @hookimpl

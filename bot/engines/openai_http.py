@@ -710,15 +710,8 @@ def make_openai_engine(settings: Settings) -> OpenAIHTTPEngine:
     return OpenAIHTTPEngine(settings.engine, flavor="openai")
 
 
-def make_lmdeploy_engine(settings: Settings) -> Any:
-    if settings.engine.manage:
-        from bot.engines.lmdeploy_server import ManagedLMDeploy
-
-        return ManagedLMDeploy(settings)
-    return OpenAIHTTPEngine(settings.engine, flavor="lmdeploy")
-
-
 @hookimpl
 def oogiri_register_engines(register: Callable[..., Any], settings: Any) -> None:
-    register("lmdeploy", make_lmdeploy_engine)
+    # "lmdeploy" (this client, or a managed server behind it) is registered by
+    # bot.engines.lmdeploy_server, which builds on this module.
     register("openai", make_openai_engine)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from bot.hookspecs import hookimpl
+from oogiri import hookimpl
 from plugins.web.errors import error_response, oogiri_error_response
 from plugins.web.metrics import SECURITY_HEADERS, WebMetrics, WebMiddleware
 from plugins.web.pages import Template, stats_svg
@@ -32,6 +32,7 @@ from plugins.web.sessions import (
     load_or_create_secret,
     same_origin,
 )
+from plugins.web.settings import WebSettings
 from plugins.web.state import WebState, web_state
 from plugins.web.static import STATIC_DIR
 from plugins.web.texts import PAGE_TEXTS, WEB_MESSAGES, pick_language, web_message
@@ -56,6 +57,7 @@ __all__ = [
     "WebChannel",
     "WebMetrics",
     "WebMiddleware",
+    "WebSettings",
     "WebState",
     "create_api",
     "error_response",
@@ -67,6 +69,11 @@ __all__ = [
     "web_message",
     "web_state",
 ]
+
+
+@hookimpl
+def oogiri_register_settings(register: Callable[..., None]) -> None:
+    register("web", WebSettings)
 
 
 @hookimpl

@@ -16,11 +16,13 @@ import pytest
 from fakediscord import EPHEMERAL, LOADING, FakeDiscord
 
 import plugins.discord_bot as discord_bot
+import plugins.moderation as moderation_plugin
 from bot.app import App
 from bot.engines.instant import InstantEngine
 from bot.models import message
 from bot.plugins import make_manager
-from bot.settings import DiscordSettings, LimitSettings, Settings
+from bot.settings import LimitSettings, Settings
+from plugins.discord_bot import DiscordSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 GUILD = "81384788769906688"  # a snowflake whose shard is 1 of 2
@@ -69,7 +71,13 @@ async def make_app(tmp_path: Path, fake: FakeDiscord) -> AsyncIterator[AppFactor
         limits: LimitSettings | None = None,
         **discord: Any,
     ) -> App:
-        config = {"token": fake.token, "api_base_url": fake.api_base, **discord}
+        config = {
+            "token": fake.token,
+            "api_base_url": fake.api_base,
+            "sync_on_start": True,  # a single dev bot; see test_no_sync_at_start_by_default
+            "outbox_poll_s": 0.1,
+            **discord,
+        }
         settings = Settings(
             data_dir=tmp_path,
             channels=["discord"],
@@ -79,6 +87,7 @@ async def make_app(tmp_path: Path, fake: FakeDiscord) -> AsyncIterator[AppFactor
         )
         pm = make_manager(only=[])
         pm.register(discord_bot, name="discord")
+        pm.register(moderation_plugin, name="moderation")
         app = await App.create(settings, pm=pm, engine=engine or InstantEngine())
         apps.append(app)
         await asyncio.wait_for(app.start_channels(), WAIT)
@@ -146,7 +155,10 @@ async def test_startup_syncs_commands_minimal_intents_compressed_gateway(
     [(scope, body)] = fake.command_puts
     assert scope is None  # global
     by_name = {c["name"]: c for c in body}
-    assert set(by_name) == {"joke", "joke-help", "Joke about this image"}
+    assert set(by_name) == {"joke", "joke-help", "Joke about this image", "mod"}
+    # /mod is hidden from everyone but administrators (Discord enforces default permissions)
+    assert str(by_name["mod"]["default_member_permissions"]) == "8"
+    assert {o["name"] for o in by_name["mod"]["options"]} == {"block", "unblock", "delete"}
     joke = by_name["joke"]
     assert joke["type"] == 1
     options = {o["name"]: o for o in joke["options"]}
@@ -169,7 +181,7 @@ async def test_dev_guild_sync(fake: FakeDiscord, make_app: AppFactory, chelsea: 
     await make_app(dev_guild_id=int(GUILD))
     [(scope, body)] = fake.command_puts
     assert scope == GUILD
-    assert {c["name"] for c in body} == {"joke", "joke-help", "Joke about this image"}
+    assert {c["name"] for c in body} == {"joke", "joke-help", "Joke about this image", "mod"}
     assert None not in fake.commands
     user = fake.new_user()
     interaction = await fake.slash(
@@ -183,7 +195,7 @@ async def test_moving_from_a_dev_guild_to_global_clears_the_old_guild(
     fake: FakeDiscord, make_app: AppFactory
 ) -> None:
     """Guild commands outlive a move to global ones (every command shown twice) unless cleared."""
-    names = {"joke", "joke-help", "Joke about this image"}
+    names = {"joke", "joke-help", "Joke about this image", "mod"}
     app = await make_app(dev_guild_id=int(GUILD))
     await app.close()
     assert {c["name"] for c in fake.commands[GUILD]} == names
@@ -197,7 +209,7 @@ async def test_moving_from_a_dev_guild_to_global_clears_the_old_guild(
 async def test_dev_guild_is_never_cleared(fake: FakeDiscord, make_app: AppFactory) -> None:
     await make_app(dev_guild_id=int(GUILD), clear_guild_ids=[int(GUILD)])
     assert [scope for scope, _ in fake.command_puts] == [GUILD]
-    assert len(fake.commands[GUILD]) == 3
+    assert len(fake.commands[GUILD]) == 4
 
 
 # --------------------------------------------------------------------------- /joke
@@ -480,23 +492,32 @@ async def press(
     return interaction
 
 
+async def shows(fake: FakeDiscord, msg: dict[str, Any], expected: tuple[str, str]) -> None:
+    """Wait until the joke message's buttons show ``expected`` counts."""
+    await fake.wait_until(lambda: counts(fake.messages[msg["id"]]) == expected, WAIT)
+
+
 async def test_vote_and_change_vote(fake: FakeDiscord, make_app: AppFactory, chelsea: dict) -> None:
     app = await make_app()
     msg = await tell_one(fake, chelsea)
     alice, bob = fake.new_user("alice"), fake.new_user("bob")
 
     first = await press(fake, msg, 0, alice)
-    assert first.callbacks[0]["type"] == 7  # the message itself is updated
-    assert counts(fake.messages[msg["id"]]) == ("1", "0")
+    # acknowledged first (a deferred update: never "This interaction failed"), then edited
+    assert first.callbacks[0]["type"] == 6
+    await shows(fake, msg, ("1", "0"))
 
     await press(fake, msg, 1, bob)
-    assert counts(fake.messages[msg["id"]]) == ("1", "1")
+    await shows(fake, msg, ("1", "1"))
 
     await press(fake, msg, 1, alice)  # alice changes her mind
-    assert counts(fake.messages[msg["id"]]) == ("0", "2")
+    await shows(fake, msg, ("0", "2"))
 
-    await press(fake, msg, 1, alice)  # pressing again is not a second vote
+    again = await press(fake, msg, 1, alice)  # pressing again is not a second vote …
+    await asyncio.sleep(0.3)
     assert counts(fake.messages[msg["id"]]) == ("0", "2")
+    edited = [r for r in fake.requests if r[0] == "PATCH" and again.token in r[1]]
+    assert edited == []  # … and no edit is sent for it
 
     assert sorted(await app.store.ratings_for(1)) == sorted([(alice["id"], -1), (bob["id"], -1)])
     assert fake.messages[msg["id"]]["content"] == msg["content"]  # text untouched
@@ -509,8 +530,11 @@ async def test_vote_from_another_channel_is_refused(
     msg = await tell_one(fake, chelsea)
     forged = await press(fake, msg, 0, fake.new_user(), channel_id=fake.snowflake())
     [callback] = forged.callbacks
-    assert callback["type"] == 4 and callback["data"]["flags"] & EPHEMERAL
-    assert callback["data"]["content"] == message("no_such_joke", "en")
+    assert callback["type"] == 6
+    await fake.wait_until(lambda: forged.followups, WAIT)
+    refusal = fake.messages[forged.followups[0]]
+    assert refusal["flags"] & EPHEMERAL
+    assert refusal["content"] == message("no_such_joke", "en")
     assert await app.store.ratings_for(1) == []
 
 
@@ -526,8 +550,8 @@ async def test_buttons_work_after_a_restart(
     second_app = await make_app()  # a new client, the same SQLite store
     assert len(fake.identifies) == 2
     interaction = await press(fake, fake.messages[msg["id"]], 0, fake.new_user("bob"))
-    assert interaction.callbacks[0]["type"] == 7
-    assert counts(fake.messages[msg["id"]]) == ("2", "0")
+    assert interaction.callbacks[0]["type"] == 6
+    await shows(fake, msg, ("2", "0"))
     assert len(await second_app.store.ratings_for(1)) == 2
 
 

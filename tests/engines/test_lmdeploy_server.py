@@ -31,8 +31,9 @@ from bot.engines.lmdeploy_server import (
     redact,
     socket_path,
 )
+from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 from bot.models import GenerationParams
-from bot.settings import EngineSettings, Settings
+from bot.settings import Settings
 
 FAKE_CMD = [sys.executable, str(FAKES / "fake_lmdeploy.py")]
 PARAMS = GenerationParams(max_new_tokens=16, max_dynamic_patch=1)

@@ -12,7 +12,9 @@ import pytest
 from enginesupport import engine_settings, jpeg_image
 from fake_lmdeploy import FIXTURES, FakeLMDeploy, load_fixture
 
+from bot.engines import lmdeploy_server
 from bot.engines.base import Engine
+from bot.engines.lmdeploy_server import make_lmdeploy_engine
 from bot.engines.openai_http import (
     DATA_URL_PREFIX,
     CircuitBreaker,
@@ -21,7 +23,6 @@ from bot.engines.openai_http import (
     assert_only_data_urls,
     body_error,
     clean_text,
-    make_lmdeploy_engine,
     normalize_base_url,
     oogiri_register_engines,
 )
@@ -605,6 +606,7 @@ def test_registered_as_lmdeploy_and_openai(tmp_path: Path) -> None:
     registered = {}
     settings = Settings(_env_file=None, data_dir=tmp_path)
     oogiri_register_engines(register=registered.__setitem__, settings=settings)
+    lmdeploy_server.oogiri_register_engines(register=registered.__setitem__, settings=settings)
     assert set(registered) == {"lmdeploy", "openai"}
     lm = registered["lmdeploy"](settings)
     oa = registered["openai"](settings)

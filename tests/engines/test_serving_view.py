@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_lmdeploy_server import FAKE_CMD, free_port_block
 
+from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 from bot.engines.lmdeploy_server import ServerProcess
 from bot.engines.serving_view import PROJECT_CONFIG, needs_view, serving_folder
-from bot.settings import EngineSettings
 from bot.tinymodel import make_tiny_model
 
 # What a real InternVL2-2B folder (and every model XTuner's convert_to_official writes) carries:

@@ -13,7 +13,6 @@ from unittest import mock
 
 import pytest
 
-from bot.settings import TrainingSettings
 from training.config import (
     DEFAULT_TEMPLATE,
     WARMUP_START_FACTOR,
@@ -28,6 +27,7 @@ from training.config import (
     warmup_peak,
     write_config,
 )
+from training.settings import TrainingSettings
 
 TUTORIAL = "internvl-xtuner-lmdeploy-tutorial.md"
 TUTORIAL_CANDIDATES = [

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from trainhelp import fake_base_model, fake_venv, seed_ratings
 
-from bot.settings import Settings, TrainingSettings
+from bot.settings import Settings
 from bot.store import Store
 from training.config import ConfigError, TrainParams, min_schedule_samples, validate
 from training.evaluate_hf import read_items
 from training.run import TrainingPipeline
+from training.settings import TrainingSettings
 
 
 def _params(tmp_path: Path, t: TrainingSettings) -> TrainParams:

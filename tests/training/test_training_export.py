@@ -12,7 +12,7 @@ from trainhelp import add_joke, photo, skimage_dir, vote
 
 from bot.hookspecs import hookimpl
 from bot.plugins import make_manager
-from bot.settings import DEFAULT_PROMPT, TrainingSettings
+from bot.settings import DEFAULT_PROMPT
 from bot.store import Store
 from training.export import (
     ExportError,
@@ -25,6 +25,7 @@ from training.export import (
     split_images,
     xtuner_item,
 )
+from training.settings import TrainingSettings
 
 # The tutorial's example sample (its "数据集格式" block), serialised the way oogiri pins it:
 # json.dumps(ensure_ascii=False, indent=2) + "\n".

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from bot.settings import TrainingSettings
 from training.gate import (
     Check,
     EvalResult,
@@ -25,6 +24,7 @@ from training.gate import (
     sanity_problems,
 )
 from training.proc import run_command
+from training.settings import TrainingSettings
 
 GOOD_ZH = [
     "这只猫刚刚发现冰箱是空的。",

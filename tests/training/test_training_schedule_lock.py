@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from trainhelp import add_joke, photo, vote
 
-from bot.settings import TrainingSettings
 from bot.store import Store
 from training.lock import (
     LockBusy,
@@ -25,6 +24,7 @@ from training.lock import (
     training_lock,
 )
 from training.schedule import check_due
+from training.settings import TrainingSettings
 
 PG_URL = os.environ.get("OOGIRI_TEST_PG_TRAINING", "postgresql://postgres@127.0.0.1:5432/test")
 

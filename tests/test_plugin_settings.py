@@ -1,0 +1,153 @@
+"""Plugins own their settings sections; unknown OOGIRI_ keys are reported, never dropped."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from bot.engines.lmdeploy_server import LMDeployEngineSettings
+from bot.settings import EngineSettings, Settings, UnknownSettingsError, register_section
+from oogiri import PluginSettings
+from plugins.discord_bot import DiscordSettings
+from plugins.telegram import TelegramSettings
+from plugins.web.settings import WebSettings
+from training.settings import TrainingSettings
+
+
+def fresh(tmp_path: Path, **kw) -> Settings:
+    return Settings(_env_file=None, data_dir=tmp_path, **kw)
+
+
+def test_built_in_plugins_contribute_their_sections_with_the_old_env_names(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("OOGIRI_TELEGRAM__TOKEN", "123:abc")
+    monkeypatch.setenv("OOGIRI_TELEGRAM__ADMIN_IDS", "[1, 2]")
+    monkeypatch.setenv("OOGIRI_DISCORD__DEV_GUILD_ID", "42")
+    monkeypatch.setenv("OOGIRI_WEB__PORT", "8123")
+    monkeypatch.setenv("OOGIRI_TRAINING__MIN_VOTES", "3")
+    monkeypatch.setenv("OOGIRI_ENGINE__MANAGE", "true")
+    monkeypatch.setenv("OOGIRI_ENGINE__TP", "2")
+    monkeypatch.setenv("OOGIRI_ENGINE__NAME", "lmdeploy")
+    s = fresh(tmp_path)
+    assert isinstance(s.telegram, TelegramSettings) and s.telegram.admin_ids == [1, 2]
+    assert s.telegram.token is not None and s.telegram.token.get_secret_value() == "123:abc"
+    assert isinstance(s.discord, DiscordSettings) and s.discord.dev_guild_id == 42
+    assert isinstance(s.web, WebSettings) and s.web.port == 8123
+    assert isinstance(s.training, TrainingSettings) and s.training.min_votes == 3
+    # the LMDeploy server plugin extends the core's engine section in place
+    assert isinstance(s.engine, LMDeployEngineSettings) and isinstance(s.engine, EngineSettings)
+    assert (s.engine.name, s.engine.manage, s.engine.tp) == ("lmdeploy", True, 2)
+    assert isinstance(s, Settings) and s.unknown_keys() == []
+    shown = s.masked()
+    assert shown["telegram"]["token"] == "**********" and "123:abc" not in json.dumps(shown)
+    assert shown["engine"]["tp"] == 2 and shown["training"]["min_votes"] == 3
+
+
+def test_the_core_declares_no_plugin_settings() -> None:
+    core = set(Settings.model_fields)
+    assert not {"web", "telegram", "discord", "training"} & core
+    assert not {"manage", "tp", "session_len", "server_command"} & set(EngineSettings.model_fields)
+
+
+def test_toml_sections_of_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    toml = tmp_path / "oogiri.toml"
+    toml.write_text(
+        '[telegram]\nmode = "webhook"\n[engine]\nsession_len = 4096\n[web]\nprot = 1\n'
+        "[nosuchplugin]\nx = 1\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)  # oogiri.toml is read from the working directory
+    s = fresh(tmp_path)
+    assert s.telegram.mode == "webhook" and s.engine.session_len == 4096
+    assert s.unknown_keys() == ["oogiri.toml: nosuchplugin", "oogiri.toml: web.prot"]
+
+
+def test_unknown_keys_are_reported_from_env_and_dotenv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "OOGIRI_TELEGRAM__TOKN=x\nOTHER=1\nOOGIRI_PROMPT=讲个笑话\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("OOGIRI_PROMTP", "value-xyz")
+    monkeypatch.setenv("OOGIRI_ENGINE__REQUEST_EXTRA__IGNORE_EOS", "true")  # a dict takes any key
+    monkeypatch.setenv("OOGIRI_CONFIG_FILE", "oogiri.toml")  # not a setting, but ours
+    monkeypatch.setenv("OOGIRI_TEST_MARKER", "1")
+    s = Settings(_env_file=str(dotenv), data_dir=tmp_path)
+    assert s.prompt == "讲个笑话"
+    assert s.unknown_keys() == [
+        ".env: OOGIRI_TELEGRAM__TOKN",
+        "env: OOGIRI_PROMTP",
+    ]
+    with caplog.at_level(logging.WARNING):
+        s.report_unknown()
+    assert "OOGIRI_PROMTP" in caplog.text and "value-xyz" not in caplog.text  # never the value
+    with pytest.raises(UnknownSettingsError, match="OOGIRI_PROMTP"):
+        s.report_unknown(strict=True)
+    monkeypatch.setenv("OOGIRI_STRICT", "true")
+    with pytest.raises(ValueError, match="OOGIRI_PROMTP"):
+        Settings(_env_file=str(dotenv), data_dir=tmp_path)
+
+
+def test_sections_are_checked_when_registered(plugin_sections: None) -> None:
+    class Loose(BaseModel):
+        x: int = 1
+
+    class MoreEngine(EngineSettings):
+        y: int = 2
+
+    with pytest.raises(ValueError, match="belongs to the core"):
+        register_section("engine", Loose)
+    with pytest.raises(ValueError, match="core setting"):
+        register_section("prompt", Loose)
+    with pytest.raises(ValueError, match="lower-case"):
+        register_section("Bad-Name", Loose)
+    with pytest.raises(TypeError, match="not a pydantic model"):
+        register_section("thing", dict)  # type: ignore[arg-type]
+    register_section("thing", Loose)
+    register_section("thing", Loose)  # the same model again is fine (a plugin loaded twice)
+
+    class Other(PluginSettings):
+        x: int = 1
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register_section("thing", Other)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_section("engine", MoreEngine)  # LMDeploy's subclass already holds it
+
+
+def test_config_show_masks_secrets_and_strict_refuses_unknown_keys(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from bot.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OOGIRI_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("OOGIRI_DISCORD__TOKEN", "discord-secret")
+    result = CliRunner().invoke(cli, ["config", "show"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown["discord"]["token"] == "**********" and "discord-secret" not in result.output
+    monkeypatch.setenv("OOGIRI_DISCORD__TOKNE", "x")
+    result = CliRunner().invoke(cli, ["config", "show"])
+    assert result.exit_code == 0 and "OOGIRI_DISCORD__TOKNE" in result.stderr
+    result = CliRunner().invoke(cli, ["config", "show", "--strict"])
+    assert result.exit_code == 2 and "OOGIRI_DISCORD__TOKNE" in result.output
+
+
+@pytest.fixture
+def plugin_sections():
+    """Sections registered by a test are forgotten after it."""
+    import bot.settings as core
+
+    core.settings_class()  # the installed plugins' sections are found before the snapshot
+    saved = dict(core._sections)
+    yield
+    core._sections.clear()
+    core._sections.update(saved)
