@@ -152,6 +152,7 @@ class FakeDiscord:
         self.deleted_messages: dict[str, dict[str, Any]] = {}
         self.interactions: dict[str, FakeInteraction] = {}
         self.by_token: dict[str, FakeInteraction] = {}
+        self.drop_followups = 0  # the next n follow-ups lose their connection (no answer)
         self.files: dict[str, tuple[bytes, str]] = {}
         self.cdn_hits: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []
@@ -219,6 +220,7 @@ class FakeDiscord:
         r.add_patch(wh, self._edit_webhook_message)
         r.add_delete(wh, self._delete_webhook_message)
         r.add_patch(API + "/channels/{channel}/messages/{message}", self._edit_channel_message)
+        r.add_delete(API + "/channels/{channel}/messages/{message}", self._delete_channel_message)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -597,11 +599,13 @@ class FakeDiscord:
         attachments: dict[str, dict[str, Any]] | None = None,
         options: list[dict[str, Any]] | None = None,
         locale: str = "en-US",
+        resolved: dict[str, Any] | None = None,
     ) -> FakeInteraction:
-        """Dispatch a chat-input command. ``attachments``: option name → attachment object."""
+        """Dispatch a chat-input command. ``attachments``: option name → attachment object;
+        ``resolved``: users (etc.) the options name, as Discord resolves them."""
         command = self.find_command(name, guild_id, kind=1)
         opts = list(options or [])
-        resolved: dict[str, Any] = {}
+        resolved = dict(resolved or {})
         for option_name, attachment in (attachments or {}).items():
             opts.append({"name": option_name, "type": 11, "value": attachment["id"]})
             resolved.setdefault("attachments", {})[attachment["id"]] = attachment
@@ -786,7 +790,10 @@ class FakeDiscord:
         elif kind == UPDATE_MESSAGE:
             message = self.messages[interaction.payload["message"]["id"]]
             self._apply_edit(message, data, files)
-        elif kind != DEFERRED_UPDATE:
+        elif kind == DEFERRED_UPDATE:
+            # a component's deferred update: "@original" is now the message the component is on
+            interaction.original_id = interaction.payload.get("message", {}).get("id")
+        else:
             return self._error(400, 50035, f"unsupported callback type {kind}")
         if message is not None and kind in (CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE):
             self.messages[message["id"]] = message
@@ -835,6 +842,12 @@ class FakeDiscord:
         if not interaction.callbacks:
             return self._error(404, 10015, "Unknown Webhook")  # not acknowledged yet
         body, files = await self._body(request)
+        if self.drop_followups > 0:  # the network fails: the bot never hears back
+            self.drop_followups -= 1
+            self.requests.append(("DROPPED", request.path))
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)
         original = self.messages.get(interaction.original_id or "")
         if original is not None and original["flags"] & LOADING:
             # the first follow-up after a deferral fills in the "thinking…" message
@@ -877,6 +890,16 @@ class FakeDiscord:
         self.deleted_messages[msg["id"]] = self.messages.pop(msg["id"])
         if msg["id"] == interaction.original_id:  # type: ignore[union-attr]
             interaction.deleted_original = True  # type: ignore[union-attr]
+        await self._notify()
+        return web.Response(status=204)
+
+    async def _delete_channel_message(self, request: web.Request) -> web.Response:
+        msg = self.messages.get(request.match_info["message"])
+        if msg is None or msg["channel_id"] != request.match_info["channel"]:
+            return self._error(404, 10008, "Unknown Message")
+        if msg["author"]["id"] != self.bot_user["id"]:
+            return self._error(403, 50013, "Missing Permissions")
+        self.deleted_messages[msg["id"]] = self.messages.pop(msg["id"])
         await self._notify()
         return web.Response(status=204)
 
