@@ -152,13 +152,18 @@ def read_state(settings: Settings) -> dict[str, Any]:
 
 
 def apply_defaults(settings: Settings) -> Settings:
-    """Later ratings runs start from what bootstrap made: its pulled model as ``base_model`` and
-    its data set as ``base_dataset``, where settings leave them unset."""
+    """What settings leave unset, from what the operator's earlier commands made: the venv of
+    ``oogiri train setup`` (its default place) as ``xtuner_python``, bootstrap's pulled model as
+    ``base_model`` and its data set as ``base_dataset`` (later ratings runs mix it in)."""
     t = settings.training
-    if t.base_model is not None and t.base_dataset is not None:
+    update: dict[str, Any] = {}
+    if t.xtuner_python is None:
+        venv_python = Path(t.venv or settings.data_dir / "xtuner-venv") / "bin" / "python"
+        if venv_python.exists():
+            update["xtuner_python"] = venv_python
+    if t.base_model is not None and t.base_dataset is not None and not update:
         return settings
     steps = read_state(settings).get("steps", {})
-    update: dict[str, Any] = {}
     pulled = steps.get("pull", {}).get("path")
     if t.base_model is None and pulled and Path(pulled).is_dir():
         update["base_model"] = Path(pulled)
@@ -440,7 +445,7 @@ def _train_settings(
     settings: Settings, opts: BootstrapOptions, base: Path, built: oogiri_go.BuildResult
 ) -> Settings:
     """The run's settings: the pulled model as the base, the seed's epochs unless set."""
-    t = settings.training
+    t = apply_defaults(settings).training
     update: dict[str, Any] = {"base_model": base}
     if opts.epochs is not None:
         update["max_epochs"] = opts.epochs

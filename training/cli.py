@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -407,6 +406,7 @@ def setup_cmd(
     from training.environment import (
         VenvMissing,
         check_venv,
+        clean_env,
         download_steps,
         setup_steps,
         venv_python,
@@ -432,7 +432,9 @@ def setup_cmd(
                 step.action()
                 continue
             assert step.argv is not None
-            rc = subprocess.run(step.argv, env={**os.environ, **step.env}, check=False).returncode
+            # no PYTHONPATH: pip would count the bot's own packages as installed in the venv
+            env = {**clean_env(), **step.env}
+            rc = subprocess.run(step.argv, env=env, check=False).returncode
             if rc != 0:
                 console.print(f"[red]failed ({rc})[/red]: {step.description}")
                 raise typer.Exit(EXIT_FAILED)

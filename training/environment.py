@@ -107,9 +107,13 @@ if model and out.get("xtuner_internvl"):
     mdir = pathlib.Path(model)
     # InternVL's own model code (a real download has it; timm is imported by InternViT's)
     if (mdir / "modeling_internvl_chat.py").is_file():
-        try:
+        try:  # as XTuner loads it: the config class first (it brings its sibling files)
+            from transformers import AutoConfig
             from transformers.dynamic_module_utils import get_class_from_dynamic_module
-            get_class_from_dynamic_module("modeling_internvl_chat.InternVLChatModel", model)
+            cfg = AutoConfig.from_pretrained(model, trust_remote_code=True)
+            ref = getattr(cfg, "auto_map", {}).get("AutoModel",
+                                                   "modeling_internvl_chat.InternVLChatModel")
+            get_class_from_dynamic_module(ref, model)
             out["model_code"] = True
         except Exception as exc:
             out["model_code"] = False
@@ -118,6 +122,7 @@ if model and out.get("xtuner_internvl"):
         out["model_code"] = None
     # a one-sample data set, built and tokenised exactly as training will
     try:
+        import copy
         from PIL import Image
         from xtuner.dataset import InternVL_V1_5_Dataset
         from xtuner.utils import PROMPT_TEMPLATE
@@ -127,7 +132,8 @@ if model and out.get("xtuner_internvl"):
             {"from": "human", "value": "<image>\n" + __PROMPT__},
             {"from": "gpt", "value": "这只猫刚刚发现冰箱是空的。"}]}
         (tmp / "one.json").write_text(json.dumps([item], ensure_ascii=False), encoding="utf-8")
-        ds = InternVL_V1_5_Dataset(model_path=model, template=dict(PROMPT_TEMPLATE.internlm2_chat),
+        template = copy.deepcopy(PROMPT_TEMPLATE.internlm2_chat)  # XTuner edits it in place
+        ds = InternVL_V1_5_Dataset(model_path=model, template=template,
                                    data_paths=[str(tmp / "one.json")], image_folders=[str(tmp)],
                                    max_length=8192)
         sample = ds[0]
@@ -236,6 +242,13 @@ def _no_pythonpath() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for the venv's own commands: the caller's PYTHONPATH (the bot's packages,
+    on the device a ``--target`` folder) would make pip skip lock entries as "already installed"
+    and then be missing when the venv runs on its own (DeepSpeed lacked annotated_types)."""
+    return _no_pythonpath()
 
 
 def setup_steps(

@@ -7,7 +7,7 @@
 #
 #   here:   PY=.venv/bin/python bash scripts/device/bootstrap_prep.sh   (.whl_train/, ext/)
 #   device: run(command="bash scripts/device/bootstrap.sh", carry=[".whl_train", "ext"],
-#               timeout_s=290)
+#               timeout_s=290)        (STOP_AFTER=setup: the venv and its check only)
 #
 # What lands in $OUT: bootstrap.log (this output), setup.log + check.json (the venv and its
 # check), system-versions.json (lock entries taken from the machine), run/ (run.log, xtuner
@@ -61,6 +61,7 @@ SITE=$W/site
 timed bot-wheels "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl_train/bot/*.whl \
   2>&1 | grep -v '^WARNING' | tail -3
 export PYTHONPATH="$SITE:$ROOT" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 COLUMNS=160
+export OOGIRI_PLUGINS=training   # the web/chat plugins' dependencies are not carried
 "$PY" scripts/device/entry_points.py "$SITE"
 OOGIRI=("$PY" -m bot.cli)
 
@@ -112,6 +113,8 @@ json.dump(out, open(sys.argv[1], "w"), indent=1)
 print("versions seen by the training venv:", out)
 EOF
 [ "$SETUP_RC" -eq 0 ] || { echo "FATAL: oogiri train setup failed (rc $SETUP_RC)"; exit 8; }
+# STOP_AFTER=setup: only the environment and its check (a call of about two minutes)
+[ "${STOP_AFTER:-}" = setup ] && exit 0
 
 say "oogiri train bootstrap (1st: from nothing)"
 export OOGIRI_DATA_DIR=$W/data OOGIRI_PLUGINS=training OOGIRI_TRAINING__XTUNER_PYTHON=$XT/bin/python

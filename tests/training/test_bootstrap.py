@@ -417,3 +417,14 @@ def test_one_lock_file_for_setup_and_the_image() -> None:
     r = invoke("train", "setup", "--print", "--venv", "/v")
     for pin in PINS:
         assert pin in r.stdout
+
+
+def test_defaults_come_from_what_setup_and_bootstrap_made(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data")
+    assert apply_defaults(settings).training.xtuner_python is None  # nothing made yet
+    python = tmp_path / "data" / "xtuner-venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    assert apply_defaults(settings).training.xtuner_python == python
+    mine = Settings(_env_file=None, data_dir=tmp_path / "data", training={"xtuner_python": "/x"})
+    assert apply_defaults(mine).training.xtuner_python == Path("/x")  # settings win
