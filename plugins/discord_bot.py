@@ -30,7 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr
 
-from bot.models import ImageRejected, JokeRequest, OogiriError, message
+from bot.images import accepted_type
+from bot.models import (
+    ImageRejected,
+    JokeRequest,
+    NotFound,
+    OogiriError,
+    Rejected,
+    message,
+)
+from bot.moderation import moderation_for
+from bot.outbox import Outbox, OutboxItem, OutboxWorker, RetryLater, Undeliverable
 from oogiri import PluginSettings, hookimpl
 
 try:  # the `discord` extra
@@ -55,9 +65,8 @@ CONTEXT_MENU_NAME = "Joke about this image"
 #: custom_id of a vote button: ``oogiri:vote:<joke id>:<up|down>`` (at most 100 characters).
 VOTE_TEMPLATE = r"oogiri:vote:(?P<joke_id>[0-9]{1,19}):(?P<value>up|down)"
 VOTE_EMOJI = {"up": "👍", "down": "👎"}
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".avif"}
-)
+
+
 class DiscordSettings(PluginSettings):
     """``settings.discord`` (OOGIRI_DISCORD__…): the bot token, command sync, shards, outbox."""
 
@@ -107,6 +116,27 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "Something went wrong on my side; please try again.",
         "zh": "我这边出了点问题，请再试一次。",
     },
+    "refused": {
+        "en": "This bot is not available to you here.",
+        "zh": "这个机器人在这里不对你开放。",
+    },
+    "admins_only": {
+        "en": "Only the bot's admins may do that.",
+        "zh": "只有机器人的管理员可以这样做。",
+    },
+    "blocked": {"en": "Blocked {subject}.", "zh": "已屏蔽 {subject}。"},
+    "already_blocked": {"en": "{subject} was already blocked.", "zh": "{subject} 已经被屏蔽了。"},
+    "unblocked": {"en": "Unblocked {subject}.", "zh": "已解除屏蔽 {subject}。"},
+    "not_blocked": {"en": "{subject} was not blocked.", "zh": "{subject} 没有被屏蔽。"},
+    "no_such_joke": {"en": "There is no joke {joke_id}.", "zh": "没有编号为 {joke_id} 的笑话。"},
+    "joke_deleted": {
+        "en": "Joke {joke_id} removed; it will never be used for training.",
+        "zh": "笑话 {joke_id} 已删除，不会再用于训练。",
+    },
+    "joke_deleted_kept": {
+        "en": "Joke {joke_id} removed from training, but its message could not be deleted.",
+        "zh": "笑话 {joke_id} 已从训练数据中移除，但没能删除它的消息。",
+    },
     "help": {
         "en": (
             "**Joke bot — how to use me**\n"
@@ -154,11 +184,9 @@ def vote_custom_id(joke_id: int, value: str) -> str:
 
 
 def looks_like_image(content_type: str | None, filename: str | None) -> bool:
-    """Decide from the metadata alone (before downloading) whether an attachment is a picture."""
-    ctype = (content_type or "").split(";", 1)[0].strip().lower()
-    if ctype:
-        return ctype.startswith("image/")
-    return PurePath(filename or "").suffix.lower() in IMAGE_SUFFIXES
+    """Decide from the metadata alone (before downloading) whether an attachment is a picture
+    the core decodes: the core's one list of accepted types (``bot.images.accepted_type``)."""
+    return accepted_type(content_type, filename)
 
 
 def format_mb(limit: int) -> str:
@@ -229,6 +257,14 @@ class DiscordChannel:
         self._runner: asyncio.Task[None] | None = None
         self._http: Any = None
         self._saved_endpoints: tuple[str, Any] | None = None
+        #: sync the command list inside ``login`` (serve: ``sync_on_start``; the CLI: always)
+        sync = self.config.sync_on_start
+        self.sync_on_login: bool = bool(self.config.dev_guild_id) if sync is None else sync
+        self.sync_guild_id: int | None = self.config.dev_guild_id
+        self.synced: list[Any] | None = None
+        self.outbox: Outbox | None = None
+        self.worker: OutboxWorker | None = None
+        self._fresh: dict[int, bytes] = {}  # joke id → the picture, for the first send only
 
     # ------------------------------------------------------------------ limits
 
@@ -296,13 +332,47 @@ class DiscordChannel:
         except BaseException:
             await self.stop()
             raise
+        self.outbox = Outbox(
+            self.app.store,
+            CHANNEL,
+            lease_s=self.config.outbox_lease_s,
+            max_age_s=self.config.outbox_max_age_s,
+            metrics=self.app.metrics,
+        )
+        self.worker = OutboxWorker(self.outbox, self._deliver, poll_s=self.config.outbox_poll_s)
+        self.worker.start()
         log.info(
             "discord: connected as %s (application %s)",
             self.client.user,
             self.client.application_id,
         )
 
+    async def sync_commands(self, guild_id: int | None = None) -> list[Any]:
+        """Publish the command list (globally, or to one server) and disconnect: what
+        ``oogiri discord sync`` runs once per release instead of every replica at every start."""
+        _require_discord()
+        if self.config.token is None:
+            raise RuntimeError("the Discord channel needs a bot token: set OOGIRI_DISCORD__TOKEN")
+        self.sync_on_login = True
+        self.sync_guild_id = guild_id
+        self._apply_endpoints()
+        try:
+            self.client = self._make_client()
+            await asyncio.wait_for(
+                self.client.login(self.config.token.get_secret_value()),
+                timeout=self.connect_timeout_s,
+            )
+            return list(self.synced or [])
+        finally:
+            if self.client is not None:
+                await self.client.close()
+                self.client = None
+            self._restore_endpoints()
+
     async def stop(self) -> None:
+        worker, self.worker = self.worker, None
+        if worker is not None:  # what is still pending stays in the outbox for later
+            await worker.stop()
         client, self.client = self.client, None
         runner, self._runner = self._runner, None
         try:
@@ -403,11 +473,17 @@ class DiscordChannel:
             _, url, _ = await client.http.get_bot_gateway()
             DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url).with_query(None)
         client.add_dynamic_items(self.vote_item)
-        guild = discord.Object(id=self.config.dev_guild_id) if self.config.dev_guild_id else None
+        guild = discord.Object(id=self.sync_guild_id) if self.sync_guild_id else None
         self._add_commands(guild)
         await self.tree.set_translator(_make_translator())
+        if not self.sync_on_login:
+            # Discord keeps the command list; replicas need not (and should not) re-send it on
+            # every start. `oogiri discord sync` does it once per release.
+            log.info("discord: commands not synced at start (run `oogiri discord sync`)")
+            return
         try:
             synced = await self.tree.sync(guild=guild)
+            self.synced = list(synced)
         except discord.Forbidden:
             log.error(
                 "discord: not allowed to sync commands%s; invite the bot with the "
@@ -490,8 +566,95 @@ class DiscordChannel:
                 allowed_installs=installs,
             ),
         ]
+        commands.append(self._mod_group())
         for command in commands:
             self.tree.add_command(command, guild=guild, override=True)
+
+    def _mod_group(self) -> Any:
+        """``/mod block|unblock|delete``: admin-only (hidden from others by Discord through
+        ``default_permissions``, and checked again here: ``is_admin``)."""
+        channel = self
+        group = app_commands.Group(
+            name="mod",
+            description="Moderation (admins only)",
+            default_permissions=discord.Permissions(administrator=True),
+            allowed_contexts=app_commands.AppCommandContext(guild=True, dm_channel=True),
+            allowed_installs=app_commands.AppInstallationType(guild=True),
+        )
+
+        @group.command(name="block", description="Refuse this user's requests everywhere")
+        async def block(interaction: discord.Interaction, user: discord.User) -> None:
+            await channel.on_mod(interaction, "block", f"{CHANNEL}:user:{user.id}")
+
+        @group.command(name="unblock", description="Answer this user again")
+        async def unblock(interaction: discord.Interaction, user: discord.User) -> None:
+            await channel.on_mod(interaction, "unblock", f"{CHANNEL}:user:{user.id}")
+
+        @group.command(name="delete", description="Delete a joke and keep it out of training")
+        @app_commands.describe(joke="The joke's id (the number in its vote buttons)")
+        async def delete(
+            interaction: discord.Interaction, joke: app_commands.Range[int, 1, 2**62]
+        ) -> None:
+            await channel.on_mod_delete(interaction, joke)
+
+        return group
+
+    def is_admin(self, interaction: Any) -> bool:
+        """An admin: listed in ``discord.admin_ids``, or an administrator of this server."""
+        if interaction.user.id in self.config.admin_ids:
+            return True
+        permissions = getattr(interaction, "permissions", None)
+        return bool(interaction.guild_id and permissions and permissions.administrator)
+
+    async def on_mod(self, interaction: Any, action: str, subject: str) -> None:
+        lang = language_of(interaction)
+        if not self.is_admin(interaction):
+            await interaction.response.send_message(text("admins_only", lang), ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        moderation = moderation_for(self.app)
+        by = f"{CHANNEL}:user:{interaction.user.id}"
+        try:
+            if action == "block":
+                done = await moderation.block(subject, by=by)
+                key = "blocked" if done else "already_blocked"
+            else:
+                done = await moderation.unblock(subject)
+                key = "unblocked" if done else "not_blocked"
+            reply = text(key, lang, subject=subject)
+        except ValueError as exc:
+            reply = str(exc)
+        except OogiriError as exc:
+            reply = exc.user_message(lang)
+        await interaction.followup.send(reply, ephemeral=True)
+
+    async def on_mod_delete(self, interaction: Any, joke_id: int) -> None:
+        lang = language_of(interaction)
+        if not self.is_admin(interaction):
+            await interaction.response.send_message(text("admins_only", lang), ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        by = f"{CHANNEL}:user:{interaction.user.id}"
+        try:
+            await moderation_for(self.app).remove_joke(joke_id, by=by)
+            sent = await self.outbox.delivered_result(joke_id) if self.outbox else None
+        except NotFound:
+            await interaction.followup.send(
+                text("no_such_joke", lang, joke_id=joke_id), ephemeral=True
+            )
+            return
+        except OogiriError as exc:
+            await interaction.followup.send(exc.user_message(lang), ephemeral=True)
+            return
+        deleted = False
+        if sent and sent.get("channel_id") and sent.get("message_id"):
+            try:
+                await self.client.http.delete_message(sent["channel_id"], sent["message_id"])
+                deleted = True
+            except discord.HTTPException as exc:  # no right to delete there, or already gone
+                log.warning("discord: could not delete joke %s's message: %s", joke_id, exc)
+        key = "joke_deleted" if deleted else "joke_deleted_kept"
+        await interaction.followup.send(text(key, lang, joke_id=joke_id), ephemeral=True)
 
     async def on_joke_command(self, interaction: Any, image: Any, hint: str | None = None) -> None:
         lang = language_of(interaction)
@@ -510,9 +673,14 @@ class DiscordChannel:
 
     async def on_joke_context_menu(self, interaction: Any, target: Any) -> None:
         lang = language_of(interaction)
-        source = find_image(target)
+        source, too_large = find_image(target, self.max_bytes)
         if source is None:
-            await interaction.response.send_message(text("no_image", lang), ephemeral=True)
+            reason = (
+                message("too_large", lang, limit_mb=format_mb(self.max_bytes))
+                if too_large
+                else text("no_image", lang)
+            )
+            await interaction.response.send_message(reason, ephemeral=True)
             return
         problem = self._precheck(source, lang)
         if problem is not None:
@@ -549,24 +717,50 @@ class DiscordChannel:
         reupload: bool,
         footer: str | None = None,
     ) -> None:
+        """Defer, admit (limits, moderation: before the download), download, tell; the joke's
+        follow-up is stored with the joke (the outbox) and sent at once, or later if that fails."""
         await interaction.response.defer(thinking=True)
+        request = JokeRequest(
+            image_bytes=b"",
+            channel=CHANNEL,
+            user_id=str(interaction.user.id),
+            chat_id=str(interaction.channel_id) if interaction.channel_id else None,
+            hint=hint,
+            language=lang,
+            filename=source.filename,
+            content_type=source.content_type,
+            meta={
+                "guild_id": interaction.guild_id,
+                "interaction_id": interaction.id,
+                "command": interaction.command.name if interaction.command else None,
+            },
+        )
         try:
-            data = await self.download(source.url)
-            request = JokeRequest(
-                image_bytes=data,
-                channel=CHANNEL,
-                user_id=str(interaction.user.id),
-                chat_id=str(interaction.channel_id) if interaction.channel_id else None,
-                hint=hint,
-                language=lang,
-                filename=source.filename,
-                content_type=source.content_type,
-                meta={
-                    "guild_id": interaction.guild_id,
-                    "interaction_id": interaction.id,
-                    "command": interaction.command.name if interaction.command else None,
-                },
+            await self.service.admit(request)
+        except Rejected as exc:
+            refused = exc.key in ("blocked", "not_allowed")
+            await self._fail(
+                interaction, text("refused", lang) if refused else exc.user_message(lang)
             )
+            return
+        except OogiriError as exc:
+            await self._fail(interaction, exc.user_message(lang))
+            return
+        try:
+            request.image_bytes = data = await self.download(source.url)
+            if self.outbox is not None:
+                request.delivery = self.outbox.delivery(
+                    f"discord:{interaction.id}",  # follow-ups answer their own interaction
+                    {
+                        "application_id": str(interaction.application_id),
+                        "token": interaction.token,
+                        "channel_id": str(interaction.channel_id or ""),
+                        "hint": hint,
+                        "footer": footer,
+                        "filename": source.filename if reupload else None,
+                        "spoiler": source.spoiler,
+                    },
+                )
             joke = await self.service.tell(request)
         except OogiriError as exc:
             await self._fail(interaction, exc.user_message(lang))
@@ -575,26 +769,68 @@ class DiscordChannel:
             log.warning("discord: could not fetch %s", source.url, exc_info=True)
             await self._fail(interaction, text("download_failed", lang))
             return
+        if self.outbox is None or self.worker is None:  # stopping: nothing else can send it
+            return
+        if reupload and len(data) <= REUPLOAD_MAX_BYTES:
+            self._fresh[joke.id] = data
+        try:
+            item = await self.outbox.for_joke(joke.id)
+            if item is not None:
+                await self.worker.send_now(item)
+        except OogiriError:
+            log.warning("discord: joke %s stored, its follow-up left to the outbox", joke.id)
+        finally:
+            self._fresh.pop(joke.id, None)
 
+    async def _deliver(self, item: OutboxItem) -> dict[str, Any] | None:
+        """Send one stored follow-up (the outbox's callback): the joke with its vote buttons."""
+        payload = item.payload
+        if item.joke_id is None or self.client is None:
+            raise RetryLater("the discord channel is not running", 1.0)
+        try:
+            joke = await self.service.get_joke(item.joke_id)
+        except NotFound:
+            raise Undeliverable(f"joke {item.joke_id} no longer exists") from None
+        if item.joke_id in await moderation_for(self.app).removed_jokes_cached():
+            raise Undeliverable(f"joke {item.joke_id} was removed by an admin")
         lines = [joke.text]
-        if hint:
-            lines.append(f"-# 💡 {discord.utils.escape_markdown(hint)}")
-        if footer:
-            lines.append(footer)
+        if payload.get("hint"):
+            lines.append(f"-# 💡 {discord.utils.escape_markdown(payload['hint'])}")
+        if payload.get("footer"):
+            lines.append(payload["footer"])
         content = "\n".join(lines)
         if len(content) > MAX_CONTENT_CHARS:
             content = content[: MAX_CONTENT_CHARS - 1] + "…"
         files = []
-        if reupload and len(data) <= REUPLOAD_MAX_BYTES:
-            name = PurePath(source.filename or "image").name or "image"
-            files.append(discord.File(io.BytesIO(data), filename=name, spoiler=source.spoiler))
-        await interaction.followup.send(
-            content=content,
-            files=files,
-            view=self.vote_view(joke.id, joke.up, joke.down),
-            allowed_mentions=discord.AllowedMentions.none(),
-            wait=True,
+        if payload.get("filename"):
+            data = self._fresh.get(joke.id)
+            name = PurePath(payload["filename"] or "image").name or "image"
+            if data is None:  # a later attempt: the stored (normalised) picture
+                data = await asyncio.to_thread(self.app.store.read_image, joke.image_sha256)
+                name = PurePath(name).stem + ".jpg"
+            if len(data) <= REUPLOAD_MAX_BYTES:
+                spoiler = bool(payload.get("spoiler"))
+                files.append(discord.File(io.BytesIO(data), filename=name, spoiler=spoiler))
+        webhook = discord.Webhook.partial(
+            int(payload["application_id"]), payload["token"], client=self.client
         )
+        try:
+            sent = await webhook.send(
+                content=content,
+                files=files,
+                view=self.vote_view(joke.id, joke.up, joke.down),
+                allowed_mentions=discord.AllowedMentions.none(),
+                wait=True,
+            )
+        except (discord.NotFound, discord.Forbidden) as exc:  # the token expired (15 min)
+            raise Undeliverable(f"{type(exc).__name__}: {exc}") from None
+        except discord.HTTPException as exc:
+            if exc.status >= 500 or exc.status == 429:
+                raise RetryLater(f"HTTP {exc.status}: {exc}") from None
+            raise Undeliverable(f"HTTP {exc.status}: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RetryLater(f"{type(exc).__name__}: {exc}") from None
+        return {"channel_id": str(sent.channel.id), "message_id": str(sent.id)}
 
     async def _fail(self, interaction: Any, reason: str) -> None:
         """Replace the public "thinking…" message with an ephemeral explanation."""
@@ -639,7 +875,10 @@ class DiscordChannel:
         return view
 
     async def on_vote(self, interaction: Any, joke_id: int, value: str) -> None:
+        """Acknowledge first (a deferred update, well inside Discord's 3 s), then write the vote,
+        then edit the buttons — only when the counts changed."""
         lang = language_of(interaction)
+        await interaction.response.defer()
         try:
             rating = await self.service.rate(
                 joke_id,
@@ -649,15 +888,20 @@ class DiscordChannel:
                 chat_id=str(interaction.channel_id) if interaction.channel_id else None,
             )
         except OogiriError as exc:
-            await interaction.response.send_message(exc.user_message(lang), ephemeral=True)
+            await interaction.followup.send(exc.user_message(lang), ephemeral=True)
             return
         except Exception:
             log.exception("discord: could not record a vote on joke %s", joke_id)
-            await interaction.response.send_message(text("failed", lang), ephemeral=True)
+            await interaction.followup.send(text("failed", lang), ephemeral=True)
             return
-        await interaction.response.edit_message(
-            view=self.vote_view(joke_id, rating.up, rating.down)
-        )
+        if rating.previous == rating.value:
+            return  # the same vote again: nothing to show
+        try:
+            await interaction.edit_original_response(
+                view=self.vote_view(joke_id, rating.up, rating.down)
+            )
+        except discord.HTTPException as exc:  # the vote is stored; stale counts are cosmetic
+            log.warning("discord: could not update the counts of joke %s: %s", joke_id, exc)
 
     def _make_vote_item(self) -> type:
         channel = self
@@ -696,17 +940,27 @@ class DiscordChannel:
         return VoteButton
 
 
-def find_image(target: Any) -> _Source | None:
-    """The first picture of a message: an image attachment, else an embed's image or thumbnail."""
+def find_image(target: Any, max_bytes: int | None = None) -> tuple[_Source | None, bool]:
+    """``(picture, too_large)``: the first attachment of an accepted type that fits
+    ``max_bytes``, else an embed's image or thumbnail; ``too_large`` when only oversized
+    pictures were attached."""
+    too_large = False
     for attachment in target.attachments:
-        if looks_like_image(attachment.content_type, attachment.filename):
-            return _Source(
+        if not looks_like_image(attachment.content_type, attachment.filename):
+            continue
+        if max_bytes is not None and attachment.size and attachment.size > max_bytes:
+            too_large = True
+            continue
+        return (
+            _Source(
                 url=attachment.url,
                 filename=attachment.filename,
                 content_type=attachment.content_type,
                 size=attachment.size,
                 spoiler=attachment.is_spoiler(),
-            )
+            ),
+            False,
+        )
     for embed in target.embeds:
         for media in (embed.image, embed.thumbnail):
             # Discord's media proxy first: it fetched the picture already and serves it publicly;
@@ -718,8 +972,11 @@ def find_image(target: Any) -> _Source | None:
                     continue
             if url.startswith(("https://", "http://")):
                 name = PurePath(yarl.URL(url).path).name or None
-                return _Source(url=url, filename=name, content_type=None, size=None, embedded=True)
-    return None
+                embedded = _Source(
+                    url=url, filename=name, content_type=None, size=None, embedded=True
+                )
+                return embedded, False
+    return None, too_large
 
 
 def _make_translator() -> Any:
@@ -740,3 +997,42 @@ def oogiri_register_settings(register: Callable[..., None]) -> None:
 @hookimpl
 def oogiri_register_channels(register: Callable[..., None], settings: Any) -> None:
     register(CHANNEL, DiscordChannel)
+
+
+class _SettingsOnly:
+    """What ``DiscordChannel`` needs of an app to sync commands: the settings."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+
+@hookimpl
+def oogiri_register_commands(cli: Any) -> None:
+    import typer
+
+    group = typer.Typer(
+        help="Discord: publish the slash commands (once per release, not per replica).",
+        no_args_is_help=True,
+    )
+
+    @group.command("sync")
+    def sync(
+        guild: int | None = typer.Option(
+            None, "--guild", help="this server only (shows at once; for testing)"
+        ),
+    ) -> None:
+        """Send the bot's command list to Discord (global lists can take a while to show)."""
+        from bot.settings import Settings
+
+        settings = Settings()
+        channel = DiscordChannel(_SettingsOnly(settings))  # type: ignore[arg-type]
+        try:
+            synced = asyncio.run(channel.sync_commands(guild))
+        except RuntimeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        names = ", ".join(sorted(c.name for c in synced))
+        where = f"to server {guild}" if guild else "globally"
+        typer.echo(f"synced {len(synced)} commands {where}: {names}")
+
+    cli.add_typer(group, name="discord")

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from fastapi import Request, Response
 from pydantic import Field, SecretStr
 
+from bot.images import accepted_type
 from bot.logs import RedactingFilter
 from bot.models import JokeRequest, NotFound, OogiriError, RateLimited, Rejected
 from bot.models import message as core_message
@@ -89,7 +90,6 @@ SHOWN_MAX = 50_000  # vote keyboards whose shown counts are remembered (no-op ed
 MAX_WEBHOOK_BODY = 1 << 20
 VOTE_RE = re.compile(r"v:([1-9][0-9]{0,17}):([+-]1)")
 SECRET_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SENSITIVE_LOGGERS = ("httpx", "httpcore")  # they print request URLs, which hold the token
 
 
@@ -257,15 +257,13 @@ def find_picture(message: Message, limit: int) -> tuple[Picture | None, bool]:
         return Picture(sticker.file_id, sticker.file_size, "sticker.webp", "image/webp"), False
     if message.animation:  # GIFs arrive as MP4 animations (with ``document`` set too)
         anim = message.animation
-        if (anim.mime_type or "").lower().startswith("image/"):
+        if accepted_type(anim.mime_type, None):
             return Picture(anim.file_id, anim.file_size, anim.file_name, anim.mime_type), False
         return None, True
     if message.document:
         doc = message.document
-        mime = (doc.mime_type or "").lower()
-        name = (doc.file_name or "").lower()
-        untyped = mime in ("", "application/octet-stream")
-        if mime.startswith("image/") or (untyped and name.endswith(IMAGE_SUFFIXES)):
+        # the core's list of accepted types: an image/heic file is refused here, before a download
+        if accepted_type(doc.mime_type, doc.file_name):
             return Picture(doc.file_id, doc.file_size, doc.file_name, doc.mime_type), False
         return None, True
     if (
