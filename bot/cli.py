@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from bot.logs import configure_logging
 from bot.plugins import describe, make_manager
@@ -126,12 +126,17 @@ def serve(
     logging.getLogger("alembic").setLevel(logging.WARNING)  # 7 lines of "context impl" noise
 
     async def main() -> None:
+        from bot.cli_joke import write_serve_marker
+
         with spinner() as progress:
             progress.add_task(f"loading engine {settings.engine.name!r} …", total=None)
             app = await App.create(settings)
+        marker = write_serve_marker(settings)  # `oogiri joke` finds this serve without probing
         try:
             await app.serve_forever()
         finally:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
             await app.close()
 
     run(main())
@@ -168,15 +173,23 @@ def joke(
 
     from bot import cli_joke as cj
 
-    # The operator at the terminal is not a flood: no per-user limit for this channel.
-    settings = Settings()
-    settings.limits.per_user_per_minute = 0
-    quiet_logs(settings, verbose)
-    lang = cj.cli_language(settings)
     if server and local:
         console.print("[red]error:[/red] --server and --local exclude each other")
         raise typer.Exit(code=2)
+    # The core's settings (no plugin imported) serve the checks and a running serve; the full
+    # settings are built only to find a serve at the web address or to load the model here.
+    core = cj.core_settings()
+    settings = core or Settings()
+    quiet_logs(settings, verbose)
 
+    def full_settings() -> Settings:
+        if settings is not core:
+            return settings
+        complete = Settings()
+        quiet_logs(complete, verbose)  # every plugin's secrets redacted too
+        return complete
+
+    lang = cj.cli_language(settings)
     checked = cj.validate(images, settings, lang)
     failures = 0
     demo = False
@@ -198,8 +211,15 @@ def joke(
             emit(item.failure)
         raise typer.Exit(code=1)
 
-    url = server or (None if local else cj.local_server_url(settings))
-    if url is not None and (server or cj.serve_answers(url)):
+    url = server
+    if url is None and not local:
+        url = cj.marked_server(settings.data_dir)
+        if url is None or not cj.serve_answers(url):
+            settings = full_settings()  # the web address is a plugin's setting
+            url = cj.local_server_url(settings)
+            if not cj.serve_answers(url):
+                url = None
+    if url is not None:
         remote = cj.RemoteJokes(url, lang, on_wait=cj.stderr)
         try:
             remote.connect()
@@ -214,6 +234,9 @@ def joke(
         finally:
             remote.close()
     else:
+        settings = full_settings()
+        # The operator at the terminal is not a flood: no per-user limit for this channel.
+        settings.limits.per_user_per_minute = 0
 
         @contextmanager
         def loading(description: str) -> Iterator[None]:
@@ -292,91 +315,6 @@ def db_upgrade(revision: str = "heads") -> None:
 
     run(main())
     console.print(f"database at revision {revision}")
-
-
-@dev.command("make-tiny-model")
-def make_tiny_model_cmd(
-    out_dir: Path,
-    layout: Annotated[
-        str, typer.Option(help="hf (transformers-native) or internvl2 (XTuner/LMDeploy layout)")
-    ] = "hf",
-    size: Annotated[
-        str, typer.Option(help="tiny, or full (InternVL2-2B shapes; internvl2)")
-    ] = "tiny",
-    device: Annotated[str, typer.Option(help="where to build the weights (cuda for full)")] = "cpu",
-    seed: int = 0,
-    tokenizer: Annotated[
-        str, typer.Option(help="fast, or sentencepiece (a real download's files; internvl2)")
-    ] = "fast",
-) -> None:
-    """Build a randomly initialised InternVL model (no downloads; tiny in seconds)."""
-    from bot.tinymodel import make_tiny_model
-
-    try:
-        with spinner() as progress:
-            progress.add_task(f"building {size} {layout} model …", total=None)
-            path = make_tiny_model(
-                out_dir, seed=seed, layout=layout, size=size, device=device, tokenizer=tokenizer
-            )
-    except (ValueError, RuntimeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=2) from None
-    console.print(f"model written to {path}")
-
-
-@dev.command("convert-internvl2")
-def convert_internvl2_cmd(
-    src: Annotated[
-        Path,
-        typer.Argument(help="InternVL2 folder (InternVLChatModel)", exists=True, file_okay=False),
-    ],
-    dst: Annotated[Path, typer.Argument(help="where to write the converted folder")],
-    force: Annotated[bool, typer.Option(help="replace DST if it exists")] = False,
-    chat_template: Annotated[
-        Path | None,
-        typer.Option(help="LMDeploy-style JSON template (default: the bot's InternVL2 template)"),
-    ] = None,
-    shard_mb: Annotated[
-        int, typer.Option(help="output shard size (memory use ≈ one shard)")
-    ] = 1024,
-) -> None:
-    """Convert an InternVL2 folder (e.g. InternVL2-2B) to transformers' native InternVL layout.
-
-    transformers 5 cannot run InternVL2's remote code; the converted folder runs on the
-    transformers engine (OOGIRI_ENGINE__MODEL=DST) without it.
-    """
-    from rich.progress import DownloadColumn, TimeRemainingColumn
-
-    from bot.convert_internvl2 import ConversionError, convert_internvl2
-
-    try:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("reading", total=None)
-
-            def advance(done: int, total: int, what: str) -> None:
-                name = what if len(what) <= 40 else "…" + what[-39:]
-                progress.update(task, completed=done, total=total, description=name)
-
-            path = convert_internvl2(
-                src,
-                dst,
-                chat_template=chat_template,
-                shard_bytes=max(1, shard_mb) << 20,
-                progress=advance,
-                overwrite=force,
-            )
-            progress.update(task, description="done")
-    except ConversionError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=2) from None
-    console.print(f"converted {src} → {path}; run it with OOGIRI_ENGINE__MODEL={path}")
 
 
 def build_cli() -> typer.Typer:

@@ -108,12 +108,13 @@ class Checked:
 
 def validate(paths: list[Path], settings: Settings, lang: str) -> list[Checked]:
     """Read and validate every image up front (cheap; the model is not loaded yet)."""
-    from bot.images import load
+    from bot.images import load, read_limited
 
     checked: list[Checked] = []
     for path in paths:
         try:
-            data = path.read_bytes()
+            # At most the limit + 1 byte: `oogiri joke /dev/zero` is refused, not read forever.
+            data = read_limited(path, settings.images.max_bytes)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             fail = Outcome(path, error="unreadable", message=text("unreadable", lang, error=reason))
@@ -130,6 +131,48 @@ def validate(paths: list[Path], settings: Settings, lang: str) -> list[Checked]:
 
 
 # --------------------------------------------------------------------------- a running serve
+
+#: Written by `oogiri serve` into its data dir while it runs: where its web channel answers.
+SERVE_MARKER = Path("run") / "serve.json"
+
+
+class CoreSettings(Settings):
+    """The core's settings alone. ``Settings()`` imports every installed plugin to learn its
+    section (≈ 1 s of CPU: web, Telegram, Discord …); a joke asked of a running serve needs only
+    the core's data_dir, images limits and language."""
+
+
+def core_settings() -> Settings | None:
+    """The core-only settings, or None where they cannot be had (e.g. --strict refusing the
+    plugin keys they do not know): then the caller builds the full ``Settings()``."""
+    try:
+        return CoreSettings()
+    except Exception:
+        return None
+
+
+def write_serve_marker(settings: Settings) -> Path | None:
+    """Tell later `oogiri joke` calls on this data dir where this serve's web channel answers."""
+    if "web" not in settings.channels:
+        return None
+    path = settings.data_dir / SERVE_MARKER
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"url": local_server_url(settings), "pid": os.getpid()}
+        path.write_text(json.dumps(doc), encoding="utf-8")
+    except OSError as exc:  # a read-only data dir costs only the shortcut
+        log.debug("could not write %s: %s", path, exc)
+        return None
+    return path
+
+
+def marked_server(data_dir: Path) -> str | None:
+    """The web address a serve on this data dir wrote, if any (it may be stale: probe it)."""
+    try:
+        url = json.loads((data_dir / SERVE_MARKER).read_text(encoding="utf-8"))["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
 
 
 def local_server_url(settings: Settings) -> str:

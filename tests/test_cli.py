@@ -160,6 +160,19 @@ def test_joke_asks_the_running_serve_instead_of_loading_a_model(
     assert f"asking the oogiri serve at {serve.url}" in plain.stderr
 
 
+def test_joke_finds_the_serve_of_its_data_dir(tmp_path: Path, sample_dir: Path) -> None:
+    """A serve leaves its address in its data dir while it runs: `oogiri joke` on that data dir
+    asks it even where the web address in the settings differs (run() picks another port)."""
+    bot = BotProcess(tmp_path / "data")
+    marker = bot.data_dir / "run" / "serve.json"
+    with running(bot, cli=True):
+        assert json.loads(marker.read_text())["url"] == bot.url
+        result = run(["joke", "--json", str(sample_dir / "chelsea.png")], bot.data_dir)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["server"] == bot.url
+    assert not marker.exists()  # a stopped serve is not advertised
+
+
 def test_joke_server_option_and_a_server_that_is_down(
     serve: BotProcess, tmp_path: Path, sample_dir: Path
 ) -> None:
