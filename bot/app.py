@@ -64,7 +64,7 @@ class App:
     ) -> App:
         settings = settings or Settings()
         pm = pm or make_manager(settings.plugins, extra=plugins)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private when new
         store = Store(settings.database_url, settings.images_dir, echo=settings.store.echo)
         log.info("store: %s", mask_url(settings.database_url))
         await store.upgrade()

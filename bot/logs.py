@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, SecretStr
 
-from bot.settings import Settings
+from bot.settings import Settings, mask_url_credentials
 
 # Telegram bot tokens and bearer keys look like this even when they are not in settings.
 TOKEN_PATTERNS = (
@@ -40,7 +40,7 @@ class RedactingFilter(logging.Filter):
             text = text.replace(secret, "**********")
         for pattern in TOKEN_PATTERNS:
             text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "**********", text)
-        return text
+        return mask_url_credentials(text) if "://" in text else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

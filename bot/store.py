@@ -352,10 +352,11 @@ class Store:
 
     async def upgrade(self, revision: str = "heads") -> None:
         """Bring the schema to ``revision`` with Alembic (creates the SQLite folder if needed)."""
+        new_file: Path | None = None
         if self.is_sqlite:
             db_path = self.url.split("///", 1)[-1]
             if db_path and db_path != ":memory:":
-                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+                new_file = _prepare_sqlite_file(Path(db_path))
         from bot.migrations import run_upgrade
 
         async with self.engine.begin() as conn:
@@ -364,6 +365,8 @@ class Store:
                 # the transaction-scoped lock is released at commit.
                 await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
             await conn.run_sync(run_upgrade, revision)
+        if new_file is not None and new_file.exists():
+            new_file.chmod(0o600)  # SQLite gives its -wal/-shm files the same mode
 
     async def ping(self) -> None:
         """Raise unless the database answers (``StoreUnavailable`` when it is down)."""
@@ -993,9 +996,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _prepare_sqlite_file(path: Path) -> Path | None:
+    """Create the database's folder 0700; the file itself when it is new (to make it 0600).
+
+    Private by default: jokes, hints and user ids are nobody else's business."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return None if path.exists() else path
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write then rename, so a crash or a full disk never leaves half an image behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write then rename, so a crash or a full disk never leaves half an image behind.
+
+    Folders are created 0700 and ``mkstemp`` files are 0600: uploads stay private."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -103,8 +103,9 @@ async def test_upload_vote_and_change_vote(
     result = page.locator("#result")
     await expect(result).to_be_visible()
     await expect(page.locator("#model-version")).to_have_text("instant-0")
-    joke_id = int(await result.get_attribute("data-joke-id"))
-    joke = await app.service.get_joke(joke_id)
+    public_id = await result.get_attribute("data-joke-id")
+    joke = await app.service.get_joke_by_public_id(public_id)
+    joke_id = joke.id
     await expect(page.locator("#joke-text")).to_have_text(joke.text)
 
     await page.click("#vote-up")

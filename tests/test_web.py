@@ -100,6 +100,11 @@ async def upload(
     )
 
 
+async def internal_id(app: App, public_id: str) -> int:
+    """The store's sequential id behind a joke's public id."""
+    return (await app.service.get_joke_by_public_id(public_id)).id
+
+
 def tamper(cookie: str) -> str:
     """Change one character well inside the signature (the last one may be only padding bits)."""
     i = len(cookie) - 8
@@ -113,7 +118,7 @@ def use_cookie(client: httpx.AsyncClient, value: str) -> None:
 
 
 async def vote(
-    client: httpx.AsyncClient, joke_id: int, value: Any, token: str | None, **headers: str
+    client: httpx.AsyncClient, joke_id: str, value: Any, token: str | None, **headers: str
 ) -> httpx.Response:
     h = {"Origin": BASE, **headers}
     if token is not None:
@@ -131,11 +136,14 @@ async def test_upload_returns_a_joke(make_app: AppFactory, chelsea: bytes) -> No
         r = await upload(client, chelsea, data={"hint": "Monday"}, headers={"Origin": BASE})
     assert r.status_code == 201, r.text
     body = r.json()
-    assert set(body) == {"id", "text", "model_version", "up", "down"}
+    assert set(body) == {"id", "text", "model_version", "up", "down", "demo"}
+    assert body["demo"] is False
+    # The public id is random, not the sequential one (jokes cannot be enumerated).
+    assert re.fullmatch(r"[A-Za-z0-9_-]{16}", body["id"])
     assert body["model_version"] == "instant-0"
     assert body["text"] and (body["up"], body["down"]) == (0, 0)
     assert r.headers["location"] == f"/api/jokes/{body['id']}"
-    stored = await app.service.get_joke(body["id"])
+    stored = await app.service.get_joke_by_public_id(body["id"])
     assert stored.channel == "web" and stored.user_id.startswith("web:")
     assert stored.text == body["text"]
     assert "Monday" in stored.prompt
@@ -346,7 +354,7 @@ async def test_rate_and_change_the_vote(make_app: AppFactory, chelsea: bytes) ->
         assert again.json()["down"] == 1
         got = (await client.get(f"/api/jokes/{joke['id']}")).json()
         assert (got["up"], got["down"]) == (0, 1)
-    ratings = await app.store.ratings_for(joke["id"])
+    ratings = await app.store.ratings_for(await internal_id(app, joke["id"]))
     assert len(ratings) == 1
     user, value = ratings[0]
     assert value == -1 and user.startswith("web:")
@@ -363,7 +371,8 @@ async def test_two_visitors_vote_separately(make_app: AppFactory, chelsea: bytes
         assert (r.json()["up"], r.json()["down"]) == (2, 0)
         # Bob cannot use Alice's token.
         assert (await vote(bob, joke["id"], -1, a_token)).status_code == 403
-    assert sorted(v for _, v in await app.store.ratings_for(joke["id"])) == [1, 1]
+    ratings = await app.store.ratings_for(await internal_id(app, joke["id"]))
+    assert sorted(v for _, v in ratings) == [1, 1]
 
 
 async def test_bad_votes(make_app: AppFactory, chelsea: bytes) -> None:
@@ -382,7 +391,7 @@ async def test_bad_votes(make_app: AppFactory, chelsea: bytes) -> None:
         )
         assert r.status_code == 400
         assert (await vote(client, 424242, 1, token)).status_code == 404
-    assert await app.store.ratings_for(joke["id"]) == []
+    assert await app.store.ratings_for(await internal_id(app, joke["id"])) == []
 
 
 async def test_cross_site_form_post_is_refused(make_app: AppFactory, chelsea: bytes) -> None:
@@ -422,7 +431,7 @@ async def test_cross_site_form_post_is_refused(make_app: AppFactory, chelsea: by
         # A cross-site upload is refused too.
         up = await upload(client, chelsea, headers={"Origin": "https://evil.example"})
         assert up.status_code == 403
-    assert len(await app.store.ratings_for(joke["id"])) == 1
+    assert len(await app.store.ratings_for(await internal_id(app, joke["id"]))) == 1
 
 
 async def test_cookie_tampering_gives_a_new_identity(make_app: AppFactory, chelsea: bytes):
@@ -431,7 +440,7 @@ async def test_cookie_tampering_gives_a_new_identity(make_app: AppFactory, chels
         token = await csrf_of(client)
         first = (await upload(client, chelsea)).json()
         original = client.cookies[USER_COOKIE]
-        owner = (await app.service.get_joke(first["id"])).user_id
+        owner = (await app.service.get_joke_by_public_id(first["id"])).user_id
 
         # Claim another user id with the old signature; flip a bit of the signature; nonsense.
         _, _, signature = original.rpartition(".")
@@ -448,12 +457,12 @@ async def test_cookie_tampering_gives_a_new_identity(make_app: AppFactory, chels
         new_cookie = second.cookies[USER_COOKIE]
         assert new_cookie != original
         use_cookie(client, new_cookie)
-        new_owner = (await app.service.get_joke(second.json()["id"])).user_id
+        new_owner = (await app.service.get_joke_by_public_id(second.json()["id"])).user_id
         assert new_owner != owner and new_owner.startswith("web:")
         # The new identity works with the token handed back.
         v = await vote(client, second.json()["id"], 1, second.headers[CSRF_HEADER])
         assert v.status_code == 200
-    assert await app.store.ratings_for(first["id"]) == []
+    assert await app.store.ratings_for(await internal_id(app, first["id"])) == []
 
 
 async def test_cookie_flags(make_app: AppFactory) -> None:

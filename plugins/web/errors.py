@@ -16,7 +16,7 @@ from bot.models import (
     Rejected,
     StoreUnavailable,
 )
-from plugins.web.texts import web_message
+from plugins.web.texts import WEB_MESSAGES, web_message
 
 
 class TooLarge(Exception):
@@ -38,7 +38,9 @@ def error_response(
 
 def oogiri_error_response(exc: OogiriError, lang: str) -> JSONResponse:
     headers: dict[str, str] = {}
-    text = exc.user_message(lang)
+    # The channel's own keys (e.g. per-network limits) have their texts here, not in the core.
+    text = web_message(exc.key, lang, **exc.params) if exc.key in WEB_MESSAGES else None
+    text = text or exc.user_message(lang)
     if isinstance(exc, ImageRejected):
         status = 413 if exc.key == "too_large" else 400
     elif isinstance(exc, RateLimited):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
-from bot.models import message
+from bot.models import RateLimited, message
 from plugins.web.errors import limit_mb
 from plugins.web.texts import PAGE_TEXTS, request_language, web_message
 
@@ -157,7 +157,16 @@ def add_page_routes(api: FastAPI, app: App, state: WebState) -> None:
         # escaping "<" keeps "</script>" out of it.
         trusted = {"i18n": json.dumps(i18n, ensure_ascii=False).replace("<", "\\u003c")}
         page = state.index.render(values, trusted)
-        return identities.remember(HTMLResponse(page), who, settings.web.secure_cookies)
+        response = HTMLResponse(page)
+        if who.is_new:
+            try:
+                await state.guard.new_session(state.guard.network(request))
+            except RateLimited:
+                # The page still shows (monitors, crawlers); no identity is minted for it, so
+                # an upload from it meets the same limit with its message.
+                response.headers["Cache-Control"] = "no-store"
+                return response
+        return identities.remember(response, who, settings.web.secure_cookies)
 
     @api.get("/stats", response_class=HTMLResponse)
     async def stats_page(request: Request) -> Response:

@@ -10,7 +10,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import uvicorn
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp
 
+from plugins.web.protocol import guarded_protocol
 from plugins.web.routes import create_api
 
 if TYPE_CHECKING:
@@ -19,6 +22,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHANNEL = "web"
+
+
+def default_allowed_hosts(bind_host: str) -> list[str]:
+    """The bind address and localhost; a wildcard bind cannot know its public names."""
+    if bind_host in ("", "0.0.0.0", "::"):
+        return ["*"]
+    host = bind_host.lower()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return sorted({host, "localhost", "127.0.0.1", "[::1]"})
+
+
+def serving_app(app: App, bind_host: str) -> ASGIApp:
+    """``create_api(app)`` behind Starlette's ``TrustedHostMiddleware`` (DNS rebinding).
+
+    A browser tricked into resolving an attacker's name to 127.0.0.1 still sends that name as
+    Host; only the configured names (default: the bind address and localhost) are answered.
+    """
+    configured = app.settings.web.allowed_hosts
+    hosts = configured if configured is not None else default_allowed_hosts(bind_host)
+    if "*" in hosts and configured is None:
+        log.warning(
+            "web: listening on all interfaces with no host allow-list; set web.allowed_hosts "
+            "to the names this bot is reached by"
+        )
+    return TrustedHostMiddleware(create_api(app), allowed_hosts=hosts, www_redirect=False)
 
 
 class _Server(uvicorn.Server):
@@ -87,14 +116,27 @@ class WebChannel:
         # call sys.exit) and makes port 0 usable.
         self._socket = _bind(self.host, self.requested_port)
         try:
+            web = self.app.settings.web
             config = uvicorn.Config(
-                create_api(self.app),
+                serving_app(self.app, self.host),
                 lifespan="on",
                 log_config=None,
                 access_log=True,
-                proxy_headers=True,
+                # The client address is worked out by the app itself (plugins/web/guard.py)
+                # from web.trusted_proxies; uvicorn's own rewrite would hide the peer from it.
+                proxy_headers=False,
                 server_header=False,
                 timeout_graceful_shutdown=int(self.graceful_timeout_s),
+                http=guarded_protocol(
+                    header_timeout_s=web.header_timeout_s,
+                    max_connections=web.max_connections,
+                    max_connections_per_ip=web.max_connections_per_ip,
+                    trusted_peers=web.trusted_proxies,
+                ),
+                h11_max_incomplete_event_size=web.max_header_bytes,
+                timeout_keep_alive=max(1, round(web.keep_alive_timeout_s)),
+                # Requests beyond this many connections/tasks get uvicorn's 503.
+                limit_concurrency=web.max_connections,
             )
             server = self.server = _Server(config)
             task = self._task = asyncio.create_task(

@@ -7,6 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from plugins.web.guard import Guard
 from plugins.web.metrics import WebMetrics
 from plugins.web.pages import Template
 from plugins.web.sessions import Identities, load_or_create_secret
@@ -28,7 +29,20 @@ class WebState:
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self.identities = Identities(load_or_create_secret(app.settings))
+        secret = load_or_create_secret(app.settings)
+        self.identities = Identities(secret)
+        web = app.settings.web
+        self.guard = Guard(
+            app.limiter,
+            secret=secret,
+            trusted_proxies=web.trusted_proxies,
+            ipv6_prefix=web.ipv6_prefix,
+            uploads_per_minute=web.uploads_per_ip_per_minute,
+            votes_per_minute=web.votes_per_ip_per_minute,
+            new_sessions_per_hour=web.new_sessions_per_ip_per_hour,
+            max_inflight_uploads=web.max_inflight_uploads,
+            inflight_uploads_per_network=web.inflight_uploads_per_ip,
+        )
         self.metrics = WebMetrics()
         self.assets = Assets()
         self.index = Template((TEMPLATE_DIR / "index.html").read_text(encoding="utf-8"))

@@ -42,6 +42,16 @@ WEB_MESSAGES: dict[str, dict[str, str]] = {
         "zh": "服务器出了点问题，请重试。",
     },
     "not_found": {"en": "Nothing here.", "zh": "这里什么都没有。"},
+    "rate_network": {
+        "en": "Many requests are coming from your network — try again in {seconds} s.",
+        "zh": "你所在的网络请求太多了，请 {seconds} 秒后再试。",
+    },
+    "rate_sessions": {
+        "en": "Too many new visitors from your network — try again in {seconds} s.",
+        "zh": "你所在的网络新访客太多了，请 {seconds} 秒后再试。",
+    },
+    "untrusted_host": {"en": "Unknown host.", "zh": "未知的主机名。"},
+    "metrics_auth": {"en": "A metrics token is required.", "zh": "需要监控令牌。"},
 }
 
 # Page texts, filled into the static HTML templates (always HTML-escaped).
@@ -121,7 +131,11 @@ def web_message(key: str, lang: str, **params: Any) -> str:
     table = WEB_MESSAGES.get(key)
     if table is None:
         return message(key, lang, **params)
-    return table.get(lang) or table["en"]
+    text = table.get(lang) or table["en"]
+    try:
+        return text.format(**params) if params else text
+    except (KeyError, IndexError):
+        return text
 
 
 def pick_language(accept_language: str | None, default: str = "zh") -> str:

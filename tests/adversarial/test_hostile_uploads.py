@@ -100,10 +100,11 @@ async def test_hostile_upload(case: Case, make_app, reliability: Reliability) ->
                 assert zh.status_code == case.status
                 assert zh.json() == {"error": case.key, "message": expected_message(case, "zh")}
         else:
-            assert set(body) == {"id", "text", "model_version", "up", "down"} and body["text"]
-            joke = await app.store.get_joke(body["id"])
+            expected_keys = {"id", "text", "model_version", "up", "down", "demo"}
+            assert set(body) == expected_keys and body["text"]
+            joke = await app.store.get_joke_by_public_id(body["id"])
             async with app.store.session() as s:
-                row = await s.get(JokeRow, body["id"])
+                row = await s.get(JokeRow, joke.id)
                 assert row is not None
                 hint, prompt = row.hint, row.prompt
             path = app.store.image_path(joke.image_sha256)
@@ -180,5 +181,6 @@ async def test_hostile_hint_on_postgres(
     reliability.observe(f"{response.status_code} {response.json().get('error', 'joke')}")
     assert response.status_code == 201, response.text
     async with app.store.session() as s:
-        row = await s.get(JokeRow, response.json()["id"])
+        joke = await app.store.get_joke_by_public_id(response.json()["id"])
+        row = await s.get(JokeRow, joke.id)
         assert row is not None and "\x00" not in (row.hint or "") + row.prompt
