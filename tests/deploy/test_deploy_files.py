@@ -408,6 +408,7 @@ def test_kubernetes_shape(k8s_base: list[dict[str, Any]]) -> None:
     assert set(deployments) == {
         "oogiri-bot",
         "oogiri-lmdeploy",
+        "oogiri-lmdeploy-candidate",
         "oogiri-lmdeploy-proxy",
         "oogiri-redis",
     }
@@ -429,7 +430,36 @@ def test_kubernetes_shape(k8s_base: list[dict[str, Any]]) -> None:
     lmdeploy = deployments["oogiri-lmdeploy"]["spec"]["template"]["spec"]
     server = lmdeploy["containers"][0]
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1, "one pod per GPU"
-    assert server["args"][:3] == ["serve", "api_server", "/models/active"]
+    script = server["args"][-1]
+    assert server["command"] == ["sh", "-c"]
+    assert script.startswith("exec lmdeploy serve api_server /models/active")
+    # the served name is the folder's version: the bot labels jokes with the real version
+    assert "/models/active/oogiri-model.json" in script and "--model-name" in script
+    register = lmdeploy["containers"][1]
+    assert "/models/active/oogiri-model.json" in register["command"][-1]
+    assert "OOGIRI_ENGINE__SERVED_MODEL_NAME" not in config
+
+    # a promotion really changes what is served: roll the servers, wait for the new version
+    promote = json.loads(config["OOGIRI_TRAINING__PROMOTE_COMMAND"])
+    assert promote[1:3] == ["-m", "training.rollout"]
+    assert promote[promote.index("--kubernetes") + 1] == "oogiri-lmdeploy"
+    assert promote[promote.index("--url") + 1].startswith("http://oogiri-lmdeploy-proxy:")
+    start = json.loads(config["OOGIRI_AB__START_COMMAND"])
+    assert start[start.index("--kubernetes") + 1] == "oogiri-lmdeploy-candidate"
+    assert "--stop" in json.loads(config["OOGIRI_AB__STOP_COMMAND"])
+    candidate = deployments["oogiri-lmdeploy-candidate"]
+    assert candidate["spec"]["replicas"] == 0, "the A/B arm runs only during a test"
+    assert "oogiri-lmdeploy-candidate" in by_kind(k8s_base, "Service")
+    assert config["OOGIRI_AB__CANDIDATE_BASE_URL"] == "http://oogiri-lmdeploy-candidate:23333"
+    (role,) = by_kind(k8s_base, "Role").values()
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": ["oogiri-lmdeploy", "oogiri-lmdeploy-candidate"],
+            "verbs": ["get", "patch"],
+        }
+    ]
     proxy = deployments["oogiri-lmdeploy-proxy"]
     assert proxy["spec"]["replicas"] == 1, "the proxy's node list lives in one process"
     assert proxy["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["serve", "proxy"]
@@ -437,6 +467,10 @@ def test_kubernetes_shape(k8s_base: list[dict[str, Any]]) -> None:
 
     cron = by_kind(k8s_base, "CronJob")["oogiri-train"]
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert job["serviceAccountName"] == "oogiri-train" and job["automountServiceAccountToken"]
+    (binding,) = by_kind(k8s_base, "RoleBinding").values()
+    assert binding["subjects"][0]["name"] == "oogiri-train"
     train = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert train["args"] == ["train", "run", "--if-due"]
     assert train["resources"]["limits"]["nvidia.com/gpu"] >= 1
