@@ -81,7 +81,12 @@ async def build_arm_engine(app: Any, version: str, model_path: str) -> Engine:
                 f"server that serves {version}"
             )
         upstream = Upstream.of([ab.candidate_base_url], ab.candidate_served_model_name, version)
-        return OpenAIHTTPEngine(settings.engine, flavor=base.flavor.name, upstream=upstream)
+        arm = OpenAIHTTPEngine(settings.engine, flavor=base.flavor.name, upstream=upstream)
+        health = await arm.health()
+        if not health.ok:  # not up yet (ab.start_command, a pod starting): try again later
+            await arm.close()
+            raise EngineError(detail=f"{ab.candidate_base_url} is not serving yet: {health.detail}")
+        return arm
     from bot.plugins import collect
 
     engine_settings = settings.engine.model_copy(

@@ -27,6 +27,7 @@ from training.ab_plugin import decide_once
 from training.run import ensure_registry
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
+sys.path.insert(0, str(FAKES))
 FAKE_CMD = [sys.executable, str(FAKES / "fake_lmdeploy.py")]
 
 
@@ -168,3 +169,51 @@ async def test_live_ab_serves_both_arms_decides_promotes_and_watches(
     # every server the test started is gone (the arm's and both models')
     for pid_file in (settings.data_dir / "logs").glob("lmdeploy-*.pid"):
         pytest.fail(f"a managed server was left behind: {pid_file}")
+
+
+async def test_unmanaged_engine_serves_the_arm_from_the_candidate_url(tmp_path: Path) -> None:
+    """openai/unmanaged: the small arm is ab.candidate_base_url, used once it answers."""
+    from fake_lmdeploy import FakeLMDeploy
+
+    control = FakeLMDeploy(model_name="served-v1").start()
+    port = free_port_block(1)
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        plugins=["engine_openai_http", "training", "ab"],
+        limits={"per_user_per_minute": 0, "per_chat_per_minute": 0},
+        engine={"name": "openai", "base_urls": [control.url], "model_version": "v1",
+                "retry_backoff_s": 0.01},
+        ab={"share": 0.5, "poll_s": 30, "decide_in_serve": False,
+            "candidate_base_url": f"http://127.0.0.1:{port}"},
+    )  # fmt: skip
+    app = await App.create(settings)
+    candidate = None
+    try:
+        await ensure_registry(app.store, settings)
+        await app.store.add_model_version("v2", str(model_dir(tmp_path, "model-v2")))
+        test = await start_test(app.store, settings, "v2", "v1")
+        serving: AbServing = app.state["ab_serving"]
+        status = await serving.reconcile()
+        assert status["serving"] is None and "not serving yet" in status["error"]
+        assert not isinstance(app.engine, ArmsEngine)  # nobody gets a broken arm
+
+        candidate = FakeLMDeploy(model_name="served-v2", port=port).start()
+        serving._failed.clear()  # the retry interval has passed
+        status = await serving.reconcile()
+        assert status["serving"]["test"] == test.id and status["error"] is None
+        versions = set()
+        for i in range(30):
+            _, version, text = await ask(app, f"u{i}", i)
+            assert f"[served-{version}]" in text
+            versions.add(version)
+        assert versions == {"v1", "v2"}
+
+        await app.store.end_ab_test(test.id, "stopped", "operator")
+        status = await serving.reconcile()
+        assert status["serving"] is None and not isinstance(app.engine, ArmsEngine)
+    finally:
+        await app.close()
+        control.stop()
+        if candidate is not None:
+            candidate.stop()
