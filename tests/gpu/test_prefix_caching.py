@@ -17,7 +17,8 @@ Skips without CUDA, LMDeploy or a model (``OOGIRI_GPU_MODEL``: an InternVL2-layo
     OOGIRI_GPU_MODEL=/tmp/oogiri-full-internvl2 python -m pytest tests/gpu/test_prefix_caching.py
 
 ``check(url, model_name)`` does the same against a running server started with
-``--enable-prefix-caching`` (bench/goodput.py runs it as a plan step in the device call).
+``--enable-prefix-caching --logprobs-mode raw_logprobs`` (without a logprobs mode LMDeploy 0.18
+answers 400 to ``logprobs``); bench/goodput.py runs it as a plan step in the device call.
 """
 
 from __future__ import annotations
@@ -170,7 +171,9 @@ async def check(
 async def test_prefix_caching_never_mixes_pictures(tmp_path: Path) -> None:
     from bench.serve import SERVED_NAME, Launch, launch_servers
 
-    launch = Launch(servers=1, extra_args=["--enable-prefix-caching"])
+    launch = Launch(
+        servers=1, extra_args=["--enable-prefix-caching", "--logprobs-mode", "raw_logprobs"]
+    )
     model = Path(os.environ["OOGIRI_GPU_MODEL"])
     servers, _ = await launch_servers(launch, model, 24600, tmp_path / "logs", 420)
     try:
