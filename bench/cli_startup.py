@@ -1,0 +1,210 @@
+"""How long a newcomer waits for the CLI: start-up, and `oogiri joke` on one picture against a
+running `oogiri serve` and without one (the model loaded in the process).
+
+Every figure is the wall-clock time of the real console script in a fresh process, as a shell
+runs it. The serve uses the instant engine, so "against a serve" measures the CLI's own cost (a
+real model adds its generation time to both paths equally); "in-process" loads the tiny demo
+model (the first call builds it and is not counted). Goal: ≤ 1 s for `oogiri joke` against a
+running serve.
+
+Run from the repository root: ``python -m bench.cli_startup [--repeats 7] [--no-doc]``.
+Results: bench/results/cli_startup.json and the ``cli-startup`` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import (
+    RESULTS,
+    machine,
+    markdown_table,
+    percentile,
+    utc_now,
+    write_json,
+    write_section,
+)
+
+GOAL_S = 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def oogiri() -> str:
+    found = shutil.which("oogiri", path=str(Path(sys.executable).parent)) or shutil.which("oogiri")
+    if not found:
+        raise SystemExit("no `oogiri` console script next to this Python: pip install -e .")
+    return found
+
+
+def clean_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OOGIRI_")}
+    env.update(OOGIRI_DATA_DIR=str(data_dir), OOGIRI_WEB__PORT=str(port), LANG="C.UTF-8")
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def running_serve(data_dir: Path, port: int) -> Iterator[str]:
+    """`oogiri serve` (web channel, instant engine) until the block ends."""
+    env = clean_env(
+        data_dir, port, OOGIRI_ENGINE__NAME="instant", OOGIRI_PLUGINS="web,engine_instant"
+    )
+    log = (data_dir.parent / "serve.log").open("wb")
+    proc = subprocess.Popen([oogiri(), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/livez", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None:
+                raise SystemExit(f"oogiri serve exited with {proc.returncode}")
+            time.sleep(0.1)
+        else:
+            raise SystemExit("oogiri serve did not come up within 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def timed(argv: list[str], env: dict[str, str], repeats: int) -> dict[str, Any]:
+    """Wall-clock seconds of ``oogiri ARGV`` over ``repeats`` fresh processes (each must exit 0)."""
+    times: list[float] = []
+    cpu: list[float] = []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        done = subprocess.run([oogiri(), *argv], env=env, capture_output=True, text=True)
+        elapsed = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise SystemExit(f"oogiri {' '.join(argv)} failed ({done.returncode}):\n{done.stderr}")
+        times.append(elapsed)
+        # CPU seconds of the CLI process itself: what a busy machine does not inflate.
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return {
+        "n": len(times),
+        "median_s": round(statistics.median(times), 3),
+        "p95_s": round(percentile(times, 0.95) or 0.0, 3),
+        "min_s": round(min(times), 3),
+        "max_s": round(max(times), 3),
+        "cpu_median_s": round(statistics.median(cpu), 3),
+    }
+
+
+def photo() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data" / "chelsea.png"
+
+
+def run_all(repeats: int) -> dict[str, Any]:
+    image = str(photo())
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="oogiri-bench-cli-") as tmp:
+        root = Path(tmp)
+        idle_port = free_port()  # nothing listens here: `oogiri joke` loads the model itself
+        local = clean_env(root / "local", idle_port)
+
+        def add(what: str, argv: list[str], env: dict[str, str]) -> None:
+            row = {"what": what, "command": "oogiri " + " ".join(argv), **timed(argv, env, repeats)}
+            rows.append(row)
+            print(f"{what:<48} median {row['median_s']:.3f} s", file=sys.stderr, flush=True)
+
+        add("start-up: `oogiri --help` (loads every plugin)", ["--help"], local)
+        add("start-up: `oogiri joke --help` (no plugins)", ["joke", "--help"], local)
+        port = free_port()
+        with running_serve(root / "serve", port) as url:
+            same = clean_env(root / "serve", port)
+            add("joke, 1 image, a serve running on the same data dir", ["joke", image], same)
+            beside = clean_env(root / "client", port)
+            add("joke, 1 image, a serve at the web address only", ["joke", image], beside)
+            add("joke, 1 image, --server URL", ["joke", "--server", url, image], local)
+        # The first call builds the demo model into the data dir: a one-off, not counted.
+        subprocess.run([oogiri(), "joke", image], env=local, capture_output=True, check=True)
+        add("joke, 1 image, no serve: the tiny demo model loaded here", ["joke", image], local)
+    return {
+        "generated": utc_now(),
+        "machine": machine(),
+        "load_average_1m_before": round(os.getloadavg()[0], 2),
+        "repeats": repeats,
+        "goal_s": GOAL_S,
+        "rows": rows,
+    }
+
+
+def render(doc: dict[str, Any]) -> str:
+    served = [r for r in doc["rows"] if "same data dir" in r["what"]]
+    verdict = ""
+    if served:
+        median = served[0]["median_s"]
+        met = "met" if median <= doc["goal_s"] else "NOT met"
+        cpu = served[0]["cpu_median_s"]
+        verdict = (
+            f" Goal ≤ {doc['goal_s']:g} s against a running serve (same data dir): **{met}** "
+            f"({median:.2f} s wall at that load; the CLI's own CPU time {cpu:.2f} s)."
+        )
+    intro = (
+        f"Wall clock of the real console script, a fresh process per run, median of "
+        f"{doc['repeats']} runs; {doc['machine']}; {doc['generated']}; 1-minute load average "
+        f"{doc['load_average_1m_before']} when it started (the machine's 2 cores were shared with "
+        f"other work, so wall times are upper bounds; the CPU column is the CLI process's own "
+        f"user+system time). The serve runs the instant engine, so its rows are the CLI's own "
+        f"cost; a real model adds its generation time. *Same data dir*: the serve's address is "
+        f"read from its `run/serve.json` and only the core's settings are built; *web address "
+        f"only*: the full settings (every plugin imported) are built to find it. The last row "
+        f"loads and runs the tiny demo model in the CLI process.{verdict}"
+    )
+    table = markdown_table(
+        ["what", "median s", "p95 s", "min s", "max s", "CLI CPU s (median)"],
+        [
+            [r["what"], f"{r['median_s']:.2f}", f"{r['p95_s']:.2f}", f"{r['min_s']:.2f}",
+             f"{r['max_s']:.2f}", f"{r['cpu_median_s']:.2f}"]
+            for r in doc["rows"]
+        ],
+    )  # fmt: skip
+    return f"{intro}\n\n{table}\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
+    args = parser.parse_args()
+    doc = run_all(max(1, args.repeats))
+    path = write_json(RESULTS / "cli_startup.json", doc)
+    print(f"wrote {path}", file=sys.stderr)
+    if not args.no_doc:
+        write_section(
+            "cli-startup", "CLI start-up and `oogiri joke` (`bench/cli_startup.py`)", render(doc)
+        )
+
+
+if __name__ == "__main__":
+    main()
