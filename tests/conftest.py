@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import hypothesis
 import pytest
 from PIL import Image
 
@@ -72,6 +73,42 @@ def pytest_report_header(config: pytest.Config) -> str:
         "" if all(found.values()) else " — tests needing a missing one skip (.ci/run installs all)"
     )
     return f"optional services: {listed}{hint}"
+
+
+# Repeatable runs: Hypothesis draws the same examples every time and keeps no example database
+# (.hypothesis/) that would make a second run differ from the first. HYPOTHESIS_PROFILE=default
+# brings back random exploration.
+hypothesis.settings.register_profile("repeatable", derandomize=True, database=None)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """Live child processes of ``pid`` (Linux /proc), with their command lines."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, UnicodeDecodeError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append((int(stat.parent.name), cmdline.strip()))
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A server a test started and left running keeps its port and data dir: the next run would
+    not start from the same state. Say so (and fail in CI)."""
+    leftover = [(pid, cmd) for pid, cmd in _children(os.getpid()) if cmd]
+    if not leftover:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        for pid, cmd in leftover:
+            reporter.write_line(f"left running by the tests: pid {pid}: {cmd[:160]}", yellow=True)
+    if os.environ.get("CI") and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def skimage_data_dir() -> Path:
