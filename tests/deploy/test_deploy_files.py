@@ -208,6 +208,8 @@ def compose_config(compose: list[str]) -> dict[str, Any]:
         "train",
         "--profile",
         "discord",
+        "--profile",
+        "ab",
         "config",
         "--format",
         "json",
@@ -247,6 +249,7 @@ def test_compose_services(compose_config: dict[str, Any]) -> None:
         "lmdeploy",
         "lmdeploy-proxy",
         "lmdeploy-gpu1",
+        "lmdeploy-candidate",
         "train",
         "discord",
     }
@@ -269,8 +272,9 @@ def test_compose_services(compose_config: dict[str, Any]) -> None:
         devices = server["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
         script = server["command"][-1]
-        for flag in ("api_server /models/active", "--backend", "--model-name oogiri"):
-            assert flag in script, (name, flag)
+        # serves the link's folder under its version's name, again after a promotion
+        for flag in ('api_server "$$link"', "--backend", "--model-name", "oogiri-model.json"):
+            assert flag.replace("$$", "$") in script.replace("$$", "$"), (name, flag)
         assert "--chat-template" in script and "--api-keys" in script
         assert any(v["target"] == "/models" and v["read_only"] for v in server["volumes"])
     gpu_ids = {
@@ -283,6 +287,15 @@ def test_compose_services(compose_config: dict[str, Any]) -> None:
     assert services["lmdeploy-proxy"]["profiles"] == ["scale"]
     assert "deploy" not in services["lmdeploy-proxy"], "the proxy needs no GPU"
     assert services["train"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"]
+
+    # a promotion really changes what is served (tests/deploy/test_compose_promotion.py)
+    promote = json.loads(services["train"]["environment"]["OOGIRI_TRAINING__PROMOTE_COMMAND"])
+    assert promote[1:3] == ["-m", "training.rollout"] and "--url" in promote
+    assert "OOGIRI_ENGINE__SERVED_MODEL_NAME" not in bot["environment"]
+    arm = services["lmdeploy-candidate"]
+    assert arm["profiles"] == ["ab"] and arm["environment"]["LMDEPLOY_PROXY_URL"] == ""
+    assert arm["environment"]["LMDEPLOY_MODEL_LINK"] == "/models/candidate"
+    assert bot["environment"]["OOGIRI_AB__CANDIDATE_BASE_URL"] == "http://lmdeploy-candidate:23333"
 
 
 def test_compose_oogiri_env_parses_as_settings(
