@@ -143,8 +143,7 @@ def oogiri_register_commands(cli: Any) -> None:
         joke_id: int = typer.Argument(..., help="the joke's id (shown in the web stats page)"),
         reason: str = typer.Option(None, help="why (kept with it)"),
     ) -> None:
-        """Exclude a joke from every later training export (a channel's admin command also
-        deletes it from the chat)."""
+        """Keep a joke out of every later training export (and never deliver it again)."""
         from bot.models import NotFound
 
         async def work(m: Moderation) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -225,3 +226,29 @@ def test_subjects_use_the_platform_ids() -> None:
         "discord:chat:7",
         "discord:guild:9",
     ]
+
+
+def test_moderation_cli_changes_the_shared_lists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    import plugins.moderation as moderation_plugin
+
+    monkeypatch.setenv("OOGIRI_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("OOGIRI_CONFIG_FILE", str(tmp_path / "none.toml"))
+    monkeypatch.delenv("OOGIRI_STORE__URL", raising=False)
+    cli = typer.Typer()
+    moderation_plugin.oogiri_register_commands(cli=cli)
+    run = CliRunner().invoke
+    assert run(cli, ["moderation", "block", "telegram:user:5", "--note", "spam"]).exit_code == 0
+    again = run(cli, ["moderation", "block", "telegram:user:5"])
+    assert "already blocked" in again.output
+    listing = run(cli, ["moderation", "list"])
+    assert "block  telegram:user:5  [database] cli" in listing.output and "spam" in listing.output
+    bad = run(cli, ["moderation", "block", "5"])
+    assert bad.exit_code == 2 and "bad moderation subject" in bad.output
+    assert "unblocked" in run(cli, ["moderation", "unblock", "telegram:user:5"]).output
+    missing = run(cli, ["moderation", "delete-joke", "999"])
+    assert missing.exit_code == 1 and "no joke 999" in missing.output
