@@ -70,6 +70,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "暂时无法保存，请稍后再试。",
     },
     "bad_vote": {"en": "A vote is 👍 or 👎.", "zh": "只能投 👍 或 👎。"},
+    # moderation (bot/moderation.py); chat channels answer these with silence
+    "blocked": {"en": "This bot is not available to you.", "zh": "这个机器人不对你开放。"},
+    "not_allowed": {"en": "This bot is not available to you.", "zh": "这个机器人不对你开放。"},
 }
 
 
