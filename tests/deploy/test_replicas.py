@@ -298,6 +298,11 @@ def replica_env(
         OOGIRI_LIMITS__BACKEND=redis_url,
         OOGIRI_LIMITS__PER_USER_PER_MINUTE=str(LIMIT),
         OOGIRI_LIMITS__PER_CHAT_PER_MINUTE="0",
+        # The web channel's per-network limits would count every run's 127.0.0.1 sessions and
+        # uploads in the shared Redis for up to an hour: a second run would start rate-limited.
+        OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR="0",
+        OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE="0",
+        OOGIRI_WEB__VOTES_PER_IP_PER_MINUTE="0",
         OOGIRI_TELEGRAM__TOKEN=TOKEN,
         OOGIRI_TELEGRAM__MODE="webhook",
         OOGIRI_TELEGRAM__WEBHOOK_URL=PUBLIC_URL,
