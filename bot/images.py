@@ -21,6 +21,7 @@ never copied at full size into a wider mode. After a large decode the C heap is 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import io
@@ -29,8 +30,9 @@ import math
 import re
 import struct
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,41 +204,83 @@ def release_memory() -> bool:
     return bool(_malloc_trim(0))
 
 
+#: A decode estimated at this much or more is "large": at most ``MAX_LARGE_DECODES`` run at once,
+#: so a burst of huge pictures takes one core, not all of them, and ordinary photos keep moving.
+LARGE_DECODE_BYTES = 64 * _MIB
+MAX_LARGE_DECODES = 1
+
+
 class DecodeBudget:
     """A semaphore counting bytes: decodes run while their estimates fit in ``capacity`` together.
 
     Not FIFO on purpose: a small photo need not wait behind a huge one that does not fit yet.
-    A single estimate above the capacity is clamped to it (it then runs alone).
+    A single estimate above the capacity is clamped to it (it then runs alone); large decodes
+    also take turns (``MAX_LARGE_DECODES``).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
         self.peak = 0
+        self.large = 0  # decodes of LARGE_DECODE_BYTES or more in progress
         self._large_since_trim = False
         self._cond = threading.Condition()
+
+    def _fits(self, n: int) -> bool:
+        large_busy = n >= LARGE_DECODE_BYTES and self.large >= MAX_LARGE_DECODES
+        return self.used + n <= self.capacity and not large_busy
+
+    def _take(self, n: int) -> None:
+        self.used += n
+        self.large += n >= LARGE_DECODE_BYTES
+        self.peak = max(self.peak, self.used)
+
+    def _try_take(self, n: int) -> bool:
+        with self._cond:
+            if not self._fits(n):
+                return False
+            self._take(n)
+            return True
+
+    def _give_back(self, n: int, nbytes: int) -> None:
+        with self._cond:
+            self.used -= n
+            self.large -= n >= LARGE_DECODE_BYTES
+            self._large_since_trim |= nbytes >= TRIM_AFTER_BYTES
+            trim = self._large_since_trim and self.used == 0
+            if trim:
+                self._large_since_trim = False
+            self._cond.notify_all()
+        if trim:  # the last large decode of a burst: hand its pages back
+            release_memory()
 
     @contextmanager
     def reserve(self, nbytes: int, timeout_s: float) -> Iterator[None]:
         """Hold ``nbytes`` of the budget; ``EngineBusy`` when it does not free up in time."""
         n = min(nbytes, self.capacity)
         with self._cond:
-            if not self._cond.wait_for(lambda: self.used + n <= self.capacity, timeout_s):
+            if not self._cond.wait_for(lambda: self._fits(n), timeout_s):
                 raise EngineBusy(detail="decode memory budget exhausted")
-            self.used += n
-            self.peak = max(self.peak, self.used)
+            self._take(n)
         try:
             yield
         finally:
-            with self._cond:
-                self.used -= n
-                self._large_since_trim |= nbytes >= TRIM_AFTER_BYTES
-                trim = self._large_since_trim and self.used == 0
-                if trim:
-                    self._large_since_trim = False
-                self._cond.notify_all()
-            if trim:  # the last large decode of a burst: hand its pages back
-                release_memory()
+            self._give_back(n, nbytes)
+
+    @asynccontextmanager
+    async def reserve_async(self, nbytes: int, timeout_s: float) -> AsyncIterator[None]:
+        """``reserve`` for the event loop: waiting here holds no worker thread (a burst of huge
+        pictures must not occupy the thread pool that small ones need to be decoded in)."""
+        n = min(nbytes, self.capacity)
+        deadline = time.monotonic() + timeout_s
+        while not self._try_take(n):
+            if time.monotonic() >= deadline:
+                raise EngineBusy(detail="decode memory budget exhausted")
+            await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            self._give_back(n, nbytes)
 
 
 _budgets: dict[int, DecodeBudget] = {}
@@ -498,6 +542,49 @@ def _scan_jpeg(data: bytes) -> _JpegScan:
 # --------------------------------------------------------------------------- public API
 
 
+#: Set in a worker thread by ``load_async``: the decode's budget is already held.
+_prereserved = threading.local()
+
+
+def probe_cost(data: bytes, settings: ImageSettings) -> int | None:
+    """The decode cost ``load`` will reserve, from the header alone (None: cannot tell)."""
+    fmt = sniff_format(data)
+    if fmt not in ACCEPTED or len(data) > settings.max_bytes:
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=[ACCEPTED[fmt]]) as im:
+            if fmt == "JPEG":
+                _draft(im, settings.max_side)
+            return decode_cost(im.size, im.mode, settings.max_side)
+    except Exception:  # load() will give the proper answer
+        return None
+
+
+async def load_async(
+    data: bytes,
+    settings: ImageSettings,
+    *,
+    filename: str | None = None,
+    content_type: str | None = None,
+) -> NormalizedImage:
+    """``load`` in a worker thread, with its share of the decode budget awaited on the loop."""
+    cost = probe_cost(data, settings)
+
+    def run() -> NormalizedImage:
+        _prereserved.held = cost is not None
+        try:
+            return load(data, settings, filename=filename, content_type=content_type)
+        finally:
+            _prereserved.held = False
+
+    if cost is None or cost > settings.max_decoded_bytes:  # load() refuses or decides itself
+        return await asyncio.to_thread(
+            load, data, settings, filename=filename, content_type=content_type
+        )
+    async with decode_budget(settings).reserve_async(cost, settings.decode_wait_s):
+        return await asyncio.to_thread(run)
+
+
 def load(
     data: bytes,
     settings: ImageSettings,
@@ -575,7 +662,11 @@ def _decode(data: bytes, fmt: str, settings: ImageSettings) -> NormalizedImage:
             raise ImageRejected(
                 "too_many_pixels", width=w, height=h, detail=f"{im.mode}: ~{cost // _MIB} MiB"
             )
-        with decode_budget(settings).reserve(cost, settings.decode_wait_s):
+        held = getattr(_prereserved, "held", False)  # load_async reserved it on the loop
+        budget = (
+            nullcontext() if held else decode_budget(settings).reserve(cost, settings.decode_wait_s)
+        )
+        with budget:
             im.load()
             # after load: PNG's getexif() would load and _orientation() hide its errors
             orientation = orientation if fmt == "JPEG" else _orientation(im)

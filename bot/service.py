@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -117,8 +116,8 @@ class JokeService:
             await self.admit(request)
         # refuse before decoding the picture when the queue is already full: busy costs nothing
         self.admission(self.engine.name).check()
-        request.image = await asyncio.to_thread(
-            images.load,
+        # A worker thread decodes; its share of the decode memory budget is awaited on the loop.
+        request.image = await images.load_async(
             request.image_bytes,
             self.settings.images,
             filename=request.filename,

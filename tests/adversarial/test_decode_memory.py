@@ -90,9 +90,9 @@ def test_one_16bit_bomb_costs_its_pixels_not_three_copies(tmp_path: Path, bomb16
 
 
 def test_parallel_bombs_share_one_budget_and_memory_comes_back(tmp_path: Path) -> None:
-    # Eight 3000×3000 RGBA PNGs (~34 MiB of pixels each, estimate ~76 MiB) against a 160 MiB
-    # budget: at most two decode at once, so the peak stays near two decodes' worth; before the
-    # fix eight ran at once (and glibc's arenas kept most of it afterwards).
+    # Eight 3000×3000 RGBA PNGs (~34 MiB of pixels each, estimate ~76 MiB: "large") against a
+    # 160 MiB budget: large decodes take turns, so the peak stays near one or two decodes'
+    # worth; before the fix eight ran at once (and glibc's arenas kept most of it afterwards).
     data = png_bomb(3000, 3000, bit_depth=8, color_type=6)
     result = run_child(tmp_path, data, parallel=8, budget=160 * MiB)
     assert result["sizes"] == [2048] * 8
@@ -136,6 +136,30 @@ def test_a_full_budget_answers_busy_in_time() -> None:
         with budget.reserve(10 * MiB, timeout_s=0.05):  # a small one still fits
             assert budget.used == 90 * MiB
     assert budget.used == 0 and budget.peak == 90 * MiB
+
+
+async def test_async_reserve_waits_without_a_thread_and_times_out() -> None:
+    budget = images.DecodeBudget(100 * MiB)
+    async with budget.reserve_async(90 * MiB, timeout_s=1):
+        with pytest.raises(EngineBusy):
+            async with budget.reserve_async(20 * MiB, timeout_s=0.1):
+                pass
+        async with budget.reserve_async(5 * MiB, timeout_s=0.1):
+            assert budget.used == 95 * MiB
+    assert budget.used == 0
+
+
+async def test_large_decodes_take_turns() -> None:
+    budget = images.DecodeBudget(1024 * MiB)
+    big = images.LARGE_DECODE_BYTES
+    async with budget.reserve_async(big, timeout_s=1):
+        with pytest.raises(EngineBusy):  # memory is there, but one large decode is running
+            async with budget.reserve_async(big, timeout_s=0.1):
+                pass
+        async with budget.reserve_async(big // 4, timeout_s=0.1):  # small ones still pass
+            pass
+    async with budget.reserve_async(big, timeout_s=0.1):
+        assert budget.large == 1
 
 
 def test_budget_waiters_proceed_when_memory_frees() -> None:
