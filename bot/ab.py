@@ -278,6 +278,21 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat() if dt else None
 
 
+def arm_of(count: ArmCount) -> Arm:
+    """The rule's view of an arm, with the per-voter sums (votes of one person are not
+    independent: the rule's variance accounts for it)."""
+    if not count.votes:
+        return Arm(0, 0)
+    return Arm(
+        count.likes,
+        count.votes,
+        count.voters,
+        count.sum_likes_sq,
+        count.sum_likes_votes,
+        count.sum_votes_sq,
+    )
+
+
 async def evaluate(store: Any, test: AbTestRow, now: datetime | None = None) -> Evaluation:
     """Count the arms (SQL, capped per voter) and apply the test's rule; acts on nothing."""
     now = now or datetime.now(UTC)
@@ -287,7 +302,7 @@ async def evaluate(store: Any, test: AbTestRow, now: datetime | None = None) -> 
     end = aware(test.ended_at) or now
     elapsed = max(0.0, (end - (aware(test.started_at) or now)).total_seconds())
     rule = rule_of(test)
-    c_arm, k_arm = Arm(control.likes, control.votes), Arm(candidate.likes, candidate.votes)
+    c_arm, k_arm = arm_of(control), arm_of(candidate)
     if test.kind == "watch":
         margin = float((test.rule or {}).get("margin", 0.0))
         decision = rollback_check(k_arm, c_arm, margin, rule, elapsed)

@@ -30,7 +30,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     case,
-    distinct,
     event,
     func,
     select,
@@ -211,6 +210,10 @@ class ArmCount:
     voters: int = 0
     raw_votes: int = 0  # before the per-voter cap
     jokes: int = 0
+    # per-voter sums (likes_u², likes_u·votes_u, votes_u²) for the clustered variance of the rule
+    sum_likes_sq: int = 0
+    sum_likes_votes: int = 0
+    sum_votes_sq: int = 0
 
 
 # --------------------------------------------------------------------------- outbox, moderation
@@ -904,26 +907,36 @@ class Store:
             .where(window)
             .subquery()
         )
-        counted = select(
+        per_voter = select(
             votes.c.arm,
-            func.coalesce(func.sum(votes.c.up), 0),
-            func.count(),
-            func.count(distinct(votes.c.voter)),
-        ).group_by(votes.c.arm)
+            func.sum(votes.c.up).label("likes"),
+            func.count().label("votes"),
+        ).group_by(votes.c.arm, votes.c.voter)
         if cap is not None:
-            counted = counted.where(votes.c.n <= cap)
+            per_voter = per_voter.where(votes.c.n <= cap)
+        pv = per_voter.subquery()
+        counted = select(
+            pv.c.arm,
+            func.coalesce(func.sum(pv.c.likes), 0),
+            func.coalesce(func.sum(pv.c.votes), 0),
+            func.count(),
+            func.coalesce(func.sum(pv.c.likes * pv.c.likes), 0),
+            func.coalesce(func.sum(pv.c.likes * pv.c.votes), 0),
+            func.coalesce(func.sum(pv.c.votes * pv.c.votes), 0),
+        ).group_by(pv.c.arm)
         raw = select(votes.c.arm, func.count()).group_by(votes.c.arm)
         jokes = select(arm.label("arm"), func.count()).where(window).group_by(arm)
         async with self.session() as s:
-            got = {a: (int(u), int(v), int(n)) for a, u, v, n in (await s.execute(counted)).all()}
+            got = {row[0]: tuple(int(x) for x in row[1:]) for row in await s.execute(counted)}
             raw_n = {a: int(n) for a, n in (await s.execute(raw)).all()}
             joke_n = {a: int(n) for a, n in (await s.execute(jokes)).all()}
         out = {}
         for name in ("control", "candidate"):
-            likes, voted, voters = got.get(name, (0, 0, 0))
+            likes, voted, voters, s_ll, s_lv, s_vv = got.get(name, (0, 0, 0, 0, 0, 0))
             out[name] = ArmCount(
-                name, likes, voted, voters, raw_n.get(name, 0), joke_n.get(name, 0)
-            )
+                name, likes, voted, voters, raw_n.get(name, 0), joke_n.get(name, 0),
+                s_ll, s_lv, s_vv,
+            )  # fmt: skip
         return out
 
     async def like_rate_series(

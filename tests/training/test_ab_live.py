@@ -113,6 +113,10 @@ async def test_arm_counts_count_each_vote_once_cap_each_voter_and_keep_to_the_wi
     k, c = counts["candidate"], counts["control"]
     assert (k.likes, k.votes, k.voters, k.raw_votes, k.jokes) == (4, 4, 2, 7, 6)
     assert (c.likes, c.votes, c.voters, c.raw_votes, c.jokes) == (1, 3, 3, 3, 2)
+    # per-voter sums for the rule's clustered variance: fickle (1, 1) and fan (3, 3) ...
+    assert (k.sum_likes_sq, k.sum_likes_votes, k.sum_votes_sq) == (10, 10, 10)
+    # ... fan (0, 1), critic (0, 1), friend (1, 1)
+    assert (c.sum_likes_sq, c.sum_likes_votes, c.sum_votes_sq) == (1, 1, 3)
     uncapped = await store.ab_arm_counts(test, cap=None)
     assert (uncapped["candidate"].likes, uncapped["candidate"].votes) == (7, 7)
 
