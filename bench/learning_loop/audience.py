@@ -56,13 +56,13 @@ class Audience:
     def likes(self, text: str | None) -> bool:
         return bool(text) and any(ch in str(text) for ch in self.like)
 
-    def vote(self, joke_id: int, text: str | None, voter: int) -> int:
+    def vote(self, joke_id: int | str, text: str | None, voter: int) -> int:
         liked = self.likes(text)
         if _unit(self.seed, "vote", joke_id, voter) < self.noise:
             liked = not liked
         return 1 if liked else -1
 
-    def votes(self, joke_id: int, text: str | None) -> list[int]:
+    def votes(self, joke_id: int | str, text: str | None) -> list[int]:
         return [self.vote(joke_id, text, v) for v in range(self.voters)]
 
 
@@ -152,13 +152,13 @@ class PictureAudience:
     def likes(self, text: str | None, picture: str) -> bool:
         return bool(text) and self.keyword(picture) in str(text)
 
-    def vote(self, joke_id: int, text: str | None, voter: int, picture: str) -> int:
+    def vote(self, joke_id: int | str, text: str | None, voter: int, picture: str) -> int:
         liked = self.likes(text, picture)
         if _unit(self.seed, "vote", joke_id, voter) < self.noise:
             liked = not liked
         return 1 if liked else -1
 
-    def votes(self, joke_id: int, text: str | None, picture: str) -> list[int]:
+    def votes(self, joke_id: int | str, text: str | None, picture: str) -> list[int]:
         return [self.vote(joke_id, text, v, picture) for v in range(self.voters)]
 
 
@@ -168,3 +168,60 @@ def source_of(picture: str | Path) -> str:
     if "--" not in stem:
         raise ValueError(f"{picture!r} does not name its source photo (expected KEY-NNN--SOURCE)")
     return stem.split("--", 1)[1]
+
+
+# --------------------------------------------------------------------------- the base mix (v2)
+
+BASE_TEMPLATES = ("{kw}", "{kw}！", "这是{kw}", "{kw}呢")
+
+
+def neutral_pictures(out: Path, count: int, size: int, seed: int = 0) -> list[Path]:
+    """Pictures of nothing in particular (coloured blocks and noise), none of the five photos.
+
+    The base mix pairs the audience's words with these, so a model learns to *say* 猫, 火箭, …
+    without learning any pairing with the five photos: which word fits which picture must come
+    from the ratings.
+    """
+    from PIL import Image, ImageDraw
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = out / f"neutral-{i:03d}.png"
+        if not path.is_file():
+            rng = random.Random(f"neutral:{seed}:{i}")
+            img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+            draw = ImageDraw.Draw(img)
+            for _ in range(12):
+                x0, y0 = rng.randrange(size), rng.randrange(size)
+                x1, y1 = x0 + rng.randrange(size // 2), y0 + rng.randrange(size // 2)
+                draw.rectangle((x0, y0, x1, y1), fill=tuple(rng.randrange(256) for _ in range(3)))
+            img.save(path)
+        paths.append(path)
+    return paths
+
+
+def base_mix_items(
+    pictures: Sequence[Path], n: int, prompt: str, seed: int = 0
+) -> list[dict[str, Any]]:
+    """``n`` XTuner items: a neutral picture and a short answer naming one of the five things
+    (uniformly, whatever the picture). The product mixes them into every training run
+    (``training.base_dataset``), as CLoT's jokes are mixed into a real one."""
+    rng = random.Random(f"base-mix:{seed}")
+    words = sorted(set(KEYWORDS.values()))
+    items = []
+    for i in range(n):
+        kw = words[i % len(words)]
+        answer = rng.choice(BASE_TEMPLATES).format(kw=kw)
+        picture = pictures[rng.randrange(len(pictures))]
+        items.append(
+            {
+                "id": f"base-{i:04d}",
+                "image": [picture.name],
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{prompt}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
+    return items

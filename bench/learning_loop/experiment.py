@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -67,18 +68,20 @@ from webcheck import alive  # noqa: E402
 
 from bench.learning_loop.audience import (  # noqa: E402
     Audience,
+    PictureAudience,
     build_pool,
+    source_of,
     source_photos,
 )
 from bench.learning_loop.control import ENV as CONTROL_ENV  # noqa: E402
 from bench.learning_loop.report import DOC, load_results, render_doc, write_reports  # noqa: E402
-from bench.learning_loop.stats import bootstrap_rate, wilson  # noqa: E402
+from bench.learning_loop.stats import bootstrap_rate, distinct_share, wilson  # noqa: E402
 
 FAKES = ROOT / "tests" / "training" / "fakes"
 CSRF_HEADER = "X-CSRF-Token"  # plugins/web.py
 PLUGIN_NAME = "learning_loop_control"
-DEFAULT_ESTIMATE_S = {"round-0": 45.0, "round": 260.0, "control": 170.0}
-DRY_ESTIMATE_S = {"round-0": 15.0, "round": 45.0, "control": 30.0}
+DEFAULT_ESTIMATE_S = {"round-0": 45.0, "round": 300.0, "control": 220.0}
+DRY_ESTIMATE_S = {"round-0": 15.0, "round": 60.0, "control": 45.0}
 
 
 # --------------------------------------------------------------------------- configuration
@@ -88,6 +91,9 @@ DRY_ESTIMATE_S = {"round-0": 15.0, "round": 45.0, "control": 30.0}
 class Config:
     """Everything that defines the experiment (stored in state.json; a resumed call must match)."""
 
+    # "picture" (version 2, issue 15): liked only when the answer names what is in the picture;
+    # "words" (version 1, issue 9): liked when it contains one of ``like``'s characters
+    audience: str = "picture"
     like: str = "猫狗"
     noise: float = 0.1
     voters: int = 3
@@ -113,6 +119,22 @@ class Config:
     # of 8 would make it wait for more ratings. The control runs last, on ~25 held-out answers.
     gate_min_heldout: int = 1
     concurrency: int = 16
+    # the live A/B step (issue 15 A) decides every promotion: voters rate both arms through the
+    # web API; the offline loss check is loosened (gate_loss_tolerance) so that it does not decide
+    ab: bool = True
+    ab_share: float = 0.5
+    ab_min_votes: int = 100
+    ab_min_effect: float = 0.03
+    ab_max_days: float = 0.004  # ~6 minutes: an undecided test times out (keeps the active model)
+    ab_users: int = 40  # simulated people in the A/B phase, each sticky to one arm
+    ab_cap: int = 20  # counted votes per voter per arm (the product's default)
+    ab_heldout_samples: int = 8  # held-out answers per picture and arm during the test
+    gate_loss_tolerance: float = 1.0
+    # the base mix (issue 15 C): neutral pictures with answers naming the five things uniformly,
+    # mixed into every training run (training.base_dataset) at this many per rated example, so
+    # the model learns to say the words; which word fits which picture only the ratings teach
+    base_mix: float = 4.0
+    base_items: int = 600
     dry_run: bool = False
 
     def training_env(self) -> dict[str, str]:
@@ -125,6 +147,16 @@ class Config:
             "OOGIRI_LIMITS__PER_CHAT_PER_MINUTE": "0",
             "OOGIRI_LIMITS__MAX_CONCURRENCY": str(self.concurrency),
             "OOGIRI_LIMITS__QUEUE_TIMEOUT_S": "120",
+            # every simulated person comes from 127.0.0.1: the web channel's per-network limits
+            # (issue 21) would throttle the whole audience as one person
+            "OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE": "0",
+            "OOGIRI_WEB__VOTES_PER_IP_PER_MINUTE": "0",
+            "OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR": "0",
+            "OOGIRI_WEB__INFLIGHT_UPLOADS_PER_IP": "0",
+            "OOGIRI_WEB__MAX_INFLIGHT_UPLOADS": str(4 * self.concurrency),
+            # ... and the export would then count all its votes as one network's (issue 21):
+            # the simulated audience is trusted, each person's vote counts like any other
+            "OOGIRI_TRAINING__WEB_VOTES": "equal",
             "OOGIRI_TRAINING__LR": str(self.lr),
             "OOGIRI_TRAINING__MAX_EPOCHS": str(self.epochs),
             "OOGIRI_TRAINING__BATCH_SIZE": str(self.batch_size),
@@ -142,7 +174,42 @@ class Config:
             "OOGIRI_TRAINING__GATE_LANGUAGE": "any",
             "OOGIRI_TRAINING__GATE_MIN_SANITY": "0",
             "OOGIRI_TRAINING__AUTO_PROMOTE": "true",
+            "OOGIRI_TRAINING__GATE_LOSS_TOLERANCE": str(self.gate_loss_tolerance if self.ab else 0),
+            "OOGIRI_AB__ENABLED": "true" if self.ab else "false",
+            "OOGIRI_AB__SHARE": str(self.ab_share),
+            "OOGIRI_AB__MIN_VOTES": str(self.ab_min_votes),
+            "OOGIRI_AB__MIN_EFFECT": str(self.ab_min_effect),
+            "OOGIRI_AB__MAX_DAYS": str(self.ab_max_days),
+            "OOGIRI_AB__PER_VOTER_CAP": str(self.ab_cap),
+            "OOGIRI_AB__CHECK_MINUTES": "0.05",
+            "OOGIRI_AB__POLL_S": "1",
+            # the held-out measurement after a promotion must come from the new model only
+            "OOGIRI_AB__WATCH": "false",
         }
+
+
+@dataclass(frozen=True)
+class Taste:
+    """One interface over both audiences: verdicts and votes for (answer, picture)."""
+
+    kind: str
+    words: Audience
+    pictures: PictureAudience
+
+    def likes(self, text: str | None, picture: str) -> bool:
+        if self.kind == "picture":
+            return self.pictures.likes(text, picture)
+        return self.words.likes(text)
+
+    def votes(self, joke_id: str, text: str | None, picture: str) -> list[int]:
+        if self.kind == "picture":
+            return self.pictures.votes(joke_id, text, picture)
+        return self.words.votes(joke_id, text)
+
+    def vote(self, joke_id: str, text: str | None, voter: int, picture: str) -> int:
+        if self.kind == "picture":
+            return self.pictures.vote(joke_id, text, voter, picture)
+        return self.words.vote(joke_id, text, voter)
 
 
 # --------------------------------------------------------------------------- web users
@@ -181,7 +248,7 @@ class WebUser:
             "seconds": round(time.perf_counter() - started, 3),
         }
 
-    async def rate(self, joke_id: int, value: int) -> int:
+    async def rate(self, joke_id: str, value: int) -> int:
         try:
             r = await self.http.post(
                 f"/api/jokes/{joke_id}/rating",
@@ -306,11 +373,40 @@ async def _registry() -> dict[str, Any]:
     return {"runs": runs, "versions": versions, "active": active.version if active else None}
 
 
+async def _internal_ids(public_ids: list[str]) -> dict[str, int]:
+    """The store's joke ids (export items are ``oogiri-<id>``) of the web API's public ids."""
+    from training.cli import load_settings, open_store
+
+    out: dict[str, int] = {}
+    async with open_store(load_settings()) as store:
+        for pid in public_ids:
+            if pid.isdigit():  # before public ids, the web API showed the store's id
+                out[pid] = int(pid)
+                continue
+            with contextlib.suppress(Exception):
+                out[pid] = (await store.get_joke_by_public_id(pid)).id
+    return out
+
+
 def registry() -> dict[str, Any]:
     return asyncio.run(_registry())
 
 
 # --------------------------------------------------------------------------- the experiment
+
+
+def per_photo(per_image: dict[str, Any]) -> dict[str, list[int]]:
+    """(liked, answers) per source photo, from the per-picture counts."""
+    out: dict[str, list[int]] = {}
+    for name, (k, n) in per_image.items():
+        try:
+            src = source_of(name)
+        except ValueError:  # a pool from before pictures named their source
+            src = "?"
+        cell = out.setdefault(src, [0, 0])
+        cell[0] += int(k)
+        cell[1] += int(n)
+    return dict(sorted(out.items()))
 
 
 def _now() -> str:
@@ -336,9 +432,13 @@ class Experiment:
     # -- state and results
 
     @property
-    def audience(self) -> Audience:
+    def audience(self) -> Taste:
         c = self.cfg
-        return Audience(like=c.like, noise=c.noise, voters=c.voters, seed=c.seed)
+        return Taste(
+            c.audience,
+            Audience(like=c.like, noise=c.noise, voters=c.voters, seed=c.seed),
+            PictureAudience(noise=c.noise, voters=c.voters, seed=c.seed),
+        )
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.started)
@@ -417,6 +517,8 @@ class Experiment:
             raise SystemExit(f"held-out pictures also in the training pool: {overlap}")
         site = register_plugin(self.state_dir / "site")
         env = {**c.training_env()}
+        if c.base_mix > 0:
+            env |= self.write_base_mix()
         if c.dry_run:
             env |= dry_run_env(self.state_dir)
         paths = [str(site), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))]
@@ -429,6 +531,24 @@ class Experiment:
         port = os.environ.get("OOGIRI_WEB__PORT", "8000")
         self.url = self.url or f"http://127.0.0.1:{port}"
         self.state["env"] = {k: v for k, v in sorted(env.items()) if k.startswith("OOGIRI_")}
+
+    def write_base_mix(self) -> dict[str, str]:
+        """The base data set (neutral pictures, the five words) and the settings that mix it."""
+        from bench.learning_loop.audience import base_mix_items, neutral_pictures
+
+        folder = self.state_dir / "base-mix"
+        pictures = neutral_pictures(folder, 20, self.cfg.image_size, self.cfg.seed)
+        path = folder / "base.json"
+        if not path.is_file():
+            from bot.settings import DEFAULT_PROMPT
+
+            items = base_mix_items(pictures, self.cfg.base_items, DEFAULT_PROMPT, self.cfg.seed)
+            path.write_text(json.dumps(items, ensure_ascii=False, indent=1), encoding="utf-8")
+        return {
+            "OOGIRI_TRAINING__BASE_DATASET": str(path),
+            "OOGIRI_TRAINING__BASE_IMAGE_FOLDER": str(folder),
+            "OOGIRI_TRAINING__BASE_RATIO": str(self.cfg.base_mix),
+        }
 
     def ensure_bot(self) -> None:
         bot = Bot(self.url, self.out_dir / "serve.log")
@@ -478,13 +598,14 @@ class Experiment:
                 failures[str(a["status"])] += 1
                 continue
             versions[str(a["model_version"])] += 1
-            kn[0] += int(self.audience.likes(a["text"]))
+            kn[0] += int(self.audience.likes(a["text"], picture.name))
             examples.setdefault(picture.name, []).append(a["text"] or "")
         k = sum(v[0] for v in per_image.values())
         n = sum(v[1] for v in per_image.values())
         if not versions or sum(failures.values()) > 0.5 * len(jobs):
             raise RuntimeError(f"{label}: {dict(failures)} failed answers of {len(jobs)}")
         shown = [t for texts in examples.values() for t in texts[:1]][:6]
+        texts = [t for texts in examples.values() for t in texts]
         return {
             "label": label,
             "liked": k,
@@ -493,6 +614,9 @@ class Experiment:
             "wilson95": list(wilson(k, n)),
             "bootstrap95": list(bootstrap_rate([tuple(v) for v in per_image.values()])),
             "per_image": {name: tuple(v) for name, v in sorted(per_image.items())},
+            "per_photo": per_photo(per_image),
+            "distinct": distinct_share(texts),
+            "top_answers": Counter(texts).most_common(5),
             "versions": dict(versions),
             "failures": dict(failures),
             "examples": shown,
@@ -521,7 +645,7 @@ class Experiment:
             rows = []
             votes = []
             for picture, a in ok:
-                cast = self.audience.votes(int(a["id"]), a["text"])
+                cast = self.audience.votes(str(a["id"]), a["text"], picture.name)
                 rows.append(
                     {
                         "round": rnd,
@@ -529,12 +653,12 @@ class Experiment:
                         "picture": picture.name,
                         "text": a["text"],
                         "model_version": a["model_version"],
-                        "rule_likes": self.audience.likes(a["text"]),
+                        "rule_likes": self.audience.likes(a["text"], picture.name),
                         "votes": cast,
                         "net": sum(cast),
                     }
                 )
-                votes += [(int(a["id"]), v, value) for v, value in enumerate(cast)]
+                votes += [(str(a["id"]), v, value) for v, value in enumerate(cast)]
             statuses = await gather_limited(
                 c.concurrency, (voters[v].rate(jid, value) for jid, v, value in votes)
             )
@@ -567,6 +691,167 @@ class Experiment:
             "seconds": round(done - answered, 2),
         }
         return answers_rec, ratings_rec
+
+    async def ab_test_of(self, version: str) -> dict[str, Any] | None:
+        """The product's own view of the live test of ``version`` (``GET /api/ab``)."""
+        async with httpx.AsyncClient(base_url=self.url, timeout=30, trust_env=False) as http:
+            r = await http.get("/api/ab")
+        r.raise_for_status()
+        for test in r.json().get("tests", []):
+            if test.get("candidate") == version and test.get("kind", "ab") == "ab":
+                return test
+        return None
+
+    async def ab_phase(self, label: str, train: dict[str, Any]) -> dict[str, Any]:
+        """The live A/B step, played by simulated people through the web API.
+
+        The training run left the candidate ``testing``; ``oogiri serve`` serves it to a share of
+        its users (sticky per user) and decides with ``bot.abstats`` every few seconds. Here:
+        (1) wait until some person gets an answer from the candidate; (2) each arm's own held-out
+        like-rate, from the held-out pictures asked by the people on that arm (never rated);
+        (3) rounds in which every person asks about a training picture and rates the answer with
+        their (noisy) taste, until the product ends the test; (4) wait for the promotion to take
+        effect. The decision, its counts and reason are the product's (``GET /api/ab``).
+        """
+        c = self.cfg
+        started = time.monotonic()
+        version = train.get("version")
+        rec: dict[str, Any] = {"version": version, "run_status": train.get("status")}
+        if train.get("status") != "testing" or not version:
+            rec["outcome"] = "not tested"
+            rec["seconds"] = 0.0
+            return rec
+        rng = random.Random(f"{c.seed}:{label}")
+        people = await users(self.url, c.ab_users)
+        rows: list[dict[str, Any]] = []
+        cast: Counter[str] = Counter()
+        held: dict[str, dict[str, list[int]]] = {}
+        held_texts: dict[str, list[str]] = {}
+        test: dict[str, Any] | None = None
+        try:
+            deadline = time.monotonic() + max(30.0, min(300.0, self.left() - 90.0))
+            arm_of: dict[int, str] = {}
+            while time.monotonic() < deadline:
+                probe = await gather_limited(
+                    c.concurrency,
+                    (
+                        u.joke(self.heldout_pool[i % len(self.heldout_pool)])
+                        for i, u in enumerate(people)
+                    ),
+                )
+                arm_of = {
+                    i: str(a.get("model_version"))
+                    for i, a in enumerate(probe)
+                    if a["status"] == 201
+                }
+                if version in arm_of.values():
+                    break
+                await asyncio.sleep(2.0)
+            else:
+                raise RuntimeError(
+                    f"{label}: no answer from the candidate {version} (arm not served)"
+                )
+            rec["arm_up_s"] = round(time.monotonic() - started, 1)
+            # (2) each arm's held-out like-rate
+            by_arm: dict[str, list[int]] = {}
+            for i, v in arm_of.items():
+                by_arm.setdefault(v, []).append(i)
+            jobs = [
+                (v, pic, people[idx[j % len(idx)]])
+                for v, idx in sorted(by_arm.items())
+                for j, pic in enumerate(
+                    p for p in self.heldout_pool for _ in range(c.ab_heldout_samples)
+                )
+            ]
+            answers = await gather_limited(c.concurrency, (u.joke(pic) for _, pic, u in jobs))
+            for (v, pic, _), a in zip(jobs, answers, strict=True):
+                got = str(a.get("model_version") or v) if a["status"] == 201 else v
+                cell = held.setdefault(got, {}).setdefault(pic.name, [0, 0])
+                cell[1] += 1
+                if a["status"] == 201:  # a failed answer counts as not liked
+                    cell[0] += int(self.audience.likes(a["text"], pic.name))
+                    held_texts.setdefault(got, []).append(a["text"] or "")
+            # (3) votes until the product decides
+            for _ in range(c.ab_cap + 10):
+                test = await self.ab_test_of(version)
+                if test is None or test.get("status") != "running" or self.left() < 60:
+                    break
+                asked = [(u, rng.choice(self.train_pool)) for u in people]
+                answers = await gather_limited(c.concurrency, (u.joke(p) for u, p in asked))
+                votes = []
+                for (u, picture), a in zip(asked, answers, strict=True):
+                    if a["status"] != 201:
+                        continue
+                    value = self.audience.vote(str(a["id"]), a["text"], 0, picture.name)
+                    votes.append((u, str(a["id"]), value))
+                    cast[str(a["model_version"])] += 1
+                    rows.append(
+                        {
+                            "round": label,
+                            "joke_id": a["id"],
+                            "picture": picture.name,
+                            "text": a["text"],
+                            "model_version": a["model_version"],
+                            "rule_likes": self.audience.likes(a["text"], picture.name),
+                            "votes": [value],
+                            "net": value,
+                            "ab": True,
+                        }
+                    )
+                await gather_limited(c.concurrency, (u.rate(j, v) for u, j, v in votes))
+                await asyncio.sleep(1.0)
+            # (4) the decision and its effect
+            for _ in range(60):
+                test = await self.ab_test_of(version)
+                if test is None or test.get("status") != "running":
+                    break
+                if self.left() < 45:
+                    break
+                await asyncio.sleep(2.0)
+            if test is not None and test.get("status") == "running":
+                rec["stopped_by_harness"] = True
+                await asyncio.to_thread(
+                    subprocess.run,
+                    [sys.executable, "-m", "bot.cli", "models", "ab", "stop"],
+                    cwd=ROOT,
+                    capture_output=True,
+                    timeout=120,
+                )
+                test = await self.ab_test_of(version)
+            if test is not None and test.get("status") == "promoted":
+                for _ in range(150):
+                    if (await asyncio.to_thread(registry))["active"] == version:
+                        break
+                    await asyncio.sleep(2.0)
+        finally:
+            for u in people:
+                await u.close()
+        self.add_jokes(rows)
+        arms = {}
+        for v, per in held.items():
+            k = sum(x[0] for x in per.values())
+            n = sum(x[1] for x in per.values())
+            arms[v] = {
+                "heldout_liked": k,
+                "heldout_n": n,
+                "heldout_rate": k / n if n else None,
+                "heldout_wilson95": list(wilson(k, n)),
+                "per_photo": per_photo(per),
+                "distinct": distinct_share(held_texts.get(v, [])),
+                "votes_cast": cast.get(v, 0),
+            }
+        decision = (test or {}).get("decision") or {}
+        rec |= {
+            "outcome": (test or {}).get("status", "unknown"),
+            "reason": (test or {}).get("reason"),
+            "decision": decision,
+            "counted": (test or {}).get("arms"),
+            "arms": arms,
+            "control_version": (test or {}).get("control"),
+            "active_after": (await asyncio.to_thread(registry))["active"],
+            "seconds": round(time.monotonic() - started, 2),
+        }
+        return rec
 
     def wait_for_training_env(self) -> None:
         if self.wait_file is None:
@@ -656,7 +941,13 @@ class Experiment:
         every held-out item liked (the gate's yardstick untouched)."""
         if not run_dir:
             return {"ok": False, "reason": "no run folder"}
-        net = {int(j["joke_id"]): int(j["net"]) for j in self.jokes()}
+        rows = self.jokes()
+        internal = asyncio.run(_internal_ids([str(j["joke_id"]) for j in rows]))
+        net = {
+            internal[str(j["joke_id"])]: int(j["net"])
+            for j in rows
+            if str(j["joke_id"]) in internal
+        }
         out: dict[str, Any] = {}
         for name in ("train", "heldout"):
             path = Path(run_dir) / "data" / f"{name}.json"
@@ -692,6 +983,8 @@ class Experiment:
                 if _cancelled(train):
                     raise RuntimeError(f"the control's training run was cancelled: {train}")
                 keep("train", train)
+            if self.cfg.ab and "ab" not in part:
+                keep("ab", await self.ab_phase(name, part["train"]))
             # only which model answers now: two answers per held-out picture
             keep("measure", await self.measure("after control", samples=2))
         else:
@@ -705,13 +998,24 @@ class Experiment:
                 if _cancelled(train):  # out of time: the next call trains on the same ratings
                     raise RuntimeError(f"round {rnd}'s training run was cancelled: {train}")
                 keep("train", train)
+            if self.cfg.ab and "ab" not in part:
+                keep("ab", await self.ab_phase(name, part["train"]))
             keep("measure", await self.measure(f"after round {rnd}"))
         rec: dict[str, Any] = {"step": name, **part}
         if name == "control":
             t = part["train"]
             rec["control"] = self.cfg.control
-            rec["export_check"] = self.check_control_export(t["run_dir"])
-            rec["blocked"] = t["status"] == "rejected" and t["active_after"] == t["active_before"]
+            rec["export_check"] = await asyncio.to_thread(self.check_control_export, t["run_dir"])
+            if self.cfg.ab:
+                ab = part.get("ab") or {}
+                rec["blocked"] = (
+                    ab.get("outcome") in ("rejected", "timeout")
+                    and ab.get("active_after") == t["active_before"]
+                )
+            else:
+                rec["blocked"] = (
+                    t["status"] == "rejected" and t["active_after"] == t["active_before"]
+                )
         rec["served_expected"] = (await asyncio.to_thread(registry))["active"]
         rec["seconds"] = round(sum(float(v.get("seconds", 0)) for v in part.values()), 2)
         del self.state["partial"][name]
@@ -823,6 +1127,14 @@ def dry_run_env(state_dir: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- main
 
 
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--render", type=Path, metavar="RESULTS", help="render docs from RESULTS")
@@ -846,7 +1158,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if f.name == "dry_run":
             continue
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
+        kind = type(getattr(defaults, f.name))
+        p.add_argument(flag, type=_flag if kind is bool else kind, default=None)
     return p.parse_args(argv)
 
 
@@ -856,11 +1169,17 @@ def make_config(args: argparse.Namespace) -> Config:
     if args.dry_run:
         # the instant engine's answers open with one of four phrases; two of them are liked
         values |= {"like": "科P", "batch_size": 1, "min_examples": 2, "samples_per_image": 4}
+        # the instant engine knows no pictures; both arms answer alike, so a large minimum
+        # effect lets the A/B step reject within a few rounds of votes instead of timing out
+        values |= {"audience": "words", "ab_min_effect": 0.5, "ab_min_votes": 20, "ab_users": 16}
+        values |= {"ab_heldout_samples": 1, "base_mix": 0.0}
     for f in dataclasses.fields(Config):
         given = getattr(args, f.name, None)
         if f.name != "dry_run" and given is not None:
             values[f.name] = given
     cfg = Config(**values)
+    if cfg.audience not in ("picture", "words"):
+        raise SystemExit(f"--audience {cfg.audience!r}: picture or words")
     if cfg.control not in ("matched", "all", "none"):
         raise SystemExit(f"--control {cfg.control!r}: matched, all or none")
     return cfg

@@ -41,8 +41,8 @@ class Proxy:
     def __init__(self, folder: Path, lora_r: int, seed: int) -> None:
         import torch
 
-        from bot.convert_internvl2 import convert_internvl2
-        from bot.tinymodel import make_tiny_model
+        from bot.engines.internvl.convert_internvl2 import convert_internvl2
+        from bot.engines.internvl.tinymodel import make_tiny_model
         from training.evaluate_hf import (
             IM_END,
             IM_START,
@@ -210,20 +210,52 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
     gate_side = {
         p for p in pool if heldout_bucket(hashlib.sha256(p.read_bytes()).hexdigest()) < 0.25
     }
-    audience = Audience(like=a.like, noise=0.1, voters=3, seed=seed)
+    from bench.learning_loop.audience import PictureAudience, source_of
+
+    words = Audience(like=a.like, noise=0.1, voters=3, seed=seed)
+    pictures = PictureAudience(noise=0.1, voters=3, seed=seed)
+
+    def likes(text: str, picture: Path) -> bool:
+        return pictures.likes(text, picture.name) if a.audience == "picture" else words.likes(text)
+
+    def votes(joke: int, text: str, picture: Path) -> list[int]:
+        if a.audience == "picture":
+            return pictures.votes(joke, text, picture.name)
+        return words.votes(joke, text)
+
     proxy = Proxy(folder / f"model-{seed}", a.lora_r, seed)
     proxy.top_k = a.top_k
     rated: list[tuple[int, Path, str, int]] = []  # round, picture, text, net votes
     lines = []
 
     def like_rate() -> str:
-        texts = [t for p in heldout for t in proxy.sample(p, a.samples, a.max_new_tokens)]
-        k, n = sum(map(audience.likes, texts)), len(texts)
+        per: dict[str, list[int]] = {}
+        texts = []
+        for p in heldout:
+            for t in proxy.sample(p, a.samples, a.max_new_tokens):
+                kn = per.setdefault(source_of(p), [0, 0])
+                kn[0] += int(likes(t, p))
+                kn[1] += 1
+                texts.append(t)
+        k, n = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
         lo, hi = wilson(k, n)
-        return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]"
+        cells = " ".join(f"{src[:5]} {v[0]}/{v[1]}" for src, v in sorted(per.items()))
+        return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}] ({cells}; distinct {len(set(texts)) / n:.2f})"
+
+    from bench.learning_loop.audience import base_mix_items, neutral_pictures
+
+    base: list[tuple[Path, str]] = []
+    if a.base_mix > 0:
+        neutral = neutral_pictures(folder / "neutral", 20, 448, seed)
+        by_name = {q.name: q for q in neutral}
+        base = [
+            (by_name[i["image"][0]], i["conversations"][1]["value"])
+            for i in base_mix_items(neutral, 2000, PROMPT, seed)
+        ]
 
     def sets(control: str | None = None) -> tuple[list[Any], list[Any]]:
         liked = [(p, t) for _, p, t, net in rated if net > 0 and p not in gate_side]
+        liked += base[: int(a.base_mix * len(liked))]
         held = [(p, t) for _, p, t, net in rated if net > 0 and p in gate_side][:32]
         if control is None:
             return liked, held
@@ -240,7 +272,7 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
     for rnd in range(1, a.rounds + 1):
         for picture in pool:
             for text in proxy.sample(picture, a.answers, a.max_new_tokens):
-                rated.append((rnd, picture, text, sum(audience.votes(len(rated) + 1, text))))
+                rated.append((rnd, picture, text, sum(votes(len(rated) + 1, text, picture))))
         train, held = sets()
         proxy.load(proxy.active)
         before = proxy.loss(held)
@@ -321,7 +353,11 @@ def check_conditional(a: argparse.Namespace, seed: int, folder: Path) -> list[st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--like", default="猫狗")
+    p.add_argument("--like", default="猫狗", help="the words audience's characters")
+    p.add_argument("--audience", choices=("words", "picture"), default="picture")
+    p.add_argument(
+        "--base-mix", type=float, default=0.0, help="base items (neutral picture, a word) per liked"
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--train-images", type=int, default=40)
     p.add_argument("--answers", type=int, default=4, help="answers per picture and round")

@@ -51,23 +51,42 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "wilson95": m["wilson95"],
                 "bootstrap95": m["bootstrap95"],
                 "served": m["versions"],
+                "per_photo": m.get("per_photo"),
+                "distinct": m.get("distinct"),
+                "top_answers": m.get("top_answers"),
             }
             if base and name != "round-0":
                 k0, n0, k1, n1 = base["liked"], base["n"], m["liked"], m["n"]
                 row["delta"] = m["rate"] - base["rate"]
                 row["delta95"] = list(bootstrap_diff(base["per_image"], m["per_image"]))
                 row["p"] = two_proportion_p(k0, n0, k1, n1)
-        for key in ("answers", "ratings", "train", "export_check", "blocked", "served_expected"):
+        keys = ("answers", "ratings", "train", "ab", "export_check", "blocked", "served_expected")
+        for key in keys:
             if key in rec:
                 row[key] = rec[key]
         rows.append(row)
     rounds = [r for r in rows if r["step"] not in ("round-0", "control")]
-    trained = [r for r in rounds if r.get("train", {}).get("status") in ("succeeded", "rejected")]
+    ended = ("succeeded", "rejected", "testing")
+    trained = [r for r in rounds if r.get("train", {}).get("status") in ended]
     last = rounds[-1] if rounds else None
     verdicts: dict[str, Any] = {
         "rounds_end_to_end": len(trained),
         "rounds_planned": config.get("rounds"),
-        "promotions": sum(1 for r in rounds if r.get("train", {}).get("promoted")),
+        "promotions": sum(
+            1
+            for r in rounds
+            if r.get("train", {}).get("promoted")
+            or (r.get("ab") or {}).get("outcome") == "promoted"
+        ),
+        "ab_decisions": [
+            {
+                "step": r["step"],
+                "outcome": (r.get("ab") or {}).get("outcome"),
+                "votes": _counted_votes(r.get("ab") or {}),
+            }
+            for r in rows
+            if r.get("ab")
+        ],
     }
     if last and "delta95" in last:
         verdicts["learned"] = {
@@ -80,8 +99,16 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         }
     control = steps.get("control")
     if control:
+        ab = control.get("ab") or {}
+        own = (ab.get("arms") or {}).get(ab.get("version") or "", {})
         verdicts["control"] = {
             "mode": control.get("control"),
+            "ab_outcome": ab.get("outcome"),
+            "ab_reason": ab.get("reason"),
+            "ab_votes": _counted_votes(ab),
+            "heldout_rate": own.get("heldout_rate"),
+            "heldout_wilson95": own.get("heldout_wilson95"),
+            "heldout_n": own.get("heldout_n"),
             "status": control["train"]["status"],
             "gate_reasons": control["train"]["gate_reasons"],
             "active_before": control["train"]["active_before"],
@@ -103,6 +130,39 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "applicable": not config.get("dry_run"),
     }
     return {"config": config, "rows": rows, "verdicts": verdicts, "calls": calls}
+
+
+def _counted_votes(ab: dict[str, Any]) -> dict[str, int] | None:
+    counted = ab.get("counted") or {}
+    if not counted:
+        return None
+    return {arm: int(c.get("votes", 0)) for arm, c in counted.items()}
+
+
+def _ab_cell(row: dict[str, Any]) -> str:
+    ab = row.get("ab")
+    if not ab:
+        return "–"
+    if ab.get("outcome") == "not tested":
+        return f"not tested (run {ab.get('run_status')})"
+    votes = _counted_votes(ab) or {}
+    arms = ab.get("arms") or {}
+    cand = arms.get(ab.get("version") or "", {})
+    ctrl = arms.get(ab.get("control_version") or "") or next(
+        (a for v, a in arms.items() if v != ab.get("version")), {}
+    )
+    d = ab.get("decision") or {}
+    out = (
+        f"**{ab.get('outcome')}** on {votes.get('control', '?')} + {votes.get('candidate', '?')} "
+        f"counted votes (control {_pct(d.get('control_rate'))}, candidate "
+        f"{_pct(d.get('candidate_rate'))}; lift {_interval(d.get('difference_interval'), True)})"
+    )
+    if cand.get("heldout_n"):
+        out += (
+            f"; held-out: candidate {_pct(cand.get('heldout_rate'))}, control "
+            f"{_pct(ctrl.get('heldout_rate'))}"
+        )
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -170,8 +230,9 @@ def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
         ]
     lines += [
         "| step | served model | held-out like-rate | 95 % interval (Wilson; pictures) "
-        "| Δ vs round 0 (95 %, p) | rated answers (👍 audience / rule) | train run | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Δ vs round 0 (95 %, p) | distinct answers | rated answers (👍 audience / rule) "
+        "| train run | live A/B | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         rate = f"{_pct(row.get('rate'))} ({row.get('liked', '–')}/{row.get('n', '–')})"
@@ -192,8 +253,40 @@ def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
                 f"trained on {tr.get('disliked', '?')}/{tr.get('items', '?')} disliked; "
                 f"held out {ho.get('liked', '?')}/{ho.get('items', '?')} liked"
             )
-        cells = [row["step"], _served(row), rate, iv, delta, rated, _train_cell(row), _times(row)]
+        distinct = _pct(row.get("distinct")) if row.get("distinct") is not None else "–"
+        cells = [
+            row["step"],
+            _served(row),
+            rate,
+            iv,
+            delta,
+            distinct,
+            rated,
+            _train_cell(row),
+            _ab_cell(row),
+            _times(row),
+        ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    photos = sorted({src for row in rows for src in (row.get("per_photo") or {})})
+    if photos:
+        lines += [
+            "",
+            "Held-out like-rate per source photo (liked/answers):",
+            "",
+            "| step | " + " | ".join(photos) + " |",
+            "|---|" + "---|" * len(photos),
+        ]
+        for row in rows:
+            pp = row.get("per_photo") or {}
+            if not pp:
+                continue
+            cells = [
+                f"{_pct(pp[s][0] / pp[s][1])} ({pp[s][0]}/{pp[s][1]})"
+                if s in pp and pp[s][1]
+                else "–"
+                for s in photos
+            ]
+            lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
     lines += ["", "**Verdicts**", ""]
     learned = v.get("learned")
     if learned:
@@ -209,7 +302,18 @@ def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
     else:
         lines.append("- like-rate: no round measured yet")
     control = v.get("control")
-    if control:
+    if control and control.get("ab_outcome"):
+        mark = "PASS" if control["passed"] else "FAIL"
+        lines.append(
+            f"- {mark} control ({control['mode']}, trained on disliked answers) in the live A/B: "
+            f"{control['ab_outcome']} on {control.get('ab_votes')} counted votes — "
+            f"{control.get('ab_reason')}; active model `{control['active_before']}` → "
+            f"`{control['active_after']}`; its own held-out like-rate "
+            f"{_pct(control.get('heldout_rate'))} {_interval(control.get('heldout_wilson95'))} "
+            f"(n={control.get('heldout_n')}); export check "
+            + ("ok" if control["export_ok"] else "FAILED")
+        )
+    elif control:
         mark = "PASS" if control["passed"] else "FAIL"
         lines.append(
             f"- {mark} control ({control['mode']}, trained on disliked answers): "
@@ -232,6 +336,8 @@ def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
         f"- rounds end to end: {v['rounds_end_to_end']} of {v.get('rounds_planned')}, "
         f"{v['promotions']} promoted"
     )
+    for d in v.get("ab_decisions", []):
+        lines.append(f"- live A/B {d['step']}: {d['outcome']} on {d['votes']} counted votes")
     if plot:
         lines += ["", f"![held-out like-rate per round]({plot})"]
     if cfg:

@@ -111,11 +111,11 @@ def test_a_step_starts_only_when_it_is_expected_to_fit(tmp_path: Path) -> None:
         return Experiment(Config(rounds=2), tmp_path, tmp_path, budget, state={"done": done})
 
     assert exp(300, {}).next_step() == "round-0"
-    assert exp(300, {"round-0": {"seconds": 20}}).next_step() == "round-1"  # default 260 s
+    assert exp(320, {"round-0": {"seconds": 20}}).next_step() == "round-1"  # default 300 s
     assert exp(200, {"round-0": {"seconds": 20}}).next_step() is None
     measured = {"round-0": {"seconds": 20}, "round-1": {"seconds": 100}}
     assert exp(200, measured).next_step() == "round-2"  # 110 s expected now
-    assert exp(200, measured | {"round-2": {"seconds": 90}}).next_step() == "control"
+    assert exp(240, measured | {"round-2": {"seconds": 90}}).next_step() == "control"  # 220 s
     everything = measured | {"round-2": {"seconds": 90}, "control": {"seconds": 50}}
     assert exp(900, everything).next_step() is None
 
@@ -154,6 +154,9 @@ def _harness(state: Path, out: Path, *extra: str) -> subprocess.CompletedProcess
         # The noise itself is tested above.
         "--noise",
         "0.0",
+        # version 1's path: the offline gate decides (test_learning_loop_v2.py: the live A/B)
+        "--ab",
+        "false",
         *extra,
     ]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -161,15 +164,17 @@ def _harness(state: Path, out: Path, *extra: str) -> subprocess.CompletedProcess
     return done
 
 
-def _stored_votes(state: Path) -> dict[int, list[int]]:
-    async def main() -> dict[int, list[int]]:
+def _stored_votes(state: Path) -> dict[str, list[int]]:
+    """Votes per joke as the store holds them, keyed by the web API's (public) joke id."""
+
+    async def main() -> dict[str, list[int]]:
         data = state / "data"
         store = Store(f"sqlite+aiosqlite:///{data / 'oogiri.sqlite3'}", data / "images")
         try:
             rated = await store.rated_jokes()
         finally:
             await store.close()
-        return {e["joke"].id: sorted(v for _, v in e["votes"]) for e in rated}
+        return {str(e["joke"].public_id): sorted(v for _, v in e["votes"]) for e in rated}
 
     return asyncio.run(main())
 

@@ -92,3 +92,41 @@ def test_distinct_share() -> None:
     assert distinct_share(["a", "a", "b", "c"]) == 0.75
     assert distinct_share(["猫"] * 10) == 0.1
     assert distinct_share([]) is None
+
+
+def test_dry_run_the_live_ab_step_decides_each_candidate(tmp_path: Path) -> None:
+    """The harness's A/B path on the CPU stand-ins: each trained candidate goes to the product's
+    live A/B step (``testing``), simulated people on both arms vote through the web API, and the
+    product's decision (``GET /api/ab``) is what is recorded. The instant engine answers alike on
+    both arms, so with the dry run's large minimum effect every candidate is rejected."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OOGIRI_", "FAKE_"))}
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bench.learning_loop", "--dry-run"]
+    args += ["--state", str(tmp_path / "state"), "--out", str(out), "--rounds", "1"]
+    args += ["--train-images", "12", "--heldout-images", "2", "--answers-per-image", "2"]
+    args += ["--samples-per-image", "2", "--image-size", "96", "--heldout-fraction", "0.5"]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text("utf-8").splitlines()]
+    rec = {r["step"]: r for r in records if r["kind"] == "step"}
+    assert list(rec) == ["round-0", "round-1", "control"]
+    for name in ("round-1", "control"):
+        ab = rec[name]["ab"]
+        assert rec[name]["train"]["status"] == "testing"  # the offline gate passed it on
+        assert ab["outcome"] == "rejected" and "cannot reach" in ab["reason"]
+        counted = ab["counted"]
+        assert counted["control"]["votes"] >= 20 and counted["candidate"]["votes"] >= 20
+        assert ab["active_after"] == ab["control_version"]  # the active model stayed
+        # each arm's held-out answers were measured apart
+        assert ab["version"] in ab["arms"] and len(ab["arms"]) == 2
+    assert rec["control"]["blocked"]
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    v = summary["verdicts"]
+    assert v["control"]["passed"] and v["control"]["ab_outcome"] == "rejected"
+    assert [d["outcome"] for d in v["ab_decisions"]] == ["rejected", "rejected"]
+    table = (out / "summary.md").read_text(encoding="utf-8")
+    assert "live A/B" in table and "per source photo" in table
