@@ -49,7 +49,7 @@ case "${1:-test}" in
     if [ ! -f "$MODEL/config.json" ]; then
       python3 -c "
 from pathlib import Path
-from bot.tinymodel import make_tiny_model
+from bot.engines.internvl.tinymodel import make_tiny_model
 make_tiny_model(Path('$MODEL'), layout='internvl2', size='full', device='cuda')
 " 2>&1 | tail -3
     fi
@@ -87,10 +87,10 @@ PY
       done > "$OUT/logs-tail.txt" 2>&1
       exit 0
     fi
-    timeout "$left" python3 bench/serve.py --plan "$OUT/plan.json" --images .device/photos \
+    timeout "$left" python3 -m bench.serve --plan "$OUT/plan.json" --images .device/photos \
       --out "$OUT/bench" --deadline-s $(( left - 60 )) --startup-timeout-s "${STARTUP_S:-420}" 2>&1 | tail -40
     # killed at the limit: the finished cells are in serve-results.jsonl; render them anyway
-    [ -f "$OUT/bench/serve.md" ] || python3 bench/serve.py --render "$OUT/bench/serve-results.jsonl" \
+    [ -f "$OUT/bench/serve.md" ] || python3 -m bench.serve --render "$OUT/bench/serve-results.jsonl" \
       > "$OUT/bench/serve.md" 2>/dev/null
     ;;
   *)

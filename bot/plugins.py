@@ -11,9 +11,9 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel
 
 from bot import hookspecs
-from bot.settings import register_plugin_sections
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,42 @@ def make_manager(
     for plugin in extra:
         if not pm.is_registered(plugin):  # already loaded through its entry point
             pm.register(plugin)
-    register_plugin_sections(pm)
+    pm.hook.oogiri_register_settings(register=add_settings_section)
     return pm
+
+
+# Settings sections contributed by plugins (``oogiri_register_settings``), for the whole process:
+# ``bot.settings.settings_class()`` builds the Settings class from the core fields and these.
+_settings_sections: dict[str, type[BaseModel]] = {}
+
+
+def _qualified(model: type) -> str:
+    return f"{model.__module__}.{model.__qualname__}"
+
+
+def add_settings_section(section: str, model: type[BaseModel]) -> None:
+    """The ``register`` callback of ``oogiri_register_settings``: ``register(section, Model)``.
+
+    A plugin loaded twice may register the same model again, and a subclass refines the section's
+    model; two unrelated models for one section are an error.
+    """
+    if not section.isidentifier() or section != section.lower() or section.startswith("_"):
+        raise ValueError(f"settings section {section!r}: use a lower-case Python identifier")
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise TypeError(f"settings section {section!r}: {model!r} is not a pydantic model")
+    previous = _settings_sections.get(section)
+    if previous is None or issubclass(model, previous):
+        _settings_sections[section] = model
+    elif not issubclass(previous, model):
+        raise ValueError(
+            f"settings section {section!r} is registered twice "
+            f"({_qualified(previous)}, {_qualified(model)})"
+        )
+
+
+def settings_sections() -> dict[str, type[BaseModel]]:
+    """Every plugin section registered so far in this process."""
+    return dict(_settings_sections)
 
 
 async def resolve(value: Any) -> Any:

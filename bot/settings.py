@@ -28,6 +28,7 @@ from pydantic_settings import (
 
 from bot.ab_settings import AbSettings
 from bot.moderation_settings import ModerationSettings
+from bot.plugins import add_settings_section, make_manager, settings_sections
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,6 @@ class Settings(BaseSettings):
 # class from the core fields plus every section of the installed plugins (all entry points, found
 # once per process) and of the plugins handed to ``make_manager``.
 
-_sections: dict[str, type[BaseModel]] = {}
 _discovery = threading.Lock()
 _discovered = False
 
@@ -271,16 +271,14 @@ class UnknownSettingsError(ValueError):
         )
 
 
-def _name(model: type) -> str:
-    return f"{model.__module__}.{model.__qualname__}"
-
-
 def register_section(section: str, model: type[BaseModel]) -> None:
-    """The ``register`` callback of ``oogiri_register_settings``: add (or extend) a section."""
-    if not section.isidentifier() or section != section.lower() or section.startswith("_"):
-        raise ValueError(f"settings section {section!r}: use a lower-case Python identifier")
-    if not (isinstance(model, type) and issubclass(model, BaseModel)):
-        raise TypeError(f"settings section {section!r}: {model!r} is not a pydantic model")
+    """Add (or extend) a section, as ``oogiri_register_settings``'s ``register`` callback does."""
+    _check_core(section, model)
+    add_settings_section(section, model)
+
+
+def _check_core(section: str, model: type[BaseModel]) -> None:
+    """A core section is extended by a subclass of its model, never replaced."""
     core = Settings.model_fields.get(section)
     if core is not None:
         base = core.annotation
@@ -291,18 +289,6 @@ def register_section(section: str, model: type[BaseModel]) -> None:
                 f"settings section {section!r} belongs to the core: register a subclass of "
                 f"{base.__name__} to add fields to it"
             )
-    previous = _sections.get(section)
-    if previous is None or issubclass(model, previous):
-        _sections[section] = model
-    elif not issubclass(previous, model):
-        raise ValueError(
-            f"settings section {section!r} is registered twice ({_name(previous)}, {_name(model)})"
-        )
-
-
-def register_plugin_sections(pm: Any) -> None:
-    """Ask every plugin of ``pm`` for its sections (``bot.plugins.make_manager`` does this)."""
-    pm.hook.oogiri_register_settings(register=register_section)
 
 
 def _discover() -> None:
@@ -311,8 +297,6 @@ def _discover() -> None:
         if _discovered:
             return
         _discovered = True
-        from bot.plugins import make_manager
-
         make_manager(None)  # every installed plugin, whatever OOGIRI_PLUGINS says
 
 
@@ -329,7 +313,10 @@ def _build(sections: tuple[tuple[str, type[BaseModel]], ...]) -> type[Settings]:
 def settings_class() -> type[Settings]:
     """The settings class of this process: the core's fields plus every plugin section."""
     _discover()
-    return _build(tuple(sorted(_sections.items())))
+    sections = settings_sections()
+    for name, model in sections.items():
+        _check_core(name, model)
+    return _build(tuple(sorted(sections.items())))
 
 
 def _field_model(annotation: Any) -> type[BaseModel] | None:

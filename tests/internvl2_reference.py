@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from bot.tiny_internvl2 import weight_shapes
-from bot.tinymodel import CORPUS, make_tiny_model
+from bot.engines.internvl.tiny_internvl2 import weight_shapes
+from bot.engines.internvl.tinymodel import CORPUS, make_tiny_model
 
 TILES = 2
 MATCH = 2e-4  # max |Δlogit| allowed between the converted model and the reference

@@ -231,7 +231,7 @@ def test_plugins_wrap_instead_of_cutting(data_dir: Path) -> None:
     for name, module in (
         ("web", "plugins.web"),
         ("engine_transformers", "bot.engines.transformers_engine"),
-        ("engine_lmdeploy_server", "bot.engines.lmdeploy_server"),
+        ("engine_lmdeploy_server", "bot.engines.lmdeploy_plugin"),
     ):
         assert f"{name}  ({module})" in plugins.stdout
     assert "oogiri_register_commands" in plugins.stdout

@@ -39,8 +39,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import bot.convert_internvl2 as conv
-from bot.tinymodel import (
+import bot.engines.internvl.convert_internvl2 as conv
+from bot.engines.internvl.tinymodel import (
     INTERNVL2_ADDED,
     make_tiny_model,
     train_sentencepiece,
@@ -409,7 +409,9 @@ def test_settings_convert_once_into_the_data_dir(
 
 
 def test_cli_converts_and_reports_errors(iv2_2b: Path, tmp_path: Path) -> None:
-    from bot.cli import cli
+    from bot.cli import build_cli
+
+    cli = build_cli()  # the dev commands come from the transformers engine plugin
 
     runner = CliRunner()
     ok = runner.invoke(cli, ["dev", "convert-internvl2", str(iv2_2b), str(tmp_path / "hf")])
@@ -451,7 +453,10 @@ def test_oogiri_joke_on_a_converted_and_an_internvl2_folder(
     assert converted.returncode == 0, converted.stderr
     chelsea = str(sample_dir / "chelsea.png")
     for model in (tmp_path / "hf", src):
-        result = _oogiri(["joke", "--json", chelsea], data, OOGIRI_ENGINE__MODEL=str(model))
+        # --local: this model, loaded here, even if an `oogiri serve` runs on this machine
+        result = _oogiri(
+            ["joke", "--local", "--json", chelsea], data, OOGIRI_ENGINE__MODEL=str(model)
+        )
         assert result.returncode == 0, result.stderr
         joke = json.loads(result.stdout)
         assert joke["image"] == chelsea and joke["engine"] == "transformers"

@@ -34,7 +34,7 @@ import internvl2_reference as ref  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import bot.convert_internvl2 as conv  # noqa: E402
+import bot.engines.internvl.convert_internvl2 as conv  # noqa: E402
 
 PACKAGE = "oogiri_upstream_internvl2"
 

@@ -144,10 +144,11 @@ def test_config_show_masks_secrets_and_strict_refuses_unknown_keys(
 @pytest.fixture
 def plugin_sections():
     """Sections registered by a test are forgotten after it."""
-    import bot.settings as core
+    import bot.plugins
+    import bot.settings
 
-    core.settings_class()  # the installed plugins' sections are found before the snapshot
-    saved = dict(core._sections)
+    bot.settings.settings_class()  # the installed plugins' sections are found before the snapshot
+    saved = bot.plugins.settings_sections()
     yield
-    core._sections.clear()
-    core._sections.update(saved)
+    bot.plugins._settings_sections.clear()
+    bot.plugins._settings_sections.update(saved)

@@ -12,8 +12,8 @@ import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from bot.tiny_internvl2 import build_config, weight_shapes
-from bot.tinymodel import make_tiny_model
+from bot.engines.internvl.tiny_internvl2 import build_config, weight_shapes
+from bot.engines.internvl.tinymodel import make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,9 @@ def test_seed_is_reproducible_and_marker_written(tmp_path: Path, iv2: Path) -> N
 
 
 def test_cli_builds_layout_and_reports_bad_layout(tmp_path: Path) -> None:
-    from bot.cli import cli
+    from bot.cli import build_cli
+
+    cli = build_cli()  # the dev commands come from the transformers engine plugin
 
     ok = CliRunner().invoke(
         cli, ["dev", "make-tiny-model", str(tmp_path / "m"), "--layout", "internvl2"]

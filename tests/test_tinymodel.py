@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from bot.engines.internvl.tinymodel import IMAGE_TOKENS, MARKER, make_tiny_model, read_marker
 from bot.settings import DEFAULT_PROMPT
-from bot.tinymodel import IMAGE_TOKENS, MARKER, make_tiny_model, read_marker
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ from PIL import Image
 
 from bot.engines import transformers_engine
 from bot.engines.base import Engine
+from bot.engines.internvl.tinymodel import make_tiny_model
 from bot.engines.transformers_engine import TransformersEngine
 from bot.models import EngineError, Generation, GenerationParams, NormalizedImage
 from bot.plugins import collect, make_manager
 from bot.settings import DEFAULT_PROMPT, Settings
-from bot.tinymodel import make_tiny_model
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -372,7 +372,7 @@ async def test_no_model_configured_builds_the_demo_once_and_warns(
     def no_rebuild(*args: object, **kwargs: object) -> Path:
         raise AssertionError("the demo model was built twice")
 
-    monkeypatch.setattr("bot.tinymodel.make_tiny_model", no_rebuild)
+    monkeypatch.setattr("bot.engines.internvl.tinymodel.make_tiny_model", no_rebuild)
     again = TransformersEngine.from_settings(settings)
     await again.close()
     assert again.is_demo

@@ -32,9 +32,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from bot.engines.internvl.tinymodel import MARKER, read_marker
 from bot.plugins import call_hook
 from bot.settings import Settings
-from bot.tinymodel import MARKER, read_marker
 from training.config import ConfigError, Plan, TrainParams, min_schedule_samples, write_config
 from training.export import ExportResult, NotEnoughData, export_dataset
 from training.gate import (

@@ -1,6 +1,6 @@
 """``oogiri engine …``: clients of a running ``oogiri serve``'s control socket.
 
-Registered through ``bot.engines.lmdeploy_server``'s ``oogiri_register_commands`` hook.
+Registered through ``bot.engines.lmdeploy_plugin``'s ``oogiri_register_commands`` hook.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ import httpx
 from pydantic import Field
 
 from bot.engines.base import EngineHealth
+from bot.engines.internvl import CHAT_TEMPLATE
 from bot.engines.openai_http import (
     CHAT_PATH,
     HEALTH_PATH,
@@ -59,13 +60,12 @@ from bot.engines.openai_http import (
     to_data_url,
 )
 from bot.engines.serving_view import serving_folder
-from bot.hookspecs import hookimpl
 from bot.models import EngineError, Generation, GenerationParams, NormalizedImage
 from bot.settings import EngineSettings, Settings
 
 log = logging.getLogger(__name__)
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "internvl2_internlm2.json"
+TEMPLATE = CHAT_TEMPLATE
 STATE_FILE = "engine-state.json"
 LOG_ROTATE_BYTES = 64 * 1024 * 1024
 Progress = Callable[[str], None]
@@ -877,42 +877,8 @@ def control_request(
 # --------------------------------------------------------------------------- hooks
 
 
-@hookimpl
-def oogiri_register_settings(register: Callable[..., None]) -> None:
-    register("engine", LMDeployEngineSettings)
-
-
 def make_lmdeploy_engine(settings: Settings) -> Any:
     """``engine.name = "lmdeploy"``: a managed server when ``engine.manage``, else plain HTTP."""
     if server_settings(settings).manage:
         return ManagedLMDeploy(settings)
     return OpenAIHTTPEngine(settings.engine, flavor="lmdeploy")
-
-
-@hookimpl
-def oogiri_register_engines(register: Callable[..., Any], settings: Any) -> None:
-    register("lmdeploy", make_lmdeploy_engine)
-
-
-@hookimpl
-async def oogiri_startup(app: Any) -> None:
-    if not isinstance(app.engine, ManagedLMDeploy):
-        return
-    await app.engine.start()
-    control = ControlServer(app, socket_path(app.settings))
-    if await control.start():
-        app.state["engine_control"] = control
-
-
-@hookimpl
-async def oogiri_shutdown(app: Any) -> None:
-    control = app.state.pop("engine_control", None)
-    if control is not None:
-        await control.close()
-
-
-@hookimpl
-def oogiri_register_commands(cli: Any) -> None:
-    from bot.engines.cli import register
-
-    register(cli)

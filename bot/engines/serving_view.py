@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 PROJECT_CONFIG = (
-    Path(__file__).resolve().parents[1] / "remote_code" / "configuration_internvl_chat.py"
+    Path(__file__).resolve().parent / "internvl" / "remote_code" / "configuration_internvl_chat.py"
 )
 CONFIG_MODULE = "configuration_internvl_chat"
 CONFIG_CLASS = f"{CONFIG_MODULE}.InternVLChatConfig"

@@ -3,7 +3,8 @@
 The model folder is transformers' native InternVL layout (``InternVLForConditionalGeneration``).
 An InternVL2 folder (OpenGVLab's ``InternVLChatModel``, whose remote code cannot run on transformers
 5) configured in settings is converted once into ``DATA_DIR/models/converted/`` (see
-``bot.convert_internvl2``); constructing the engine on one directly says how to convert it.
+``bot.engines.internvl.convert_internvl2``); constructing the engine on one directly says how to
+convert it.
 Loading happens when the engine is built (the app calls engine factories in a worker thread);
 every generation then runs on one dedicated thread, so the event loop never blocks and the model
 never runs two requests at once.
@@ -32,8 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.convert_internvl2 import is_internvl2_folder
 from bot.engines.base import EngineHealth
+from bot.engines.internvl.convert_internvl2 import is_internvl2_folder
+from bot.engines.internvl.tinymodel import version_label
 from bot.hookspecs import hookimpl
 from bot.models import EngineError, Generation, GenerationParams, NormalizedImage, Usage
 
@@ -67,19 +69,6 @@ def _short(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def version_label(model_dir: Path, configured: str | None = None) -> str:
-    """The label stored with each joke: configured, else the folder's marker, else its name."""
-    from bot.tinymodel import read_marker
-
-    if configured:
-        return configured
-    marker = read_marker(model_dir) or {}
-    version = marker.get("version")
-    if isinstance(version, str) and version:
-        return version
-    return Path(model_dir).resolve().name
-
-
 DEMO_PREFIX = "[demo model — random text]"
 
 
@@ -91,7 +80,7 @@ def demo_framed(text: str) -> str:
 
 def ensure_demo_model(data_dir: Path) -> Path:
     """The tiny demo model in ``data_dir``, built once (atomically) and reused afterwards."""
-    from bot.tinymodel import make_tiny_model, read_marker
+    from bot.engines.internvl.tinymodel import make_tiny_model, read_marker
 
     target = data_dir / DEMO_DIR
     if read_marker(target) and (target / "model.safetensors").is_file():
@@ -121,7 +110,7 @@ def internvl2_hint(model_dir: Path) -> str:
 
 def _converted_if_internvl2(model_dir: Path, settings: Settings) -> Path:
     """An InternVL2 folder's converted copy in the data dir (made on first use), else the folder."""
-    from bot.convert_internvl2 import ConversionError, ensure_converted
+    from bot.engines.internvl.convert_internvl2 import ConversionError, ensure_converted
 
     if not is_internvl2_folder(model_dir):
         return model_dir
@@ -411,3 +400,10 @@ class TransformersEngine:
 @hookimpl
 def oogiri_register_engines(register: Callable[..., Any], settings: Any) -> None:
     register("transformers", TransformersEngine.from_settings)
+
+
+@hookimpl
+def oogiri_register_commands(cli: Any) -> None:
+    from bot.engines.internvl.cli import register
+
+    register(cli)

@@ -36,13 +36,13 @@ if [ ! -f "$MODEL/modeling_internvl_chat.py" ]; then
   t=$SECONDS
   [ -f "$MODEL/config.json" ] || "$PY" -c "
 from pathlib import Path
-from bot.tinymodel import make_tiny_model
+from bot.engines.internvl.tinymodel import make_tiny_model
 make_tiny_model(Path('$MODEL'), layout='internvl2', size='full', device='cuda')
 " 2>&1 | tail -3
   "$PY" scripts/prepare_internvl_code.py install "$MODEL" --code ext/internvl2-code | head -1
   echo "model ready: $((SECONDS - t)) s"; du -sh "$MODEL"
 fi
 left=$((BUDGET - SECONDS))
-timeout -k 10 "$left" "$PY" bench/train_throughput.py --model "$MODEL" --xtuner-python "$XT/bin/python" \
+timeout -k 10 "$left" "$PY" -m bench.train_throughput --model "$MODEL" --xtuner-python "$XT/bin/python" \
   --photos .device/photos --out "$OUT/tp" --iters "${ITERS:-30}" --timeout 200 ${ONLY:+--only "$ONLY"}
 echo "exit $? after $SECONDS s"

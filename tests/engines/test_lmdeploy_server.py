@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from enginesupport import FAKES, jpeg_image
 
-from bot.engines import lmdeploy_server
+from bot.engines import lmdeploy_plugin, lmdeploy_server
 from bot.engines.lmdeploy_server import (
     TEMPLATE,
     ControlServer,
@@ -360,7 +360,7 @@ async def test_swap_and_status_from_a_separate_process(
     from bot.app import App
 
     engine = ManagedLMDeploy(settings)
-    app = await App.create(settings, engine=engine, plugins=[lmdeploy_server])
+    app = await App.create(settings, engine=engine, plugins=[lmdeploy_plugin])
     stack = contextlib.ExitStack()
     try:
         # the startup hook started the server and the control socket
@@ -441,7 +441,7 @@ def test_engine_command_prints_the_command_line(
     from typer.testing import CliRunner
 
     cli = typer.Typer()
-    lmdeploy_server.oogiri_register_commands(cli)
+    lmdeploy_plugin.oogiri_register_commands(cli)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OOGIRI_DATA_DIR", str(tmp_path / "d"))
     monkeypatch.setenv("OOGIRI_ENGINE__API_KEY", "sk-hidden")

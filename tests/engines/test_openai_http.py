@@ -12,7 +12,7 @@ import pytest
 from enginesupport import engine_settings, jpeg_image
 from fake_lmdeploy import FIXTURES, FakeLMDeploy, load_fixture
 
-from bot.engines import lmdeploy_server
+from bot.engines import lmdeploy_plugin
 from bot.engines.base import Engine
 from bot.engines.lmdeploy_server import make_lmdeploy_engine
 from bot.engines.openai_http import (
@@ -606,7 +606,7 @@ def test_registered_as_lmdeploy_and_openai(tmp_path: Path) -> None:
     registered = {}
     settings = Settings(_env_file=None, data_dir=tmp_path)
     oogiri_register_engines(register=registered.__setitem__, settings=settings)
-    lmdeploy_server.oogiri_register_engines(register=registered.__setitem__, settings=settings)
+    lmdeploy_plugin.oogiri_register_engines(register=registered.__setitem__, settings=settings)
     assert set(registered) == {"lmdeploy", "openai"}
     lm = registered["lmdeploy"](settings)
     oa = registered["openai"](settings)

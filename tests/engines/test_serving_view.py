@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from test_lmdeploy_server import FAKE_CMD, free_port_block
 
+from bot.engines.internvl.tinymodel import make_tiny_model
 from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 from bot.engines.lmdeploy_server import ServerProcess
 from bot.engines.serving_view import PROJECT_CONFIG, needs_view, serving_folder
-from bot.tinymodel import make_tiny_model
 
 # What a real InternVL2-2B folder (and every model XTuner's convert_to_official writes) carries:
 # InternVL's own config class, which LMDeploy 0.18 on transformers 5 cannot use.

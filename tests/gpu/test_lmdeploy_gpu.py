@@ -100,7 +100,7 @@ def model_folders(work: Path) -> tuple[Path, Path]:
     if given:
         a = Path(given)
     else:
-        from bot.tinymodel import make_tiny_model
+        from bot.engines.internvl.tinymodel import make_tiny_model
 
         a = make_tiny_model(work / "tiny-a", layout="internvl2", seed=0)
     b = work / "tiny-b"

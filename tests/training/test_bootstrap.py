@@ -44,7 +44,7 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bot.tinymodel import make_tiny_model
+    from bot.engines.internvl.tinymodel import make_tiny_model
 
     return Path(make_tiny_model(tmp_path_factory.mktemp("src") / "tiny", layout="internvl2"))
 

@@ -516,7 +516,7 @@ async def test_end_to_end_with_the_real_transformers_evaluator(
     """A real (tiny, random) model as the base: the stand-in convert copies its files, and
     evaluate_hf.py scores candidate and active for real on the held-out photos (CPU)."""
     pytest.importorskip("torch")
-    from bot.tinymodel import make_tiny_model
+    from bot.engines.internvl.tinymodel import make_tiny_model
 
     base = make_tiny_model(tmp_path / "tiny", seed=1)
     t = rig.training

@@ -255,7 +255,7 @@ def make_tiny_model(
 def _make_internvl2(out_dir: Path, *, seed: int, size: str, device: str) -> Path:
     from transformers import PreTrainedTokenizerFast
 
-    from bot.tiny_internvl2 import SIZES, write_internvl2
+    from bot.engines.internvl.tiny_internvl2 import SIZES, write_internvl2
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; supported: {', '.join(SIZES)}")
@@ -399,7 +399,7 @@ class _VocabSize:
 
 
 def _make_internvl2_sentencepiece(out_dir: Path, *, seed: int, size: str, device: str) -> Path:
-    from bot.tiny_internvl2 import SIZES, write_internvl2
+    from bot.engines.internvl.tiny_internvl2 import SIZES, write_internvl2
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; supported: {', '.join(SIZES)}")
@@ -481,3 +481,14 @@ def read_marker(model_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def version_label(model_dir: Path, configured: str | None = None) -> str:
+    """The label stored with each joke: configured, else the folder's marker, else its name."""
+    if configured:
+        return configured
+    marker = read_marker(model_dir) or {}
+    version = marker.get("version")
+    if isinstance(version, str) and version:
+        return version
+    return Path(model_dir).resolve().name

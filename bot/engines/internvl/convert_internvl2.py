@@ -73,9 +73,9 @@ def is_internvl2_folder(path: Path) -> bool:
 
 
 def default_chat_template_file() -> Path:
-    from bot.engines.lmdeploy_server import TEMPLATE
+    from bot.engines.internvl import CHAT_TEMPLATE
 
-    return TEMPLATE
+    return CHAT_TEMPLATE
 
 
 # --------------------------------------------------------------------------- configuration
@@ -716,8 +716,7 @@ def _image_processor(cfg: dict[str, Any]) -> Any:
 
 
 def _marker(src: Path, params: int, fingerprint: str | None) -> dict[str, Any]:
-    from bot.engines.transformers_engine import version_label
-    from bot.tinymodel import read_marker
+    from bot.engines.internvl.tinymodel import read_marker, version_label
 
     marker = {k: v for k, v in (read_marker(src) or {}).items() if k not in ("layout", "version")}
     marker |= {
@@ -844,7 +843,7 @@ def ensure_converted(
     format are unchanged; an older conversion of the same source folder is removed once a new one
     is complete.
     """
-    from bot.tinymodel import read_marker
+    from bot.engines.internvl.tinymodel import read_marker
 
     src = Path(src)
     root = Path(data_dir) / CONVERTED_DIR
