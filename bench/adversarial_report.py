@@ -9,9 +9,9 @@ XML). Writes bench/results/reliability-cases.json and the sections between the
 ``<!-- bench:reliability-… -->`` markers of docs/reliability.md.
 
 Usage:
-  python bench/adversarial_report.py                 # run the suites, then write the doc
-  python bench/adversarial_report.py --from FILE     # render a JSON an earlier run wrote
-  python bench/adversarial_report.py -k bomb         # extra pytest args (a partial table!)
+  python -m bench.adversarial_report                 # run the suites, then write the doc
+  python -m bench.adversarial_report --from FILE     # render a JSON an earlier run wrote
+  python -m bench.adversarial_report -k bomb         # extra pytest args (a partial table!)
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.report import write_section
 
-from bench.report import write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DOC = ROOT / "docs" / "reliability.md"
 RESULTS = ROOT / "bench" / "results" / "reliability-cases.json"

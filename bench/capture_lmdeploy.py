@@ -5,7 +5,7 @@ Run it against a live ``lmdeploy serve api_server`` (started with ``--api-keys K
 ``tests/fakes/fake_lmdeploy.py`` replays (see ``tests/fixtures/lmdeploy/README.md``) with
 ``"source": "captured"``. Pictures and keys are summarised, never stored.
 
-    python bench/capture_lmdeploy.py --base-url http://127.0.0.1:23333 --api-key KEY \\
+    python -m bench.capture_lmdeploy --base-url http://127.0.0.1:23333 --api-key KEY \\
         --out tests/fixtures/lmdeploy [--image photo.jpg] [--proxy-url http://127.0.0.1:8000] \\
         [--overload 64]
 
@@ -35,12 +35,10 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bot.engines.openai_http import DATA_URL_PREFIX, to_data_url
+from bot.settings import DEFAULT_PROMPT
 
-from bot.engines.openai_http import DATA_URL_PREFIX, to_data_url  # noqa: E402
-from bot.settings import DEFAULT_PROMPT  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 KEEP_HEADERS = ("content-type", "www-authenticate", "retry-after")
 

@@ -1,57 +1,35 @@
 """Core overhead: images/s through JokeService (validate, normalise, store), instant engine.
 
 Not a test: it measures. Writes bench/results/core.json and the "Core" section of
-docs/benchmarks.md. Usage: python bench/core.py [--images 400] [--concurrency 8] [--store URL]
+docs/benchmarks.md. Usage: python -m bench.core [--images 400] [--concurrency 8] [--store URL]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
+from bench.common import percentile, photo_jpegs, write_section
+from bot.app import App
+from bot.engines.instant import InstantEngine
+from bot.models import JokeRequest
+from bot.plugins import make_manager
+from bot.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.report import write_section  # noqa: E402
-from bot.app import App  # noqa: E402
-from bot.engines.instant import InstantEngine  # noqa: E402
-from bot.models import JokeRequest  # noqa: E402
-from bot.plugins import make_manager  # noqa: E402
-from bot.settings import Settings  # noqa: E402
 
 
 def one_megapixel_jpegs(count: int, size: tuple[int, int] = (1155, 866)) -> list[bytes]:
     """Distinct JPEGs (~1 MP by default) from scikit-image's real photos (distinct → no dedupe)."""
-    import skimage
-
-    data = Path(skimage.__file__).parent / "data"
-    sources = [
-        Image.open(data / n).convert("RGB")
-        for n in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
-    ]
-    out = []
-    for i in range(count):
-        src = sources[i % len(sources)].resize(size, Image.Resampling.BICUBIC)
-        # a one-pixel signature makes every file distinct without changing its character
-        src.putpixel(
-            (i % size[0], (i // size[0]) % size[1]), (i % 256, (i * 7) % 256, (i * 13) % 256)
-        )
-        buf = io.BytesIO()
-        src.save(buf, "JPEG", quality=88)
-        out.append(buf.getvalue())
-    return out
+    return photo_jpegs(count, size, workers=2)
 
 
 PHONE = (4032, 3024)  # a 12 MP phone photo: the upload the serving benchmark sends
@@ -101,8 +79,8 @@ async def run(n_images: int, concurrency: int, store_url: str | None, phone: boo
         "photo": "phone" if phone else "1mp",
         "seconds": round(elapsed, 3),
         "images_per_s": round(n_images / elapsed, 1),
-        "p50_ms": round(statistics.median(latencies) * 1000, 2),
-        "p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))] * 1000, 2),
+        "p50_ms": round((percentile(latencies, 0.50) or 0) * 1000, 2),
+        "p95_ms": round((percentile(latencies, 0.95) or 0) * 1000, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "outcomes": outcomes,
         "image_bytes_mean": int(statistics.mean(len(p) for p in payloads)),

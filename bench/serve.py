@@ -59,26 +59,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import httpx
 
-import httpx  # noqa: E402
-
-from bot.engines import tiling  # noqa: E402
+from bench.common import PHOTOS, percentile
+from bot.engines import tiling
 
 try:  # the managed server's settings live with its engine plugin (issue 18.3)
     from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 except ImportError:  # a tree from before that move
     from bot.settings import EngineSettings  # type: ignore[assignment]
-from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher  # noqa: E402
-from bot.engines.openai_http import OpenAIHTTPEngine, body_error, to_data_url  # noqa: E402
-from bot.models import GenerationParams, NormalizedImage  # noqa: E402
-from bot.settings import DEFAULT_PROMPT  # noqa: E402
+from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher
+from bot.engines.openai_http import OpenAIHTTPEngine, body_error, to_data_url
+from bot.models import GenerationParams, NormalizedImage
+from bot.settings import DEFAULT_PROMPT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SERVED_NAME = "oogiri-bench"
 GPU_QUERY = "--query-gpu=memory.used,utilization.gpu"
-PHOTOS = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -305,15 +303,6 @@ class Sample:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 class Bench:
@@ -649,6 +638,14 @@ class BotProcesses:
                 "OOGIRI_ENGINE__REQUEST_EXTRA": json.dumps(es.request_extra),
                 "OOGIRI_LIMITS__PER_USER_PER_MINUTE": "0",
                 "OOGIRI_LIMITS__PER_CHAT_PER_MINUTE": "0",
+                # every load request comes from 127.0.0.1: the web channel's per-network limits
+                # (issue 21) would measure themselves, not serving
+                "OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE": "0",
+                "OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR": "0",
+                "OOGIRI_WEB__INFLIGHT_UPLOADS_PER_IP": "0",
+                "OOGIRI_WEB__MAX_INFLIGHT_UPLOADS": "100000",
+                "OOGIRI_WEB__MAX_CONNECTIONS": "100000",
+                "OOGIRI_WEB__MAX_CONNECTIONS_PER_IP": "100000",
             }
             for key, value in (limits or {}).items():
                 env[f"OOGIRI_LIMITS__{key.upper()}"] = str(value)
@@ -1114,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render_markdown(doc)
     print(markdown)
     if args.write_docs:
-        from bench.report import write_section
+        from bench.common import write_section
 
         write_section("serve", "Serving: LMDeploy on the GPU (bench/serve.py)", markdown)
     return 0

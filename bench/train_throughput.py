@@ -7,9 +7,9 @@ cropped and resized so no two images are equal, one short joke each) through the
 config renderer (training/config.py) and launch environment (training/run.py), then reads
 mmengine's per-iteration time and peak memory from the log (training.run.parse_progress).
 
-    python bench/train_throughput.py --model /tmp/full --xtuner-python /tmp/xt/bin/python \\
+    python -m bench.train_throughput --model /tmp/full --xtuner-python /tmp/xt/bin/python \\
         --photos .device/photos --out /tmp/tp [--iters 30] [--only tutorial,b16-qlora]
-    python bench/train_throughput.py --render /tmp/tp/results.jsonl [--write-doc]
+    python -m bench.train_throughput --render /tmp/tp/results.jsonl [--write-doc]
 
 samples/s = batch size × GPUs / median seconds per iteration, over the iterations after the
 first ``--skip`` (CUDA warm-up, allocator growth). Wall time includes model loading, 4-bit
@@ -29,14 +29,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bot.settings import DEFAULT_PROMPT
 
-from bot.settings import DEFAULT_PROMPT, TrainingSettings  # noqa: E402
-from training.config import TrainParams, write_config  # noqa: E402
-from training.export import dumps_dataset, xtuner_item  # noqa: E402
-from training.run import parse_progress, training_env, world_size  # noqa: E402
+try:  # the training plugin owns its settings (issue 18.3)
+    from training.settings import TrainingSettings
+except ImportError:  # a tree from before that move
+    from bot.settings import TrainingSettings  # type: ignore[attr-defined,no-redef]
+from training.config import TrainParams, write_config
+from training.export import dumps_dataset, xtuner_item
+from training.run import parse_progress, training_env, world_size
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The tutorial's values (shared/seed: batch 4 per device, 4 accumulation steps, 4 loader workers,
 # 4-bit LLM) against settings a 2B model on an 80 GB GPU allows. The effective batch (batch ×

@@ -58,9 +58,14 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(json.dumps(plan))
     out = tmp_path / "out"
-    env = {**os.environ, "FAKE_LMDEPLOY_DELAY_S": "0.02", "FAKE_LMDEPLOY_STARTUP_S": "0.2"}
+    env = {
+        **os.environ,
+        "FAKE_LMDEPLOY_DELAY_S": "0.02",
+        "FAKE_LMDEPLOY_STARTUP_S": "0.2",
+        "PYTHONPATH": str(ROOT),  # python -m bench.serve from another folder
+    }
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serve.py"), "--plan", str(plan_path),
+        [sys.executable, "-m", "bench.serve", "--plan", str(plan_path),
          "--no-phone-size", "--out", str(out)],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )  # fmt: skip
@@ -98,9 +103,9 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
     assert "OMP_NUM_THREADS=2" in log  # the second config set the thread env
     # re-rendering saved results needs no server
     again = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serve.py"), "--render",
+        [sys.executable, "-m", "bench.serve", "--render",
          str(out / "serve-results.json")],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert again.returncode == 0 and "| two servers |" in again.stdout
 
