@@ -44,7 +44,7 @@ RUN python -m venv /opt/oogiri \
 # The check: a tiny InternVL2 folder (config class and tokenizer, built by the training venv's own
 # transformers) → imports + a one-sample XTuner data set; a problem fails the build.
 RUN /opt/xtuner/bin/python -c "import sys; sys.path.append('/src'); \
-from bot.tinymodel import make_tiny_model; make_tiny_model('/tmp/check-model', layout='internvl2')" \
+from bot.engines.internvl.tinymodel import make_tiny_model; make_tiny_model('/tmp/check-model', layout='internvl2')" \
  && oogiri train setup --check --venv /opt/xtuner --model /tmp/check-model \
  && rm -rf /tmp/check-model /src
 

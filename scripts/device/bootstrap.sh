@@ -54,7 +54,6 @@ trap collect EXIT
 
 say "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PY" -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)"
 
 say "the bot's wheels"
 SITE=$W/site
@@ -65,17 +64,20 @@ export OOGIRI_PLUGINS=training   # the web/chat plugins' dependencies are not ca
 "$PY" scripts/device/entry_points.py "$SITE"
 OOGIRI=("$PY" -m bot.cli)
 
-say "the hub's content: tiny InternVL2 + InternVL's code, tiny Oogiri-GO"
-SRC=$W/src
-timed base "${OOGIRI[@]}" dev make-tiny-model "$SRC/InternVL2-2B" --layout internvl2 || exit 6
-timed code "$PY" scripts/prepare_internvl_code.py install "$SRC/InternVL2-2B" --code ext/internvl2-code || exit 6
-timed data-src "$PY" tests/fakes/fake_hub.py --make-oogiri-go "$SRC/oogiri-go" > /dev/null || exit 6
-
+# started first: the longest step; its check (at the end) reads the model folder made meanwhile
 say "the training venv from the lock (background): oogiri train setup --wheels --reuse-system"
+SRC=$W/src
 XT=$W/xt
 ( timed setup "${OOGIRI[@]}" train setup --venv "$XT" --python "$PY" --wheels .whl_train/lock \
     --reuse-system --model "$SRC/InternVL2-2B" > "$OUT/setup.log" 2>&1 ) &
 SETUP_PID=$!
+
+say "the hub's content: tiny InternVL2 + InternVL's code, tiny Oogiri-GO"
+# `dev make-tiny-model` belongs to the transformers engine plugin
+timed base env OOGIRI_PLUGINS=training,engine_transformers "${OOGIRI[@]}" dev make-tiny-model \
+  "$SRC/InternVL2-2B" --layout internvl2 || exit 6
+timed code "$PY" scripts/prepare_internvl_code.py install "$SRC/InternVL2-2B" --code ext/internvl2-code || exit 6
+timed data-src "$PY" tests/fakes/fake_hub.py --make-oogiri-go "$SRC/oogiri-go" > /dev/null || exit 6
 
 say "loopback hub"
 "$PY" tests/fakes/fake_hub.py --model "OpenGVLab/InternVL2-2B=$SRC/InternVL2-2B" \
