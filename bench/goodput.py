@@ -486,7 +486,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         for what, ok in (check.get("checks") or {}).items():
             lines.append(f"  - {what}: {'yes' if ok else 'NO'}")
         if check.get("error"):
-            lines.append(f"  - error: {check['error']}")
+            lines.append(f"  - error: {check['error'].splitlines()[0]}")
         if "cached_tokens_a_again" in check:
             lines.append(
                 f"  - cached prompt tokens reported: repeated picture "
@@ -557,8 +557,11 @@ async def prefix_cache_check(plan: Plan, urls: list[str]) -> dict[str, Any]:
 
 
 def commit() -> str:
+    """HEAD's short hash; a snapshot without .git (git archive) carries it in a COMMIT file."""
     import subprocess
 
+    if (ROOT / "COMMIT").is_file():
+        return (ROOT / "COMMIT").read_text().strip()
     with contextlib.suppress(Exception):
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
