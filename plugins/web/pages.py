@@ -1,8 +1,9 @@
 """The HTML pages: the upload page and the stats page (chart + per-version table).
 
-Pages are small templates filled with HTML-escaped values. The stats page is a list of sections
-(``STATS_SECTIONS``), each an async function returning trusted HTML, so a feature adds its own
-section without touching the others.
+Pages are small templates filled with HTML-escaped values. The stats page is the chart, the
+per-version table, and then any sections other plugins contribute (``plugin_sections``: async
+functions in ``app.state["stats_sections"]`` returning escaped HTML), so a feature adds its own
+section without touching these.
 """
 
 from __future__ import annotations
@@ -45,55 +46,96 @@ def fmt_rate(rate: float | None) -> str:
     return "–" if rate is None else f"{rate * 100:.0f}%"
 
 
+#: Chart geometry (SVG user units). Narrow on purpose: the SVG scales to the card's width, so
+#: a 420-unit chart keeps 16-unit labels at ≥ 12 CSS px on a 360 px phone; the label sits above
+#: its bar rather than beside it, so long version names do not squeeze the bars.
+CHART_W, CHART_PAD, LABEL_H, BAR_H, ROW_GAP = 420, 8, 22, 26, 14
+
+
 def stats_svg(rows: list[dict[str, Any]], texts: dict[str, str]) -> str:
-    """An accessible horizontal bar chart of like rate per model version, as inline SVG."""
-    bar_h, gap, label_w, chart_w, pad = 26, 12, 190, 360, 8
-    width = label_w + chart_w + 100
-    height = pad * 2 + 20 + max(1, len(rows)) * (bar_h + gap)
+    """An accessible bar chart of like rate per model version, as inline SVG (phone first)."""
+    bar_w = CHART_W - 2 * CHART_PAD
+    row_h = LABEL_H + BAR_H + ROW_GAP
+    top = CHART_PAD + 22  # the 0–100 % scale
+    height = top + max(1, len(rows)) * row_h
     esc = html.escape
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
-        f'viewBox="0 0 {width} {height}" width="100%" aria-labelledby="chart-title">',
+        f'viewBox="0 0 {CHART_W} {height}" width="100%" aria-labelledby="chart-title">',
         f'<title id="chart-title">{esc(texts["chart_label"])}</title>',
     ]
-    x0 = label_w
-    # gridlines at 0, 25, 50, 75, 100 %
-    for pct in (0, 25, 50, 75, 100):
-        x = x0 + chart_w * pct / 100
+    x0 = CHART_PAD
+    for pct in (0, 25, 50, 75, 100):  # gridlines and the scale
+        x = x0 + bar_w * pct / 100
+        anchor = "start" if pct == 0 else ("end" if pct == 100 else "middle")
         parts.append(
-            f'<line x1="{x:.1f}" y1="{pad + 14}" x2="{x:.1f}" y2="{height - pad}" '
+            f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height - ROW_GAP / 2:.1f}" '
             f'class="grid" stroke="#d0d4da" stroke-width="1"/>'
-            f'<text class="muted" x="{x:.1f}" y="{pad + 8}" font-size="11" '
-            f'text-anchor="middle" fill="#5b6470">{pct}%</text>'
+            f'<text class="muted" x="{x:.1f}" y="{top - 10}" font-size="14" '
+            f'text-anchor="{anchor}" fill="#5b6470">{pct}%</text>'
         )
     for i, row in enumerate(rows):
-        y = pad + 20 + i * (bar_h + gap)
+        y = top + i * row_h
         version = str(row["model_version"])
-        label = version if len(version) <= 22 else version[:21] + "…"
+        label = version if len(version) <= 36 else version[:35] + "…"
         rate = row["like_rate"]
+        votes = row["up"] + row["down"]
         parts.append(
-            f'<text x="{x0 - 8}" y="{y + bar_h * 0.68:.1f}" font-size="12" text-anchor="end" '
+            f'<text class="label" x="{x0}" y="{y + 16}" font-size="16" font-weight="600" '
             f'fill="#1d232b"><title>{esc(version)}</title>{esc(label)}</text>'
         )
+        bar_y = y + LABEL_H
         if rate is None:
             parts.append(
-                f'<rect class="empty" x="{x0}" y="{y}" width="{chart_w}" height="{bar_h}" '
-                f'fill="#eef0f3" rx="3"/><text class="muted" x="{x0 + 8}" '
-                f'y="{y + bar_h * 0.68:.1f}" font-size="12" fill="#5b6470">'
+                f'<rect class="empty" x="{x0}" y="{bar_y}" width="{bar_w}" height="{BAR_H}" '
+                f'fill="#eef0f3" rx="4"/><text class="muted" x="{x0 + 8}" '
+                f'y="{bar_y + BAR_H * 0.7:.1f}" font-size="15" fill="#5b6470">'
                 f"{esc(texts['no_votes'])} · "
                 f"{esc(texts['n_jokes'].format(n=row['jokes']))}</text>"
             )
             continue
-        w = max(2.0, chart_w * rate)
+        w = max(3.0, bar_w * rate)
         tip = f"{version}: {fmt_rate(rate)} ({row['up']} 👍 / {row['down']} 👎)"
+        value = f"{fmt_rate(rate)} · {votes} {texts['votes']}"
+        inside = w > bar_w * 0.55  # the value goes inside a long bar, after a short one
+        tx = x0 + w - 8 if inside else x0 + w + 8
         parts.append(
-            f'<rect class="bar" x="{x0}" y="{y}" width="{w:.1f}" height="{bar_h}" '
-            f'fill="#2f7d4f" rx="3"><title>{esc(tip)}</title></rect>'
-            f'<text x="{x0 + w + 6:.1f}" y="{y + bar_h * 0.68:.1f}" font-size="12" '
-            f'fill="#1d232b">{fmt_rate(rate)} (n={row["up"] + row["down"]})</text>'
+            f'<rect class="bar" x="{x0}" y="{bar_y}" width="{w:.1f}" height="{BAR_H}" '
+            f'fill="#2f7d4f" rx="4"><title>{esc(tip)}</title></rect>'
+            f'<text class="value{" inside" if inside else ""}" x="{tx:.1f}" '
+            f'y="{bar_y + BAR_H * 0.7:.1f}" font-size="15" font-weight="600" '
+            f'text-anchor="{"end" if inside else "start"}" '
+            f'fill="{"#ffffff" if inside else "#1d232b"}">{esc(value)}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def stats_table(rows: list[dict[str, Any]], texts: dict[str, str]) -> str:
+    """The per-version table body; each cell names its column (``data-label``) so that on a
+    phone the rows can wrap into small cards (style.css) instead of scrolling sideways."""
+    if not rows:
+        return f'<tr><td colspan="5">{html.escape(texts["no_jokes"])}</td></tr>'
+    labels = [html.escape(texts[k], quote=True) for k in ("version", "jokes", "up", "down")]
+    labels.append(html.escape(texts["like_rate"], quote=True))
+    out = []
+    for row in rows:
+        cells = (
+            html.escape(str(row["model_version"])),
+            str(row["jokes"]),
+            str(row["up"]),
+            str(row["down"]),
+            fmt_rate(row["like_rate"]),
+        )
+        out.append(
+            "<tr>"
+            + "".join(
+                f'<td data-label="{label}">{cell}</td>'
+                for label, cell in zip(labels, cells, strict=True)
+            )
+            + "</tr>"
+        )
+    return "".join(out)
 
 
 async def stats_rows(app: App) -> list[dict[str, Any]]:
@@ -175,25 +217,13 @@ def add_page_routes(api: FastAPI, app: App, state: WebState) -> None:
         lang = request_language(request, settings)
         texts = PAGE_TEXTS[lang]
         rows = await stats_rows(app)
-        body_rows = []
-        for row in rows:
-            body_rows.append(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
-                    html.escape(row["model_version"]),
-                    row["jokes"],
-                    row["up"],
-                    row["down"],
-                    fmt_rate(row["like_rate"]),
-                )
-            )
-        table = "".join(body_rows) or (
-            f'<tr><td colspan="5">{html.escape(texts["no_jokes"])}</td></tr>'
-        )
+        table = stats_table(rows, texts)
         values = {
             **{f"t.{k}": v for k, v in texts.items()},
             "lang": lang,
             "css": state.assets.url("style.css"),
             "icon": state.assets.url("icon.svg"),
+            "demo_hidden": "" if await state.demo() else "hidden",
         }
         page = state.stats_page.render(
             values,

@@ -89,6 +89,12 @@ PAGE_TEXTS: dict[str, dict[str, str]] = {
         "no_jokes": "No jokes yet.",
         "back": "Back to the upload page",
         "chart_label": "Like rate per model version",
+        "demo_mark": "Demo model: this text is random noise, not a joke.",
+        "demo_stats": (
+            "Demo mode: this server runs the tiny built-in test model; these figures rate "
+            "random noise, not jokes."
+        ),
+        "votes": "votes",
     },
     "zh": {
         "title": "oogiri — 给图片讲个梗",
@@ -123,6 +129,11 @@ PAGE_TEXTS: dict[str, dict[str, str]] = {
         "no_jokes": "还没有梗。",
         "back": "返回上传页面",
         "chart_label": "各模型版本的好评率",
+        "demo_mark": "演示模型：这段文字是随机噪声，不是笑话。",
+        "demo_stats": (
+            "演示模式：当前使用的是内置的微型测试模型，这些数字评价的是随机噪声，不是笑话。"
+        ),
+        "votes": "票",
     },
 }
 

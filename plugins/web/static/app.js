@@ -19,6 +19,7 @@
   const result = $("result");
   const jokeText = $("joke-text");
   const modelVersion = $("model-version");
+  const demoMark = $("demo-mark");
   const upButton = $("vote-up");
   const downButton = $("vote-down");
   const upCount = $("count-up");
@@ -169,6 +170,9 @@
       myVote = 0;
       jokeText.textContent = data.text;
       modelVersion.textContent = data.model_version;
+      // The engine declared itself a demo: say so on the card itself, not only in the banner.
+      demoMark.hidden = !data.demo;
+      result.classList.toggle("is-demo", Boolean(data.demo));
       voteStatus.textContent = "";
       showCounts(data);
       result.hidden = false;
