@@ -1139,6 +1139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--render", type=Path, metavar="RESULTS", help="render docs from RESULTS")
     p.add_argument("--doc", type=Path, default=DOC, help="document --render writes")
+    p.add_argument(
+        "--section",
+        default="learning-loop-results",
+        help="the doc's section --render rewrites (version 2: learning-loop-v2-results)",
+    )
+    p.add_argument("--title", default="Results", help="that section's heading")
     p.add_argument("--state", type=Path, default=Path("/tmp/oogiri-learning-loop/state"))
     p.add_argument("--out", type=Path, default=ROOT / "device-out" / "learning-loop")
     p.add_argument("--budget-s", type=float, default=540.0, help="seconds this call may take")
@@ -1188,7 +1194,7 @@ def make_config(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
-        render_doc(args.render, args.doc)
+        render_doc(args.render, args.doc, args.section, args.title)
         print(f"rendered {args.doc} from {args.render}")
         return 0
     cfg = make_config(args)

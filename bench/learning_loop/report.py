@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.common import write_section
 from bench.learning_loop.stats import bootstrap_diff, two_proportion_p
-from bench.report import write_section
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "learning-loop.md"
 
@@ -394,8 +394,14 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
     return summary
 
 
-def render_doc(results_dir: Path, doc: Path = DOC) -> None:
-    """Rewrite the results section of docs/learning-loop.md from a results folder."""
+def render_doc(
+    results_dir: Path,
+    doc: Path = DOC,
+    section: str = "learning-loop-results",
+    title: str = "Results",
+) -> None:
+    """Rewrite a results section of docs/learning-loop.md from a results folder (version 1's
+    is ``learning-loop-results``, version 2's ``learning-loop-v2-results``)."""
     records = load_results(results_dir / "results.jsonl")
     if not records:
         raise SystemExit(f"no results in {results_dir}")
@@ -409,4 +415,4 @@ def render_doc(results_dir: Path, doc: Path = DOC) -> None:
     body = f"From `{results_dir}` ({kind}, first call {first}).\n\n" + render_markdown(
         summary, plot
     )
-    write_section("learning-loop-results", "Results", body, doc=doc)
+    write_section(section, title, body, doc=doc)

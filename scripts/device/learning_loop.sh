@@ -18,6 +18,8 @@
 # stand-ins), NPROC_PER_NODE (1; 2 on nvidia-h100-x2), LL_ARGS (more arguments for
 # bench/learning_loop, e.g. "--rounds 4"; give the same ones on every call of one experiment).
 #
+# The device returns at most 8 files from $OUT: run it with OUT=/tmp/… and tar that folder into
+# the real $OUT (docs/learning-loop.md, "How to run it on the device").
 # $OUT (./device-out elsewhere) receives: learning_loop.log (this output), timings.tsv, gpu.txt,
 # gpu.csv, xtuner-venv.log, learning-loop/ (results.jsonl, summary.md/json, like-rate.png, serve.log,
 # train-*.log), runs/ (each training run's run.log, data card, config, train/heldout JSON),
@@ -147,6 +149,8 @@ export OOGIRI_ENGINE__NAME=lmdeploy OOGIRI_ENGINE__MANAGE=true OOGIRI_ENGINE__PO
 export OOGIRI_ENGINE__CACHE_MAX_ENTRY_COUNT=0.05 OOGIRI_ENGINE__MAX_BATCH_SIZE=32
 export OOGIRI_ENGINE__EXTRA_ARGS='["--eager-mode"]'   # no CUDA-graph capture: faster starts
 export OOGIRI_ENGINE__STARTUP_TIMEOUT_S=300 OOGIRI_ENGINE__DRAIN_TIMEOUT_S=20
+# version 2's live A/B: the candidate arm is a second api_server on the same GPU
+export OOGIRI_AB__CANDIDATE_CACHE_MAX_ENTRY_COUNT=0.05
 export OOGIRI_TRAINING__BASE_MODEL=$BASE OOGIRI_TRAINING__XTUNER_PYTHON=$W/xt/bin/python
 export NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 export OOGIRI_TRAINING__DATALOADER_NUM_WORKERS=2
