@@ -139,7 +139,9 @@ def main() -> None:
             "Goal: >= 200 images/s (1 MP). Phone photos: the 4032×3024 uploads the serving "
             "benchmark sends; draft floor 1.0 is the exact-size JPEG drafting used before "
             "(decode whole, LANCZOS to 2048), 0.75 the current one (libjpeg halves to "
-            "2016×1512 while decoding).\n\n" + "\n".join(rows),
+            "2016×1512 while decoding). Commands: `python -m bench.core --images 1000 "
+            "--concurrency 8\n[--store URL]`; phone rows `python -m bench.core --phone --images "
+            "200 --draft-floor 0.75` (or 1.0).\n\n" + "\n".join(rows),
         )
 
 
