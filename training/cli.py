@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -130,7 +130,7 @@ def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 
 
 @contextlib.asynccontextmanager
-async def open_store(settings: Settings) -> Any:
+async def open_store(settings: Settings) -> AsyncIterator[Any]:
     from bot.store import Store
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -202,7 +202,7 @@ def build(
         raise DataError(f"--lang must be one of {', '.join(LANGS)}, not {lang!r}")
     if n < 1:
         raise DataError("--n must be at least 1")
-    images = images or ImageSettings()
+    images = images or ImageSettings.model_validate({})
     held_target = heldout if heldout is not None else min(64, max(1, n // 20))
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     jsonl, archive = raw_dir / f"{lang}.jsonl", raw_dir / IMAGES_ZIP
