@@ -41,16 +41,17 @@ RUN python -m venv /opt/oogiri \
  && /opt/oogiri/bin/pip install . \
  && ln -s /opt/oogiri/bin/oogiri /usr/local/bin/oogiri
 
-# The check: a tiny InternVL2 folder (config class and tokenizer, built by the training venv's own
-# transformers) → imports + a one-sample XTuner data set; a problem fails the build.
+RUN groupadd --system --gid 10001 oogiri \
+ && useradd --system --uid 10001 --gid oogiri --home-dir /data --shell /usr/sbin/nologin oogiri \
+ && mkdir -p /data /models && chown oogiri:oogiri /data
+
+# The build's last step, the check: a tiny InternVL2 folder (config class and tokenizer, built by
+# the training venv's own transformers) → imports + a one-sample XTuner data set; a problem fails
+# the build.
 RUN /opt/xtuner/bin/python -c "import sys; sys.path.append('/src'); \
 from bot.engines.internvl.tinymodel import make_tiny_model; make_tiny_model('/tmp/check-model', layout='internvl2')" \
  && oogiri train setup --check --venv /opt/xtuner --model /tmp/check-model \
  && rm -rf /tmp/check-model /src
-
-RUN groupadd --system --gid 10001 oogiri \
- && useradd --system --uid 10001 --gid oogiri --home-dir /data --shell /usr/sbin/nologin oogiri \
- && mkdir -p /data /models && chown oogiri:oogiri /data
 # XTuner's launcher runs a bare `python` for one GPU: that must be the XTuner venv's.
 ENV PATH=/opt/xtuner/bin:$PATH \
     PYTHONUNBUFFERED=1 \
