@@ -12,6 +12,10 @@ project's InternVL2 layout, with greedy decoding (deterministic answers) and log
 2. A burst of many different pictures, each answered once alone first: in the burst every picture
    gets its own answer back (same first tokens), and no two pictures' answers are bit-identical.
 
+LMDeploy 0.18 itself switches prefix caching off for InternVL's (legacy-preprocess) path and logs
+"Prefix caching is disabled for this VL model path": there the test passes because nothing is
+cached; it matters for a later LMDeploy that caches pictures.
+
 Skips without CUDA, LMDeploy or a model (``OOGIRI_GPU_MODEL``: an InternVL2-layout folder). Run::
 
     OOGIRI_GPU_MODEL=/tmp/oogiri-full-internvl2 python -m pytest tests/gpu/test_prefix_caching.py
