@@ -802,7 +802,7 @@ class ControlServer:
             op = request.get("op")
             engine = self.app.engine
             engine = getattr(engine, "base_engine", engine)  # under an A/B router (bot/ab.py)
-            extra_op = self.app.state.get("control_ops", {}).get(op)
+            extra_op = getattr(self.app, "state", {}).get("control_ops", {}).get(op)
             if extra_op is not None:  # ops that plugins add, e.g. the A/B plugin's "ab_sync"
                 try:
                     send({"ok": True, "result": await extra_op(request)})
