@@ -157,23 +157,33 @@ def rank(records: list[Record]) -> list[Record]:
 
 class ImageIndex:
     """Pictures of ``images.zip`` by name: ``images/5651380.jpg`` answers to ``5651380``,
-    ``5651380.jpg`` and the full member name (the jsonl's ``image`` has no folder or suffix)."""
+    ``5651380.jpg`` and the full member name (the jsonl's ``image`` has no folder or suffix).
 
-    def __init__(self, zf: zipfile.ZipFile) -> None:
+    Where one name is in several folders (``cn/5651380.jpg``, ``jp/5651380.jpg``), the one under
+    a folder named after the language wins; a name still ambiguous is not guessed at (None).
+    """
+
+    def __init__(self, zf: zipfile.ZipFile, lang: str | None = None) -> None:
         self.zf = zf
-        self.by_key: dict[str, zipfile.ZipInfo] = {}
+        self.lang = lang
+        self.by_key: dict[str, list[zipfile.ZipInfo]] = {}
         for info in zf.infolist():
             if info.is_dir():
                 continue
             p = PurePosixPath(info.filename)
-            for key in (info.filename, p.name, p.stem):
-                self.by_key.setdefault(key, info)
+            for key in dict.fromkeys((info.filename, p.name, p.stem)):
+                self.by_key.setdefault(key, []).append(info)
 
     def find(self, image: str) -> zipfile.ZipInfo | None:
         p = PurePosixPath(image)
         for key in (image, p.name, p.stem):
-            if key in self.by_key:
-                return self.by_key[key]
+            found = self.by_key.get(key)
+            if not found:
+                continue
+            if len(found) == 1:
+                return found[0]
+            mine = [i for i in found if self.lang in PurePosixPath(i.filename).parts[:-1]]
+            return mine[0] if len(mine) == 1 else None
         return None
 
 
@@ -239,7 +249,7 @@ def build(
     except (OSError, zipfile.BadZipFile) as exc:
         raise DataError(f"{archive} is not a readable zip: {exc}") from exc
     with zf:
-        index = ImageIndex(zf)
+        index = ImageIndex(zf, lang)
         total = len(unique)
         for i, r in enumerate(unique):
             if len(train) >= n and len(held) >= held_target:
@@ -248,7 +258,8 @@ def build(
                 progress(i, total, "pictures")
             info = index.find(r.image)
             if info is None:
-                drops.add("image_missing", r.line, r.image)
+                known = PurePosixPath(r.image).stem in index.by_key
+                drops.add("image_ambiguous" if known else "image_missing", r.line, r.image)
                 continue
             if info.file_size > images.max_bytes:
                 drops.add("image_too_large", r.line, f"{r.image}: {info.file_size} bytes")

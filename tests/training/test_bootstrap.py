@@ -428,3 +428,26 @@ def test_defaults_come_from_what_setup_and_bootstrap_made(tmp_path: Path) -> Non
     assert apply_defaults(settings).training.xtuner_python == python
     mine = Settings(_env_file=None, data_dir=tmp_path / "data", training={"xtuner_python": "/x"})
     assert apply_defaults(mine).training.xtuner_python == Path("/x")  # settings win
+
+
+def test_pictures_are_found_by_id_and_a_language_folder_settles_a_clash(tmp_path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as z:
+        for name in ("images/1.jpg", "cn/2.jpg", "jp/2.jpg", "a/3.png", "b/3.png", "4.jpg"):
+            z.writestr(name, name)
+    with zipfile.ZipFile(tmp_path / "images.zip") as z:
+        index = oogiri_go.ImageIndex(z, "cn")
+        found = {
+            k: (i.filename if (i := index.find(k)) else None)
+            for k in ("1", "1.jpg", "images/1.jpg", "2", "3", "4", "5")
+        }
+    assert found == {
+        "1": "images/1.jpg",
+        "1.jpg": "images/1.jpg",
+        "images/1.jpg": "images/1.jpg",
+        "2": "cn/2.jpg",  # the language's own folder
+        "3": None,  # two folders, neither the language's: not guessed
+        "4": "4.jpg",
+        "5": None,
+    }
