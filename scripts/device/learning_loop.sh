@@ -130,7 +130,9 @@ if [ ! -f "$BASE/oogiri-model.json" ] || [ ! -f "$BASE/.code-installed" ]; then
   [ -d ext/internvl2-code ] || { echo "FATAL: ext/internvl2-code missing: stage (--stage) and carry ext"; exit 4; }
   say "tiny InternVL2 base (random weights) with InternVL's remote code"
   rm -rf "$BASE"
-  step base "$PY" -m bot.cli dev make-tiny-model "$BASE" --layout internvl2 || exit 6
+  # the module, not `oogiri dev make-tiny-model`: that command comes from a plugin's entry point,
+  # and this tree is not pip-installed here
+  step base "$PY" -c "import sys; from pathlib import Path; from bot.engines.internvl.tinymodel import make_tiny_model; make_tiny_model(Path(sys.argv[1]), layout='internvl2')" "$BASE" || exit 6
   step code "$PY" scripts/prepare_internvl_code.py install "$BASE" --code ext/internvl2-code || exit 6
   touch "$BASE/.code-installed"
 fi
