@@ -451,3 +451,16 @@ def test_pictures_are_found_by_id_and_a_language_folder_settles_a_clash(tmp_path
         "4": "4.jpg",
         "5": None,
     }
+
+
+def test_a_fine_tune_that_fails_the_sanity_gate_is_not_promoted(
+    env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OOGIRI_TRAINING__GATE_LANGUAGE", "en")  # the stand-in answers in Chinese
+    r = invoke("train", "bootstrap", "--n", "6", "--epochs", "2")
+    assert r.exit_code == 2, r.output
+    assert "bootstrap rejected" in r.output and "FAIL sanity" in r.output
+    versions = registry()
+    assert versions[0][1] == "active" and versions[-1][1] == "rejected"  # the base stays
+    assert "train" not in read_state(Settings(_env_file=None))["steps"]  # a rerun trains again
+    assert not (env["data"] / "training" / "bootstrap" / "bootstrap.env").exists()
