@@ -55,13 +55,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
-from bench.common import PHOTOS, percentile
+from bench.common import PHOTOS, Sample, closed_loop, percentile
 from bot.engines import tiling
 
 try:  # the managed server's settings live with its engine plugin (issue 18.3)
@@ -82,22 +82,43 @@ GPU_QUERY = "--query-gpu=memory.used,utilization.gpu"
 # --------------------------------------------------------------------------- configuration
 
 
-@dataclass
-class Cell:
-    path: str
-    inflight: int
-    mdp: int
+class Strict(BaseModel):
+    """Plan entries refuse unknown keys: a typo must not silently run the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Cell(Strict):
+    path: Literal["raw", "engine", "service", "web"]
+    inflight: int = Field(ge=1)
+    mdp: int = Field(ge=1)
     presize: bool = True
     baseline: bool = False
     warmup_s: float | None = None
     measure_s: float | None = None
-    bots: int = 1  # path "web": this many `oogiri serve` processes share the load
+    bots: int = Field(1, ge=1, description='path "web": this many `oogiri serve` processes')
 
 
-@dataclass
-class Launch:
-    servers: int = 1
-    server_threads: int | None = 2
+#: Launch keys that are the managed server's own settings (validated by EngineSettings).
+SERVER_FIELDS = (
+    "backend",
+    "tp",
+    "session_len",
+    "cache_max_entry_count",
+    "max_batch_size",
+    "max_prefill_token_num",
+    "api_key",
+    "extra_args",
+    "server_command",
+)
+
+
+class Launch(Strict):
+    """api_servers started with the managed mode's code; SERVER_FIELDS mean what they mean in
+    the engine settings (and are checked by them), the rest is the bench's own."""
+
+    servers: int = Field(1, ge=1)
+    server_threads: int | None = Field(2, description="None: leave OMP/MKL unset (LMDeploy's)")
     backend: str = "pytorch"
     tp: int = 1
     session_len: int = 8192
@@ -105,66 +126,102 @@ class Launch:
     max_batch_size: int = 256
     max_prefill_token_num: int | None = None  # None: LMDeploy's own default (plans predate ours)
     api_key: str | None = None
-    extra_args: list[str] = field(default_factory=list)
-    server_command: list[str] = field(default_factory=list)
-    gpus: list[int] = field(default_factory=list)  # server i on gpus[i % len]; []: inherit
-    proxy: bool = False  # servers register with `lmdeploy serve proxy`; cells go through it
+    extra_args: list[str] = Field(default_factory=list)
+    server_command: list[str] = Field(default_factory=list)
+    gpus: list[int] = Field(default_factory=list, description="server i on gpus[i % len]")
+    proxy: bool = Field(False, description="servers register with `lmdeploy serve proxy`")
+
+    def engine_settings(self, startup_timeout_s: float) -> EngineSettings:
+        return EngineSettings.model_validate(
+            {
+                **self.model_dump(include=set(SERVER_FIELDS)),
+                "server_threads": self.server_threads or 1,
+                "startup_timeout_s": startup_timeout_s,
+            }
+        )
 
 
-@dataclass
-class Config:
-    name: str
-    cells: list[Cell]
-    launch: Launch | None = None
-    base_urls: list[str] = field(default_factory=list)
-    api_key: str | None = None
-    model: str | None = None  # this config's own model folder (the plan's otherwise)
+class CellSpec(Strict):
+    """Cells as a plan writes them: each of path/inflight/mdp/presize/bots a value or a list."""
 
+    path: str | list[str] = "raw"
+    inflight: int | list[int] = 1
+    mdp: int | list[int] = 6
+    presize: bool | list[bool] = True
+    bots: int | list[int] = 1
+    baseline: bool = False
+    warmup_s: float | None = None
+    measure_s: float | None = None
 
-def expand_cells(specs: list[dict[str, Any]]) -> list[Cell]:
-    cells = []
-    for spec in specs:
-
+    def cells(self) -> list[Cell]:
         def as_list(value: Any) -> list[Any]:
             return value if isinstance(value, list) else [value]
 
-        for path, inflight, mdp, presize, bots in itertools.product(
-            as_list(spec.get("path", "raw")),
-            as_list(spec.get("inflight", 1)),
-            as_list(spec.get("mdp", 6)),
-            as_list(spec.get("presize", True)),
-            as_list(spec.get("bots", 1)),
-        ):
-            cells.append(
-                Cell(
-                    path=path,
-                    inflight=int(inflight),
-                    mdp=int(mdp),
-                    presize=bool(presize),
-                    baseline=bool(spec.get("baseline", False)),
-                    warmup_s=spec.get("warmup_s"),
-                    measure_s=spec.get("measure_s"),
-                    bots=int(bots),
-                )
+        return [
+            Cell(
+                path=path,
+                inflight=inflight,
+                mdp=mdp,
+                presize=presize,
+                baseline=self.baseline,
+                warmup_s=self.warmup_s,
+                measure_s=self.measure_s,
+                bots=bots,
             )
-    return cells
+            for path, inflight, mdp, presize, bots in itertools.product(
+                as_list(self.path),
+                as_list(self.inflight),
+                as_list(self.mdp),
+                as_list(self.presize),
+                as_list(self.bots),
+            )
+        ]
+
+
+class Config(Strict):
+    name: str
+    cells: list[Cell]
+    launch: Launch | None = None
+    base_urls: list[str] = Field(default_factory=list)
+    api_key: str | None = None
+    model: str | None = Field(None, description="this config's own model folder")
+
+
+class ConfigSpec(Strict):
+    name: str
+    cells: list[CellSpec]
+    launch: Launch | None = None
+    base_urls: list[str] = Field(default_factory=list)
+    api_key: str | None = None
+    model: str | None = None
+
+    def config(self) -> Config:
+        return Config(
+            **self.model_dump(exclude={"cells", "launch"}),
+            launch=self.launch,
+            cells=[c for spec in self.cells for c in spec.cells()],
+        )
+
+
+class Plan(Strict):
+    """A plan file (see the module's docstring)."""
+
+    model: str | None = None
+    warmup_s: float | None = None
+    measure_s: float | None = None
+    max_new_tokens: int | None = None
+    configs: list[ConfigSpec]
+    port: int | None = None
+    deadline_s: float | None = None
+    about: str | list[str] | None = Field(None, alias="_about", description="a note for readers")
+
+
+def expand_cells(specs: list[dict[str, Any]]) -> list[Cell]:
+    return [c for spec in specs for c in CellSpec.model_validate(spec).cells()]
 
 
 def load_plan(doc: dict[str, Any]) -> list[Config]:
-    configs = []
-    for c in doc["configs"]:
-        launch = Launch(**c["launch"]) if c.get("launch") is not None else None
-        configs.append(
-            Config(
-                name=c["name"],
-                cells=expand_cells(c["cells"]),
-                launch=launch,
-                base_urls=list(c.get("base_urls") or []),
-                api_key=c.get("api_key"),
-                model=c.get("model"),
-            )
-        )
-    return configs
+    return [spec.config() for spec in Plan.model_validate(doc).configs]
 
 
 # --------------------------------------------------------------------------- pictures
@@ -295,16 +352,6 @@ def device_info() -> dict[str, Any]:
 # --------------------------------------------------------------------------- one cell
 
 
-@dataclass
-class Sample:
-    end: float
-    latency: float
-    ok: bool
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str = ""
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, photos: list[bytes], out: Path) -> None:
         self.args = args
@@ -368,8 +415,6 @@ class Bench:
     ) -> dict[str, Any]:
         warmup = cell.warmup_s if cell.warmup_s is not None else self.args.warmup_s
         measure = cell.measure_s if cell.measure_s is not None else self.args.measure_s
-        samples: list[Sample] = []
-        counter = itertools.count()
         loop = asyncio.get_running_loop()
         cleanup: list[Any] = []
         headers = {"content-type": "application/json"}
@@ -394,17 +439,17 @@ class Bench:
                     )
                     data = r.json()
                 except (httpx.HTTPError, ValueError) as exc:
-                    return Sample(loop.time(), loop.time() - t0, False, error=type(exc).__name__)
+                    return Sample(t0, loop.time(), False, error=type(exc).__name__)
                 error = body_error(data)
                 if r.status_code != 200 or error:
-                    return Sample(loop.time(), loop.time() - t0, False, error=f"{r.status_code}")
+                    return Sample(t0, loop.time(), False, error=f"{r.status_code}")
                 usage = data.get("usage") or {}
                 return Sample(
+                    t0,
                     loop.time(),
-                    loop.time() - t0,
                     True,
-                    int(usage.get("prompt_tokens") or 0),
-                    int(usage.get("completion_tokens") or 0),
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
                 )
 
         elif cell.path == "engine":
@@ -420,13 +465,13 @@ class Bench:
                 try:
                     gen = await engine.generate(images[i % len(images)], self.prompt, params)
                 except Exception as exc:
-                    return Sample(loop.time(), loop.time() - t0, False, error=type(exc).__name__)
+                    return Sample(t0, loop.time(), False, error=type(exc).__name__)
                 return Sample(
+                    t0,
                     loop.time(),
-                    loop.time() - t0,
                     True,
-                    gen.usage.prompt_tokens,
-                    gen.usage.completion_tokens,
+                    prompt_tokens=gen.usage.prompt_tokens,
+                    completion_tokens=gen.usage.completion_tokens,
                 )
 
         elif cell.path == "service":
@@ -446,14 +491,14 @@ class Bench:
                     await app.service.tell(request)
                 except Exception as exc:
                     tap.pop(asyncio.current_task(), None)
-                    return Sample(loop.time(), loop.time() - t0, False, error=type(exc).__name__)
+                    return Sample(t0, loop.time(), False, error=type(exc).__name__)
                 usage = tap.pop(asyncio.current_task(), None)
                 return Sample(
+                    t0,
                     loop.time(),
-                    loop.time() - t0,
                     True,
-                    usage.prompt_tokens if usage else 0,
-                    usage.completion_tokens if usage else 0,
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0,
                 )
 
         elif cell.path == "web":
@@ -472,36 +517,31 @@ class Bench:
                 try:
                     r = await client.post(url, files=files)
                 except httpx.HTTPError as exc:
-                    return Sample(loop.time(), loop.time() - t0, False, error=type(exc).__name__)
+                    return Sample(t0, loop.time(), False, error=type(exc).__name__)
                 if r.status_code != 201:
-                    return Sample(loop.time(), loop.time() - t0, False, error=f"{r.status_code}")
+                    return Sample(t0, loop.time(), False, error=f"{r.status_code}")
                 # the web API does not report token counts; the engine paths measure them
-                return Sample(loop.time(), loop.time() - t0, True, 0, self.args.max_new_tokens)
+                return Sample(t0, loop.time(), True, completion_tokens=self.args.max_new_tokens)
 
         else:
             raise ValueError(f"unknown path {cell.path!r}")
 
-        start = loop.time()
-        window_start, window_end = start + warmup, start + warmup + measure
-
-        async def worker() -> None:
-            while loop.time() < window_end:
-                samples.append(await one(next(counter)))
-
         sampler = GpuSampler()
-        tasks = [asyncio.create_task(worker()) for _ in range(cell.inflight)]
-        try:
+
+        async def sample_gpu() -> None:  # only while the window measures
             await asyncio.sleep(warmup)
             with sampler:
-                await asyncio.sleep(max(0.0, window_end - loop.time()))
+                await asyncio.sleep(measure)
+
+        sampling = asyncio.create_task(sample_gpu())
+        try:
+            window, _, _ = await closed_loop(one, cell.inflight, warmup, measure)
+            await sampling
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            sampling.cancel()
             for close in cleanup:
                 with contextlib.suppress(Exception):
                     await close()
-        window = [s for s in samples if window_start <= s.end <= window_end]
         ok = [s for s in window if s.ok]
         errors: dict[str, int] = {}
         for s in window:
@@ -515,7 +555,7 @@ class Bench:
             "bots": cell.bots if cell.path == "web" else None,
             "proxy": bool(config.launch and config.launch.proxy),
             "server_threads": config.launch.server_threads if config.launch else None,
-            **asdict(cell),
+            **cell.model_dump(),
             "warmup_s": warmup,
             "measure_s": measure,
             "ok": len(ok),
@@ -766,19 +806,7 @@ class Proxy:
 async def launch_servers(
     launch: Launch, model: Path, port: int, log_dir: Path, startup_timeout_s: float
 ) -> tuple[list[ServerProcess], Proxy | None]:
-    settings = EngineSettings(
-        backend=launch.backend,  # type: ignore[arg-type]
-        tp=launch.tp,
-        session_len=launch.session_len,
-        cache_max_entry_count=launch.cache_max_entry_count,
-        max_batch_size=launch.max_batch_size,
-        max_prefill_token_num=launch.max_prefill_token_num,
-        api_key=launch.api_key,
-        extra_args=launch.extra_args,
-        server_command=launch.server_command,
-        server_threads=launch.server_threads or 1,
-        startup_timeout_s=startup_timeout_s,
-    )
+    settings = launch.engine_settings(startup_timeout_s)
     proxy = Proxy(settings, port + 100, log_dir) if launch.proxy else None
     if proxy is not None:
         settings = settings.model_copy(
@@ -971,7 +999,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
                     raise SystemExit("--launch/plan 'launch' needs a model folder")
                 if remaining() < 60:
                     for cell in config.cells:
-                        emit({"config": config.name, **asdict(cell), "skipped": "deadline"})
+                        emit({"config": config.name, **cell.model_dump(), "skipped": "deadline"})
                     continue
                 t0 = time.monotonic()
                 servers, proxy = await launch_servers(
@@ -991,7 +1019,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
             for cell in config.cells:
                 need = (cell.warmup_s or args.warmup_s) + (cell.measure_s or args.measure_s) + 5
                 if remaining() < need:
-                    emit({"config": config.name, **asdict(cell), "skipped": "deadline"})
+                    emit({"config": config.name, **cell.model_dump(), "skipped": "deadline"})
                     continue
                 emit(await bench.run_cell(config, cell, urls, api_key))
         except Exception as exc:  # a config that cannot start must not lose the others' numbers
