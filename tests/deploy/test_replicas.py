@@ -370,15 +370,15 @@ async def web_tell(
     )
 
 
-async def web_joke(client: httpx.AsyncClient, replica: Replica, image: bytes) -> int:
-    """A joke told on ``replica`` to a new visitor; its id."""
+async def web_joke(client: httpx.AsyncClient, replica: Replica, image: bytes) -> str:
+    """A joke told on ``replica`` to a new visitor; its public id (what the web API shows)."""
     response = await web_tell(client, replica, await web_user(client, replica), image)
     assert response.status_code == 201, response.text
-    return int(response.json()["id"])
+    return str(response.json()["id"])
 
 
 async def web_rate(
-    client: httpx.AsyncClient, replica: Replica, user: WebUser, joke_id: int, value: int
+    client: httpx.AsyncClient, replica: Replica, user: WebUser, joke_id: str, value: int
 ) -> dict[str, Any]:
     response = await client.post(
         f"{replica.url}/api/jokes/{joke_id}/rating", json={"value": value}, headers=user.headers()
@@ -499,7 +499,7 @@ async def check_votes_land_once(
     changed = await web_rate(client, b, v2, jokes[0], -1)  # first cast through A
     assert (changed["vote"], changed["previous"], changed["up"], changed["down"]) == (-1, 1, 2, 1)
 
-    expected: dict[int, dict[str, int]] = {
+    expected: dict[int | str, dict[str, int]] = {
         jokes[0]: {v1.user_id: 1, v2.user_id: -1, v3.user_id: 1},
         jokes[1]: {v1.user_id: 1, v2.user_id: 1},
         jokes[2]: {v1.user_id: 1},
@@ -531,6 +531,8 @@ async def check_votes_land_once(
 
     # The store: exactly one row per (joke, user), holding the latest vote.
     for joke, votes in expected.items():
+        if isinstance(joke, str):  # a web joke: the API's public id → the store's id
+            joke = (await store.get_joke_by_public_id(joke)).id
         rows = await store.ratings_for(joke)
         assert len(rows) == len({user for user, _ in rows}), rows
         assert dict(rows) == votes, joke
