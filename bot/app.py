@@ -71,7 +71,8 @@ class App:
         if engine is None:
             engines = collect(pm, "oogiri_register_engines", "engine", settings)
             factory = engines.get(settings.engine.name)
-            engine = await asyncio.to_thread(factory, settings)
+            made: Engine = await asyncio.to_thread(factory, settings)
+            engine = made
         app = cls(settings, pm, store, engine, make_limiter(settings.limits.backend), Metrics())
         await call_hook(pm, "oogiri_startup", app=app)
         return app

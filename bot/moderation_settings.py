@@ -31,12 +31,12 @@ class ModerationSettings(BaseModel):
     (``/block``, ``oogiri moderation block``) live in the database and add to them."""
 
     mode: Literal["open", "allowlist"] = Field(
-        "open", description="allowlist: answer only subjects on an allow list"
+        default="open", description="allowlist: answer only subjects on an allow list"
     )
     allow: list[str] = Field(default_factory=list, description=SUBJECT_HELP)
     block: list[str] = Field(default_factory=list, description=SUBJECT_HELP)
     refresh_s: float = Field(
-        5.0, ge=0.0, description="how long a replica trusts its copy of the database lists"
+        default=5.0, ge=0.0, description="how long a replica trusts its copy of the database lists"
     )
 
     @field_validator("allow", "block")

@@ -125,14 +125,15 @@ class JokeService:
         )
         await call_hook(self.pm, "oogiri_before_joke", request=request)
         prompt = await call_first(self.pm, "oogiri_prompt", request=request, settings=self.settings)
-        request.prompt = prompt or self.default_prompt(request)
+        # a local, not request.prompt, so the type checker knows it is a str from here on
+        prompt = request.prompt = prompt or self.default_prompt(request)
         params = self.params()
 
         engine = self.engine  # a swap mid-request must not change the engine under us
         async with self.admission(engine.name).slot() as waited_s:
             self.metrics.queue_wait.labels(engine.name).observe(waited_s)
             with self.metrics.in_flight.track_inprogress():
-                generation = await engine.generate(request.image, request.prompt, params)
+                generation = await engine.generate(request.image, prompt, params)
 
         joke = Joke(
             id=0,
@@ -143,7 +144,7 @@ class JokeService:
             channel=request.channel,
             user_id=request.user_id,
             chat_id=request.chat_id,
-            prompt=request.prompt,
+            prompt=prompt,
             latency_ms=int(generation.latency_s * 1000),
         )
         for replacement in await call_hook(

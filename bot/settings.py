@@ -14,7 +14,7 @@ import threading
 from contextvars import ContextVar
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, cast, get_args, get_origin
 
 from pydantic import BaseModel, Field, PrivateAttr, SecretStr, create_model, field_validator
 from pydantic_settings import (
@@ -49,40 +49,54 @@ def _default_data_dir() -> Path:
 class EngineSettings(BaseModel):
     """Which engine answers and how it samples."""
 
-    name: str = Field("transformers", description="registered engine name")
+    name: str = Field(default="transformers", description="registered engine name")
     model: Path | None = Field(
-        None, description="local model folder; unset: the tiny demo model is built in data_dir"
+        default=None,
+        description="local model folder; unset: the tiny demo model is built in data_dir",
     )
-    model_version: str | None = Field(None, description="label stored with every joke")
+    model_version: str | None = Field(default=None, description="label stored with every joke")
     device: str = "cpu"
-    threads: int = Field(0, description="torch threads for the local engine (0: torch's default)")
-    max_new_tokens: int = Field(64, ge=1, le=1024)
-    temperature: float = Field(0.8, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    max_dynamic_patch: int = Field(6, ge=1, le=40, description="InternVL tiles per image")
-    timeout_s: float = Field(60.0, gt=0)
+    threads: int = Field(
+        default=0, description="torch threads for the local engine (0: torch's default)"
+    )
+    max_new_tokens: int = Field(default=64, ge=1, le=1024)
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_dynamic_patch: int = Field(default=6, ge=1, le=40, description="InternVL tiles per image")
+    timeout_s: float = Field(default=60.0, gt=0)
     # HTTP engines (lmdeploy / openai-compatible)
     base_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:23333"])
     api_key: SecretStr | None = None
-    served_model_name: str | None = Field(None, description="unset: discovered from /v1/models")
-    retries: int = Field(2, ge=0, le=10)
+    served_model_name: str | None = Field(
+        default=None, description="unset: discovered from /v1/models"
+    )
+    retries: int = Field(default=2, ge=0, le=10)
     empty_answer_retries: int = Field(
-        1, ge=0, le=5, description="ask again when the model's answer is empty (sampling differs)"
+        default=1,
+        ge=0,
+        le=5,
+        description="ask again when the model's answer is empty (sampling differs)",
     )
     min_new_tokens: int = Field(
-        1,
+        default=1,
         ge=0,
         le=1024,
         description="lmdeploy: tokens before the end token is allowed (0: off); no blank jokes",
     )
-    max_in_flight: int = Field(64, ge=1)
-    breaker_failures: int = Field(5, ge=1, description="consecutive failures that open the breaker")
-    breaker_reset_s: float = Field(15.0, gt=0)
-    presize_to_tiles: bool = Field(True, description="resize images to the tile grid before upload")
+    max_in_flight: int = Field(default=64, ge=1)
+    breaker_failures: int = Field(
+        default=5, ge=1, description="consecutive failures that open the breaker"
+    )
+    breaker_reset_s: float = Field(default=15.0, gt=0)
+    presize_to_tiles: bool = Field(
+        default=True, description="resize images to the tile grid before upload"
+    )
     # HTTP engine details (bot/engines/openai_http.py)
-    connect_timeout_s: float = Field(5.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
     retry_backoff_s: float = Field(
-        0.2, ge=0, description="first retry delay; doubles per retry, ±50% jitter, capped at 5 s"
+        default=0.2,
+        ge=0,
+        description="first retry delay; doubles per retry, ±50% jitter, capped at 5 s",
     )
     request_extra: dict[str, Any] = Field(
         default_factory=dict,
@@ -93,35 +107,47 @@ class EngineSettings(BaseModel):
 class ImageSettings(BaseModel):
     """Limits applied to untrusted uploads before and during decoding."""
 
-    max_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_pixels: int = Field(40_000_000, ge=1, description="width*height before decoding")
-    max_side: int = Field(2048, ge=64, description="longest side after normalisation")
-    max_aspect: float = Field(20.0, ge=1.0, description="longest/shortest side")
-    jpeg_quality: int = Field(92, ge=50, le=100)
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=40_000_000, ge=1, description="width*height before decoding")
+    max_side: int = Field(default=2048, ge=64, description="longest side after normalisation")
+    max_aspect: float = Field(default=20.0, ge=1.0, description="longest/shortest side")
+    jpeg_quality: int = Field(default=92, ge=50, le=100)
     # Memory, not pixels, is what a decode costs: a 16-bit or float picture needs more per pixel.
     max_decoded_bytes: int = Field(
-        256 * 1024 * 1024, ge=1024 * 1024, description="estimated memory to decode one picture"
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="estimated memory to decode one picture",
     )
     decode_budget_bytes: int = Field(
-        512 * 1024 * 1024, ge=1024 * 1024, description="estimated decode memory of all at once"
+        default=512 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="estimated decode memory of all at once",
     )
-    decode_wait_s: float = Field(30.0, ge=0, description="wait for decode memory before 'busy'")
+    decode_wait_s: float = Field(
+        default=30.0, ge=0, description="wait for decode memory before 'busy'"
+    )
 
 
 class LimitSettings(BaseModel):
     """Rate limits and the concurrency cap enforced by JokeService."""
 
-    per_user_per_minute: int = Field(6, ge=0, description="0: unlimited")
-    per_chat_per_minute: int = Field(30, ge=0, description="0: unlimited")
-    max_concurrency: int = Field(4, ge=1, description="engine calls in flight per process")
-    queue_timeout_s: float = Field(20.0, ge=0, description="wait for a slot before 'busy'")
-    max_queue: int = Field(64, ge=0, description="waiting for a slot; more: busy now (0: no bound)")
-    backend: str = Field("memory", description="'memory', or a redis:// URL shared by replicas")
-    max_hint_chars: int = Field(200, ge=0)
+    per_user_per_minute: int = Field(default=6, ge=0, description="0: unlimited")
+    per_chat_per_minute: int = Field(default=30, ge=0, description="0: unlimited")
+    max_concurrency: int = Field(default=4, ge=1, description="engine calls in flight per process")
+    queue_timeout_s: float = Field(default=20.0, ge=0, description="wait for a slot before 'busy'")
+    max_queue: int = Field(
+        default=64, ge=0, description="waiting for a slot; more: busy now (0: no bound)"
+    )
+    backend: str = Field(
+        default="memory", description="'memory', or a redis:// URL shared by replicas"
+    )
+    max_hint_chars: int = Field(default=200, ge=0)
 
 
 class StoreSettings(BaseModel):
-    url: str | None = Field(None, description="SQLAlchemy async URL; unset: SQLite in data_dir")
+    url: str | None = Field(
+        default=None, description="SQLAlchemy async URL; unset: SQLite in data_dir"
+    )
     echo: bool = False
 
 
@@ -141,13 +167,14 @@ class Settings(BaseSettings):
     # NoDecode: the env value is split by the validator below instead of parsed as JSON first.
     channels: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["web"])
     plugins: Annotated[list[str] | None, NoDecode] = Field(
-        None, description="load only these plugins (entry-point names); unset: all"
+        default=None, description="load only these plugins (entry-point names); unset: all"
     )
     prompt: str = DEFAULT_PROMPT
     language: Literal["zh", "en"] = "zh"
     log_level: str = "INFO"
     strict: bool = Field(
-        False, description="an unknown OOGIRI_ key (env, .env, TOML) is an error, not a warning"
+        default=False,
+        description="an unknown OOGIRI_ key (env, .env, TOML) is an error, not a warning",
     )
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
@@ -164,9 +191,9 @@ class Settings(BaseSettings):
         # ``settings_class()`` builds at run time; a plugin reads its own section typed.
         def __getattr__(self, name: str) -> Any: ...
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Settings:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         # ``Settings()`` is the core plus every installed plugin's section.
-        return super().__new__(settings_class() if cls is Settings else cls)
+        return super().__new__(cast(type[Self], settings_class()) if cls is Settings else cls)
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)

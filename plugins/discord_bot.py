@@ -71,7 +71,9 @@ class DiscordSettings(PluginSettings):
     """``settings.discord`` (OOGIRI_DISCORD__…): the bot token, command sync, shards, outbox."""
 
     token: SecretStr | None = None
-    dev_guild_id: int | None = Field(None, description="sync commands here only (fast iteration)")
+    dev_guild_id: int | None = Field(
+        default=None, description="sync commands here only (fast iteration)"
+    )
     clear_guild_ids: list[int] = Field(
         default_factory=list,
         description="remove the bot's server-only commands here at start (after dev_guild_id)",
@@ -79,10 +81,10 @@ class DiscordSettings(PluginSettings):
     max_attachment_bytes: int = 10 * 1024 * 1024
     shard_count: int | None = None
     shard_ids: list[int] | None = None
-    api_base_url: str | None = Field(None, description="REST base (tests)")
-    gateway_url: str | None = Field(None, description="gateway override (tests)")
+    api_base_url: str | None = Field(default=None, description="REST base (tests)")
+    gateway_url: str | None = Field(default=None, description="gateway override (tests)")
     sync_on_start: bool | None = Field(
-        None,
+        default=None,
         description="sync slash commands when `serve` starts; unset: only with dev_guild_id "
         "(production: run `oogiri discord sync` once per release instead)",
     )
@@ -90,13 +92,13 @@ class DiscordSettings(PluginSettings):
         default_factory=list, description="users who may use /mod besides server administrators"
     )
     outbox_max_age_s: float = Field(
-        14 * 60.0,
+        default=14 * 60.0,
         gt=0,
         le=15 * 60.0,
         description="an undelivered follow-up is given up after this (tokens last 15 min)",
     )
-    outbox_lease_s: float = Field(60.0, gt=0)
-    outbox_poll_s: float = Field(1.0, gt=0)
+    outbox_lease_s: float = Field(default=60.0, gt=0)
+    outbox_poll_s: float = Field(default=1.0, gt=0)
 
 
 #: The picture is re-attached to the joke only up to this size (Discord's default upload limit).

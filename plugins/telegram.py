@@ -103,27 +103,46 @@ class TelegramSettings(PluginSettings):
     webhook_path: str = "/telegram/webhook"
     admin_ids: list[int] = Field(default_factory=list)
     language: Literal["auto", "zh", "en"] = "auto"
-    base_url: str | None = Field(None, description="Bot API base URL (tests, local Bot API server)")
+    base_url: str | None = Field(
+        default=None, description="Bot API base URL (tests, local Bot API server)"
+    )
     base_file_url: str | None = None
     # flow control and the outbox (docs/telegram.md)
-    private_per_s: float = Field(1.0, gt=0, description="messages a second into one private chat")
-    group_per_minute: float = Field(20.0, gt=0, description="messages a minute into one group")
-    global_per_s: float = Field(30.0, gt=0, description="messages a second in all, every chat")
+    private_per_s: float = Field(
+        default=1.0, gt=0, description="messages a second into one private chat"
+    )
+    group_per_minute: float = Field(
+        default=20.0, gt=0, description="messages a minute into one group"
+    )
+    global_per_s: float = Field(
+        default=30.0, gt=0, description="messages a second in all, every chat"
+    )
     flood_retries: int = Field(
-        2, ge=0, le=10, description="429 answers waited out in a send before the outbox takes it"
+        default=2,
+        ge=0,
+        le=10,
+        description="429 answers waited out in a send before the outbox takes it",
     )
     outbox_max_age_s: float = Field(
-        6 * 3600.0, gt=0, description="an undelivered reply is given up (counted, logged) after"
+        default=6 * 3600.0,
+        gt=0,
+        description="an undelivered reply is given up (counted, logged) after",
     )
     outbox_lease_s: float = Field(
-        60.0, gt=0, description="a replica's claim on a reply; a killed one's lapses after this"
+        default=60.0,
+        gt=0,
+        description="a replica's claim on a reply; a killed one's lapses after this",
     )
-    outbox_poll_s: float = Field(1.0, gt=0, description="how often pending replies are retried")
+    outbox_poll_s: float = Field(
+        default=1.0, gt=0, description="how often pending replies are retried"
+    )
     slow_down_notice_s: float = Field(
-        60.0, ge=0, description="at most one 'slow down' notice per user in this window"
+        default=60.0, ge=0, description="at most one 'slow down' notice per user in this window"
     )
     edit_window_s: float = Field(
-        1.0, ge=0, description="vote-count edits of one message are coalesced within this window"
+        default=1.0,
+        ge=0,
+        description="vote-count edits of one message are coalesced within this window",
     )
 
 

@@ -143,14 +143,23 @@ def notify_serve(settings: Settings) -> Any:
     serve`` to stop serving the ended test now (it would notice within ab.poll_s anyway)."""
 
     async def on_ended(_test: Any) -> None:
-        from bot.engines.lmdeploy_server import ControlUnavailable, control_request, socket_path
+        from bot.engines.lmdeploy_server import (
+            ControlUnavailable,
+            control_request,
+            server_settings,
+            socket_path,
+        )
 
         path = socket_path(settings)
         if not path.exists():
             return
         try:
             await asyncio.to_thread(
-                control_request, path, {"op": "ab_sync"}, None, settings.engine.drain_timeout_s
+                control_request,
+                path,
+                {"op": "ab_sync"},
+                None,
+                server_settings(settings).drain_timeout_s,
             )
         except (ControlUnavailable, OSError, ValueError) as exc:
             log.info("A/B: could not reach oogiri serve at %s (%s); it will notice", path, exc)

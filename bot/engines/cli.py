@@ -18,6 +18,7 @@ from bot.engines.lmdeploy_server import (
     build_command,
     control_request,
     redact,
+    server_settings,
     socket_path,
 )
 from bot.settings import Settings
@@ -76,7 +77,7 @@ def register(cli: typer.Typer) -> None:
         """The managed LMDeploy server (model, server, health, swaps); for any other engine,
         which one is configured and whether a running `oogiri serve` answers."""
         settings = Settings()
-        e = settings.engine
+        e = server_settings(settings)
         if not (e.name == "lmdeploy" and e.manage):
             if e.name == "lmdeploy":
                 what = f"LMDeploy servers at {', '.join(e.base_urls)}, not managed"
@@ -106,7 +107,7 @@ def register(cli: typer.Typer) -> None:
     ) -> None:
         """Print the lmdeploy command line managed mode runs (API key hidden)."""
         settings = Settings()
-        e = settings.engine
+        e = server_settings(settings)
         model = model_dir or e.model
         if model is None:
             err("no model: pass MODEL_DIR or set engine.model")

@@ -81,32 +81,40 @@ class LMDeployEngineSettings(EngineSettings):
 
     manage: bool = False
     backend: Literal["pytorch", "turbomind"] = "pytorch"
-    tp: int = Field(1, ge=1)
+    tp: int = Field(default=1, ge=1)
     session_len: int = 8192
-    cache_max_entry_count: float = Field(0.2, gt=0, le=1)
+    cache_max_entry_count: float = Field(default=0.2, gt=0, le=1)
     max_batch_size: int = 256
     max_prefill_token_num: int | None = Field(
-        16384,
+        default=16384,
         ge=1,
         description="prompt tokens per engine step; LMDeploy's 8192 holds four 6-tile requests "
         "(16384: +11 % jokes/s on an H100, docs/benchmarks.md); unset: LMDeploy's default",
     )
-    chat_template: Path | None = Field(None, description="unset: the shipped InternVL2 template")
+    chat_template: Path | None = Field(
+        default=None, description="unset: the shipped InternVL2 template"
+    )
     port: int = 23333
-    server_threads: int = Field(2, ge=1, description="OMP/MKL threads of the managed server")
+    server_threads: int = Field(
+        default=2, ge=1, description="OMP/MKL threads of the managed server"
+    )
     extra_args: list[str] = Field(default_factory=list)
     server_command: list[str] = Field(
         default_factory=list,
         description="argv that runs lmdeploy's CLI; empty: [this python, -m, lmdeploy]",
     )
-    server_host: str = Field("127.0.0.1", description="--server-name of the managed server")
-    trust_remote_code: bool = Field(True, description="InternVL2 folders need remote config code")
-    startup_timeout_s: float = Field(900.0, gt=0, description="wait this long for /health")
+    server_host: str = Field(default="127.0.0.1", description="--server-name of the managed server")
+    trust_remote_code: bool = Field(
+        default=True, description="InternVL2 folders need remote config code"
+    )
+    startup_timeout_s: float = Field(default=900.0, gt=0, description="wait this long for /health")
     drain_timeout_s: float = Field(
-        180.0, gt=0, description="swap: wait this long for in-flight requests on the old server"
+        default=180.0,
+        gt=0,
+        description="swap: wait this long for in-flight requests on the old server",
     )
     control_socket: Path | None = Field(
-        None, description="admin socket of `oogiri serve`; unset: data_dir/run/engine.sock"
+        default=None, description="admin socket of `oogiri serve`; unset: data_dir/run/engine.sock"
     )
 
 
@@ -742,7 +750,7 @@ class ManagedLMDeploy:
 
 
 def socket_path(settings: Settings) -> Path:
-    return settings.engine.control_socket or settings.data_dir / "run" / "engine.sock"
+    return server_settings(settings).control_socket or settings.data_dir / "run" / "engine.sock"
 
 
 class ControlUnavailable(RuntimeError):

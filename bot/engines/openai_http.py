@@ -599,8 +599,8 @@ class OpenAIHTTPEngine:
             raise EngineError(detail=self._bad_key(url, status, error[1] if error else ""))
         if status >= 500:
             raise _ServerFailure(f"{url}{MODELS_PATH} answered {status}", retry=True)
-        ids = [
-            m.get("id")
+        ids: list[str] = [
+            m["id"]
             for m in (data or {}).get("data", [])
             if isinstance(m, dict) and isinstance(m.get("id"), str)
         ]

@@ -22,9 +22,9 @@ class WebSettings(PluginSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     cookie_secret: SecretStr | None = Field(
-        None, description="unset: a random secret is created once in data_dir"
+        default=None, description="unset: a random secret is created once in data_dir"
     )
-    secure_cookies: bool = Field(False, description="set when served over HTTPS")
+    secure_cookies: bool = Field(default=False, description="set when served over HTTPS")
     public_stats: bool = True
 
     # --- who is asking (issue 21): limits per network, not only per (free) cookie
@@ -32,28 +32,38 @@ class WebSettings(PluginSettings):
         default_factory=lambda: ["127.0.0.1", "::1"],
         description="peers (addresses or CIDRs) whose X-Forwarded-For is believed",
     )
-    ipv6_prefix: int = Field(64, ge=16, le=128, description="IPv6 clients count per this prefix")
-    uploads_per_ip_per_minute: int = Field(20, ge=0, description="per network; 0: unlimited")
-    votes_per_ip_per_minute: int = Field(60, ge=0, description="per network; 0: unlimited")
-    new_sessions_per_ip_per_hour: int = Field(
-        30, ge=0, description="new cookie identities per network; 0: unlimited"
+    ipv6_prefix: int = Field(
+        default=64, ge=16, le=128, description="IPv6 clients count per this prefix"
     )
-    max_inflight_uploads: int = Field(16, ge=1, description="uploads in progress, all networks")
-    inflight_uploads_per_ip: int = Field(2, ge=0, description="per network; 0: unlimited")
+    uploads_per_ip_per_minute: int = Field(
+        default=20, ge=0, description="per network; 0: unlimited"
+    )
+    votes_per_ip_per_minute: int = Field(default=60, ge=0, description="per network; 0: unlimited")
+    new_sessions_per_ip_per_hour: int = Field(
+        default=30, ge=0, description="new cookie identities per network; 0: unlimited"
+    )
+    max_inflight_uploads: int = Field(
+        default=16, ge=1, description="uploads in progress, all networks"
+    )
+    inflight_uploads_per_ip: int = Field(default=2, ge=0, description="per network; 0: unlimited")
 
     # --- the HTTP server
     allowed_hosts: Annotated[list[str] | None, NoDecode] = Field(
-        None,
+        default=None,
         description="Host header allow-list; unset: the bind address and localhost ('*': any)",
     )
     metrics_token: SecretStr | None = Field(
-        None, description="when set, /metrics needs 'Authorization: Bearer <token>'"
+        default=None, description="when set, /metrics needs 'Authorization: Bearer <token>'"
     )
-    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive")
-    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections")
-    max_connections: int = Field(1024, ge=1, description="open connections, all clients")
-    max_connections_per_ip: int = Field(64, ge=1, description="open connections per peer")
-    max_header_bytes: int = Field(16384, ge=1024, description="request line + headers")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request's headers must arrive"
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, description="idle keep-alive connections"
+    )
+    max_connections: int = Field(default=1024, ge=1, description="open connections, all clients")
+    max_connections_per_ip: int = Field(default=64, ge=1, description="open connections per peer")
+    max_header_bytes: int = Field(default=16384, ge=1024, description="request line + headers")
 
     @field_validator("trusted_proxies", "allowed_hosts", mode="before")
     @classmethod
