@@ -72,6 +72,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             ["{python}", str(FAKES / "fake_swap.py"), "{model_dir}", "{version}"]
         ),
         "FAKE_SWAP_RECORD": str(swaps),
+        # the offline path; the live A/B step has its own tests (test_ab_live.py)
+        "OOGIRI_AB__ENABLED": "false",
     }
     for k, v in values.items():
         monkeypatch.setenv(k, v)
