@@ -277,6 +277,22 @@ class Outbox:
         )
         self._count("retried")
 
+    async def renew(self, item: OutboxItem) -> bool:
+        """Extend this process's claim on a row it is still sending (a long flood-control wait
+        must not let another replica send it too); False if the claim was lost."""
+        now = utcnow()
+        async with self.store.session(write=True) as s:
+            result = await s.execute(
+                update(OutboxRow)
+                .where(
+                    OutboxRow.id == item.id,
+                    OutboxRow.state == PENDING,
+                    OutboxRow.claimed_by == self.owner,
+                )
+                .values(lease_until=now + timedelta(seconds=self.lease_s))
+            )
+            return result.rowcount == 1
+
     async def release(self, item: OutboxItem) -> None:
         """Give the row back untouched (an older reply to the chat must go first)."""
         await self._finish(item.id, claimed_by=None, lease_until=None)
@@ -369,6 +385,7 @@ class OutboxWorker:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._waiting_chats: set[str] = set()  # chats with a reply queued behind another
+        self._inflight: set[int] = set()  # rows this process is sending right now
         self._expired_at = 0.0
 
     async def send_now(self, item: OutboxItem) -> bool:
@@ -383,7 +400,27 @@ class OutboxWorker:
             return False  # still claimed: the lease lapses and the loop sends it
         return await self._attempt(item)
 
+    async def _renew_while_sending(self, item: OutboxItem) -> None:
+        while True:
+            await asyncio.sleep(self.outbox.lease_s / 3)
+            try:
+                if not await self.outbox.renew(item):
+                    return
+            except Exception:  # the database is down: the send goes on, the lease may lapse
+                log.debug("outbox: could not renew the claim on %s", item.id, exc_info=True)
+
     async def _attempt(self, item: OutboxItem) -> bool:
+        if item.id in self._inflight:  # our own lease lapsed and the loop re-claimed it
+            return False
+        self._inflight.add(item.id)
+        renewer = asyncio.create_task(self._renew_while_sending(item))
+        try:
+            return await self._attempt_claimed(item)
+        finally:
+            renewer.cancel()
+            self._inflight.discard(item.id)
+
+    async def _attempt_claimed(self, item: OutboxItem) -> bool:
         try:
             result = await self.deliver(item)
         except RetryLater as exc:

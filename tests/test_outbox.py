@@ -252,3 +252,27 @@ def test_moderation_cli_changes_the_shared_lists(
     assert "unblocked" in run(cli, ["moderation", "unblock", "telegram:user:5"]).output
     missing = run(cli, ["moderation", "delete-joke", "999"])
     assert missing.exit_code == 1 and "no joke 999" in missing.output
+
+
+async def test_a_slow_send_keeps_its_claim(store: Store) -> None:
+    """A send waiting out flood control longer than the lease is not sent a second time."""
+    box = Outbox(store, "telegram", owner="me", lease_s=0.3)
+    other = Outbox(store, "telegram", owner="other", lease_s=0.3)
+    item = await box.add("tg:1", {})
+    sends = 0
+    release = asyncio.Event()
+
+    async def slow(_item: OutboxItem) -> dict[str, Any]:
+        nonlocal sends
+        sends += 1
+        await release.wait()
+        return {}
+
+    worker = OutboxWorker(box, slow, poll_s=0.05)
+    sending = asyncio.create_task(worker.send_now(item))
+    await asyncio.sleep(0.9)  # three leases long
+    assert await other.claim_due() == []  # renewed: nobody else may take it
+    assert await worker.run_once() == 0 and sends == 1
+    release.set()
+    assert await sending is True
+    assert await box.counts() == {"delivered": 1}
