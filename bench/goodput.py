@@ -107,6 +107,9 @@ class Step(Strict):
     path: Literal["raw", "bot"] = "raw"
     bots: int = Field(1, ge=1)
     admission: AdmissionPlan | None = None
+    bot_env: dict[str, str] = Field(
+        default_factory=dict, description="more settings of the bots (OOGIRI_POOL__ENABLED …)"
+    )
     workload: Literal["unique", "zipf"] = "unique"
     zipf_s: float = Field(1.0, ge=0)
     zipf_items: int = Field(200, ge=1)
@@ -281,6 +284,7 @@ async def run_step(
                 count=step.bots,
                 startup_timeout_s=120,
                 limits=limits,
+                env_extra=step.bot_env,
             )
             targets = bots.urls
         else:
@@ -357,6 +361,7 @@ def step_meta(step: Step) -> dict[str, Any]:
         "path": step.path,
         "bots": step.bots if step.path == "bot" else None,
         "admission": step.admission.model_dump() if step.admission else None,
+        "bot_env": step.bot_env or None,
         "workload": step.workload,
         "zipf_s": step.zipf_s if step.workload == "zipf" else None,
         "zipf_items": step.zipf_items if step.workload == "zipf" else None,
@@ -432,6 +437,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         servers = f"{r['servers']} srv" if r.get("servers") else ""
         bots = f", {r['bots']} bots" if r["path"] == "bot" else ""
         path = f"{r['path']} ({servers}{bots})" if servers else r["path"]
+        if (r.get("bot_env") or {}).get("OOGIRI_POOL__ENABLED") == "true":
+            path += ", joke pool"
         if r.get("skipped"):
             skipped = f"skipped: {r['skipped']}"
             table_rows.append(

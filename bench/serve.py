@@ -655,8 +655,10 @@ class BotProcesses:
         count: int,
         startup_timeout_s: float,
         limits: dict[str, Any] | None = None,
+        env_extra: dict[str, str] | None = None,
     ) -> BotProcesses:
-        """Start ``count`` bots on ports port, port+1, …; ``limits`` set ``OOGIRI_LIMITS__*``."""
+        """Start ``count`` bots on ports port, port+1, …; ``limits`` set ``OOGIRI_LIMITS__*``,
+        ``env_extra`` any other setting (``OOGIRI_POOL__ENABLED``…)."""
         procs, urls = [], []
         for i in range(count):
             env = {
@@ -689,6 +691,7 @@ class BotProcesses:
             }
             for key, value in (limits or {}).items():
                 env[f"OOGIRI_LIMITS__{key.upper()}"] = str(value)
+            env.update(env_extra or {})
             if es.served_model_name:
                 env["OOGIRI_ENGINE__SERVED_MODEL_NAME"] = es.served_model_name
             if es.api_key:

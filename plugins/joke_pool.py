@@ -41,12 +41,12 @@ POOL_USER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 class PoolSettings(BaseModel):
-    enabled: bool = Field(False, description="answer repeated pictures from their joke pool")
-    min_jokes: int = Field(3, ge=1, description="jokes a picture needs before the pool answers")
-    max_jokes: int = Field(8, ge=1, description="jokes kept per picture")
-    max_reuse: int = Field(25, ge=1, description="times one joke may be shown (to other users)")
-    max_pictures: int = Field(2000, ge=1, description="pictures kept (least recently used out)")
-    ttl_s: float = Field(3600.0, gt=0, description="a picture's pool lives this long")
+    enabled: bool = Field(default=False, description="answer repeated pictures from their pool")
+    min_jokes: int = Field(default=3, ge=1, description="jokes a picture needs before it is pooled")
+    max_jokes: int = Field(default=8, ge=1, description="jokes kept per picture")
+    max_reuse: int = Field(default=25, ge=1, description="times one joke may be shown")
+    max_pictures: int = Field(default=2000, ge=1, description="pictures kept (LRU)")
+    ttl_s: float = Field(default=3600.0, gt=0, description="a picture's pool lives this long")
 
 
 @dataclass
