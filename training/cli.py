@@ -228,6 +228,9 @@ def print_result(result: RunResult) -> None:
     console.print(f"run #{result.run_id}: [{colour}]{result.status}[/{colour}]", highlight=False)
     if result.version:
         promoted = "promoted" if result.promoted else "not promoted"
+        if result.status == "testing":
+            test = result.metrics.get("ab_test")
+            promoted = f"live A/B test #{test}: `oogiri models ab status`"
         console.print(f"  model {result.version} ({promoted}) at {result.model_dir}")
     if result.decision is not None:
         for reason in result.decision.reasons:
