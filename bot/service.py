@@ -115,7 +115,9 @@ class JokeService:
         if not request.admitted:
             await self.admit(request)
         # refuse before decoding the picture when the queue is already full: busy costs nothing
-        self.admission(self.engine.name).check()
+        # (unless the engine may answer this picture without the GPU: it needs the picture)
+        if not hasattr(self.engine, "answer_without_engine"):
+            self.admission(self.engine.name).check()
         # A worker thread decodes; its share of the decode memory budget is awaited on the loop.
         request.image = await images.load_async(
             request.image_bytes,
@@ -130,10 +132,14 @@ class JokeService:
         params = self.params()
 
         engine = self.engine  # a swap mid-request must not change the engine under us
-        async with self.admission(engine.name).slot() as waited_s:
-            self.metrics.queue_wait.labels(engine.name).observe(waited_s)
-            with self.metrics.in_flight.track_inprogress():
-                generation = await engine.generate(request.image, prompt, params)
+        # an engine that can answer now (a joke pool) skips the queue: no GPU work to wait for
+        quick = getattr(engine, "answer_without_engine", None)
+        generation = quick(request.image, prompt, params) if quick else None
+        if generation is None:
+            async with self.admission(engine.name).slot() as waited_s:
+                self.metrics.queue_wait.labels(engine.name).observe(waited_s)
+                with self.metrics.in_flight.track_inprogress():
+                    generation = await engine.generate(request.image, prompt, params)
 
         joke = Joke(
             id=0,

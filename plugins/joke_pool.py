@@ -94,22 +94,41 @@ class JokePool:
             self._pictures.popitem(last=False)
         return entry
 
+    def answer_without_engine(
+        self, image: NormalizedImage, prompt: str, params: GenerationParams
+    ) -> Generation | None:
+        """A pooled joke this user has not had for this picture, or None. JokeService asks
+        before queueing for the engine: a pooled answer needs no GPU, so it never waits."""
+        s = self.settings
+        entry = self._entry(self._key(image, prompt, params))
+        if len(entry.jokes) < s.min_jokes:
+            return None
+        user = self._user()
+        fresh = [j for j in entry.jokes if user not in j.shown_to and j.shown < s.max_reuse]
+        if not fresh:
+            return None
+        joke = self._rng.choice(fresh)
+        joke.shown_to.add(user)
+        joke.shown += 1
+        self.hits += 1
+        # no engine work: no latency, no tokens (the store's usage stays honest)
+        return dataclasses.replace(joke.generation, latency_s=0.0, usage=Usage())
+
+    def _key(self, image: NormalizedImage, prompt: str, params: GenerationParams) -> tuple:
+        return (image.sha256, prompt, dataclasses.astuple(params))
+
+    def _user(self) -> str:
+        return POOL_USER.get() or f"anonymous:{self._rng.random()}"
+
     async def generate(
         self, image: NormalizedImage, prompt: str, params: GenerationParams
     ) -> Generation:
+        pooled = self.answer_without_engine(image, prompt, params)
+        if pooled is not None:
+            return pooled
         s = self.settings
-        user = POOL_USER.get() or f"anonymous:{self._rng.random()}"
-        key = (image.sha256, prompt, dataclasses.astuple(params))
-        entry = self._entry(key)
-        if len(entry.jokes) >= s.min_jokes:
-            fresh = [j for j in entry.jokes if user not in j.shown_to and j.shown < s.max_reuse]
-            if fresh:
-                joke = self._rng.choice(fresh)
-                joke.shown_to.add(user)
-                joke.shown += 1
-                self.hits += 1
-                # no engine work: no latency, no tokens (the store's usage stays honest)
-                return dataclasses.replace(joke.generation, latency_s=0.0, usage=Usage())
+        user = self._user()
+        entry = self._entry(self._key(image, prompt, params))
         self.misses += 1
         generation = await self.inner.generate(image, prompt, params)
         new = _Joke(generation, shown_to={user}, shown=1)

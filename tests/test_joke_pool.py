@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from pathlib import Path
 
 from bot.app import App
 from bot.engines.base import EngineHealth
-from bot.models import Generation, GenerationParams, JokeRequest, NormalizedImage, Usage
+from bot.models import EngineBusy, Generation, GenerationParams, JokeRequest, NormalizedImage, Usage
 from bot.plugins import make_manager
 from bot.settings import Settings
 from plugins import joke_pool
@@ -121,5 +122,52 @@ async def test_through_the_service_with_the_plugin(tmp_path: Path, chelsea_png: 
         ]
         assert inner.calls == 2  # a and b filled the pool; c, d and a again were served from it
         assert texts[4] != texts[0]  # a's second joke is not a's first
+    finally:
+        await app.close()
+
+
+class Slow(Counting):
+    async def generate(self, image, prompt, params) -> Generation:
+        await asyncio.sleep(0.3)
+        return await super().generate(image, prompt, params)
+
+
+async def test_a_pooled_answer_skips_a_full_queue(
+    tmp_path: Path, chelsea_png: bytes, sample_dir: Path
+) -> None:
+    """Under overload the viral picture is still answered at once; other pictures get busy."""
+    pm = make_manager([], extra=[joke_pool])
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        plugins=[],
+        pool={"enabled": True, "min_jokes": 1},
+        limits={
+            "per_user_per_minute": 0,
+            "per_chat_per_minute": 0,
+            "max_concurrency": 1,
+            "max_queue": 1,
+            "queue_timeout_s": 30,
+        },
+    )
+    coffee_png = (sample_dir / "coffee.png").read_bytes()
+    app = await App.create(settings, pm=pm, engine=Slow())
+    try:
+        meme = JokeRequest(image_bytes=chelsea_png, channel="t", user_id="first")
+        await app.service.tell(meme)  # the pool now holds one joke for the meme
+        others = [
+            asyncio.create_task(
+                app.service.tell(JokeRequest(image_bytes=coffee_png, channel="t", user_id=f"o{i}"))
+            )
+            for i in range(3)
+        ]
+        await asyncio.sleep(0.05)  # one running, one waiting, the third told busy
+        t0 = asyncio.get_running_loop().time()
+        joke = await app.service.tell(
+            JokeRequest(image_bytes=chelsea_png, channel="t", user_id="second")
+        )
+        assert asyncio.get_running_loop().time() - t0 < 0.25 and joke.text
+        results = await asyncio.gather(*others, return_exceptions=True)
+        assert sum(isinstance(r, EngineBusy) for r in results) == 1
     finally:
         await app.close()
