@@ -267,7 +267,15 @@ def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
             _times(row),
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    photos = sorted({src for row in rows for src in (row.get("per_photo") or {})})
+    photo_rows: list[tuple[str, dict[str, Any]]] = []
+    for row in rows:
+        if row.get("per_photo"):
+            photo_rows.append((f"{row['step']} (served)", row["per_photo"]))
+        ab = row.get("ab") or {}
+        arm = (ab.get("arms") or {}).get(ab.get("version") or "")
+        if arm and arm.get("per_photo"):
+            photo_rows.append((f"{row['step']} candidate's A/B arm", arm["per_photo"]))
+    photos = sorted({src for _, pp in photo_rows for src in pp})
     if photos:
         lines += [
             "",
@@ -276,17 +284,14 @@ def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
             "| step | " + " | ".join(photos) + " |",
             "|---|" + "---|" * len(photos),
         ]
-        for row in rows:
-            pp = row.get("per_photo") or {}
-            if not pp:
-                continue
+        for label, pp in photo_rows:
             cells = [
                 f"{_pct(pp[s][0] / pp[s][1])} ({pp[s][0]}/{pp[s][1]})"
                 if s in pp and pp[s][1]
                 else "–"
                 for s in photos
             ]
-            lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "**Verdicts**", ""]
     learned = v.get("learned")
     if learned:
