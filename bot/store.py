@@ -24,6 +24,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     SmallInteger,
     String,
@@ -229,6 +230,10 @@ class OutboxRow(Base):
     """
 
     __tablename__ = "outbox"
+    __table_args__ = (
+        Index("ix_outbox_due", "channel", "state", "next_attempt_at"),  # the worker's claim query
+        Index("ix_outbox_chat", "channel", "chat_key", "state", "id"),  # order per chat
+    )
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     channel: Mapped[str] = mapped_column(String(32))
     chat_key: Mapped[str] = mapped_column(String(160))
