@@ -276,3 +276,37 @@ async def test_a_slow_send_keeps_its_claim(store: Store) -> None:
     release.set()
     assert await sending is True
     assert await box.counts() == {"delivered": 1}
+
+
+async def test_training_export_leaves_out_removed_jokes_and_blocked_voters(
+    store: Store, tmp_path: Path
+) -> None:
+    import json
+
+    from training.export import export_dataset
+    from training.settings import TrainingSettings
+
+    async def joke(seed: bytes) -> Any:
+        return await store.add_joke(
+            fake_image(seed),
+            channel="telegram",
+            user_id="tg:1",
+            chat_id="tg:1",
+            prompt="p",
+            text=f"joke {seed.decode()}",
+            model_version="v1",
+            engine="instant",
+            params={},
+        )
+
+    kept, removed, only_troll = await joke(b"k"), await joke(b"r"), await joke(b"t")
+    for j in (kept, removed):
+        await store.rate(j.id, "tg:10", 1, "telegram")
+    await store.rate(only_troll.id, "tg:66", 1, "telegram")  # liked by the troll alone
+    m = Moderation(store, ModerationSettings(refresh_s=0))
+    await m.block("telegram:user:66")
+    await m.remove_joke(removed.id)
+    settings = TrainingSettings(min_examples=1, heldout_fraction=0.0, base_ratio=0.0)
+    await export_dataset(store, settings, tmp_path / "export")
+    items = json.loads((tmp_path / "export" / "train.json").read_text(encoding="utf-8"))
+    assert [i["id"] for i in items] == [f"oogiri-{kept.id}"]
