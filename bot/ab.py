@@ -23,7 +23,7 @@ import contextvars
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -196,7 +196,7 @@ class ArmsEngine:
         health = await self.control.health()
         extra = dict(health.extra)
         extra["ab"] = self.status()
-        return EngineHealth(ok=health.ok, model=health.model, detail=health.detail, extra=extra)
+        return replace(health, extra=extra)  # every other field (demo, …) as the control says
 
     def status(self) -> dict[str, Any]:
         inner = self.control.status() if hasattr(self.control, "status") else {}

@@ -571,3 +571,27 @@ async def test_a_second_candidate_waits_while_a_test_runs(run_rig: Settings, tst
     assert first.status == "testing" and second.status == "succeeded"
     assert (await tstore.get_model_version(second.version)).status == "candidate"
     assert (await tstore.running_ab_test()).candidate == first.version
+
+
+async def test_the_router_reports_the_active_engines_health_and_the_test() -> None:
+    from bot.engines.base import EngineHealth
+
+    class Stub:
+        name = "stub"
+
+        def __init__(self, label: str, demo: bool) -> None:
+            self.label, self.demo, self.closed = label, demo, False
+
+        async def health(self) -> EngineHealth:
+            return EngineHealth(ok=True, model=self.label, detail="fine", demo=self.demo)
+
+        async def close(self) -> None:
+            self.closed = True
+
+    control, cand = Stub("v1", demo=True), Stub("v2", demo=False)
+    arms = ArmsEngine(control, cand, test_id=9, share=0.1, candidate_version="v2")  # type: ignore[arg-type]
+    health = await arms.health()
+    assert (health.ok, health.model, health.demo) == (True, "v1", True)
+    assert health.extra["ab"]["ab_test"] == 9 and health.extra["ab"]["ab_candidate"] == "v2"
+    await arms.close()
+    assert control.closed and cand.closed
