@@ -15,6 +15,8 @@ succeeds) never says "active" while the old weights still answer, for longer tha
    API server with the pod's service account, and wait until the rollout completes;
    compose: the api_server containers restart themselves when the link changes (their command
    watches it, deploy/compose.yaml);
+   systemd: oogiri-lmdeploy-reload.path restarts the units, which read the name from the
+   folder's ``oogiri-model.env`` (written here);
 3. wait until ``--url`` (the proxy, or the server) lists VERSION in ``/v1/models`` and nothing
    else: the servers name the model they serve after the folder's ``oogiri-model.json`` version,
    which is also how the bot labels every joke with the version that really answered;
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import ssl
 import sys
 import time
@@ -41,6 +44,7 @@ import httpx
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 ANNOTATION = "oogiri.io/model-version"
+VERSION_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class RolloutError(RuntimeError):
@@ -174,10 +178,22 @@ class Kubernetes:
 # --------------------------------------------------------------------------- the command
 
 
+def write_name(folder: Path, version: str) -> None:
+    """``oogiri-model.env`` (``LMDEPLOY_MODEL_NAME=VERSION``) in the folder: the systemd units
+    read it when they restart, and serve the model under that name."""
+    if not VERSION_NAME.fullmatch(version):
+        raise RolloutError(f"version {version!r} is not a plain name ([A-Za-z0-9._-]+)")
+    try:
+        (folder / "oogiri-model.env").write_text(f"LMDEPLOY_MODEL_NAME={version}\n")
+    except OSError as exc:  # a read-only models volume: the JSON marker names it instead
+        say(f"could not write {folder / 'oogiri-model.env'}: {exc}")
+
+
 def promote(args: argparse.Namespace, kube: Kubernetes | None = None) -> None:
     target = Path(args.model_dir).resolve()
     if not (target / "config.json").is_file():
         raise RolloutError(f"{target} is not a model folder (no config.json)")
+    write_name(target, args.version)
     link = Path(args.link)
     previous = repoint(link, target)
     say(f"{link} → {target} (was {previous})")

@@ -125,6 +125,8 @@ def test_kubernetes_promotion_rolls_the_servers_and_waits_for_the_new_version(
         {"spec": {"template": {"metadata": {"annotations": {ANNOTATION: "v2"}}}}}
     ]
     assert server.model_name == "v2" and kube.auth == {"Bearer sa-token"}
+    # the systemd units read the served name from the folder
+    assert (models / "v2" / "oogiri-model.env").read_text() == "LMDEPLOY_MODEL_NAME=v2\n"
 
 
 def test_a_rollout_that_never_finishes_goes_back(models: Path, server: FakeLMDeploy) -> None:
@@ -160,5 +162,6 @@ def test_stop_scales_the_arm_to_zero_and_drops_its_link(models: Path, server: Fa
 def test_bad_input_is_refused(models: Path, tmp_path: Path) -> None:
     assert rollout.main([str(tmp_path / "nothing"), "v9", "--link", str(models / "active")]) == 1
     assert (models / "active").resolve() == (models / "v1").resolve()
+    assert rollout.main([str(models / "v2"), "v2; rm -rf /", "--link", str(models / "active")]) == 1
     with pytest.raises(SystemExit):
         rollout.main(["--link", str(models / "active")])
