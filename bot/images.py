@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from PIL import Image
 
@@ -208,6 +209,16 @@ def release_memory() -> bool:
 #: so a burst of huge pictures takes one core, not all of them, and ordinary photos keep moving.
 LARGE_DECODE_BYTES = 64 * _MIB
 MAX_LARGE_DECODES = 1
+#: A large picture waits at most this long for its turn (then "busy"): a queue of huge pictures
+#: must not hold the channel's admission slots that ordinary photos need.
+LARGE_DECODE_WAIT_S = 5.0
+
+
+def decode_wait(cost: int, settings: ImageSettings) -> float:
+    """How long a decode of ``cost`` bytes may wait for the budget."""
+    if cost >= LARGE_DECODE_BYTES:
+        return min(settings.decode_wait_s, LARGE_DECODE_WAIT_S)
+    return settings.decode_wait_s
 
 
 class DecodeBudget:
@@ -581,7 +592,7 @@ async def load_async(
         return await asyncio.to_thread(
             load, data, settings, filename=filename, content_type=content_type
         )
-    async with decode_budget(settings).reserve_async(cost, settings.decode_wait_s):
+    async with decode_budget(settings).reserve_async(cost, decode_wait(cost, settings)):
         return await asyncio.to_thread(run)
 
 
@@ -664,7 +675,9 @@ def _decode(data: bytes, fmt: str, settings: ImageSettings) -> NormalizedImage:
             )
         held = getattr(_prereserved, "held", False)  # load_async reserved it on the loop
         budget = (
-            nullcontext() if held else decode_budget(settings).reserve(cost, settings.decode_wait_s)
+            nullcontext()
+            if held
+            else decode_budget(settings).reserve(cost, decode_wait(cost, settings))
         )
         with budget:
             im.load()
@@ -769,11 +782,11 @@ def _wide_to_l(im: Image.Image) -> Image.Image:
     if im.mode != "F":
         sixteen = im.mode.startswith("I;16")
         im = im.convert("I")
-        lo, hi = im.getextrema()
+        lo, hi = cast("tuple[float, float]", im.getextrema())  # one band: (min, max)
         if sixteen or (lo >= 0 and hi <= 65535):
             lo, hi = 0, 65535
     else:
-        lo, hi = im.getextrema()
+        lo, hi = cast("tuple[float, float]", im.getextrema())
         if lo >= 0 and hi <= 1:
             lo, hi = 0, 1
     scale = 255 / (hi - lo) if hi > lo else 0.0

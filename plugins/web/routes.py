@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -217,7 +217,7 @@ def create_api(app: App) -> FastAPI:
     async def _tell(request: Request, lang: str, who: Visitor, network: str) -> Response:
         received = 0
 
-        async def capped() -> AsyncIterator[bytes]:
+        async def capped() -> AsyncGenerator[bytes, None]:
             nonlocal received
             async for chunk in request.stream():
                 received += len(chunk)

@@ -43,7 +43,7 @@ class WebSettings(PluginSettings):
         default=30, ge=0, description="new cookie identities per network; 0: unlimited"
     )
     max_inflight_uploads: int = Field(
-        default=16, ge=1, description="uploads in progress, all networks"
+        default=32, ge=1, description="uploads in progress, all networks"
     )
     inflight_uploads_per_ip: int = Field(default=2, ge=0, description="per network; 0: unlimited")
 

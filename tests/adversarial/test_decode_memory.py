@@ -43,6 +43,7 @@ CHILD = textwrap.dedent(
     data = open(sys.argv[1], "rb").read()
     parallel = int(sys.argv[2])
     cfg = ImageSettings(decode_budget_bytes=int(sys.argv[3]), decode_wait_s=300)
+    images.LARGE_DECODE_WAIT_S = 300.0  # here every decode waits for its turn, however long
     small = io.BytesIO()
     Image.new("RGB", (640, 480), (10, 90, 200)).save(small, "PNG")
     images.load(small.getvalue(), cfg)  # warm up: imports, codecs
