@@ -28,7 +28,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from bot.ab import ArmsEngine, ab_metrics, evaluate
@@ -112,6 +115,7 @@ async def _managed_arm(app: Any, base: Any, version: str, model_path: str) -> En
     if ab.candidate_gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = ab.candidate_gpu
     exclude = {base.active.port} if base.active is not None else set()
+    await asyncio.to_thread(_end_stale_arms, base.log_dir, exclude)
     port = base._free_port(exclude=exclude)
     served = e.served_model_name or version
     server = ServerProcess(
@@ -130,6 +134,33 @@ async def _managed_arm(app: Any, base: Any, version: str, model_path: str) -> En
     )
     log.info("A/B arm %s serving on %s", version, server.url)
     return _ServerArm(http, server)
+
+
+def _end_stale_arms(log_dir: Path, keep: set[int]) -> list[int]:
+    """A small arm left running by a serve process that was killed would hold GPU memory for
+    good: end every managed api_server whose pid file names a port other than ``keep`` (only if
+    that process is still an ``api_server`` on that port). Returns the pids ended."""
+    ended = []
+    for pid_file in log_dir.glob("lmdeploy-*.pid"):
+        try:
+            port = int(pid_file.stem.removeprefix("lmdeploy-"))
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if port in keep:
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            cmdline = ""
+        if "api_server" in cmdline and f"--server-port {port}" in cmdline:
+            log.warning("ending a stale lmdeploy api_server (pid %d, port %d)", pid, port)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            ended.append(pid)
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
+    return ended
 
 
 class AbServing:

@@ -217,3 +217,34 @@ async def test_unmanaged_engine_serves_the_arm_from_the_candidate_url(tmp_path: 
         control.stop()
         if candidate is not None:
             candidate.stop()
+
+
+def test_a_stale_arm_left_by_a_killed_serve_is_ended(tmp_path: Path) -> None:
+    """Only api_servers named by their pid file and port are ended; the active one is kept."""
+    import subprocess
+    import time
+
+    from bot.ab_serving import _end_stale_arms
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    port, active_port = free_port_block(1), free_port_block(1)
+    folder = model_dir(tmp_path, "old-arm")
+    stale = subprocess.Popen(
+        [*FAKE_CMD, "serve", "api_server", str(folder), "--server-port", str(port)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        (logs / f"lmdeploy-{port}.pid").write_text(str(stale.pid))
+        (logs / f"lmdeploy-{port + 1}.pid").write_text(str(other.pid))  # not an api_server
+        (logs / f"lmdeploy-{active_port}.pid").write_text(str(other.pid))
+        time.sleep(0.3)
+        assert _end_stale_arms(logs, keep={active_port}) == [stale.pid]
+        assert stale.wait(timeout=10) != 0
+        assert other.poll() is None
+        assert (logs / f"lmdeploy-{active_port}.pid").exists()
+    finally:
+        for proc in (stale, other):
+            proc.kill()
+            proc.wait()
