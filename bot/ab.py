@@ -23,6 +23,7 @@ import contextvars
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -199,7 +200,9 @@ class ArmsEngine:
         return replace(health, extra=extra)  # every other field (demo, …) as the control says
 
     def status(self) -> dict[str, Any]:
-        inner = self.control.status() if hasattr(self.control, "status") else {}
+        # the wrapped engine's own status, when it has one (managed LMDeploy does)
+        status: Callable[[], dict[str, Any]] | None = getattr(self.control, "status", None)
+        inner = status() if status is not None else {}
         return {
             **inner,
             "ab_test": self.test_id,
