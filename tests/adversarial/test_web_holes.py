@@ -233,7 +233,7 @@ async def test_slow_headers_are_cut_off(tmp_path: Path) -> None:
         sock = socket.create_connection(("127.0.0.1", channel.port))
         sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
         started = time.monotonic()
-        closed = await asyncio.to_thread(_closed_within, sock, 5.0)
+        closed = await asyncio.to_thread(_closed_within, sock, 10.0)
         elapsed = time.monotonic() - started
         sock.close()
         # An idle keep-alive connection after a complete request is closed as well.
@@ -241,7 +241,7 @@ async def test_slow_headers_are_cut_off(tmp_path: Path) -> None:
             assert (await client.get(channel.url + "/livez")).status_code == 200
     finally:
         await shut(app, channel)
-    assert closed and 0.5 < elapsed < 4.0
+    assert closed and 0.5 < elapsed < 9.0  # 1 s timeout; slack for a loaded machine
 
 
 async def test_connections_per_address_are_capped(tmp_path: Path) -> None:
