@@ -248,6 +248,17 @@ def chat_body(plan: Plan, jpeg: bytes) -> bytes:
     return json.dumps(body).encode()
 
 
+class NewVisitors(httpx.AsyncHTTPTransport):
+    """Drops Set-Cookie: every upload comes from a new visitor, as when many people send one
+    meme (one cookie jar would make the whole load a single web user)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if "set-cookie" in response.headers:
+            del response.headers["set-cookie"]
+        return response
+
+
 def engine_settings(plan: Plan, urls: list[str]) -> EngineSettings:
     n = plan.max_new_tokens
     return EngineSettings(
@@ -270,20 +281,24 @@ async def run_step(
 ) -> list[dict[str, Any]]:
     pictures, order = await asyncio.to_thread(pictures_for, step, plan)
     loop = asyncio.get_running_loop()
+    limits = httpx.Limits(max_connections=4096)
     client = httpx.AsyncClient(
-        timeout=300, limits=httpx.Limits(max_connections=4096), trust_env=False
+        timeout=300,
+        transport=NewVisitors(limits=limits) if step.path == "bot" else None,
+        limits=limits,
+        trust_env=False,
     )
     bots: BotProcesses | None = None
     try:
         if step.path == "bot":
-            limits = step.admission.model_dump() if step.admission else dict(ADMISSION_OFF)
+            bot_limits = step.admission.model_dump() if step.admission else dict(ADMISSION_OFF)
             bots = await BotProcesses.launch(
                 engine_settings(plan, urls),
                 out / "bots" / step.name.replace(" ", "_"),
                 port=port,
                 count=step.bots,
                 startup_timeout_s=120,
-                limits=limits,
+                limits=bot_limits,
                 env_extra=step.bot_env,
             )
             targets = bots.urls
