@@ -227,7 +227,7 @@ class Outbox:
                 )
                 .values(claimed_by=self.owner, lease_until=now + timedelta(seconds=self.lease_s))
             )
-            if result.rowcount != 1:
+            if result.rowcount != 1:  # pyright: ignore[reportAttributeAccessIssue]  # DML: a CursorResult
                 return None  # another replica was faster
             row = await s.get(OutboxRow, row_id)
             return _item(row) if row is not None else None
@@ -245,7 +245,7 @@ class Outbox:
                 )
                 .values(**values)
             )
-            return result.rowcount == 1
+            return result.rowcount == 1  # pyright: ignore[reportAttributeAccessIssue]  # DML: a CursorResult
 
     async def delivered(self, item: OutboxItem, result: dict[str, Any] | None = None) -> None:
         done = await self._finish(
@@ -291,7 +291,7 @@ class Outbox:
                 )
                 .values(lease_until=now + timedelta(seconds=self.lease_s))
             )
-            return result.rowcount == 1
+            return result.rowcount == 1  # pyright: ignore[reportAttributeAccessIssue]  # DML: a CursorResult
 
     async def release(self, item: OutboxItem) -> None:
         """Give the row back untouched (an older reply to the chat must go first)."""
@@ -388,12 +388,19 @@ class OutboxWorker:
         self._inflight: set[int] = set()  # rows this process is sending right now
         self._expired_at = 0.0
 
+    def _wait_behind(self, chat_key: str) -> None:
+        """Remember that a reply of ``chat_key`` waits for the one being sent (bounded: a
+        forgotten chat is picked up by the next poll instead of at once)."""
+        if len(self._waiting_chats) > 10_000:
+            self._waiting_chats.clear()
+        self._waiting_chats.add(chat_key)
+
     async def send_now(self, item: OutboxItem) -> bool:
         """Deliver a freshly stored (and claimed) reply now if it is its chat's next one."""
         try:
             if not await self.outbox.is_head(item):
                 await self.outbox.release(item)
-                self._waiting_chats.add(item.chat_key)
+                self._wait_behind(item.chat_key)
                 return False
         except Exception:
             log.warning("outbox: could not check the order of reply %s", item.id, exc_info=True)
@@ -455,7 +462,7 @@ class OutboxWorker:
             await self.outbox.expire()
         items = await self.outbox.claim_due(self.batch)
         for item in items:  # delivered by the loop: the chat's next row comes on the next round
-            self._waiting_chats.add(item.chat_key)
+            self._wait_behind(item.chat_key)
 
         async def one(item: OutboxItem) -> None:
             async with self._slots:

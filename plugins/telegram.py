@@ -71,7 +71,7 @@ else:
     _PTB_MISSING = None
 
 if TYPE_CHECKING:
-    from telegram import Bot, User
+    from telegram import Bot, Update, User
 
     from bot.app import App
     from bot.settings import Settings
@@ -299,7 +299,7 @@ def find_picture(message: Message, limit: int) -> tuple[Picture | None, bool]:
 
 def _mentions(message: Message, bot: Bot) -> bool:
     username = (bot.username or "").lower()
-    kinds = [MessageEntityType.MENTION, MessageEntityType.TEXT_MENTION]
+    kinds: list[str | None] = [MessageEntityType.MENTION, MessageEntityType.TEXT_MENTION]
     found = {**message.parse_entities(kinds), **message.parse_caption_entities(kinds)}
     for entity, value in found.items():
         if (
@@ -1039,6 +1039,8 @@ class TelegramChannel:
                     break
                 counts = (joke.up, joke.down)
                 if self._shown.get(key) != counts:
+                    if len(self._last_edit) > SHOWN_MAX:  # bounded; forgetting only costs a wait
+                        self._last_edit.clear()
                     self._last_edit[key] = time.monotonic()
                     try:
                         await bot.edit_message_reply_markup(
@@ -1144,7 +1146,8 @@ class TelegramChannel:
             markup = original.reply_markup
             for row in markup.inline_keyboard if markup else ():
                 for button in row:
-                    vote = parse_vote(button.callback_data if button else None)
+                    data = button.callback_data if button else None
+                    vote = parse_vote(data if isinstance(data, str) else None)
                     if vote is not None:
                         joke_id = vote[0]
             target = (original.chat.id, original.message_id)
