@@ -294,7 +294,7 @@ async def stored_state(db_url: str | None, sqlite_path: Path) -> tuple[set[int],
 
         conn = await asyncpg.connect(db_url)
         try:
-            jokes = {r[0] for r in await conn.fetch("SELECT id FROM jokes")}
+            ids = [tuple(r) for r in await conn.fetch("SELECT id, public_id FROM jokes")]
             rows = await conn.fetch("SELECT joke_id, user_id, value FROM ratings")
         finally:
             await conn.close()
@@ -302,9 +302,14 @@ async def stored_state(db_url: str | None, sqlite_path: Path) -> tuple[set[int],
         import sqlite3
 
         with sqlite3.connect(sqlite_path) as conn:
-            jokes = {r[0] for r in conn.execute("SELECT id FROM jokes")}
+            ids = conn.execute("SELECT id, public_id FROM jokes").fetchall()
             rows = conn.execute("SELECT joke_id, user_id, value FROM ratings").fetchall()
-    return jokes, {(r[0], r[1]): r[2] for r in rows}
+    # The web API names jokes by public id, Telegram's buttons by the store's id: both count.
+    public = {joke_id: public_id for joke_id, public_id in ids}
+    jokes = {joke_id for joke_id, _ in ids} | {p for _, p in ids if p}
+    votes = {(r[0], r[1]): r[2] for r in rows}
+    votes |= {(public[r[0]], r[1]): r[2] for r in rows if public.get(r[0])}
+    return jokes, votes
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -376,6 +381,11 @@ async def run(args) -> dict[str, Any]:
         "OOGIRI_TELEGRAM__BASE_FILE_URL": api.base_file_url,
         "OOGIRI_TELEGRAM__LANGUAGE": "en",
         "OOGIRI_WEB__COOKIE_SECRET": COOKIE_SECRET,
+        # Every simulated web user comes from 127.0.0.1: the per-network limits stay out of it.
+        "OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE": "0",
+        "OOGIRI_WEB__VOTES_PER_IP_PER_MINUTE": "0",
+        "OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR": "0",
+        "OOGIRI_WEB__INFLIGHT_UPLOADS_PER_IP": "0",
         "OOGIRI_TEST_ENGINE_FAULT_FILE": str(flag),
         "OOGIRI_LOG_LEVEL": "WARNING",
     }
