@@ -331,7 +331,7 @@ SCENARIOS: list[dict[str, Any]] = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--sims", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--out", type=Path, default=None)
