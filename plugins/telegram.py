@@ -745,7 +745,9 @@ class TelegramChannel:
         try:
             await self.app.service.admit(request)
         except RateLimited as exc:
-            await self._slow_down(bot, asking, request.user_id, exc, lang)
+            # a busy group gets one notice per window, not one per member who asks
+            who = request.chat_id if exc.key == "rate_chat" else request.user_id
+            await self._slow_down(bot, asking, f"{exc.key}:{who}", exc, lang)
             return
         except Rejected as exc:
             if exc.key not in ("blocked", "not_allowed"):  # moderation refusals get silence
@@ -803,7 +805,8 @@ class TelegramChannel:
     async def _slow_down(
         self, bot: Bot, asking: Message, user_key: str, exc: RateLimited, lang: str
     ) -> None:
-        """One "slow down" per user per window; later refusals in it are silent."""
+        """One "slow down" per user (or per chat, for the chat's limit) per window; later
+        refusals in it are silent."""
         window = self.settings.telegram.slow_down_notice_s
         first = window <= 0 or (
             await self.app.limiter.hit(f"notice:{CHANNEL}:{user_key}", 1, window) is None

@@ -344,3 +344,20 @@ async def test_allowlist_mode_answers_only_listed_chats(
     await botapi.wait_consumed(update["update_id"])
     await asyncio.sleep(0.5)
     assert not [p for p in botapi.sent("sendMessage") if replies_to(no)(p)]
+
+
+async def test_a_busy_group_gets_one_notice_not_one_per_member(
+    botapi: FakeBotAPI, start_bot: StartBot, chelsea_jpeg: bytes
+) -> None:
+    await start_bot(limits={"per_chat_per_minute": 1})
+    group = botapi.group_chat(GROUP)
+    members = [botapi.user(7950 + n) for n in range(4)]
+    last = None
+    for member in members:
+        last, _ = botapi.push_message(group, member, photo=botapi.photo(chelsea_jpeg), **MENTION)
+    await botapi.wait_consumed(last["update_id"])
+    await botapi.wait_for("sendMessage", lambda p: "reply_markup" in p)
+    await asyncio.sleep(0.5)
+    texts = [p["text"] for p in botapi.sent("sendMessage") if int(p["chat_id"]) == GROUP]
+    assert len(jokes_in(botapi, GROUP)) == 1
+    assert sum(t.startswith("This chat is asking a lot") for t in texts) == 1
