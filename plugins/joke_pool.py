@@ -160,4 +160,15 @@ def oogiri_before_joke(request: JokeRequest) -> None:
 def oogiri_startup(app: Any) -> None:
     settings = getattr(app.settings, "pool", None)
     if isinstance(settings, PoolSettings) and settings.enabled:
-        app.service.engine = JokePool(app.service.engine, settings)
+        pool = JokePool(app.service.engine, settings)
+        app.service.engine = pool
+        from prometheus_client import Gauge
+
+        answers = Gauge(
+            "oogiri_joke_pool_answers",
+            "Jokes answered from the joke pool or by the engine since start",
+            ["source"],
+            registry=app.metrics.registry,
+        )
+        answers.labels("pool").set_function(lambda: pool.hits)
+        answers.labels("engine").set_function(lambda: pool.misses)

@@ -122,6 +122,9 @@ async def test_through_the_service_with_the_plugin(tmp_path: Path, chelsea_png: 
         ]
         assert inner.calls == 2  # a and b filled the pool; c, d and a again were served from it
         assert texts[4] != texts[0]  # a's second joke is not a's first
+        metrics = app.metrics.render().decode()
+        assert 'oogiri_joke_pool_answers{source="pool"} 3.0' in metrics
+        assert 'oogiri_joke_pool_answers{source="engine"} 2.0' in metrics
     finally:
         await app.close()
 
