@@ -9,7 +9,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from bot.models import EngineBusy
 
@@ -80,7 +80,8 @@ class RedisLimiter:
             return None
         window_us = max(1, math.ceil(window_s * 1_000_000))
         event = uuid.uuid4().hex  # members must be unique: two hits in one microsecond both count
-        wait_us = int(await self._script(keys=[self._prefix + key], args=[limit, window_us, event]))
+        raw: Any = await self._script(keys=[self._prefix + key], args=[limit, window_us, event])
+        wait_us = int(raw)
         if wait_us < 0:
             return None
         return wait_us / 1_000_000

@@ -175,7 +175,7 @@ class Moderation:
                 f"{subject} is on the {list_} list in the settings (moderation.{list_}); "
                 "remove it there"
             )
-        return bool(result.rowcount)
+        return bool(result.rowcount)  # pyright: ignore[reportAttributeAccessIssue]  # DML: a CursorResult
 
     async def block(self, subject: str, by: str | None = None, note: str | None = None) -> bool:
         return await self.add(BLOCK, subject, by, note)

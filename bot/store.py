@@ -342,10 +342,14 @@ class Store:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         images = ImageRow.__table__
-        self._image_insert = self._insert(images).on_conflict_do_nothing(index_elements=["sha256"])
+        self._image_insert = self._insert(images).on_conflict_do_nothing(  # pyright: ignore[reportArgumentType]
+            index_elements=["sha256"]
+        )
         jokes = JokeRow.__table__
-        self._joke_insert = jokes.insert().returning(jokes.c.id, sort_by_parameter_order=True)
-        self._request_insert = RequestRow.__table__.insert()
+        self._joke_insert = jokes.insert().returning(  # pyright: ignore[reportAttributeAccessIssue]
+            jokes.c.id, sort_by_parameter_order=True
+        )
+        self._request_insert = RequestRow.__table__.insert()  # pyright: ignore[reportAttributeAccessIssue]
         # SQLite has one writer at a time. A writer that waits for it inside SQLite (busy_timeout)
         # sleeps and polls while holding a pooled connection, and the holder keeps the lock across
         # event-loop round trips (one per statement): under load the lock idles between polls,
@@ -549,7 +553,7 @@ class Store:
             if it.delivery is not None
         ]
         if deliveries:
-            await conn.execute(OutboxRow.__table__.insert(), deliveries)
+            await conn.execute(OutboxRow.__table__.insert(), deliveries)  # pyright: ignore[reportAttributeAccessIssue]
         return [
             _joke_from_values(joke_id, it.values) for it, joke_id in zip(items, ids, strict=True)
         ]
@@ -775,7 +779,7 @@ class Store:
                 .where(ModelVersionRow.version == version)
                 .values(status=status, **fields)
             )
-            if result.rowcount == 0:
+            if result.rowcount == 0:  # pyright: ignore[reportAttributeAccessIssue]
                 raise LookupError(f"no model version {version!r}")
 
     # ------------------------------------------------------------------ training runs
@@ -875,7 +879,7 @@ class Store:
                 .where(AbTestRow.id == test_id, AbTestRow.status == "running")
                 .values(status=status, reason=reason, ended_at=now, updated_at=now, **fields)
             )
-            return bool(result.rowcount)
+            return bool(result.rowcount)  # pyright: ignore[reportAttributeAccessIssue]
 
     def _ab_window(self, test: AbTestRow) -> Any:
         cond = JokeRow.created_at >= test.started_at

@@ -49,8 +49,9 @@ try:  # the `discord` extra
     import yarl
     from discord import app_commands
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without the extra
-    discord = None  # type: ignore[assignment]
-    app_commands = None  # type: ignore[assignment]
+    if not TYPE_CHECKING:  # type checkers see the installed extra, not these placeholders
+        discord = None
+        app_commands = None
     _IMPORT_ERROR: ModuleNotFoundError | None = exc
 else:
     _IMPORT_ERROR = None

@@ -94,7 +94,7 @@ def app_promoter(app: App) -> Promoter:
 
     fn = app.state.get("promote_model")
     if callable(fn):
-        return CallablePromoter(fn)
+        return CallablePromoter(fn)  # pyright: ignore[reportArgumentType]  # fn(version, dir)
     return CommandPromoter(app.settings.training.promote_command)
 
 

@@ -248,6 +248,7 @@ async def rollback(
             raise LookupError("no earlier model version to roll back to")
         earlier.sort(key=lambda v: (v.promoted_at or v.created_at, v.id))
         to = earlier[-1].version
+    assert to is not None  # the caller named it, or the latest retired version was found
     version, previous = await promote_version(store, pm, promoter, to)
     if previous and previous != version:
         await store.set_model_status(previous, "rolled_back")
@@ -503,7 +504,7 @@ class TrainingPipeline:
     # -- the run
 
     async def run(self, promote: bool | None = None) -> RunResult:
-        promote = self.t.auto_promote if promote is None else promote
+        promote = bool(self.t.auto_promote) if promote is None else promote
         store = self.store
         run_id = await store.start_training_run()
         run_dir = self.work_dir / "runs" / f"run-{run_id:05d}"

@@ -184,7 +184,8 @@ class _InternVLInputs:
         """Model inputs and the number of tiles the image was cut into (thumbnail included)."""
         import torch
 
-        pixels = self.image_processor(
+        processor: Any = self.image_processor  # transformers' processor types lag its kwargs
+        pixels = processor(
             images=[image], crop_to_patches=True, max_patches=max_patches, return_tensors="pt"
         )
         tiles = int(pixels["num_patches"][0])
@@ -293,7 +294,7 @@ class TransformersEngine:
         model = AutoModelForImageTextToText.from_pretrained(
             self.model_dir, local_files_only=True, dtype=dtype
         )
-        self._model = model.to(self.device).eval()
+        self._model = model.to(self.device).eval()  # pyright: ignore[reportArgumentType]
         self._inputs = _InternVLInputs(self.model_dir, int(config.image_seq_length))
         tok = self._inputs.tokenizer
         generation_config = self._model.generation_config

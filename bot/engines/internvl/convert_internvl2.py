@@ -539,7 +539,8 @@ def _sentencepiece_tokenizer(src: Path, specials: set[str]) -> tuple[Any, list[s
             "converting tokenizer.model needs sentencepiece and protobuf: "
             "pip install sentencepiece protobuf"
         ) from exc
-    proto = model_pb2.ModelProto()
+    # protobuf generates ModelProto at run time: no static type to check against
+    proto: Any = model_pb2.ModelProto()  # pyright: ignore[reportAttributeAccessIssue]
     proto.ParseFromString((src / "tokenizer.model").read_bytes())
     for piece in proto.pieces:
         if piece.type == 4 and piece.piece in specials:  # USER_DEFINED → CONTROL

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 MARKER = "oogiri-model.json"
 LAYOUTS = ("hf", "internvl2")
@@ -171,16 +171,16 @@ def make_tiny_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = Qwen2Tokenizer(
+    tok = Qwen2Tokenizer(
         tokenizer_object=_train_tokenizer(),
         eos_token=IM_END,
         pad_token=PAD,
-        unk_token=None,
+        unk_token=None,  # pyright: ignore[reportArgumentType]  # no unknown token: a byte-level BPE
         extra_special_tokens=IMAGE_TOKENS,
         model_max_length=MAX_POSITIONS,
         padding_side="left",
     )
-    vocab_size = len(tokenizer)
+    vocab_size = len(tok)
 
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": TILE, "width": TILE},
@@ -212,10 +212,10 @@ def make_tiny_model(
             "max_position_embeddings": MAX_POSITIONS,
             "tie_word_embeddings": False,
             "bos_token_id": None,
-            "eos_token_id": tokenizer.convert_tokens_to_ids(IM_END),
-            "pad_token_id": tokenizer.convert_tokens_to_ids(PAD),
+            "eos_token_id": tok.convert_tokens_to_ids(IM_END),
+            "pad_token_id": tok.convert_tokens_to_ids(PAD),
         },
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]),
+        image_token_id=cast(int, tok.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"])),
         image_seq_length=tokens_per_tile,
         downsample_ratio=0.5,
         tie_word_embeddings=False,
@@ -223,16 +223,17 @@ def make_tiny_model(
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
+        model = InternVLForConditionalGeneration(config)
+        model = model.to(torch.float32).eval()  # pyright: ignore[reportArgumentType]
     # Random weights pick byte tokens that are no whole character (shown as "�") or control
     # characters; suppressing them keeps the demo's noise readable. A real model needs no such list.
-    unreadable = [i for i in range(vocab_size) if not _readable(tokenizer.decode([i]))]
+    unreadable = [i for i in range(vocab_size) if not _readable(str(tok.decode([i])))]
     model.generation_config = GenerationConfig(
         eos_token_id=[
-            tokenizer.convert_tokens_to_ids(IM_END),
-            tokenizer.convert_tokens_to_ids(PAD),
+            tok.convert_tokens_to_ids(IM_END),
+            tok.convert_tokens_to_ids(PAD),
         ],
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
+        pad_token_id=tok.convert_tokens_to_ids(PAD),
         suppress_tokens=unreadable,
         do_sample=False,
     )
@@ -240,8 +241,8 @@ def make_tiny_model(
     model.save_pretrained(out_dir)
     # The processor is written as its parts: constructing ``InternVLProcessor`` (and loading it with
     # ``AutoProcessor``) needs torchvision for its video processor, which CPU installs lack.
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
     image_processor.save_pretrained(out_dir)
     processor_config = {"processor_class": "InternVLProcessor", "image_seq_length": tokens_per_tile}
     (out_dir / "processor_config.json").write_text(
