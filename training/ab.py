@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from bot.ab import Evaluation, evaluate
+from bot.ab import Evaluation, aware, evaluate
 from bot.settings import Settings
 from bot.store import AbTestRow
 from training.proc import run_command
@@ -315,15 +315,24 @@ async def stop_test(
 
 
 async def status_docs(store: Any, limit: int = 5) -> list[dict[str, Any]]:
-    """The latest tests (newest first) with their counts and the rule's current verdict."""
+    """The latest tests (newest first): a running test with its counts and the rule's verdict
+    now; an ended one with the counts and verdict it was decided on (votes that come later on
+    its jokes do not rewrite history)."""
     docs = []
     for test in await store.ab_tests(limit=limit):
-        ev = await evaluate(store, test)
-        doc = ev.as_dict()
-        if test.status != "running" and test.decision:
-            doc["final_decision"] = test.decision.get("decision")
+        stored = test.decision or {}
+        if test.status != "running" and stored.get("decision") and stored.get("arms"):
+            doc = {**stored, "status": test.status, "reason": test.reason}
+            doc["ended_at"] = _iso(test.ended_at)
+        else:
+            doc = (await evaluate(store, test)).as_dict()
         docs.append(doc)
     return docs
+
+
+def _iso(dt: datetime | None) -> str | None:
+    dt = aware(dt)
+    return dt.isoformat() if dt else None
 
 
 __all__ = [

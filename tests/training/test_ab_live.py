@@ -224,6 +224,7 @@ async def test_a_better_candidate_is_promoted_and_watched(tstore: Store, tmp_pat
     assert (await tstore.get_model_version("v2")).status == "testing"
     await seed_arm(tstore, "v1", 200, 60, "c")
     await seed_arm(tstore, "v2", 200, 120, "k")
+    unrated = await joke(tstore, "v2")
     promoter = Promoter()
     ended: list[int] = []
     (out,) = await decide_tests(
@@ -240,6 +241,14 @@ async def test_a_better_candidate_is_promoted_and_watched(tstore: Store, tmp_pat
     assert watch is not None and watch.id == out.watch_id
     assert (watch.kind, watch.control, watch.candidate, watch.share) == ("watch", "v2", "v1", 0.1)
     assert watch.rule["margin"] == settings.ab.rollback_margin
+    # later votes on the test's jokes do not rewrite what it was decided on
+    (ended,) = [d for d in await status_docs(tstore) if d["id"] == test.id]
+    assert ended["arms"]["candidate"]["votes"] == 200 and ended["status"] == "promoted"
+    await tstore.rate(unrated, "late-voter", -1, "test")  # a joke served during the test
+    assert (await evaluate(tstore, await tstore.get_ab_test(test.id))).candidate.votes == 201
+    (ended,) = [d for d in await status_docs(tstore) if d["id"] == test.id]
+    assert ended["arms"]["candidate"]["votes"] == 200
+    assert ended["decision"]["outcome"] == "promote"
 
 
 async def test_a_worse_candidate_is_rejected(tstore: Store, tmp_path: Path) -> None:
