@@ -218,3 +218,20 @@ async def test_votes_store_a_network_hash_not_the_address(app: App) -> None:
     (entry,) = await app.store.rated_jokes()
     ((channel, network),) = entry["vote_sources"].values()
     assert channel == "web" and network and "192.0.2" not in network
+
+
+async def test_forwarded_for_counts_only_behind_a_trusted_proxy(app: App) -> None:
+    # Behind the (trusted, loopback) proxy each forwarded client is its own network ...
+    async with client(app, "127.0.0.1") as proxy:
+        for i in range(25):
+            proxy.cookies.clear()
+            r = await upload(proxy, i, headers={"X-Forwarded-For": f"198.51.100.{i}"})
+            assert r.status_code == 201, (i, r.text)
+    # ... while a direct client cannot escape its limit by writing the header itself.
+    async with client(app, "203.0.113.9") as direct:
+        codes = []
+        for i in range(22):
+            direct.cookies.clear()
+            forged = {"X-Forwarded-For": f"192.0.2.{i}"}
+            codes.append((await upload(direct, i, headers=forged)).status_code)
+    assert codes.count(201) == 20 and codes[-1] == 429
