@@ -248,3 +248,34 @@ def test_a_stale_arm_left_by_a_killed_serve_is_ended(tmp_path: Path) -> None:
         for proc in (stale, other):
             proc.kill()
             proc.wait()
+
+
+async def test_a_decision_elsewhere_asks_serve_to_drop_the_arm_first(
+    settings: Settings,
+) -> None:
+    """``notify_serve`` (CLI, CronJob) reaches a local serve's control socket: ab_sync."""
+    from bot.engines.lmdeploy_server import ControlServer
+    from training.ab_plugin import notify_serve
+
+    synced: list[dict[str, object]] = []
+
+    async def ab_sync(request: dict[str, object]) -> dict[str, object]:
+        synced.append(request)
+        return {"serving": None}
+
+    class FakeApp:
+        def __init__(self) -> None:
+            self.engine = None
+            self.state = {"control_ops": {"ab_sync": ab_sync}}
+
+    on_ended = notify_serve(settings)
+    await on_ended(None)  # no serve listening: nothing to do, no error
+    path = settings.engine.control_socket
+    assert path is not None
+    control = ControlServer(FakeApp(), path)
+    assert await control.start()
+    try:
+        await on_ended(None)
+    finally:
+        await control.close()
+    assert synced == [{"op": "ab_sync"}]
