@@ -137,3 +137,21 @@ async def test_stats_page_without_a_test_says_so(served: tuple[App, WebChannel])
     async with httpx.AsyncClient(base_url=channel.url) as client:
         page = (await client.get("/stats", headers={"Accept-Language": "en"})).text
     assert 'id="live-test"' in page and "No live test yet" in page
+
+
+async def test_api_ab_follows_public_stats(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        web={"host": "127.0.0.1", "port": 0, "public_stats": False},
+    )
+    app = await App.create(settings, engine=InstantEngine())
+    channel = app.channel_registry.get("web")(app)
+    await channel.start()
+    try:
+        async with httpx.AsyncClient(base_url=channel.url) as client:
+            assert (await client.get("/api/ab")).status_code == 404
+            assert (await client.get("/stats")).status_code == 404
+    finally:
+        await channel.stop()
+        await app.close()

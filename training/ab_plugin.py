@@ -95,9 +95,14 @@ def oogiri_register_commands(cli: Any) -> None:
 
 @hookimpl
 def oogiri_web_routes(router: Any, app: App) -> None:
+    from fastapi.responses import JSONResponse
+
     @router.get("/api/ab")
     async def ab_api() -> Any:
-        return await api_doc(app.store)
+        web = getattr(app.settings, "web", None)
+        if web is not None and not getattr(web, "public_stats", True):
+            return JSONResponse({"error": "not_found"}, status_code=404)  # as /api/stats
+        return JSONResponse(await api_doc(app.store), headers={"Cache-Control": "no-store"})
 
 
 # --------------------------------------------------------------------------- deciding
