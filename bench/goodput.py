@@ -509,6 +509,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
             lines.append(f"  - {what}: {'yes' if ok else 'NO'}")
         if check.get("error"):
             lines.append(f"  - error: {check['error'].splitlines()[0]}")
+        if check.get("lmdeploy_disabled_caching"):
+            lines.append("  - LMDeploy logged that it switched prefix caching off for this model")
         if "cached_tokens_a_again" in check:
             lines.append(
                 f"  - cached prompt tokens reported: repeated picture "
@@ -567,15 +569,25 @@ async def profile_summary(plan: Plan, out: Path, rows: list[dict[str, Any]]) -> 
     return summary
 
 
-async def prefix_cache_check(plan: Plan, urls: list[str]) -> dict[str, Any]:
+async def prefix_cache_check(plan: Plan, urls: list[str], log_dir: Path) -> dict[str, Any]:
     """tests/gpu/test_prefix_caching.py's check against the group's first server."""
     try:
         from tests.gpu.test_prefix_caching import check
 
         photos = Path(plan.photos_dir) if plan.photos_dir else None
-        return await check(urls[0], SERVED_NAME, photos_dir=photos)
+        result = await check(urls[0], SERVED_NAME, photos_dir=photos)
     except Exception as exc:
         return {"ok": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    # LMDeploy 0.18 switches caching off for InternVL's path and logs it: say whether it did
+
+    def disabled() -> bool:
+        return any(
+            "Prefix caching is disabled" in p.read_text(errors="replace")
+            for p in log_dir.glob("*.log")
+        )
+
+    result["lmdeploy_disabled_caching"] = await asyncio.to_thread(disabled)
+    return result
 
 
 def commit() -> str:
@@ -620,7 +632,9 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
                 continue
             urls = servers.urls[step.group][: step.servers_used]
             if step.kind == "prefix_cache_check":
-                meta.setdefault("checks", {})[step.name] = await prefix_cache_check(plan, urls)
+                meta.setdefault("checks", {})[step.name] = await prefix_cache_check(
+                    plan, urls, out / "logs" / step.group
+                )
                 print(json.dumps(meta["checks"][step.name]), flush=True)
                 continue
             step_rows = await run_step(step, plan, urls, out, port + 500 + 10 * i, deadline)

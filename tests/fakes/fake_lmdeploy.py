@@ -271,6 +271,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True  # server_close() waits for requests in flight (graceful stop)
     allow_reuse_address = True
+    request_queue_size = 256  # bursts (goodput bench, caching check) must not be reset at accept
     fake: FakeLMDeploy
 
 
