@@ -361,3 +361,21 @@ async def test_a_busy_group_gets_one_notice_not_one_per_member(
     texts = [p["text"] for p in botapi.sent("sendMessage") if int(p["chat_id"]) == GROUP]
     assert len(jokes_in(botapi, GROUP)) == 1
     assert sum(t.startswith("This chat is asking a lot") for t in texts) == 1
+
+
+async def test_a_joke_deleted_while_its_reply_is_pending_is_never_sent(
+    botapi: FakeBotAPI, start_bot: StartBot, chelsea_jpeg: bytes
+) -> None:
+    app = await start_bot(telegram=FAST_OUTBOX)
+    user, admin = botapi.user(7971), botapi.user(ADMIN_ID)
+    chat = botapi.private_chat(user)
+    botapi.fail_chat(chat["id"], status=502, times=1000)
+    botapi.push_message(chat, user, photo=botapi.photo(chelsea_jpeg))
+    await _calls(botapi, "sendMessage", 502)
+    group = botapi.group_chat(GROUP)
+    _, cmd = botapi.push_message(group, admin, text="/delete 1")
+    (answer,) = await botapi.wait_for("sendMessage", replies_to(cmd))
+    assert answer["text"].startswith("Joke 1 removed from training")  # nowhere to delete yet
+    botapi.chat_failures.clear()
+    await wait_until(lambda: _is(outbox_counts(app), {"dropped": 1}), within=10)
+    assert jokes_in(botapi, chat["id"]) == []
