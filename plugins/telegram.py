@@ -1089,7 +1089,9 @@ class TelegramChannel:
         if original is None:
             return None
         if original.sender_chat is not None:
-            return f"{CHANNEL}:chat:{original.sender_chat.id}"
+            # posts *as* that chat (a channel, or the group's anonymous admins) are keyed like a
+            # user (tg:<sender chat id>); a chat subject would silence the whole group
+            return f"{CHANNEL}:user:{original.sender_chat.id}"
         if original.from_user is not None:
             return f"{CHANNEL}:user:{original.from_user.id}"
         return None

@@ -379,3 +379,23 @@ async def test_a_joke_deleted_while_its_reply_is_pending_is_never_sent(
     botapi.chat_failures.clear()
     await wait_until(lambda: _is(outbox_counts(app), {"dropped": 1}), within=10)
     assert jokes_in(botapi, chat["id"]) == []
+
+
+async def test_blocking_a_channel_post_blocks_that_channel_not_the_group(
+    botapi: FakeBotAPI, start_bot: StartBot, chelsea_jpeg: bytes
+) -> None:
+    await start_bot()
+    group, cats = botapi.group_chat(GROUP), botapi.channel_chat()
+    admin, member = botapi.user(ADMIN_ID), botapi.user(7981)
+    post = botapi.anonymous_message(group, cats, text="meow")
+    botapi.push(botapi.update(message=post))
+    _, cmd = botapi.push_message(group, admin, text="/block", reply_to=post)
+    (answer,) = await botapi.wait_for("sendMessage", replies_to(cmd))
+    assert answer["text"] == f"Blocked telegram:user:{cats['id']}."
+    as_channel = botapi.anonymous_message(group, cats, photo=botapi.photo(chelsea_jpeg), **MENTION)
+    botapi.push(botapi.update(message=as_channel))
+    _, photo = botapi.push_message(group, member, photo=botapi.photo(chelsea_jpeg), **MENTION)
+    (reply,) = await botapi.wait_for("sendMessage", replies_to(photo))  # the group still works
+    assert "reply_markup" in reply
+    await asyncio.sleep(0.3)
+    assert not [p for p in botapi.sent("sendMessage") if replies_to(as_channel)(p)]
