@@ -11,8 +11,12 @@ engine and sends each request to one arm:
   go to the active model;
 * users never see which arm answered; each joke records the version that really answered
   (``Generation.model`` of the arm's engine);
-* a candidate that fails (down, overloaded) never fails the user: the active model answers
-  instead, and the miss is counted.
+* a candidate that is unavailable (down, overloaded) never fails the user: the active model
+  answers instead, and the miss is counted. A candidate that answers with nothing usable (an
+  empty answer, after the engine's own retry) is the model's own failure, not the
+  infrastructure's: the user gets the same "try again" as from the active model, and neither
+  arm gets a joke for it (a fallback answer would count for the active model and hide the
+  candidate's failures from the test); it is counted too.
 
 The store and the decision rule know nothing of engines; the engine knows nothing of votes.
 """
@@ -68,8 +72,9 @@ class AbMetrics:
         )
         self.fallbacks = Counter(
             "oogiri_ab_candidate_failures",
-            "Candidate-arm requests that failed and were answered by the active model",
-            ["test", "version"],
+            "Candidate-arm requests that failed: reason unavailable (the active model answered) "
+            "or empty (the candidate's answer was unusable; the user was asked to try again)",
+            ["test", "version", "reason"],
             registry=registry,
         )
         self.votes = Gauge(
@@ -118,6 +123,13 @@ def ab_metrics(metrics: Any) -> AbMetrics:
     return existing
 
 
+def _unusable_answer(exc: Exception) -> bool:
+    """The server answered, but with nothing usable (not down, not overloaded)."""
+    from bot.engines.openai_http import _EmptyAnswer  # the HTTP engines' "empty answer"
+
+    return isinstance(exc, _EmptyAnswer)
+
+
 class ArmsEngine:
     """The served engine plus a candidate arm; see the module docstring."""
 
@@ -139,7 +151,7 @@ class ArmsEngine:
         self.metrics = metrics
         self.name = control.name
         self.in_flight = {"control": 0, "candidate": 0}
-        self.routed = {"control": 0, "candidate": 0, "fallback": 0}
+        self.routed = {"control": 0, "candidate": 0, "fallback": 0, "empty": 0}
 
     @property
     def base_engine(self) -> Engine:
@@ -158,12 +170,21 @@ class ArmsEngine:
             try:
                 generation = await self.candidate.generate(image, prompt, params)
             except (EngineError, EngineBusy) as exc:
+                if _unusable_answer(exc):  # the model's own failure: the test must not hide it
+                    self.routed["empty"] += 1
+                    if self.metrics is not None:
+                        self.metrics.fallbacks.labels(
+                            str(self.test_id), self.candidate_version, "empty"
+                        ).inc()
+                    raise
                 # The user asked for a joke, not for an experiment: the active model answers.
                 log.warning("A/B candidate %s failed (%s); the active model answers",
                             self.candidate_version, exc)  # fmt: skip
                 self.routed["fallback"] += 1
                 if self.metrics is not None:
-                    self.metrics.fallbacks.labels(str(self.test_id), self.candidate_version).inc()
+                    self.metrics.fallbacks.labels(
+                        str(self.test_id), self.candidate_version, "unavailable"
+                    ).inc()
             else:
                 self._count("candidate", generation.model)
                 return generation

@@ -604,3 +604,61 @@ async def test_the_router_reports_the_active_engines_health_and_the_test() -> No
     assert health.extra["ab"]["ab_test"] == 9 and health.extra["ab"]["ab_candidate"] == "v2"
     await arms.close()
     assert control.closed and cand.closed
+
+
+async def test_an_unusable_candidate_answer_is_not_hidden_by_the_active_model(
+    tmp_path: Path,
+) -> None:
+    """Empty answers are the candidate's own failure: no fallback (it would count for the active
+    model), the user is asked to try again as with any model; an unreachable one falls back."""
+    from fake_lmdeploy import FIXTURES
+
+    from bot.ab import AbMetrics
+    from bot.models import EngineError
+
+    fixtures = tmp_path / "fixtures"
+    fixtures.mkdir()
+    for path in FIXTURES.glob("*.json"):
+        (fixtures / path.name).write_text(path.read_text())
+    empty = json.loads((FIXTURES / "chat_success.json").read_text())
+    empty["response"]["body"]["choices"][0]["message"]["content"] = ""
+    (fixtures / "chat_empty.json").write_text(json.dumps(empty))
+
+    control_srv = FakeLMDeploy(model_name="served-v1").start()
+    cand_srv = FakeLMDeploy(model_name="served-v2", fixtures_dir=fixtures,
+                            script=["chat_empty", "chat_empty"]).start()  # fmt: skip
+    settings = Settings(_env_file=None).engine.model_copy(update={"retry_backoff_s": 0.01})
+    control = OpenAIHTTPEngine(
+        settings, flavor="lmdeploy", upstream=Upstream.of([control_srv.url], None, "v1")
+    )
+    cand = OpenAIHTTPEngine(
+        settings, flavor="lmdeploy", upstream=Upstream.of([cand_srv.url], None, "v2")
+    )
+    from prometheus_client import CollectorRegistry
+
+    metrics = AbMetrics(CollectorRegistry())
+    arms = ArmsEngine(control, cand, test_id=3, share=0.3, candidate_version="v2",
+                      metrics=metrics)  # fmt: skip
+    user = next(f"web:u{i}" for i in range(100) if assign(3, f"web:u{i}", 0.3) == "candidate")
+    try:
+        ROUTING_KEY.set(user)
+        with pytest.raises(EngineError, match="empty answer"):
+            await arms.generate(tiny_jpeg(), "讲个笑话", PARAMS)
+        assert arms.routed["empty"] == 1 and arms.routed["control"] == 0
+        assert [r for r in control_srv.requests if r["path"].endswith("/completions")] == []
+        # the script is used up: the candidate answers normally again
+        assert (await arms.generate(tiny_jpeg(), "讲个笑话", PARAMS)).model == "v2"
+        cand_srv.stop()  # down: infrastructure, the active model answers
+        assert (await arms.generate(tiny_jpeg(), "讲个笑话", PARAMS)).model == "v1"
+        failures = {
+            s.labels["reason"]: s.value
+            for m in metrics.fallbacks.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        }
+        assert failures == {"empty": 1.0, "unavailable": 1.0}
+    finally:
+        ROUTING_KEY.set(None)
+        await arms.close()
+        control_srv.stop()
+        cand_srv.stop()
