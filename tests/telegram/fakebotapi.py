@@ -5,10 +5,14 @@ parameters and ``GET /file/bot<token>/<path>`` for downloads — with Telegram's
 (``{"ok": true, "result": …}`` / ``{"ok": false, "error_code": …, "description": …}``) and the
 behaviours a bot depends on: long-polling ``getUpdates`` with offsets, 409 while a webhook is set,
 "message is not modified" on identical edits, callback queries answerable once, 429 with
-``retry_after``. Every call is recorded so a test can see exactly what the bot sent.
+``retry_after``. Failures are injected as Telegram answers them: ``fail_chat`` refuses one chat
+(429, after which that chat stays refused for ``retry_after`` seconds, or a 5xx) and ``chaos``
+refuses a random share of all chat sends. Every call is recorded so a test can see exactly what
+the bot sent.
 
-The other half plays the users: ``push_*`` helpers build real update JSON and queue it (polling)
-or ``post_webhook`` delivers it to the bot's webhook like Telegram does.
+The other half plays the users: ``push_*`` helpers build real update JSON (``anonymous_message``:
+posts with ``sender_chat``, as anonymous admins and "send as channel" produce) and queue it
+(polling) or ``post_webhook`` delivers it to the bot's webhook like Telegram does.
 """
 
 from __future__ import annotations
