@@ -115,6 +115,10 @@ async def decide_once(app: App) -> list[Any]:
     from training.lock import LockBusy, training_lock
     from training.run import work_dir_of
 
+    if await app.store.running_ab_test() is None:
+        # nothing to decide: never take the training lock for nothing (a run started now by
+        # cron would find it taken and give up)
+        return []
     serving = app.state.get("ab_serving")
 
     async def on_ended(_test: Any) -> None:
@@ -127,7 +131,7 @@ async def decide_once(app: App) -> list[Any]:
                 app.store, app.settings, app.pm, app_promoter(app), on_ended=on_ended
             )
     except LockBusy:
-        log.info("A/B decision: a training run holds the lock; next time")
+        log.debug("A/B decision: a training run holds the lock; next time")
         return []
 
 
@@ -136,7 +140,9 @@ async def decider_loop(app: App) -> None:
         await asyncio.sleep(app.settings.ab.check_minutes * 60)
         try:
             for outcome in await decide_once(app):
-                log.info("A/B test #%d: %s (%s)", outcome.test_id, outcome.outcome, outcome.reason)
+                level = logging.DEBUG if outcome.outcome == "wait" else logging.INFO
+                log.log(level, "A/B test #%d: %s (%s)", outcome.test_id, outcome.outcome,
+                        outcome.reason)  # fmt: skip
         except asyncio.CancelledError:
             raise
         except Exception:

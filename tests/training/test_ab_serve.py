@@ -279,3 +279,34 @@ async def test_a_decision_elsewhere_asks_serve_to_drop_the_arm_first(
     finally:
         await control.close()
     assert synced == [{"op": "ab_sync"}]
+
+
+async def test_serve_takes_the_training_lock_only_when_a_test_runs(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deciding nothing must not hold the lock a cron-started training run needs."""
+    from training import lock
+    from training.lock import training_lock
+    from training.run import work_dir_of
+
+    asked: list[object] = []
+
+    def counting_lock(*args: object, **kwargs: object) -> object:
+        asked.append(args)
+        return training_lock(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lock, "training_lock", counting_lock)
+    settings.engine.name = "openai"
+    settings.engine.manage = False
+    app = await App.create(settings)
+    try:
+        assert await decide_once(app) == [] and asked == []  # no test: the lock is not taken
+        await ensure_registry(app.store, settings)
+        await app.store.add_model_version("v2", str(model_dir(tmp_path, "model-v2")))
+        await start_test(app.store, settings, "v2", "v1")
+        async with training_lock(app.store, work_dir_of(settings)):
+            assert await decide_once(app) == []  # a run holds it: next time
+        (out,) = await decide_once(app)
+        assert out.outcome == "wait" and len(asked) == 2
+    finally:
+        await app.close()
