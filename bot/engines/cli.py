@@ -78,28 +78,33 @@ def register(cli: typer.Typer) -> None:
         which one is configured and whether a running `oogiri serve` answers."""
         settings = Settings()
         e = server_settings(settings)
-        if not (e.name == "lmdeploy" and e.manage):
-            if e.name == "lmdeploy":
-                what = f"LMDeploy servers at {', '.join(e.base_urls)}, not managed"
-            else:
-                what = f"model {e.model}" if e.model else "no model set: the tiny demo model"
-            print(
-                f"engine: {e.name} ({what}). `oogiri engine status` and `swap` are for the "
-                "managed LMDeploy server "
-                "(OOGIRI_ENGINE__NAME=lmdeploy, OOGIRI_ENGINE__MANAGE=true)."
-            )
-            print(serve_summary(settings))
+        if e.name == "lmdeploy":
+            what = f"LMDeploy servers at {', '.join(e.base_urls)}, not managed"
+        else:
+            what = f"model {e.model}" if e.model else "no model set: the tiny demo model"
+        explain = (
+            f"engine: {e.name} ({what}). `oogiri engine status` and `swap` are for the managed "
+            "LMDeploy server (OOGIRI_ENGINE__NAME=lmdeploy, OOGIRI_ENGINE__MANAGE=true)."
+        )
+        managed = e.name == "lmdeploy" and e.manage
+        state = settings.data_dir / STATE_FILE
+        # A managed serve on this data dir (now, or before: its socket or state file) knows best,
+        # even where these settings name another engine.
+        if managed or socket_path(settings).exists() or state.exists():
+            try:
+                answer = control_request(socket_path(settings), {"op": "status"}, timeout_s=30)
+            except ControlUnavailable as exc:
+                err(str(exc))
+                if state.exists():
+                    err(f"last swapped-in model ({state}): {state.read_text(encoding='utf-8')}")
+                if not managed:
+                    err(explain)
+                err(serve_summary(settings))
+                raise typer.Exit(3) from None
+            print(json.dumps(answer.get("result"), indent=2, ensure_ascii=False))
             return
-        try:
-            answer = control_request(socket_path(settings), {"op": "status"}, timeout_s=30)
-        except ControlUnavailable as exc:
-            err(str(exc))
-            state = settings.data_dir / STATE_FILE
-            if state.exists():
-                err(f"last swapped-in model ({state}): {state.read_text(encoding='utf-8')}")
-            err(serve_summary(settings))
-            raise typer.Exit(3) from None
-        print(json.dumps(answer.get("result"), indent=2, ensure_ascii=False))
+        print(explain)
+        print(serve_summary(settings))
 
     @engine_cli.command("command")
     def command_cmd(

@@ -376,7 +376,7 @@ async def test_swap_and_status_from_a_separate_process(
             "PYTHONPATH": str(ROOT),
         }
         script = (
-            "import sys; from bot.cli import cli; from bot.engines import lmdeploy_server as m; "
+            "import sys; from bot.cli import cli; from bot.engines import lmdeploy_plugin as m; "
             "m.oogiri_register_commands(cli); cli(sys.argv[1:], prog_name='oogiri')"
         )
 
