@@ -60,8 +60,10 @@ class Promoter:
 
     async def promote(self, version: str, model_dir: Path) -> None:
         self.calls.append(version)
-        if self.fail:
-            raise RuntimeError("the new server never became healthy")
+        if self.fail:  # what a managed swap raises (an EngineError, not a RuntimeError)
+            from bot.engines.lmdeploy_server import SwapError
+
+            raise SwapError(detail="the new server never became healthy; still serving v1")
 
 
 def ab_settings(tmp_path: Path, **ab: Any) -> Settings:
@@ -325,6 +327,20 @@ async def test_auto_rollback_when_the_promoted_model_disappoints(
     assert (await tstore.get_model_version("v2")).status == "rolled_back"
     assert (await tstore.get_ab_test(out.watch_id)).status == "rolled_back"
     assert await tstore.running_ab_test() is None
+
+
+async def test_a_failed_rollback_leaves_the_new_model_serving_and_says_so(
+    tstore: Store, tmp_path: Path
+) -> None:
+    settings = ab_settings(tmp_path)
+    await registry(tstore, tmp_path, active="v2", cand="v1")
+    watch = await start_test(tstore, settings, "v1", "v2", kind="watch")
+    await seed_arm(tstore, "v2", 200, 50, "k")
+    await seed_arm(tstore, "v1", 200, 130, "c")
+    (out,) = await decide_tests(tstore, settings, None, Promoter(fail=True))
+    assert out.outcome == "failed" and "rollback to v1 failed" in out.reason
+    assert (await tstore.active_model()).version == "v2"
+    assert (await tstore.get_ab_test(watch.id)).status == "failed"
 
 
 async def test_a_watch_that_stays_undecided_confirms_the_promotion(
