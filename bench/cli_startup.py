@@ -66,8 +66,15 @@ def clean_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def running_serve(data_dir: Path, port: int) -> Iterator[str]:
     """`oogiri serve` (web channel, instant engine) until the block ends."""
+    # No rate limits: dozens of calls a minute from one terminal are the benchmark, not abuse.
     env = clean_env(
-        data_dir, port, OOGIRI_ENGINE__NAME="instant", OOGIRI_PLUGINS="web,engine_instant"
+        data_dir,
+        port,
+        OOGIRI_ENGINE__NAME="instant",
+        OOGIRI_PLUGINS="web,engine_instant",
+        OOGIRI_LIMITS__PER_USER_PER_MINUTE="0",
+        OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE="0",
+        OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR="0",
     )
     log = (data_dir.parent / "serve.log").open("wb")
     proc = subprocess.Popen([oogiri(), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)

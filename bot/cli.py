@@ -220,7 +220,8 @@ def joke(
             if not cj.serve_answers(url):
                 url = None
     if url is not None:
-        remote = cj.RemoteJokes(url, lang, on_wait=cj.stderr)
+        cookies = settings.data_dir / cj.COOKIE_FILE
+        remote = cj.RemoteJokes(url, lang, on_wait=cj.stderr, cookie_file=cookies)
         try:
             remote.connect()
         except cj.ServerDown as exc:

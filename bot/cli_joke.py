@@ -134,6 +134,8 @@ def validate(paths: list[Path], settings: Settings, lang: str) -> list[Checked]:
 
 #: Written by `oogiri serve` into its data dir while it runs: where its web channel answers.
 SERVE_MARKER = Path("run") / "serve.json"
+#: The CLI's web identity per server (see ``RemoteJokes``).
+COOKIE_FILE = Path("run") / "cli-web-cookies.json"
 
 
 class CoreSettings(Settings):
@@ -202,13 +204,16 @@ class ServerDown(Exception):
 class RemoteJokes:
     """Jokes from a running ``oogiri serve`` over its JSON API (``POST /api/jokes``).
 
-    One HTTP client for all images: the server's cookie keeps them one web user, so its rate
-    limit applies as to anyone; a 429 is waited out (Retry-After, up to a minute) and retried.
+    The server's identity cookie keeps this terminal one web user — across calls too, through
+    ``cookie_file`` (per server URL, in an existing data dir): otherwise every call would be a
+    new visitor and spend the server's per-network allowance of new sessions. Its rate limits
+    apply as to anyone; a 429 is waited out (Retry-After, up to a minute) and retried.
     """
 
     url: str
     lang: str
     on_wait: Callable[[str], None] = lambda _msg: None
+    cookie_file: Path | None = None
     client: httpx.Client = field(init=False)
     engine: dict[str, Any] = field(default_factory=dict)
 
@@ -219,6 +224,31 @@ class RemoteJokes:
             timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=5.0),
             headers={"Accept-Language": self.lang, "User-Agent": "oogiri-cli"},
         )
+        for name, value in self._saved().get(self.url, {}).items():
+            self.client.cookies.set(name, value)
+
+    def _saved(self) -> dict[str, dict[str, str]]:
+        if self.cookie_file is None:
+            return {}
+        try:
+            doc = json.loads(self.cookie_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def save_cookies(self) -> None:
+        """Keep the identity for the next call (0600: it is this terminal's login)."""
+        if self.cookie_file is None or not self.cookie_file.parent.parent.is_dir():
+            return  # no data dir yet: nothing is created for a cookie
+        doc = self._saved()
+        doc[self.url] = {c.name: c.value or "" for c in self.client.cookies.jar}
+        try:
+            self.cookie_file.parent.mkdir(exist_ok=True)
+            fd = os.open(self.cookie_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(doc, fh)
+        except OSError as exc:
+            log.debug("could not keep the web cookie in %s: %s", self.cookie_file, exc)
 
     def connect(self) -> None:
         """Learn the engine's name and demo flag from /healthz (503 still carries them)."""
@@ -271,6 +301,7 @@ class RemoteJokes:
         return Outcome(item.path, error="server_error", message=status)
 
     def close(self) -> None:
+        self.save_cookies()
         self.client.close()
 
 

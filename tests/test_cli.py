@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -167,10 +168,22 @@ def test_joke_finds_the_serve_of_its_data_dir(tmp_path: Path, sample_dir: Path) 
     marker = bot.data_dir / "run" / "serve.json"
     with running(bot, cli=True):
         assert json.loads(marker.read_text())["url"] == bot.url
-        result = run(["joke", "--json", str(sample_dir / "chelsea.png")], bot.data_dir)
-        assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout)["server"] == bot.url
+        told = []
+        for name in ("chelsea.png", "coffee.png"):
+            result = run(["joke", "--json", str(sample_dir / name)], bot.data_dir)
+            assert result.returncode == 0, result.stderr
+            told.append(json.loads(result.stdout))
+        assert [t["server"] for t in told] == [bot.url, bot.url]
     assert not marker.exists()  # a stopped serve is not advertised
+    # Both calls were one web user (the cookie kept, owner-only), not two new visitors.
+    cookies = bot.data_dir / "run" / "cli-web-cookies.json"
+    assert cookies.stat().st_mode & 0o077 == 0
+    with sqlite3.connect(bot.data_dir / "oogiri.sqlite3") as db:
+        users = db.execute(
+            "SELECT DISTINCT user_id FROM jokes WHERE public_id IN (?, ?)",
+            [t["joke_id"] for t in told],
+        ).fetchall()
+    assert len(users) == 1
 
 
 def test_joke_server_option_and_a_server_that_is_down(
