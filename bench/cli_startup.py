@@ -196,7 +196,15 @@ def render(doc: dict[str, Any]) -> str:
             for r in doc["rows"]
         ],
     )  # fmt: skip
-    return f"{intro}\n\n{table}\n"
+    notes = (
+        "What it shows: with a serve running, `oogiri joke` costs about what Python and the "
+        "CLI's imports cost (the `joke --help` row) plus one HTTP round trip; before issue 19 "
+        "every call loaded the model in-process (the last row) whatever ran. The *web address "
+        "only* row is slow because building the full settings imports every installed plugin "
+        "to learn its settings section. What it does not prove: a serve on another machine adds "
+        "its network latency, and a real model adds seconds of generation to every row."
+    )
+    return f"{intro}\n\n{table}\n\n{notes}\n"
 
 
 def main() -> None:
