@@ -96,6 +96,8 @@ def oogiri_shutdown(app: App) -> None:
     """Called after channels stopped, before the store and engine close."""
 
 
-@hookspec
-def oogiri_web_routes(router: Any, app: App) -> None:
-    """Add routes to the web channel's FastAPI ``APIRouter`` (e.g. a Telegram webhook)."""
+@hookspec(historic=True)
+def oogiri_add_hookspecs(pm: pluggy.PluginManager) -> None:
+    """Declare a plugin's own hooks: ``pm.add_hookspecs(module_with_hookspecs)``, so that other
+    plugins can implement them (the web plugin's ``oogiri_web_routes``). Historic: a plugin
+    registered later is asked too."""

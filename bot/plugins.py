@@ -50,6 +50,7 @@ def make_manager(
     for plugin in extra:
         if not pm.is_registered(plugin):  # already loaded through its entry point
             pm.register(plugin)
+    pm.hook.oogiri_add_hookspecs.call_historic(kwargs={"pm": pm})
     pm.hook.oogiri_register_settings(register=add_settings_section)
     return pm
 

@@ -15,9 +15,10 @@ Registered through the ``oogiri`` hooks exactly like a third-party plugin (entry
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from oogiri import hookimpl
+from plugins.web import hookspecs
 from plugins.web.errors import error_response, oogiri_error_response
 from plugins.web.metrics import SECURITY_HEADERS, WebMetrics, WebMiddleware
 from plugins.web.pages import Template, stats_svg
@@ -69,6 +70,11 @@ __all__ = [
     "web_message",
     "web_state",
 ]
+
+
+@hookimpl
+def oogiri_add_hookspecs(pm: Any) -> None:
+    pm.add_hookspecs(hookspecs)
 
 
 @hookimpl
