@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from bot.models import Joke, JokeRequest, NotFound, OogiriError, Rejected, message
 from bot.plugins import resolve
+from plugins.web import hookspecs
 from plugins.web.errors import TooLarge, error_response, limit_mb, oogiri_error_response
 from plugins.web.metrics import WebMiddleware
 from plugins.web.pages import add_page_routes, stats_rows
@@ -93,6 +94,8 @@ def create_api(app: App) -> FastAPI:
     # Routes added by other plugins (e.g. a Telegram webhook) through ``oogiri_web_routes``.
     plugin_router = APIRouter()
     pending: list[Awaitable[Any]] = []
+    if not hasattr(app.pm.hook, "oogiri_web_routes"):  # an app built without this plugin
+        app.pm.add_hookspecs(hookspecs)
     for result in app.pm.hook.oogiri_web_routes(router=plugin_router, app=app):
         if hasattr(result, "__await__"):
             pending.append(result)

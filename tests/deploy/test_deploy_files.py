@@ -29,7 +29,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from bot.settings import Settings
+from bot.settings import Settings, settings_class
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -77,7 +77,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def setting_for(var: str) -> str | None:
     """The settings path an OOGIRI_* variable sets (``engine.base_urls``), or None if none."""
     parts = var.removeprefix("OOGIRI_").lower().split("__")
-    model: type[BaseModel] | None = Settings
+    model: type[BaseModel] | None = settings_class()  # the core's fields and every plugin's
     path = []
     for part in parts:
         if model is None or part not in model.model_fields:
