@@ -28,13 +28,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from bot.abstats import AbDecision, AbRule, Arm, decide, rollback_check
+from bot.abstats import AbDecision, AbRule, Arm, confidence_sequence, decide, rollback_check
 from bot.engines.base import Engine, EngineHealth
 from bot.models import EngineBusy, EngineError, Generation, GenerationParams, NormalizedImage
 from bot.store import AbTestRow, ArmCount
@@ -266,6 +266,9 @@ class Evaluation:
     candidate: ArmCount
     decision: AbDecision
     elapsed_s: float
+    # failed requests (likes) out of requests (votes) per arm, and the failure guard's sequence
+    failures: dict[str, Arm] = field(default_factory=dict)
+    failure_interval: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         t = self.test
@@ -294,6 +297,11 @@ class Evaluation:
                 "candidate": {**asdict(self.candidate), "version": t.candidate},
             },
             "decision": d,
+            "failures": {
+                arm: {"failed": a.likes, "requests": a.votes, "rate": a.rate}
+                for arm, a in self.failures.items()
+            },
+            "failure_interval": list(self.failure_interval) if self.failure_interval else None,
         }
 
 
@@ -317,19 +325,124 @@ def arm_of(count: ArmCount) -> Arm:
     )
 
 
+#: Request outcomes that count as a failed answer of the arm the user was routed to: the model
+#: answered with nothing usable, or errored (a busy queue, a rejected picture or a rate limit is
+#: no model's doing). See docs/training.md "Failed answers".
+FAILED_OUTCOMES = ("engine_error",)
+DEFAULT_FAILURE_MARGIN = 0.02
+
+
+def web_voter(policy: str | None) -> str:
+    """Who the voter behind a web vote is in the A/B counts, from ``training.web_votes``.
+
+    One policy for one idea: how far a web identity is trusted. ``networks`` (the default, a
+    public page where cookies are free) makes the *network* the voter, so a flood of fresh
+    sessions from one network is one voter with one cap and one cluster in the variance;
+    ``weight`` and ``equal`` trust each session as a person (behind a login); ``exclude`` leaves
+    web votes out. The export's 0.5 weight has no A/B counterpart: an arm's like-rate is a share
+    of counted votes, and who may vote how often is what the cap and the voter decide.
+    """
+    return {"networks": "network", "exclude": "exclude"}.get(policy or "networks", "session")
+
+
+async def failure_arms(store: Any, test: AbTestRow) -> dict[str, Arm]:
+    """Per arm: failed requests out of all answered-or-failed requests, clustered per user.
+
+    A failed request has no joke; it belongs to the arm its user is routed to (``assign``), which
+    is the arm whose model failed (an unavailable candidate falls back to the active model, and
+    that answer is counted for the control arm as a joke of its version)."""
+    answered, failed = await store.ab_request_counts(test, FAILED_OUTCOMES)
+    per_user: dict[tuple[str, str, str], list[int]] = {}
+    for (arm, channel, user), n in answered.items():
+        per_user.setdefault((arm, channel, user), [0, 0])[1] += n
+    for (channel, user), n in failed.items():
+        arm = assign(test.id, f"{channel}:{user}", test.share)
+        entry = per_user.setdefault((arm, channel, user), [0, 0])
+        entry[0] += n
+        entry[1] += n
+    return {
+        name: Arm.from_voters((f, n) for (arm, _c, _u), (f, n) in per_user.items() if arm == name)
+        for name in ("control", "candidate")
+    }
+
+
+def failure_guard(
+    decision: AbDecision,
+    worse: Arm,
+    better: Arm,
+    margin: float,
+    rule: AbRule,
+    elapsed_s: float,
+    *,
+    watch: bool = False,
+) -> tuple[AbDecision, tuple[float, float] | None]:
+    """Hold the like-rate verdict to the failure rates: ``worse`` is the arm that must not fail
+    more than ``better`` by over ``margin`` (the candidate; on a watch the new model).
+
+    The always-valid sequence of the rule (``confidence_sequence``, same alpha) on the failure
+    rates' difference: its lower bound above ``margin`` rejects (rolls back, on a watch) whatever
+    the votes say; a promotion (a confirmation) needs its upper bound at or below ``margin`` too,
+    else the test waits (or times out). Returns the decision and the sequence (None before
+    ``min_votes`` requests per arm).
+    """
+    if min(worse.votes, better.votes) < rule.min_votes:
+        if decision.outcome != "promote":
+            return decision, None
+        return _held(decision, "too few requests to judge the failure rates", rule, elapsed_s), None
+    tau = max(margin, 0.02)
+    lower, upper, _ = confidence_sequence(better, worse, rule.alpha, tau)
+    seq = f"always-valid interval for the failure-rate increase [{_pp(lower)}, {_pp(upper)}]"
+    who, other = ("new model", "previous") if watch else ("candidate", "control")
+    rates = f"the {who} fails {_pct(worse.rate or 0.0)} of requests vs {other} " + _pct(
+        better.rate or 0.0
+    )
+    if lower > margin:
+        verb = "roll back" if watch else "reject"
+        reason = f"{verb}: {rates}, more than {_pp(margin)} worse ({seq})"
+        return replace(decision, outcome="reject", reason=reason), (lower, upper)
+    if decision.outcome == "promote" and upper > margin:
+        why = f"{rates}; not yet shown within {_pp(margin)} ({seq})"
+        return _held(decision, why, rule, elapsed_s), (lower, upper)
+    return decision, (lower, upper)
+
+
+def _held(decision: AbDecision, why: str, rule: AbRule, elapsed_s: float) -> AbDecision:
+    if elapsed_s >= rule.max_duration_s:
+        return replace(decision, outcome="timeout", reason=f"{why}: keeping the active model")
+    return replace(decision, outcome="wait", reason=f"like-rates would decide, but {why}")
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.1f} %"
+
+
+def _pp(x: float) -> str:
+    return f"{100.0 * x:+.1f} pp"
+
+
 async def evaluate(store: Any, test: AbTestRow, now: datetime | None = None) -> Evaluation:
-    """Count the arms (SQL, capped per voter) and apply the test's rule; acts on nothing."""
+    """Count the arms (SQL, capped per voter; web votes per ``web_voter``), apply the test's
+    rule to the like-rates and the failure guard to the failure rates; acts on nothing."""
     now = now or datetime.now(UTC)
-    cap = (test.rule or {}).get("per_voter_cap")
-    counts = await store.ab_arm_counts(test, cap)
+    doc = test.rule or {}
+    cap = doc.get("per_voter_cap")
+    counts = await store.ab_arm_counts(test, cap, web_voter=web_voter(doc.get("web_votes")))
     control, candidate = counts["control"], counts["candidate"]
     end = aware(test.ended_at) or now
     elapsed = max(0.0, (end - (aware(test.started_at) or now)).total_seconds())
     rule = rule_of(test)
     c_arm, k_arm = arm_of(control), arm_of(candidate)
+    fails = await failure_arms(store, test)
+    margin_f = float(doc.get("failure_margin", DEFAULT_FAILURE_MARGIN))
     if test.kind == "watch":
-        margin = float((test.rule or {}).get("margin", 0.0))
+        margin = float(doc.get("margin", 0.0))
         decision = rollback_check(k_arm, c_arm, margin, rule, elapsed)
+        decision, f_seq = failure_guard(
+            decision, fails["control"], fails["candidate"], margin_f, rule, elapsed, watch=True
+        )
     else:
         decision = decide(c_arm, k_arm, rule, elapsed)
-    return Evaluation(test, control, candidate, decision, elapsed)
+        decision, f_seq = failure_guard(
+            decision, fails["candidate"], fails["control"], margin_f, rule, elapsed
+        )
+    return Evaluation(test, control, candidate, decision, elapsed, fails, f_seq)

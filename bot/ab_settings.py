@@ -36,6 +36,13 @@ class AbSettings(BaseModel):
         description="votes counted per voter per arm, earliest first; "
         "unset: training.per_voter_cap, else 20",
     )
+    failure_margin: float = Field(
+        default=0.02,
+        ge=0.0,
+        lt=1.0,
+        description="a candidate may fail (no usable answer) on at most this share of requests "
+        "more than the active model; more, shown by the rule's sequence: rejected",
+    )
     # --- when and where decisions are taken
     decide_in_serve: bool = Field(
         default=True, description="`oogiri serve` decides running tests itself"

@@ -33,6 +33,7 @@ from sqlalchemy import (
     case,
     event,
     func,
+    literal,
     select,
     update,
 )
@@ -887,33 +888,61 @@ class Store:
             cond = cond & (JokeRow.created_at <= test.ended_at)
         return cond
 
-    async def ab_arm_counts(self, test: AbTestRow, cap: int | None) -> dict[str, ArmCount]:
+    async def ab_arm_counts(
+        self, test: AbTestRow, cap: int | None, web_voter: str = "session"
+    ) -> dict[str, ArmCount]:
         """Votes per arm for the jokes served during ``test``, counted in SQL.
 
-        A vote is one (user, joke) row (a changed vote replaces the old one, so repeats never
+        A vote is one (voter, joke) (a changed vote replaces the old one, so repeats never
         stack); each voter counts at most ``cap`` votes per arm, earliest first, so no one
         person decides a test. Jokes of the candidate's version are its arm; every other joke
         served during the test came from the active model (the control arm).
+
+        ``web_voter`` says who the voter behind a web vote is (``bot.ab.web_voter`` maps
+        ``training.web_votes`` onto it): "session" (the cookie, as any platform account),
+        "network" (every session of one network is one voter: one vote per joke, one cap, one
+        cluster of the rule's variance, so minted cookies add nothing) or "exclude".
         """
+        if web_voter not in ("session", "network", "exclude"):
+            raise ValueError(f"web_voter must be session, network or exclude, not {web_voter!r}")
         arm = case((JokeRow.model_version == test.candidate, "candidate"), else_="control")
         window = self._ab_window(test)
+        is_web = RatingRow.channel == "web"
+        voter: Any = RatingRow.user_id
+        if web_voter == "network":  # votes from before networks were recorded: one unknown one
+            network = literal("web-network:").concat(func.coalesce(RatingRow.network, "unknown"))
+            voter = case((is_web, network), else_=RatingRow.user_id)
+        rated = (
+            select(
+                arm.label("arm"),
+                voter.label("voter"),
+                case((RatingRow.value > 0, 1), else_=0).label("up"),
+                RatingRow.created_at.label("at"),
+                RatingRow.id.label("rid"),
+                func.row_number()
+                .over(
+                    partition_by=(voter, RatingRow.joke_id),
+                    order_by=(RatingRow.created_at, RatingRow.id),
+                )
+                .label("dup"),
+            )
+            .join(RatingRow, RatingRow.joke_id == JokeRow.id)
+            .where(window)
+        )
+        if web_voter == "exclude":
+            rated = rated.where(~is_web)
+        rated_q = rated.subquery()
         rank = (
             func.row_number()
             .over(
-                partition_by=(arm, RatingRow.user_id),
-                order_by=(RatingRow.created_at, RatingRow.id),
+                partition_by=(rated_q.c.arm, rated_q.c.voter),
+                order_by=(rated_q.c.at, rated_q.c.rid),
             )
             .label("n")
         )
         votes = (
-            select(
-                arm.label("arm"),
-                RatingRow.user_id.label("voter"),
-                case((RatingRow.value > 0, 1), else_=0).label("up"),
-                rank,
-            )
-            .join(RatingRow, RatingRow.joke_id == JokeRow.id)
-            .where(window)
+            select(rated_q.c.arm, rated_q.c.voter, rated_q.c.up, rank)
+            .where(rated_q.c.dup == 1)  # one vote per (voter, joke): the earliest one
             .subquery()
         )
         per_voter = select(
@@ -933,7 +962,12 @@ class Store:
             func.coalesce(func.sum(pv.c.likes * pv.c.votes), 0),
             func.coalesce(func.sum(pv.c.votes * pv.c.votes), 0),
         ).group_by(pv.c.arm)
-        raw = select(votes.c.arm, func.count()).group_by(votes.c.arm)
+        raw = (  # every stored vote of the window, before any policy or cap
+            select(arm.label("arm"), func.count())
+            .join(RatingRow, RatingRow.joke_id == JokeRow.id)
+            .where(window)
+            .group_by(arm)
+        )
         jokes = select(arm.label("arm"), func.count()).where(window).group_by(arm)
         async with self.session() as s:
             got = {row[0]: tuple(int(x) for x in row[1:]) for row in await s.execute(counted)}
@@ -947,6 +981,31 @@ class Store:
                 s_ll, s_lv, s_vv,
             )  # fmt: skip
         return out
+
+    async def ab_request_counts(
+        self, test: AbTestRow, failed: Sequence[str]
+    ) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str], int]]:
+        """Answers per (arm, channel, user) and failed requests (``outcome`` in ``failed``) per
+        (channel, user) during ``test``. A failed request has no joke and so no model version:
+        ``bot.ab`` gives it to the arm the user was routed to (a hash, not SQL)."""
+        arm = case((JokeRow.model_version == test.candidate, "candidate"), else_="control")
+        answered = (
+            select(arm, JokeRow.channel, JokeRow.user_id, func.count())
+            .where(self._ab_window(test))
+            .group_by(arm, JokeRow.channel, JokeRow.user_id)
+        )
+        cond = (RequestRow.created_at >= test.started_at) & RequestRow.outcome.in_(list(failed))
+        if test.ended_at is not None:
+            cond = cond & (RequestRow.created_at <= test.ended_at)
+        failures = (
+            select(RequestRow.channel, RequestRow.user_id, func.count())
+            .where(cond)
+            .group_by(RequestRow.channel, RequestRow.user_id)
+        )
+        async with self.session() as s:
+            ok = {(a, c, u): int(n) for a, c, u, n in (await s.execute(answered)).all()}
+            bad = {(c, u): int(n) for c, u, n in (await s.execute(failures)).all()}
+        return ok, bad
 
     async def like_rate_series(
         self, since: datetime | None = None, bucket: str = "day"

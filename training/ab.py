@@ -67,6 +67,9 @@ def rule_doc(settings: Settings, kind: str = "ab") -> dict[str, Any]:
         "min_votes": ab.min_votes,
         "max_duration_s": days * 86400.0,
         "per_voter_cap": voter_cap(settings),
+        "failure_margin": ab.failure_margin,
+        # who a web vote's voter is (bot.ab.web_voter): the export's policy, fixed on the row
+        "web_votes": settings.training.web_votes,
     }
     if kind == "watch":
         doc["margin"] = ab.rollback_margin

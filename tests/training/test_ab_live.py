@@ -67,7 +67,10 @@ class Promoter:
 
 
 def ab_settings(tmp_path: Path, **ab: Any) -> Settings:
-    values = {"min_votes": 50, "share": 0.2, "watch_share": 0.1, "max_days": 14, **ab}
+    # The arms here have one request per vote (50-200): too few to show that failure rates
+    # agree within the default 2 pp; the failure guard has its own tests (test_ab_honest.py).
+    values = {"min_votes": 50, "share": 0.2, "watch_share": 0.1, "max_days": 14,
+              "failure_margin": 0.1, **ab}  # fmt: skip
     return Settings(
         _env_file=None,
         data_dir=tmp_path / "data",
@@ -447,6 +450,7 @@ def test_models_ab_status_and_stop_commands(
     ab_plugin.oogiri_register_commands(cli=cli)  # twice (two apps in one process): one group
     monkeypatch.setenv("OOGIRI_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("OOGIRI_AB__MIN_VOTES", "50")
+    monkeypatch.setenv("OOGIRI_AB__FAILURE_MARGIN", "0.1")  # 80 requests per arm (ab_settings)
     monkeypatch.setenv("OOGIRI_TRAINING__PROMOTE_COMMAND", '["true"]')
     settings = Settings(_env_file=None)
 
@@ -536,6 +540,7 @@ def run_rig(tmp_path: Path, tsettings: Settings, monkeypatch: pytest.MonkeyPatch
     t.min_new_ratings = 1
     tsettings.ab.enabled = True
     tsettings.ab.min_votes = 50
+    tsettings.ab.failure_margin = 0.1  # 120 requests per arm (see ab_settings)
     return tsettings
 
 

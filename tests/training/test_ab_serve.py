@@ -86,6 +86,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
         ab={
             "share": 0.5,
             "min_votes": 20,
+            "failure_margin": 0.1,  # 20 requests per arm cannot show 2 pp (test_ab_honest.py)
             "watch_share": 0.25,
             "poll_s": 30,  # the test asks for each look itself
             "decide_in_serve": False,
@@ -135,8 +136,10 @@ async def test_live_ab_serves_both_arms_decides_promotes_and_watches(
                 liked = (version == "v2") == (k == 0 or i % 4 != 0)
                 votes.append((joke_id, user, 1 if liked else -1))
         for joke_id, user, value in votes:
-            await app.service.rate(joke_id, f"web:{user}", value, "web")
-            await app.service.rate(joke_id, f"web:{user}", value, "web")  # twice: counted once
+            # each from its own network: web votes of one network are one voter (web_votes)
+            net = f"net-{user}"
+            await app.service.rate(joke_id, f"web:{user}", value, "web", network=net)
+            await app.service.rate(joke_id, f"web:{user}", value, "web", network=net)  # once
 
         metrics = app.metrics.render().decode()
         assert 'oogiri_ab_requests_total{arm="candidate"' in metrics
