@@ -2,7 +2,7 @@
 
 The reproducer: a 78 KB 6324×6324 16-bit grey PNG added ~400 MB of RSS while decoded; 16 in
 parallel peaked at 3.1 GB and ~2.2 GB stayed resident. RSS is measured in a child process (the
-test process's own heap would blur it); peaks are read from ``ru_maxrss``.
+test process's own heap would blur it); peaks are the child's ``VmHWM``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = textwrap.dedent(
     """
-    import io, json, os, resource, sys
+    import io, json, os, sys
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
     from bot import images
@@ -39,6 +39,14 @@ CHILD = textwrap.dedent(
     def rss_mib():
         pages = int(open("/proc/self/statm").read().split()[1])
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def hwm_mib():
+        # VmHWM belongs to this process's own address space; ru_maxrss would also carry the
+        # forking parent's RSS across exec (a big pytest process made every peak look ~360 MiB).
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc/self/status")
 
     data = open(sys.argv[1], "rb").read()
     parallel = int(sys.argv[2])
@@ -52,7 +60,7 @@ CHILD = textwrap.dedent(
         sizes = list(pool.map(lambda _: images.load(data, cfg).width, range(parallel)))
     print(json.dumps({
         "idle": idle,
-        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak": hwm_mib(),
         "settled": rss_mib(),
         "budget_peak": images.decode_budget(cfg).peak / 2**20,
         "sizes": sizes,
