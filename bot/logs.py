@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterable
+from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
@@ -56,9 +58,29 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at emit time, as logging's last-resort handler does.
+
+    A handler bound to the stderr of the moment keeps a closed stream once a caller swaps it
+    (Click's test runner, an embedding program), and every later record becomes a
+    "--- Logging error ---" traceback on the user's terminal.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(settings: Settings) -> RedactingFilter:
     redactor = RedactingFilter(secret_values(settings))
-    handler = logging.StreamHandler()
+    handler = CurrentStderrHandler()
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
     )

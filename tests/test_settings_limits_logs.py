@@ -143,3 +143,27 @@ def test_unknown_token_shapes_are_redacted() -> None:
     f = RedactingFilter()
     assert "AAH" not in f.redact("bot123456789:AAHxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx/getMe")
     assert "abcdefgh123" not in f.redact("Authorization: Bearer abcdefgh123")
+
+
+def test_logs_follow_a_swapped_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A caller that swaps and closes stderr (Click's runner) must not break later log lines."""
+    import io
+    import sys
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", first)
+        configure_logging(Settings(data_dir=tmp_path, _env_file=None))
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("oogiri.test").warning("after the swap")
+        assert "after the swap" in second.getvalue()
+        assert "Logging error" not in capsys.readouterr().err
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
