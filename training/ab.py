@@ -4,7 +4,8 @@ The life of a candidate that passes the offline gate (training/gate.py ``LiveAbS
 
 1. ``start_test``: the run registers it as ``testing`` and records a running ``ab_tests`` row with
    the rule fixed at that moment (alpha, minimum effect, minimum votes, maximum duration,
-   per-voter cap): changing settings later never changes a running test's rule.
+   per-voter cap, failure margin, web-vote policy): changing settings later never changes a
+   running test's rule.
 2. Every ``oogiri serve`` process sees the row (bot/ab_serving.py) and serves the candidate to
    ``share`` of its users, sticky per user.
 3. ``decide_tests`` (the scheduler inside ``oogiri serve``, ``oogiri train run --if-due`` and

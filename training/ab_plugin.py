@@ -222,13 +222,15 @@ def _print_test(doc: dict[str, Any]) -> None:
         highlight=False,
     )
     table = Table("arm", "version", "votes", "likes", "like-rate", "95 % interval", "voters",
-                  "raw votes", "jokes")  # fmt: skip
+                  "raw votes", "jokes", "failed answers")  # fmt: skip
     for arm, role, rate_key, int_key in (
         ("control", roles[0], "control_rate", "control_interval"),
         ("candidate", roles[1], "candidate_rate", "candidate_interval"),
     ):
         a = doc["arms"][arm]
         rate = d.get(rate_key)
+        f = (doc.get("failures") or {}).get(arm)  # tests decided before failures were counted
+        failed = f"{f['failed']}/{f['requests']}" if f else "-"
         ci = d.get(int_key)
         table.add_row(
             role,
@@ -240,6 +242,7 @@ def _print_test(doc: dict[str, Any]) -> None:
             str(a["voters"]),
             str(a["raw_votes"]),
             str(a["jokes"]),
+            failed,
         )
     out.print(table)
     out.print(f"decision: [bold]{d['outcome']}[/bold] — {d['reason']}", highlight=False)

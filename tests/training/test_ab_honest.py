@@ -149,15 +149,22 @@ async def test_the_rule_records_the_web_policy_it_was_started_with(tmp_path: Pat
 
 
 async def seed_failures(
-    store: Store, test_id: int, *, fail_per_user: int, liked_per_user: int, failing_users: int = 40
+    store: Store,
+    test_id: int,
+    *,
+    fail_per_user: int,
+    liked_per_user: int,
+    failing_users: int = 40,
+    failing_arm: str = "candidate",
+    versions: tuple[str, str] = ("v1", "v2"),
 ) -> None:
-    """40 users per arm ask 10 times each. Control answers all 10, 5 liked. For
-    ``failing_users`` of its users the candidate fails ``fail_per_user`` of the 10; of its
-    answers the first ``liked_per_user`` are liked."""
-    for arm, version in (("control", "v1"), ("candidate", "v2")):
-        liked = liked_per_user if arm == "candidate" else 5
+    """40 users per arm ask 10 times each. One arm answers all 10, 5 liked. For
+    ``failing_users`` of its users ``failing_arm`` fails ``fail_per_user`` of the 10; of its
+    answers the first ``liked_per_user`` are liked. ``versions``: (control, candidate)."""
+    for arm, version in zip(("control", "candidate"), versions, strict=True):
+        liked = liked_per_user if arm == failing_arm else 5
         for n, user in enumerate(users_of(test_id, arm, 40, 0.5, prefix=f"{arm}-")):
-            failing = fail_per_user if arm == "candidate" and n < failing_users else 0
+            failing = fail_per_user if arm == failing_arm and n < failing_users else 0
             for k in range(10 - failing):
                 jid = await joke(store, version, user)
                 await store.rate(jid, user, 1 if k < liked else -1, "test")
@@ -216,3 +223,23 @@ async def test_a_reliable_winner_is_promoted_and_an_unproven_one_waits(
     await seed_failures(store, test2.id, fail_per_user=1, liked_per_user=8, failing_users=12)
     ev2 = await evaluate(store, test2)
     assert ev2.decision.outcome == "wait" and "failure" in ev2.decision.reason
+
+
+async def test_a_promoted_model_that_fails_more_is_rolled_back(
+    store: Store, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path)
+    await registry(store, tmp_path)
+    await store.set_model_status("v2", "active")  # promoted; v1 stays on the watch's small arm
+    watch = await store.start_ab_test(
+        kind="watch", control="v2", candidate="v1", share=0.5, rule=rule_doc(settings, "watch")
+    )
+    # the new model (the watch's control arm) fails 3 in 10; per answer it is liked as much
+    # as the previous one, so the votes alone would confirm the promotion
+    await seed_failures(
+        store, watch.id, fail_per_user=3, liked_per_user=5, failing_arm="control",
+        versions=("v2", "v1"),
+    )  # fmt: skip
+    ev = await evaluate(store, watch)
+    assert ev.failures["control"].likes == 120 and ev.failures["candidate"].likes == 0
+    assert ev.decision.outcome == "reject" and "roll back" in ev.decision.reason
