@@ -35,6 +35,19 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
 
 
+def split_list(value: Any) -> Any:
+    """A list setting from the environment: ``a,b`` or JSON ``["a", "b"]`` (other values pass).
+
+    OOGIRI_PLUGINS=web,telegram is friendlier than JSON; use it as a ``mode="before"`` validator
+    on a field annotated with pydantic-settings' ``NoDecode``.
+    """
+    if isinstance(value, str):
+        if value.strip().startswith("["):
+            return json.loads(value)
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 class PluginSettings(BaseModel):
     """Base of a settings section: a plugin's own model, registered with
     ``oogiri_register_settings`` and read from ``OOGIRI_<SECTION>__<FIELD>`` (or ``[section]`` in
@@ -218,12 +231,7 @@ class Settings(BaseSettings):
     @field_validator("channels", "plugins", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
-        # OOGIRI_PLUGINS=web,telegram is friendlier than JSON for a list; both are accepted.
-        if isinstance(value, str):
-            if value.strip().startswith("["):
-                return json.loads(value)
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return split_list(value)
 
     @classmethod
     def settings_customise_sources(

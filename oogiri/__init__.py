@@ -34,7 +34,7 @@ from bot.models import (
     Rejected,
     Usage,
 )
-from bot.settings import PluginSettings, Settings
+from bot.settings import PluginSettings, Settings, split_list
 
 if TYPE_CHECKING:
     from bot.app import App, Channel
@@ -62,6 +62,7 @@ __all__ = [
     "Usage",
     "hookimpl",
     "hookspec",
+    "split_list",
 ]
 
 

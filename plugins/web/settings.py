@@ -7,13 +7,12 @@ Lists accept JSON or commas: ``OOGIRI_WEB__TRUSTED_PROXIES=10.0.0.2,fd00::/64``.
 from __future__ import annotations
 
 import ipaddress
-import json
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
-from oogiri import PluginSettings
+from oogiri import PluginSettings, split_list
 
 
 class WebSettings(PluginSettings):
@@ -68,11 +67,7 @@ class WebSettings(PluginSettings):
     @field_validator("trusted_proxies", "allowed_hosts", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if value.strip().startswith("["):
-                return json.loads(value)
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return split_list(value)
 
     @field_validator("trusted_proxies")
     @classmethod
