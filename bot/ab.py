@@ -95,6 +95,13 @@ class AbMetrics:
             ["test", "arm", "version"],
             registry=registry,
         )
+        self.failure_rate = Gauge(
+            "oogiri_ab_failure_rate",
+            "Share of requests per arm that got no usable answer (the failure guard's rate; "
+            "NaN before the first request)",
+            ["test", "arm", "version"],
+            registry=registry,
+        )
         self.share = Gauge(
             "oogiri_ab_share", "Share of users served the small arm", ["test"], registry=registry
         )

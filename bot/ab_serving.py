@@ -284,6 +284,9 @@ class AbServing:
             m.votes.labels(*labels).set(count.votes)
             m.likes.labels(*labels).set(count.likes)
             m.like_rate.labels(*labels).set(count.likes / count.votes if count.votes else math.nan)
+            failed = ev.failures.get(arm_name)
+            rate = failed.rate if failed is not None else None
+            m.failure_rate.labels(*labels).set(math.nan if rate is None else rate)
         for outcome in ("promote", "reject", "wait", "timeout"):
             m.decision.labels(tid, test.kind, outcome).set(
                 1.0 if doc["decision"]["outcome"] == outcome else 0.0

@@ -166,6 +166,10 @@ async def test_live_ab_serves_both_arms_decides_promotes_and_watches(
         await serving.reconcile()
         metrics = app.metrics.render().decode()
         assert f'oogiri_ab_votes{{arm="control",test="{watch.id}",version="v2"}}' in metrics
+        # every request of the watch was answered: the failure guard's rate per arm is 0
+        assert (
+            f'oogiri_ab_failure_rate{{arm="control",test="{watch.id}",version="v2"}} 0.0' in metrics
+        )
         assert "oogiri_model_rollbacks 0.0" in metrics
     finally:
         await app.close()
