@@ -113,7 +113,7 @@ class JokeService:
         if request.hint and len(request.hint) > limits.max_hint_chars:
             raise Rejected(key="hint_too_long", limit=limits.max_hint_chars)
         if not request.admitted:
-            await self.admit(request)
+            await self._admit(request)  # a refusal here is recorded once, by tell()
         # refuse before decoding the picture when the queue is already full: busy costs nothing
         # (unless the engine may answer this picture without the GPU: it needs the picture)
         if not hasattr(self.engine, "answer_without_engine"):
@@ -201,8 +201,17 @@ class JokeService:
 
         Raises ``RateLimited`` (or ``Rejected`` from ``oogiri_admit`` implementations such as
         moderation). A request admitted here is not counted again by ``tell``: a flooder costs
-        one counter hit per photo, not a download and a decode.
+        one counter hit per photo, not a download and a decode. A refusal is recorded (requests
+        table and metrics) as ``tell`` records one: channels that admit first stay visible.
         """
+        started = time.perf_counter()
+        try:
+            await self._admit(request)
+        except OogiriError as exc:
+            await self._record(request, exc.code, started, reason=str(exc))
+            raise
+
+    async def _admit(self, request: JokeRequest) -> None:
         await call_hook(self.pm, "oogiri_admit", request=request)
         await self._check_limits(request)
         request.admitted = True

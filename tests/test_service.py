@@ -79,6 +79,27 @@ async def test_per_user_and_per_chat_limits(settings: Settings, chelsea_png: byt
         await app.close()
 
 
+async def test_a_refusal_at_admission_is_recorded_once(
+    settings: Settings, chelsea_png: bytes
+) -> None:
+    """Channels admit before downloading (Telegram, Discord): their refusals still count."""
+    settings.limits.per_user_per_minute = 1
+    app = await App.create(settings, engine=InstantEngine())
+    try:
+        first = req(b"", "a", chat="g")
+        await app.service.admit(first)
+        first.image_bytes = chelsea_png
+        await app.service.tell(first)  # admitted already: not counted against the limit twice
+        with pytest.raises(RateLimited):
+            await app.service.admit(req(b"", "a", chat="g"))
+        with pytest.raises(RateLimited):
+            await app.service.tell(req(chelsea_png, "a", chat="g"))  # tell admits and records
+        assert await app.store.request_outcomes() == {"ok": 1, "rate_limited": 2}
+        assert b'outcome="rate_limited"} 2.0' in app.metrics.render()
+    finally:
+        await app.close()
+
+
 async def test_concurrency_cap_answers_busy(settings: Settings, chelsea_png: bytes) -> None:
     settings.limits.max_concurrency = 1
     settings.limits.queue_timeout_s = 0.05
