@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from bot.ab_settings import AbSettings
 from bot.engines.internvl.tinymodel import MARKER, read_marker
 from bot.plugins import call_hook
 from bot.settings import Settings
@@ -399,6 +400,24 @@ class RunResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def live_ab_settings(settings: Settings, pm: Any) -> AbSettings | None:
+    """``ab`` when the live A/B step can run, else None (the offline gate decides alone).
+
+    The step only starts a test; the ``ab`` plugin serves the candidate and decides. Without the
+    plugin (``OOGIRI_PLUGINS`` leaves it out) a started test would get no traffic and sit until
+    its timeout, so the run falls back to the offline gate and says so.
+    """
+    if not settings.ab.enabled:
+        return None
+    if pm is not None and not pm.has_plugin("ab"):
+        log.warning(
+            "live A/B step off: the 'ab' plugin is not loaded (OOGIRI_PLUGINS), so nothing would "
+            "serve the candidate or decide a test; the offline gate decides alone"
+        )
+        return None
+    return settings.ab
+
+
 class TrainingPipeline:
     def __init__(
         self,
@@ -420,7 +439,7 @@ class TrainingPipeline:
         self.pm = pm
         self.promoter = promoter or CommandPromoter(self.t.promote_command)
         self.evaluator = evaluator
-        self.gate = gate or default_gate(settings.ab)
+        self.gate = gate or default_gate(live_ab_settings(settings, pm))
         self.events = events or RunEvents()
         self.env = training_env(self.t, env)
         self.work_dir = work_dir_of(settings)

@@ -683,3 +683,24 @@ async def test_an_unusable_candidate_answer_is_not_hidden_by_the_active_model(
         await arms.close()
         control_srv.stop()
         cand_srv.stop()
+
+
+def test_without_the_ab_plugin_the_offline_gate_decides_alone(
+    run_rig: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A test nobody serves or decides would sit until its timeout: no live step without 'ab'."""
+    from bot.plugins import make_manager
+    from training.gate import LiveAbStep
+    from training.run import TrainingPipeline, live_ab_settings
+
+    with_ab = make_manager(only=["training", "ab"])
+    without = make_manager(only=["training"])
+    assert live_ab_settings(run_rig, with_ab) is run_rig.ab
+    assert live_ab_settings(run_rig, None) is run_rig.ab  # a caller that passes no manager
+    with caplog.at_level("WARNING"):
+        assert live_ab_settings(run_rig, without) is None
+    assert "'ab' plugin is not loaded" in caplog.text
+    pipeline = TrainingPipeline(run_rig, None, pm=without)
+    assert not any(isinstance(step, LiveAbStep) for step in pipeline.gate.steps)
+    run_rig.ab.enabled = False
+    assert live_ab_settings(run_rig, with_ab) is None
