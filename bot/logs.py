@@ -63,19 +63,21 @@ class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     A handler bound to the stderr of the moment keeps a closed stream once a caller swaps it
     (Click's test runner, an embedding program), and every later record becomes a
-    "--- Logging error ---" traceback on the user's terminal.
+    "--- Logging error ---" traceback on the user's terminal. A stream set explicitly
+    (``setStream``, ``.stream = …``) is kept.
     """
 
     def __init__(self) -> None:
-        super().__init__(sys.stderr)
+        logging.Handler.__init__(self)  # not StreamHandler's: that would pin today's stderr
+        self._pinned: Any = None
 
     @property  # type: ignore[override]
     def stream(self) -> Any:
-        return sys.stderr
+        return sys.stderr if self._pinned is None else self._pinned
 
     @stream.setter
-    def stream(self, _value: Any) -> None:
-        pass
+    def stream(self, value: Any) -> None:
+        self._pinned = value
 
 
 def configure_logging(settings: Settings) -> RedactingFilter:
