@@ -30,7 +30,9 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[App, WebChannel]]:
         _env_file=None,
         data_dir=tmp_path / "data",
         web={"host": "127.0.0.1", "port": 0},
-        ab={"min_votes": 30},
+        # 40 requests per arm are too few to show failure rates within the default 2 points
+        # (the failure guard's own tests run at the default; this one is about the page)
+        ab={"min_votes": 30, "failure_margin": 0.5},
     )
     app = await App.create(settings, engine=InstantEngine())
     channel = app.channel_registry.get("web")(app)
@@ -43,7 +45,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[App, WebChannel]]:
 
 
 async def seed_test(app: App, tmp_path: Path) -> int:
-    """v1 active, v2 under test: 40 votes each, v2 liked far more (a clear 'promote')."""
+    """v1 active, v2 under test: 40 votes each (40 networks), v2 liked far more: 'promote'."""
     store = app.store
     for version in ("v1", "v2"):
         folder = tmp_path / "models" / version
@@ -58,8 +60,15 @@ async def seed_test(app: App, tmp_path: Path) -> int:
             joke = await store.add_joke(
                 image, channel="web", user_id=f"web:asker{i}", chat_id=None, prompt="p",
                 text="笑话", model_version=version, engine="instant", params={},
+                request={"channel": "web", "user_id": f"web:asker{i}", "chat_id": None,
+                         "latency_ms": 5},
             )  # fmt: skip
-            await store.rate(joke.id, f"web:voter-{version}-{i}", 1 if i < likes else -1, "web")
+            # each web voter from a network of its own: under the default web_votes policy one
+            # network is one voter (sybil cookies do not add up), which is not what this shows
+            await store.rate(
+                joke.id, f"web:voter-{version}-{i}", 1 if i < likes else -1, "web",
+                network=f"net-{version}-{i}",
+            )  # fmt: skip
     return test.id
 
 
