@@ -2,8 +2,10 @@
 
 Not a test: it measures. The bot runs as ``oogiri serve`` would, in a child process
 (tests/faults/oogiri_testserver.py: the real App with the web and Telegram channels, the engine
-wrapped so that a control file can make it fail), on PostgreSQL when one answers on 127.0.0.1:5432
-(a fresh database, dropped afterwards), else SQLite. This process plays the users:
+wrapped so that a control file can make it fail), on a throwaway PostgreSQL cluster of its own
+(tests/faults/faultsupport.py's ``ThrowawayPostgres``: initdb into a temp folder, a free loopback
+port, deleted afterwards) when the server binaries are installed, else SQLite. The machine's own
+PostgreSQL is never touched. This process plays the users:
 
 * web users (httpx against the real uvicorn server): upload a picture, vote on the joke, sometimes
   change the vote;
@@ -11,7 +13,8 @@ wrapped so that a control file can make it fail), on PostgreSQL when one answers
   tests/telegram/fakebotapi.py served here): send a photo, press 👍/👎 under the joke;
 
 and injects faults on a schedule: the engine failing for a while (``--engine-fault``), then a real
-PostgreSQL restart (``pg_ctlcluster restart``). Afterwards it checks that nothing a user was told
+restart of that throwaway PostgreSQL (``pg_ctl restart -m fast``: every connection dropped).
+Afterwards it checks that nothing a user was told
 is lost — every joke delivered and every vote acknowledged (web 200, Telegram toast without alert)
 is in the database with that value — that every request got an answer, and it reports
 throughput, latency percentiles and the error answers per phase. Bounded in time and count,
@@ -22,7 +25,7 @@ Writes bench/results/soak-<engine>.json and the "Soak (<engine>)" section of doc
 Usage:
   python bench/soak.py                                 # 60 s, instant engine
   python bench/soak.py --engine transformers --duration 30 --web-users 2 --tg-users 2
-  python bench/soak.py --duration 20 --no-db-restart --no-docs      # quick check
+  python bench/soak.py --duration 20 --no-docs --out /tmp/soak.json   # quick check, results kept
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,14 +56,13 @@ for extra in (ROOT, ROOT / "tests" / "telegram", ROOT / "tests" / "faults"):
     sys.path.insert(0, str(extra))
 
 from fakebotapi import TOKEN, FakeBotAPI  # noqa: E402
-from faultsupport import BotProcess, pg_ctl, pg_ready, pg_version  # noqa: E402
+from faultsupport import BotProcess, ThrowawayPostgres  # noqa: E402
 
 from bench.report import write_section  # noqa: E402
 from bot.models import message  # noqa: E402
 from plugins.web import CSRF_HEADER, USER_COOKIE, Identities  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
-PG_ADMIN = os.environ.get("OOGIRI_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 COOKIE_SECRET = "soak-cookie-secret-0123456789abcdef"
 ANSWER_TIMEOUT_S = 45.0
 
@@ -266,7 +267,7 @@ def _key_of(text: str) -> str:
 # --------------------------------------------------------------------------- faults
 
 
-async def faults(args, ledger: Ledger, flag: Path, t0: float, use_pg: bool) -> None:
+async def faults(args, ledger: Ledger, flag: Path, t0: float, pg: ThrowawayPostgres | None) -> None:
     duration = args.duration
     if args.engine_fault > 0:
         await asyncio.sleep(max(0.0, t0 + 0.25 * duration - time.monotonic()))
@@ -275,13 +276,14 @@ async def faults(args, ledger: Ledger, flag: Path, t0: float, use_pg: bool) -> N
         await asyncio.sleep(args.engine_fault)
         await asyncio.to_thread(flag.unlink)
         ledger.phases.append(("engine down", start, time.monotonic()))
-    if use_pg and not args.no_db_restart:
+    if pg is not None and not args.no_db_restart:
         await asyncio.sleep(max(0.0, t0 + 0.55 * duration - time.monotonic()))
         start = time.monotonic()
-        done = await asyncio.to_thread(pg_ctl, "restart")
+        done = await asyncio.to_thread(pg.restart)
         if done.returncode != 0:
-            await asyncio.to_thread(pg_ctl, "start")
-        await asyncio.to_thread(pg_ready, 60)
+            print(f"throwaway PostgreSQL restart failed: {done.stderr.strip()}", file=sys.stderr)
+            await asyncio.to_thread(pg.start)
+        await asyncio.to_thread(pg.ready, 60)
         ledger.phases.append(("database restart", start, time.monotonic() + 1.0))
 
 
@@ -364,12 +366,6 @@ def _ms(value: float | None) -> float | None:
 async def run(args) -> dict[str, Any]:
     pics = pictures(24)
     work = Path(tempfile.mkdtemp(prefix="oogiri-soak-"))
-    db_url = None
-    use_pg = not args.sqlite and pg_version() is not None and await _pg_up()
-    db_name = f"oogiri_soak_{uuid.uuid4().hex[:8]}"
-    if use_pg:
-        await _admin(f'CREATE DATABASE "{db_name}"')
-        db_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + db_name
     flag = work / "engine-fault"
     api = await FakeBotAPI().start()
     env = {
@@ -389,8 +385,6 @@ async def run(args) -> dict[str, Any]:
         "OOGIRI_TEST_ENGINE_FAULT_FILE": str(flag),
         "OOGIRI_LOG_LEVEL": "WARNING",
     }
-    if db_url:
-        env["OOGIRI_STORE__URL"] = db_url.replace("postgresql://", "postgresql+asyncpg://", 1)
     if args.engine == "transformers":
         model = work / "tiny-model"
         make = [sys.executable, "-m", "bot.cli", "dev", "make-tiny-model", str(model)]
@@ -398,6 +392,11 @@ async def run(args) -> dict[str, Any]:
         env["OOGIRI_ENGINE__MODEL"] = str(model)
         env["OOGIRI_ENGINE__MODEL_VERSION"] = "tiny-random"
         env["OOGIRI_ENGINE__MAX_NEW_TOKENS"] = "16"
+    pg = None if args.sqlite else await _throwaway_postgres()
+    # Its own cluster, so the bot may use the "postgres" database; asyncpg's URL for the checks.
+    db_url = pg.url.replace("+asyncpg", "", 1) if pg is not None else None
+    if pg is not None:
+        env["OOGIRI_STORE__URL"] = pg.url
     bot = BotProcess(work / "data", **env)
     ledger = Ledger()
     side = TelegramSide(api)
@@ -408,7 +407,7 @@ async def run(args) -> dict[str, Any]:
         stop = t0 + args.duration
         users = [web_user(i, bot.url, ledger, pics, args, stop) for i in range(args.web_users)]
         users += [tg_user(i, side, ledger, pics, args, stop) for i in range(args.tg_users)]
-        await asyncio.gather(*users, faults(args, ledger, flag, t0, use_pg))
+        await asyncio.gather(*users, faults(args, ledger, flag, t0, pg))
         elapsed = time.monotonic() - t0
         code = await asyncio.to_thread(bot.stop, 30.0)
         jokes, ratings = await stored_state(db_url, work / "data" / "oogiri.sqlite3")
@@ -418,12 +417,8 @@ async def run(args) -> dict[str, Any]:
             await collector
         bot.kill()
         await api.stop()
-        if use_pg:
-            if not await asyncio.to_thread(pg_ready, 5):
-                await asyncio.to_thread(pg_ctl, "start")
-                await asyncio.to_thread(pg_ready, 60)
-            with contextlib.suppress(Exception):
-                await _admin(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        if pg is not None:
+            await asyncio.to_thread(pg.stop)
         log_tail = bot.log()[-3000:]
         shutil.rmtree(work, ignore_errors=True)
 
@@ -439,7 +434,7 @@ async def run(args) -> dict[str, Any]:
     answered = sum(o.latency is not None for o in ledger.ops)
     result = {
         "engine": args.engine,
-        "store": "postgresql" if use_pg else "sqlite",
+        "store": "postgresql (throwaway cluster)" if pg is not None else "sqlite",
         "duration_s": round(elapsed, 1),
         "web_users": args.web_users,
         "tg_users": args.tg_users,
@@ -470,25 +465,22 @@ async def run(args) -> dict[str, Any]:
     return result
 
 
-async def _pg_up() -> bool:
-    import asyncpg
-
+async def _throwaway_postgres() -> ThrowawayPostgres | None:
+    """A PostgreSQL cluster of the soak's own, so that its restart drops nobody else's
+    connections (issue 19); None (SQLite then) where no server binaries are installed."""
     try:
-        conn = await asyncio.wait_for(asyncpg.connect(PG_ADMIN), 3)
-    except Exception:
-        return False
-    await conn.close()
-    return True
-
-
-async def _admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN)
+        pg = ThrowawayPostgres()
+    except (FileNotFoundError, KeyError) as exc:  # no binaries; as root, no "postgres" user
+        print(f"no throwaway PostgreSQL ({exc}); the soak runs on SQLite", file=sys.stderr)
+        return None
     try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+        return await asyncio.to_thread(pg.start)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        await asyncio.to_thread(pg.stop)
+        print(
+            f"throwaway PostgreSQL did not start ({exc}); the soak runs on SQLite", file=sys.stderr
+        )
+        return None
 
 
 def render(result: dict[str, Any]) -> str:
@@ -543,13 +535,18 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="actions per second per user")
     parser.add_argument("--engine-fault", type=float, default=5.0, help="seconds of engine errors")
     parser.add_argument("--no-db-restart", action="store_true")
-    parser.add_argument("--sqlite", action="store_true", help="SQLite even if PostgreSQL is up")
+    parser.add_argument(
+        "--sqlite", action="store_true", help="SQLite even where PostgreSQL is installed"
+    )
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--out", type=Path, help="result JSON (default bench/results/soak-<engine>.json)"
+    )
     args = parser.parse_args()
     if args.duration > 600:
         parser.error("--duration is bounded to 600 s")
     result = asyncio.run(run(args))
-    out = ROOT / "bench" / "results" / f"soak-{args.engine}.json"
+    out = args.out or ROOT / "bench" / "results" / f"soak-{args.engine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, ensure_ascii=False, indent=1))
     print(render(result))

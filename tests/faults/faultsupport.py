@@ -20,7 +20,6 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTSERVER = Path(__file__).resolve().parent / "oogiri_testserver.py"
-PG_VERSION_DIR = Path("/etc/postgresql")
 
 
 def free_port() -> int:
@@ -114,43 +113,6 @@ def running(bot: BotProcess, cli: bool = False) -> Iterator[BotProcess]:
         yield bot
     finally:
         bot.stop()
-
-
-# --------------------------------------------------------------------------- PostgreSQL
-
-
-def pg_version() -> str | None:
-    try:
-        versions = sorted(p.name for p in PG_VERSION_DIR.iterdir() if p.name.isdigit())
-    except OSError:
-        return None
-    return versions[-1] if versions else None
-
-
-def pg_ctl(action: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Control the MACHINE's cluster (bench/soak.py only). Tests restart a ``ThrowawayPostgres``:
-    restarting this one drops everyone else's connections."""
-    version = pg_version()
-    assert version is not None
-    return subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-
-
-def pg_ready(timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        ok = subprocess.run(
-            ["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"], check=False
-        ).returncode
-        if ok == 0:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # --------------------------------------------------------------------------- throwaway servers
