@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
 import socket
 import struct
 import sys
@@ -439,7 +440,7 @@ def render(doc: dict[str, Any]) -> str:
         ],
     ]
     return (
-        f"Measured {doc['date']} on {doc['machine']} with `python -m bench.abuse` "
+        f"Measured {doc['date']} on {doc['machine']}{_load(doc)} with `python -m bench.abuse` "
         f"(instant engine, SQLite, default web limits; quiet {doc['args']['quiet_s']} s, abuse "
         f"{r['abuse_s']} s). Loopback only: every party binds its own 127.x source address and "
         "counts as its own network, which is what a real attacker with one address looks like; "
@@ -448,6 +449,13 @@ def render(doc: dict[str, Any]) -> str:
         "the web channel and the core under attack, not a model.\n\n"
         + markdown_table(["", "measured", "goal"], rows)
     )
+
+
+def _load(doc: dict[str, Any]) -> str:
+    load = doc.get("load_average_1_5_15_min")
+    if not load:
+        return ""
+    return f" (load average {load['before'][0]} before the run, {load['after'][0]} after)"
 
 
 def main() -> None:
@@ -459,6 +467,8 @@ def main() -> None:
     parser.add_argument("--slow-connections", type=int, default=500)
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
+    # The p95 ratio depends on what else the (shared) machine runs: record its load.
+    load_before = [round(v, 2) for v in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="oogiri-abuse-") as tmp:
         data_dir = Path(tmp) / "data"
         result = asyncio.run(measure(args, data_dir))
@@ -466,6 +476,10 @@ def main() -> None:
     doc = {
         "date": utc_now()[:10],
         "machine": machine(),
+        "load_average_1_5_15_min": {
+            "before": load_before,
+            "after": [round(v, 2) for v in os.getloadavg()],
+        },
         "args": vars(args),
         "result": result,
         "sybil_export": sybil,
