@@ -31,6 +31,19 @@ from bot.store import JokeRemovalRow, JokeRow, ModerationRow, Store, utcnow
 log = logging.getLogger(__name__)
 
 STATE_KEY = "moderation"  # app.state[STATE_KEY] is the app's Moderation
+
+# What an admin's block/unblock/delete answers, the same on every channel (each channel's TEXTS
+# spreads it; channel-specific wording such as usage lines stays in the channel).
+MODERATION_TEXTS: dict[str, dict[str, str]] = {
+    "blocked": {"en": "Blocked {subject}.", "zh": "已屏蔽 {subject}。"},
+    "already_blocked": {"en": "{subject} was already blocked.", "zh": "{subject} 已经被屏蔽了。"},
+    "unblocked": {"en": "Unblocked {subject}.", "zh": "已解除屏蔽 {subject}。"},
+    "not_blocked": {"en": "{subject} was not blocked.", "zh": "{subject} 没有被屏蔽。"},
+    "joke_deleted": {
+        "en": "Joke {joke_id} removed; it will never be used for training.",
+        "zh": "笑话 {joke_id} 已删除，不会再用于训练。",
+    },
+}
 BLOCK, ALLOW = "block", "allow"
 _STORED_PREFIX = re.compile(r"^[a-z]{1,12}:")  # "tg:123" → "123" (channels namespace their ids)
 

@@ -39,7 +39,7 @@ from bot.models import (
     Rejected,
     message,
 )
-from bot.moderation import moderation_for
+from bot.moderation import MODERATION_TEXTS, moderation_for
 from bot.outbox import Outbox, OutboxItem, OutboxWorker, RetryLater, Undeliverable
 from oogiri import PluginSettings, hookimpl
 
@@ -127,15 +127,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "Only the bot's admins may do that.",
         "zh": "只有机器人的管理员可以这样做。",
     },
-    "blocked": {"en": "Blocked {subject}.", "zh": "已屏蔽 {subject}。"},
-    "already_blocked": {"en": "{subject} was already blocked.", "zh": "{subject} 已经被屏蔽了。"},
-    "unblocked": {"en": "Unblocked {subject}.", "zh": "已解除屏蔽 {subject}。"},
-    "not_blocked": {"en": "{subject} was not blocked.", "zh": "{subject} 没有被屏蔽。"},
+    **MODERATION_TEXTS,
     "no_such_joke": {"en": "There is no joke {joke_id}.", "zh": "没有编号为 {joke_id} 的笑话。"},
-    "joke_deleted": {
-        "en": "Joke {joke_id} removed; it will never be used for training.",
-        "zh": "笑话 {joke_id} 已删除，不会再用于训练。",
-    },
     "joke_deleted_kept": {
         "en": "Joke {joke_id} removed from training, but its message could not be deleted.",
         "zh": "笑话 {joke_id} 已从训练数据中移除，但没能删除它的消息。",

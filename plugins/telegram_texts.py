@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bot.moderation import MODERATION_TEXTS
+
 TEXTS: dict[str, dict[str, str]] = {
     "help": {
         "en": (
@@ -110,18 +112,11 @@ TEXTS: dict[str, dict[str, str]] = {
         "zh": "回复某人的消息发送 /{command}，或 /{command} <用户 id>、/{command} <群 id>、"
         "/{command} telegram:user:<id>。",
     },
-    "blocked": {"en": "Blocked {subject}.", "zh": "已屏蔽 {subject}。"},
-    "already_blocked": {"en": "{subject} was already blocked.", "zh": "{subject} 已经被屏蔽了。"},
-    "unblocked": {"en": "Unblocked {subject}.", "zh": "已解除屏蔽 {subject}。"},
-    "not_blocked": {"en": "{subject} was not blocked.", "zh": "{subject} 没有被屏蔽。"},
+    **MODERATION_TEXTS,
     "mod_error": {"en": "Not changed: {error}", "zh": "未更改：{error}"},
     "delete_usage": {
         "en": "Reply to one of my jokes with /delete (or /delete <joke id>).",
         "zh": "回复我的某个笑话发送 /delete（或 /delete <笑话 id>）。",
-    },
-    "joke_deleted": {
-        "en": "Joke {joke_id} removed; it will never be used for training.",
-        "zh": "笑话 {joke_id} 已删除，不会再用于训练。",
     },
     "joke_deleted_kept": {
         "en": "Joke {joke_id} removed from training, but I could not delete the message here.",
