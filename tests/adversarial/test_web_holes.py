@@ -95,7 +95,8 @@ async def test_jokes_cannot_be_enumerated_by_sequential_id(app: App) -> None:
         internal = (await app.service.get_joke_by_public_id(public_id)).id
         assert (await client.get(f"/api/jokes/{internal}")).status_code == 404
         assert (await client.get(f"/api/jokes/{public_id}")).status_code == 200
-    assert str(internal) not in public_id
+    # 96 random bits (secrets.token_urlsafe(12)), not the row number in any form
+    assert len(public_id) == 16 and public_id != str(internal) and not public_id.isdigit()
 
 
 # --------------------------------------------------------------------------- C: credentials
