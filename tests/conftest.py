@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import hypothesis
 import pytest
+from browser_support import CHROMIUM
 from PIL import Image
 
 from bot.settings import Settings
@@ -61,7 +62,7 @@ def optional_services() -> dict[str, bool]:
             list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("initdb")
         ),
         "Redis": _listening(REDIS_URL, 6379),
-        "Chromium": Path("/usr/bin/chromium").exists(),
+        "Chromium": CHROMIUM.exists(),
         "Compose plugin": _compose_found(),
     }
 
@@ -137,6 +138,15 @@ def photo_jpegs(sample_dir: Path) -> list[bytes]:
         img.save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
     return out
+
+
+@pytest.fixture
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is required in CI (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} is not installed")
+    return CHROMIUM
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ gets a joke, votes 👍 then changes to 👎, and the store must hold exactly on
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 import skimage
+from browser_support import CHROMIUM_ARGS
 
 from bot.app import App
 from bot.engines.base import EngineHealth
@@ -25,28 +25,10 @@ from plugins.web import WebChannel
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SAMPLES = Path(skimage.__file__).parent / "data"
 LEAD_SCREENSHOT = Path("/tmp/oogiri-web.png")
 #: Screenshots of the stats page and the demo card (phone and desktop), for a person to look at.
 STATS_SHOTS = Path("/tmp")
-
-
-@pytest.fixture
-def chromium() -> Path:
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is required in CI (apt-get install chromium)")
-        pytest.skip(f"{CHROMIUM} is not installed")
-    return CHROMIUM
 
 
 @pytest.fixture

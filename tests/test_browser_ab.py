@@ -3,13 +3,13 @@ JSON behind it (``GET /api/ab``): which model is winning, by how much, and how s
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from browser_support import CHROMIUM_ARGS
 
 from bot.app import App
 from bot.engines.instant import InstantEngine
@@ -18,10 +18,7 @@ from bot.settings import Settings
 from plugins.web import WebChannel
 from training.ab import start_test
 
-CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = Path("/tmp/oogiri-stats-ab.png")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 
 
 @pytest.fixture
@@ -89,15 +86,6 @@ async def test_api_ab_reports_arms_decision_and_series(
     assert d["candidate_interval"][0] < 36 / 40 < d["candidate_interval"][1]
     (v1,) = doc["series"]["v1"]
     assert (v1["likes"], v1["votes"]) == (8, 40) and v1["low"] < 0.2 < v1["high"]
-
-
-@pytest.fixture
-def chromium() -> Path:
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is required in CI (apt-get install chromium)")
-        pytest.skip(f"{CHROMIUM} is not installed")
-    return CHROMIUM
 
 
 @pytest.mark.browser
