@@ -11,8 +11,11 @@ patches ``sys.path``.
   do: latency at a given arrival rate, the basis of goodput).
 * **Workloads** — ``zipf_indices``: which picture each request sends when popularity follows a
   Zipf law (rank k drawn with probability ∝ 1/k^s).
-* **Results** — ``write_json`` and ``markdown_table``; ``write_section`` keeps docs/benchmarks.md
-  as sections owned by individual benchmarks (between ``<!-- bench:KEY -->`` markers).
+* **Pictures** — ``source_photos``/``photo_jpegs``: scikit-image's real photos (or a copy of them),
+  so every bench sends the same kind of upload.
+* **Results** — ``write_json``/``append_jsonl``, ``markdown_table``; ``write_section`` keeps
+  docs/benchmarks.md as sections owned by individual benchmarks (between ``<!-- bench:KEY -->``
+  markers); ``machine``/``utc_now``/``git_commit``/``rusage_self`` for each result's header.
 * **Statistics** — ``share_ci`` (Wilson interval, from ``scipy.stats``) for shares such as
   "answered within 2 s".
 """
@@ -20,6 +23,7 @@ patches ``sys.path``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import math
@@ -27,6 +31,10 @@ import os
 import platform
 import random
 import re
+import resource
+import socket
+import statistics
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -74,14 +82,22 @@ def _r(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def latency_summary(latencies: Sequence[float], slo_s: float | None = None) -> dict[str, Any]:
-    """p50/p95/p99 (the one definition above) and, given an SLO, the share answered within it."""
-    out: dict[str, Any] = {
-        "n": len(latencies),
-        "p50_s": _r(percentile(latencies, 0.50)),
-        "p95_s": _r(percentile(latencies, 0.95)),
-        "p99_s": _r(percentile(latencies, 0.99)),
-    }
+def latency_summary(
+    latencies: Sequence[float], slo_s: float | None = None, *, unit: str = "s", spread: bool = False
+) -> dict[str, Any]:
+    """p50/p95/p99 (the one definition above) in seconds or ``unit="ms"``; ``spread`` adds max
+    and mean; given an SLO (seconds), the share answered within it and its Wilson interval."""
+    scale, digits = (1000.0, 1) if unit == "ms" else (1.0, 3)
+
+    def r(value: float | None) -> float | None:
+        return None if value is None else round(value * scale, digits)
+
+    out: dict[str, Any] = {"n": len(latencies)}
+    for q in (50, 95, 99):
+        out[f"p{q}_{unit}"] = r(percentile(latencies, q / 100))
+    if spread:
+        out[f"max_{unit}"] = r(max(latencies, default=None))
+        out[f"mean_{unit}"] = r(statistics.fmean(latencies)) if latencies else None
     if slo_s is not None:
         within = sum(1 for v in latencies if v <= slo_s)
         out["within_slo"] = _r(within / len(latencies)) if latencies else None
@@ -114,15 +130,22 @@ class Sample:
 OneRequest = Callable[[int], Awaitable[Sample]]
 
 
-async def timed(index: int, call: Callable[[], Awaitable[Any]]) -> Sample:
-    """Run ``call`` and turn its outcome into a Sample; an exception is a failure named by type."""
+class Failed(Exception):
+    """A request answered, but not as asked: its Sample's error is this message (a status)."""
+
+
+async def timed(call: Callable[[], Awaitable[dict[str, int] | None]]) -> Sample:
+    """Run ``call`` and turn its outcome into a Sample: what it returns are the token counts; an
+    exception is a failure named by ``Failed``'s message or else its type (never raised on)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     try:
-        await call()
+        tokens = await call() or {}
+    except Failed as exc:
+        return Sample(t0, loop.time(), False, error=str(exc))
     except Exception as exc:  # the bench counts failures; it never stops on one
         return Sample(t0, loop.time(), False, error=type(exc).__name__)
-    return Sample(t0, loop.time(), True)
+    return Sample(t0, loop.time(), True, **tokens)
 
 
 async def closed_loop(
@@ -223,6 +246,32 @@ def zipf_indices(n_requests: int, n_items: int, s: float, seed: int = 0) -> list
 # --------------------------------------------------------------------------- pictures
 
 
+def skimage_photos() -> Path:
+    """scikit-image's data folder (its real photos ship inside the wheel)."""
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+def source_photos(folder: Path | None = None, names: Sequence[str] | None = PHOTOS) -> list[Any]:
+    """RGB PIL images: ``names`` from ``folder`` (default scikit-image's), or with ``names=None``
+    every picture in ``folder`` in name order."""
+    from PIL import Image
+
+    folder = folder or skimage_photos()
+    if names is None:
+        suffixes = (".jpg", ".jpeg", ".png", ".webp")
+        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    return [Image.open(folder / name).convert("RGB") for name in names]
+
+
+def jpeg_bytes(img: Any, quality: int = 88) -> bytes:
+    """A PIL image as JPEG bytes."""
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def photo_jpegs(
     count: int,
     size: tuple[int, int] = (1155, 866),
@@ -236,25 +285,14 @@ def photo_jpegs(
     (the device has no scikit-image; bench/device_prep.sh copies them to .device/photos)."""
     from PIL import Image
 
-    if photos_dir is None:
-        import skimage
-
-        data = Path(skimage.__file__).parent / "data"
-    else:
-        data = photos_dir
-    scaled = [
-        Image.open(data / name).convert("RGB").resize(size, Image.Resampling.BICUBIC)
-        for name in PHOTOS
-    ]
+    scaled = [im.resize(size, Image.Resampling.BICUBIC) for im in source_photos(photos_dir)]
 
     def one(i: int) -> bytes:
         src = scaled[i % len(scaled)].copy()
         src.putpixel(
             (i % size[0], (i // size[0]) % size[1]), (i % 256, (i * 7) % 256, (i * 13) % 256)
         )
-        buf = io.BytesIO()
-        src.save(buf, "JPEG", quality=quality)
-        return buf.getvalue()
+        return jpeg_bytes(src, quality)
 
     if workers <= 1:
         return [one(i) for i in range(count)]
@@ -265,19 +303,63 @@ def photo_jpegs(
 # --------------------------------------------------------------------------- results
 
 
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+def machine(cpu_model: bool = False) -> str:
+    """'x86_64, 2 cores, Python 3.11.7'; ``cpu_model``: the CPU's name and the OS instead."""
+    cpu = platform.machine()
+    if cpu_model:
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    text = f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{text}, {platform.system()}" if cpu_model else text
 
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
-def write_json(path: Path, doc: Any) -> Path:
+def git_commit() -> str | None:
+    """The tree's short commit; the device gets a copy without .git, so OOGIRI_COMMIT there."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        if done.stdout.strip():
+            return done.stdout.strip()
+    return os.environ.get("OOGIRI_COMMIT")
+
+
+def rusage_self() -> dict[str, float]:
+    """This process's peak RSS (MB) and CPU seconds so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+    }
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 (right now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_json(path: Path, doc: Any, indent: int = 2) -> Path:
     """Write results as indented JSON (folders made as needed); returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(doc, indent=indent, ensure_ascii=False, default=str)
+    path.write_text(text + "\n", encoding="utf-8")
     return path
+
+
+def append_jsonl(path: Path, row: Any) -> None:
+    """Append one JSON line: a run cut short keeps what it finished."""
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def fmt(value: Any, digits: int = 2) -> str:

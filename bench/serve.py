@@ -59,21 +59,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bench.common import PHOTOS, Sample, closed_loop, percentile
+from bench.common import (
+    PHOTOS,
+    ROOT,
+    Failed,
+    Sample,
+    append_jsonl,
+    closed_loop,
+    fmt,
+    git_commit,
+    jpeg_bytes,
+    latency_summary,
+    source_photos,
+    timed,
+    utc_now,
+    write_json,
+    write_section,
+)
 from bot.engines import tiling
-
-try:  # the managed server's settings live with its engine plugin (issue 18.3)
-    from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
-except ImportError:  # a tree from before that move
-    from bot.settings import EngineSettings  # type: ignore[assignment]
+from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher
 from bot.engines.openai_http import OpenAIHTTPEngine, body_error, to_data_url
 from bot.models import GenerationParams, NormalizedImage
 from bot.settings import DEFAULT_PROMPT
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SERVED_NAME = "oogiri-bench"
 GPU_QUERY = "--query-gpu=memory.used,utilization.gpu"
@@ -179,6 +189,8 @@ class CellSpec(Strict):
 
 
 class Config(Strict):
+    """One server configuration and its cells (a plan's sweeps, expanded on validation)."""
+
     name: str
     cells: list[Cell]
     launch: Launch | None = None
@@ -186,21 +198,10 @@ class Config(Strict):
     api_key: str | None = None
     model: str | None = Field(None, description="this config's own model folder")
 
-
-class ConfigSpec(Strict):
-    name: str
-    cells: list[CellSpec]
-    launch: Launch | None = None
-    base_urls: list[str] = Field(default_factory=list)
-    api_key: str | None = None
-    model: str | None = None
-
-    def config(self) -> Config:
-        return Config(
-            **self.model_dump(exclude={"cells", "launch"}),
-            launch=self.launch,
-            cells=[c for spec in self.cells for c in spec.cells()],
-        )
+    @field_validator("cells", mode="before")
+    @classmethod
+    def _expand(cls, specs: list[Any]) -> list[Any]:
+        return [c for s in specs for c in ([s] if isinstance(s, Cell) else expand_cells([s]))]
 
 
 class Plan(Strict):
@@ -210,7 +211,7 @@ class Plan(Strict):
     warmup_s: float | None = None
     measure_s: float | None = None
     max_new_tokens: int | None = None
-    configs: list[ConfigSpec]
+    configs: list[Config]
     port: int | None = None
     deadline_s: float | None = None
     about: str | list[str] | None = Field(None, alias="_about", description="a note for readers")
@@ -221,7 +222,7 @@ def expand_cells(specs: list[dict[str, Any]]) -> list[Cell]:
 
 
 def load_plan(doc: dict[str, Any]) -> list[Config]:
-    return [spec.config() for spec in Plan.model_validate(doc).configs]
+    return Plan.model_validate(doc).configs
 
 
 # --------------------------------------------------------------------------- pictures
@@ -231,19 +232,10 @@ def phone_photos(images_dir: Path | None, phone_size: bool, count: int = 5) -> l
     """Distinct photos as JPEG bytes; ``phone_size`` scales them to 4032×3024 (or portrait)."""
     from PIL import Image
 
-    sources: list[Image.Image] = []
-    if images_dir is not None:
-        for path in sorted(images_dir.iterdir()):
-            if path.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"):
-                sources.append(Image.open(path).convert("RGB"))
-    else:
-        try:
-            import skimage
-
-            data = Path(skimage.__file__).parent / "data"
-            sources = [Image.open(data / n).convert("RGB") for n in PHOTOS if (data / n).exists()]
-        except ImportError:
-            sources = []
+    try:
+        sources = source_photos(images_dir, names=None if images_dir else PHOTOS)
+    except (ImportError, OSError):
+        sources = []
     if not sources:  # no photos on this machine: drawn pictures of the same sizes
         sources = [Image.new("RGB", (640, 480), (40 * i, 120, 200 - 30 * i)) for i in range(count)]
     out = []
@@ -252,14 +244,11 @@ def phone_photos(images_dir: Path | None, phone_size: bool, count: int = 5) -> l
             size = (4032, 3024) if img.width >= img.height else (3024, 4032)
             img = img.resize(size, Image.Resampling.BICUBIC)
         img.putpixel((i, i), (i, 255 - i, 7 * i % 256))  # distinct bytes per picture
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
+        out.append(jpeg_bytes(img, quality=90))
     return out
 
 
 def as_normalized(jpeg: bytes) -> NormalizedImage:
-
     from PIL import Image
 
     with Image.open(io.BytesIO(jpeg)) as im:
@@ -325,7 +314,8 @@ def device_info() -> dict[str, Any]:
         "host": platform.node(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_now(),
+        "commit": git_commit(),
     }
     exe = shutil.which("nvidia-smi")
     if exe:
@@ -339,13 +329,6 @@ def device_info() -> dict[str, Any]:
             [sys.executable, "-c", "import lmdeploy; print(lmdeploy.__version__)"],
             capture_output=True, text=True, timeout=120, check=True,
         ).stdout.strip()  # fmt: skip
-    with contextlib.suppress(Exception):
-        info["commit"] = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-    if not info.get("commit"):  # the device gets a copy of the tree without .git
-        info["commit"] = os.environ.get("OOGIRI_COMMIT")
     return info
 
 
@@ -415,7 +398,6 @@ class Bench:
     ) -> dict[str, Any]:
         warmup = cell.warmup_s if cell.warmup_s is not None else self.args.warmup_s
         measure = cell.measure_s if cell.measure_s is not None else self.args.measure_s
-        loop = asyncio.get_running_loop()
         cleanup: list[Any] = []
         headers = {"content-type": "application/json"}
         if api_key:
@@ -430,27 +412,18 @@ class Bench:
             for i in range(len(self.photos)):  # build bodies before the clock starts
                 await asyncio.to_thread(self.raw_body, i, cell)
 
-            async def one(i: int) -> Sample:
+            async def call(i: int) -> dict[str, int]:
                 url = urls[i % len(urls)] + "/v1/chat/completions"
-                t0 = loop.time()
-                try:
-                    r = await client.post(
-                        url, content=self.raw_body(i % len(self.photos), cell), headers=headers
-                    )
-                    data = r.json()
-                except (httpx.HTTPError, ValueError) as exc:
-                    return Sample(t0, loop.time(), False, error=type(exc).__name__)
-                error = body_error(data)
-                if r.status_code != 200 or error:
-                    return Sample(t0, loop.time(), False, error=f"{r.status_code}")
+                body = self.raw_body(i % len(self.photos), cell)
+                r = await client.post(url, content=body, headers=headers)
+                data = r.json()
+                if r.status_code != 200 or body_error(data):
+                    raise Failed(str(r.status_code))
                 usage = data.get("usage") or {}
-                return Sample(
-                    t0,
-                    loop.time(),
-                    True,
-                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                    completion_tokens=int(usage.get("completion_tokens") or 0),
-                )
+                return {
+                    "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                    "completion_tokens": int(usage.get("completion_tokens") or 0),
+                }
 
         elif cell.path == "engine":
             engine = OpenAIHTTPEngine(self.engine_settings(urls, cell, api_key))
@@ -460,27 +433,19 @@ class Bench:
                 max_new_tokens=self.args.max_new_tokens, max_dynamic_patch=cell.mdp
             )
 
-            async def one(i: int) -> Sample:
-                t0 = loop.time()
-                try:
-                    gen = await engine.generate(images[i % len(images)], self.prompt, params)
-                except Exception as exc:
-                    return Sample(t0, loop.time(), False, error=type(exc).__name__)
-                return Sample(
-                    t0,
-                    loop.time(),
-                    True,
-                    prompt_tokens=gen.usage.prompt_tokens,
-                    completion_tokens=gen.usage.completion_tokens,
-                )
+            async def call(i: int) -> dict[str, int]:
+                gen = await engine.generate(images[i % len(images)], self.prompt, params)
+                return {
+                    "prompt_tokens": gen.usage.prompt_tokens,
+                    "completion_tokens": gen.usage.completion_tokens,
+                }
 
         elif cell.path == "service":
             app, tap = await self.make_app(urls, cell, api_key)
             cleanup.append(app.close)
             from bot.models import JokeRequest
 
-            async def one(i: int) -> Sample:
-                t0 = loop.time()
+            async def call(i: int) -> dict[str, int]:
                 request = JokeRequest(
                     image_bytes=self.photos[i % len(self.photos)],
                     channel="bench",
@@ -489,17 +454,12 @@ class Bench:
                 )
                 try:
                     await app.service.tell(request)
-                except Exception as exc:
-                    tap.pop(asyncio.current_task(), None)
-                    return Sample(t0, loop.time(), False, error=type(exc).__name__)
-                usage = tap.pop(asyncio.current_task(), None)
-                return Sample(
-                    t0,
-                    loop.time(),
-                    True,
-                    prompt_tokens=usage.prompt_tokens if usage else 0,
-                    completion_tokens=usage.completion_tokens if usage else 0,
-                )
+                finally:
+                    usage = tap.pop(asyncio.current_task(), None)
+                return {
+                    "prompt_tokens": usage.prompt_tokens if usage else 0,
+                    "completion_tokens": usage.completion_tokens if usage else 0,
+                }
 
         elif cell.path == "web":
             bots = await BotProcesses.start(self, urls, cell, api_key)
@@ -510,21 +470,20 @@ class Bench:
             )
             cleanup.append(client.aclose)
 
-            async def one(i: int) -> Sample:
+            async def call(i: int) -> dict[str, int]:
                 url = bots.urls[i % len(bots.urls)] + "/api/jokes"
                 files = {"image": ("photo.jpg", self.photos[i % len(self.photos)], "image/jpeg")}
-                t0 = loop.time()
-                try:
-                    r = await client.post(url, files=files)
-                except httpx.HTTPError as exc:
-                    return Sample(t0, loop.time(), False, error=type(exc).__name__)
+                r = await client.post(url, files=files)
                 if r.status_code != 201:
-                    return Sample(t0, loop.time(), False, error=f"{r.status_code}")
+                    raise Failed(str(r.status_code))
                 # the web API does not report token counts; the engine paths measure them
-                return Sample(t0, loop.time(), True, completion_tokens=self.args.max_new_tokens)
+                return {"completion_tokens": self.args.max_new_tokens}
 
         else:
             raise ValueError(f"unknown path {cell.path!r}")
+
+        async def one(i: int) -> Sample:
+            return await timed(lambda: call(i))
 
         sampler = GpuSampler()
 
@@ -547,7 +506,7 @@ class Bench:
         for s in window:
             if not s.ok:
                 errors[s.error] = errors.get(s.error, 0) + 1
-        latencies = [s.latency for s in ok]
+        lat = latency_summary([s.latency for s in ok])
         row = {
             "config": config.name,
             "servers": config.launch.servers if config.launch else len(urls),
@@ -561,9 +520,9 @@ class Bench:
             "ok": len(ok),
             "errors": errors,
             "jokes_per_s": round(len(ok) / measure, 3),
-            "p50_s": _round(percentile(latencies, 0.50)),
-            "p95_s": _round(percentile(latencies, 0.95)),
-            "p99_s": _round(percentile(latencies, 0.99)),
+            "p50_s": lat["p50_s"],
+            "p95_s": lat["p95_s"],
+            "p99_s": lat["p99_s"],
             "prompt_tokens": round(sum(s.prompt_tokens for s in ok) / len(ok), 1) if ok else None,
             "completion_tokens": (
                 round(sum(s.completion_tokens for s in ok) / len(ok), 1) if ok else None
@@ -614,10 +573,6 @@ class UsageTap:
 
     async def close(self) -> None:
         await self.inner.close()
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 class BotProcesses:
@@ -897,9 +852,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {r['config']} | {servers_text(r)} | {r['server_threads'] or 'default'} | "
             f"{path_text(r)} | {r['inflight']} | {r['mdp']} | "
-            f"{'yes' if r['presize'] else 'no'} | {r['jokes_per_s']:.2f} | {_fmt(r['p50_s'])} | "
-            f"{_fmt(r['p95_s'])} | {_fmt(r['p99_s'])} | {_fmt(r['prompt_tokens'], 0)} | "
-            f"{_fmt(r['gpu_mem_mib'], 0)} | {_fmt(r['gpu_util_pct'], 0)} | {errors} |"
+            f"{'yes' if r['presize'] else 'no'} | {r['jokes_per_s']:.2f} | {fmt(r['p50_s'])} | "
+            f"{fmt(r['p95_s'])} | {fmt(r['p99_s'])} | {fmt(r['prompt_tokens'], 0)} | "
+            f"{fmt(r['gpu_mem_mib'], 0)} | {fmt(r['gpu_util_pct'], 0)} | {errors} |"
         )
     summary = goals(rows)
     if summary:
@@ -925,12 +880,6 @@ def servers_text(row: dict[str, Any]) -> str:
     return text + (" via proxy" if row.get("proxy") else "")
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.{digits}f}"
-
-
 def goals(rows: list[dict[str, Any]]) -> list[str]:
     """The issue's targets at 6 tiles: ≥ 34 jokes/s via the bot, p95 ≤ 2 s, bot ≥ 95% of raw."""
     done = [r for r in rows if not r.get("skipped") and r.get("ok")]
@@ -941,7 +890,7 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     best = max(bot, key=lambda r: r["jokes_per_s"])
     out = [
         f"Best through the bot at 6 tiles: **{best['jokes_per_s']:.1f} jokes/s**, "
-        f"p95 {_fmt(best['p95_s'])} s ({best['config']}, {path_text(best)}, "
+        f"p95 {fmt(best['p95_s'])} s ({best['config']}, {path_text(best)}, "
         f"{best['inflight']} in flight); goal ≥ 34 jokes/s with p95 ≤ 2 s."
     ]
     raw = [
@@ -988,8 +937,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
 
     def emit(row: dict[str, Any]) -> None:
         doc["rows"].append(row)
-        with open(jsonl, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        append_jsonl(jsonl, row)
         print(json.dumps(row, ensure_ascii=False), flush=True)
 
     for config in configs:
@@ -1036,7 +984,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
             await asyncio.gather(*(s.stop(grace_s=20) for s in servers), return_exceptions=True)
             if proxy is not None:
                 proxy.stop()
-    (out / "serve-results.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+    write_json(out / "serve-results.json", doc)
     (out / "serve.md").write_text(render_markdown(doc) + "\n", encoding="utf-8")
     return doc
 
@@ -1142,8 +1090,6 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render_markdown(doc)
     print(markdown)
     if args.write_docs:
-        from bench.common import write_section
-
         write_section("serve", "Serving: LMDeploy on the GPU (bench/serve.py)", markdown)
     return 0
 
