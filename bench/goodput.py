@@ -36,14 +36,16 @@ import base64
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bench.common import (
     ROOT,
@@ -100,9 +102,19 @@ ADMISSION_OFF = {"max_concurrency": 4096, "max_queue": 0, "queue_timeout_s": 360
 
 
 class Step(Strict):
+    """One step of a plan. ``kind``: ``load`` (measured rows), ``warmup`` (the same open loop on
+    the group's servers, raw, reported apart: first load on fresh servers compiles kernels and
+    would be charged to the first measured rate) or ``prefix_cache_check``
+    (tests/gpu/test_prefix_caching.py's check against the group's first server)."""
+
     name: str
     group: str
-    kind: Literal["load", "prefix_cache_check"] = "load"
+    kind: Literal["load", "warmup", "prefix_cache_check"] = "load"
+    with_next: bool = Field(
+        False,
+        description="run at the same time as the next step (a check or warm-up only: "
+        "measured steps never overlap)",
+    )
     servers_used: int | None = Field(None, ge=1, description="only the group's first N servers")
     path: Literal["raw", "bot"] = "raw"
     bots: int = Field(1, ge=1)
@@ -133,6 +145,41 @@ class Plan(Strict):
     profile_wait_s: float = Field(90, ge=0, description="wait this long for the trace")
     groups: dict[str, ServerGroup]
     steps: list[Step]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        """What would otherwise fail on the device, minutes into a call."""
+        names = [s.name for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError("step names must be unique (rows and bots' folders are keyed on them)")
+        if self.profile_step is not None and self.profile_step not in names:
+            raise ValueError(f"profile_step {self.profile_step!r} names no step")
+        for i, step in enumerate(self.steps):
+            group = self.groups.get(step.group)
+            if group is None:
+                raise ValueError(f"step {step.name!r}: no group {step.group!r}")
+            if step.kind == "prefix_cache_check" and group.launch is not None:
+                # LMDeploy 0.18 answers 400 to a request with logprobs unless the server was
+                # started with a logprobs mode (serve/openai/chat_completions/validation.py)
+                if "--logprobs-mode" not in group.launch.extra_args:
+                    raise ValueError(
+                        f"step {step.name!r}: group {step.group!r} needs "
+                        '"--logprobs-mode", "raw_logprobs" in launch.extra_args (the check asks '
+                        "for logprobs; LMDeploy 0.18 answers 400 without it)"
+                    )
+            if step.kind != "load" and step.path != "raw":
+                raise ValueError(f"step {step.name!r}: a {step.kind} step is raw")
+            bad = [k for k in step.bot_env if not k.startswith("OOGIRI_")]
+            if bad:
+                raise ValueError(f"step {step.name!r}: bot_env keys are OOGIRI_ settings: {bad}")
+            if step.with_next:
+                after = self.steps[i + 1] if i + 1 < len(self.steps) else None
+                if after is None or step.kind == "load" or after.kind == "load":
+                    raise ValueError(
+                        f"step {step.name!r}: with_next pairs a check or warm-up with the next "
+                        "step, which must not be a load step either"
+                    )
+        return self
 
 
 # --------------------------------------------------------------------------- servers
@@ -212,18 +259,26 @@ class Servers:
 # --------------------------------------------------------------------------- requests
 
 
-def pictures_for(step: Step, plan: Plan) -> tuple[list[bytes], list[int]]:
-    """The step's pictures and, per arrival index, which picture it sends."""
+def pictures_for(step: Step, plan: Plan) -> tuple[list[bytes], Callable[[float], list[int]]]:
+    """The step's pictures and, for a rate, which picture each arrival index sends.
+
+    Zipf: each rate draws its own sequence (seeded by the plan's seed and the rate, like the
+    arrival times), so two steps at one rate send the same pictures at the same moments (pool
+    on/off is a paired comparison) while a higher rate does not replay the lower one's
+    sequence (which would flatter a cache carried over from it)."""
     most = max(step.rates) * (step.warmup_s + step.duration_s)
     n_arrivals = int(most * 1.5) + 50  # Poisson arrivals run above the mean at times
-    if step.workload == "unique":
-        count = n_arrivals
-        order = list(range(n_arrivals))
-    else:
-        count = step.zipf_items
-        order = zipf_indices(n_arrivals, step.zipf_items, step.zipf_s, seed=plan.seed)
     photos = Path(plan.photos_dir) if plan.photos_dir else None
-    return photo_jpegs(count, plan.image_size, workers=8, photos_dir=photos), order
+    if step.workload == "unique":
+        pictures = photo_jpegs(n_arrivals, plan.image_size, workers=8, photos_dir=photos)
+        return pictures, lambda rate: list(range(n_arrivals))
+    pictures = photo_jpegs(step.zipf_items, plan.image_size, workers=8, photos_dir=photos)
+
+    def order(rate: float) -> list[int]:
+        seed = plan.seed + int(rate * 1000)
+        return zipf_indices(n_arrivals, step.zipf_items, step.zipf_s, seed=seed)
+
+    return pictures, order
 
 
 def chat_body(plan: Plan, jpeg: bytes) -> bytes:
@@ -279,7 +334,8 @@ def engine_settings(plan: Plan, urls: list[str]) -> EngineSettings:
 async def run_step(
     step: Step, plan: Plan, urls: list[str], out: Path, port: int, deadline: float
 ) -> list[dict[str, Any]]:
-    pictures, order = await asyncio.to_thread(pictures_for, step, plan)
+    pictures, order_for = await asyncio.to_thread(pictures_for, step, plan)
+    order: list[int] = []
     loop = asyncio.get_running_loop()
     limits = httpx.Limits(max_connections=4096)
     client = httpx.AsyncClient(
@@ -350,6 +406,8 @@ async def run_step(
             if step.stop_after_misses and misses >= step.stop_after_misses:
                 rows.append({**step_meta(step), "rate": rate, "skipped": "above the knee"})
                 continue
+            order[:] = order_for(rate)
+            before = await pool_answers(client, targets) if bots is not None else None
             samples, achieved = await open_loop(
                 one,
                 rate,
@@ -359,6 +417,14 @@ async def run_step(
                 drain_s=max(30.0, 4 * plan.slo_s),
             )
             row = {**step_meta(step), "rate": rate, **summarize(samples, achieved, step, plan)}
+            if before is not None:
+                after = await pool_answers(client, targets)
+                if after is not None:
+                    pool = after["pool"] - before["pool"]
+                    engine = after["engine"] - before["engine"]
+                    # the cell's warm-up arrivals included: the bot cannot tell them apart
+                    row["pool_answers"] = int(pool)
+                    row["pool_share"] = round(pool / (pool + engine), 4) if pool + engine else None
             rows.append(row)
             print(json.dumps(row), flush=True)
             misses = misses + 1 if not row["meets_slo"] else 0
@@ -367,6 +433,26 @@ async def run_step(
         await client.aclose()
         if bots is not None:
             await bots.stop()
+
+
+POOL_METRIC = re.compile(
+    r'^oogiri_joke_pool_answers\{source="(pool|engine)"\}\s+([0-9.eE+-]+)', re.M
+)
+
+
+async def pool_answers(client: httpx.AsyncClient, bots: list[str]) -> dict[str, float] | None:
+    """The joke pool's answers so far, summed over the bots (None: no bot runs the pool)."""
+    total = {"pool": 0.0, "engine": 0.0}
+    found = False
+    for url in bots:
+        try:
+            r = await client.get(url + "/metrics", timeout=10)
+        except httpx.HTTPError:
+            return None
+        for source, value in POOL_METRIC.findall(r.text if r.status_code == 200 else ""):
+            total[source] += float(value)
+            found = True
+    return total if found else None
 
 
 def step_meta(step: Step) -> dict[str, Any]:
@@ -457,7 +543,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         if r.get("skipped"):
             skipped = f"skipped: {r['skipped']}"
             table_rows.append(
-                [r["step"], path, admission_text(r), workload, r["rate"], skipped] + [""] * 9
+                [r["step"], path, admission_text(r), workload, r["rate"], skipped] + [""] * 10
             )
             continue
         errors = sum(r["errors"].values())
@@ -477,6 +563,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"{r['busy']} ({fmt(r['busy_p95_s'])} s)" if r["busy"] else "0",
                 str(errors),
                 fmt(r.get("cached_tokens"), 0),
+                f"{100 * r['pool_share']:.0f} %" if r.get("pool_share") is not None else "–",
                 "**yes**" if r["meets_slo"] else "no",
             ]
         )
@@ -495,11 +582,24 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "busy (p95)",
         "errors",
         "cached tok",
+        "from pool",
         "p95 ≤ SLO",
     ]
     lines = [head, "", markdown_table(columns, table_rows), ""]
     for step, rate in goodput(rows).items():
         lines.append(f"- **{step}**: goodput {fmt(rate, 1) if rate else 'below the lowest rate'}")
+    if meta.get("partial"):
+        lines.append("- **partial results**: the call ended before the plan did")
+    for name, warm in (meta.get("warmups") or {}).items():
+        for r in warm:
+            if r.get("skipped"):
+                lines.append(f"- warm-up {name} ({r['rate']:g}/s): skipped, {r['skipped']}")
+                continue
+            lines.append(
+                f"- warm-up {name} (not in the table), {r['rate']:g}/s on {r['servers']} "
+                f"server(s): p50 {fmt(r['p50_s'])} s, p95 {fmt(r['p95_s'])} s, "
+                f"{100 * (r['within_slo'] or 0):.1f} % within {slo:g} s"
+            )
     for name, error in (meta.get("group_errors") or {}).items():
         lines.append(f"- group {name} did not start: {error}")
     for name, check in (meta.get("checks") or {}).items():
@@ -509,6 +609,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
             lines.append(f"  - {what}: {'yes' if ok else 'NO'}")
         if check.get("error"):
             lines.append(f"  - error: {check['error'].splitlines()[0]}")
+        if check.get("drifted_from_own_reference") is not None:
+            lines.append(
+                f"  - burst: {check['drifted_from_own_reference']} of {check['burst_requests']} "
+                "answers drifted from their own picture's batch-of-one greedy answer (numerics, "
+                "reported, not failed); borrowed from another picture: "
+                f"{len(check.get('borrowed') or [])}"
+            )
         if check.get("lmdeploy_disabled_caching"):
             lines.append("  - LMDeploy logged that it switched prefix caching off for this model")
         if "cached_tokens_a_again" in check:
@@ -626,24 +733,50 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
         await servers.start(plan, out, port, startup_s)
         meta["startup_s"] = round(time.monotonic() - t0, 1)
         meta["group_errors"] = servers.errors
-        for i, step in enumerate(plan.steps):
+
+        def save() -> None:  # after every step: a call killed at its limit keeps what ran
+            write_json(
+                out / "goodput-results.json", {"meta": {**meta, "partial": True}, "rows": rows}
+            )
+
+        async def do(i: int, step: Step) -> None:
             if step.group not in servers.urls:
                 rows.append({**step_meta(step), "rate": min(step.rates), "skipped": "no servers"})
-                continue
+                return
             urls = servers.urls[step.group][: step.servers_used]
             if step.kind == "prefix_cache_check":
-                meta.setdefault("checks", {})[step.name] = await prefix_cache_check(
-                    plan, urls, out / "logs" / step.group
-                )
-                print(json.dumps(meta["checks"][step.name]), flush=True)
-                continue
+                t = time.monotonic()
+                check = await prefix_cache_check(plan, urls, out / "logs" / step.group)
+                check["seconds"] = round(time.monotonic() - t, 1)
+                meta.setdefault("checks", {})[step.name] = check
+                print(json.dumps(check), flush=True)
+                return
             step_rows = await run_step(step, plan, urls, out, port + 500 + 10 * i, deadline)
             for row in step_rows:
                 row["servers"] = len(urls)
+            if step.kind == "warmup":  # reported apart: not a measurement
+                meta.setdefault("warmups", {})[step.name] = step_rows
+                return
             rows.extend(step_rows)
             with jsonl.open("a") as f:
                 for row in step_rows:
                     f.write(json.dumps(row) + "\n")
+
+        background: list[asyncio.Task[None]] = []
+        for i, step in enumerate(plan.steps):
+            task = asyncio.create_task(do(i, step))
+            if step.with_next:
+                background.append(task)
+                continue
+            await task
+            if background:
+                await asyncio.gather(*background)
+                background.clear()
+            meta["step_end_s"] = {
+                **meta.get("step_end_s", {}),
+                step.name: round(time.monotonic() - t0, 1),
+            }
+            save()
         meta["profile"] = await profile_summary(plan, out, rows)
     finally:
         await servers.stop()

@@ -69,3 +69,109 @@ def test_a_busy_answer_counts_against_the_slo_however_fast() -> None:
 def test_a_plan_with_an_unknown_key_is_refused() -> None:
     with pytest.raises(ValueError, match="extra"):
         Step.model_validate({"name": "x", "group": "g", "rates": [1], "rate": 3})
+
+
+def device_like(**step: object) -> dict:
+    return {
+        "model": "MODEL",
+        "groups": {
+            "main": {"launch": {"servers": 2}},
+            "cache": {"launch": {"servers": 1, "extra_args": ["--enable-prefix-caching"]}},
+        },
+        "steps": [{"name": "s", "group": "main", "rates": [1]} | step],
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"group": "nope"}, "no group"),
+        ({"group": "cache", "kind": "prefix_cache_check"}, "logprobs-mode"),
+        ({"kind": "warmup", "path": "bot"}, "is raw"),
+        ({"bot_env": {"POOL__ENABLED": "true"}}, "OOGIRI_"),
+        ({"with_next": True}, "with_next"),
+    ],
+)
+def test_a_plan_that_would_fail_on_the_device_is_refused_here(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Plan.model_validate(device_like(**change))
+
+
+def test_a_check_may_run_beside_a_warm_up_and_profile_step_must_exist() -> None:
+    doc = device_like(kind="prefix_cache_check", group="fake", with_next=True)
+    doc["groups"]["fake"] = {"fake": {}}
+    doc["steps"].append({"name": "w", "group": "main", "kind": "warmup", "rates": [5]})
+    Plan.model_validate(doc)
+    with pytest.raises(ValueError, match="profile_step"):
+        Plan.model_validate(doc | {"profile_step": "nope"})
+    doc["steps"][1]["name"] = "s"
+    with pytest.raises(ValueError, match="unique"):
+        Plan.model_validate(doc)
+
+
+def test_zipf_pictures_pair_across_steps_but_not_across_rates(monkeypatch) -> None:
+    import bench.goodput as goodput_mod
+
+    monkeypatch.setattr(
+        goodput_mod, "photo_jpegs", lambda n, *a, **k: [b"%d" % i for i in range(n)]
+    )
+    plan = Plan.model_validate(
+        device_like(workload="zipf", zipf_items=50, rates=[10, 20], path="bot")
+    )
+    pictures, order_for = goodput_mod.pictures_for(plan.steps[0], plan)
+    assert len(pictures) == 50
+    assert order_for(10) == order_for(10)  # the pool-on and pool-off steps send the same
+    assert order_for(10) != order_for(20)  # a higher rate is not a replay of the lower one
+    assert max(order_for(20)) < 50
+
+
+async def test_pool_answers_are_read_from_the_bots_metrics() -> None:
+    import httpx
+
+    from bench.goodput import pool_answers
+
+    text = (
+        "# HELP oogiri_joke_pool_answers Jokes answered from the joke pool or by the engine\n"
+        'oogiri_joke_pool_answers{source="pool"} 12.0\n'
+        'oogiri_joke_pool_answers{source="engine"} 30.0\n'
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "nopool" in str(request.url):
+            return httpx.Response(200, text="oogiri_jokes_total 3\n")
+        return httpx.Response(200, text=text)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        assert await pool_answers(client, ["http://a", "http://b"]) == {
+            "pool": 24.0,
+            "engine": 60.0,
+        }
+        assert await pool_answers(client, ["http://nopool"]) is None
+
+
+async def test_a_warm_up_is_reported_apart_and_results_are_saved_per_step(tmp_path) -> None:
+    import json
+
+    from bench.goodput import run
+
+    with FakeLMDeploy(delay_s=0.05, capacity=4) as fake:
+        plan = plan_for(fake.url, [5])
+        doc = plan.model_dump()
+        doc["steps"].insert(
+            0,
+            {
+                "name": "warm",
+                "group": "fake",
+                "kind": "warmup",
+                "rates": [5],
+                "duration_s": 1.0,
+                "warmup_s": 0.2,
+            },
+        )
+        plan = Plan.model_validate(doc)
+        result = await run(plan, tmp_path, 0, deadline_s=600, startup_s=10)
+    assert [r["step"] for r in result["rows"]] == ["raw"]
+    assert result["meta"]["warmups"]["warm"][0]["arrivals"] > 0
+    saved = json.loads((tmp_path / "goodput-results.json").read_text())
+    assert saved["meta"]["partial"] and [r["step"] for r in saved["rows"]] == ["raw"]
+    assert "warm-up warm (not in the table)" in render_markdown(result)

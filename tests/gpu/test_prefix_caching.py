@@ -105,9 +105,20 @@ def body(model_name: str, jpeg: bytes) -> dict[str, Any]:
     }
 
 
+class ServerRefused(RuntimeError):
+    """The api_server answered with an error; the message carries its reason."""
+
+
 async def ask(client: httpx.AsyncClient, url: str, model_name: str, jpeg: bytes) -> dict:
     r = await client.post(url + "/v1/chat/completions", json=body(model_name, jpeg))
-    r.raise_for_status()
+    if r.status_code != 200:
+        # LMDeploy says why in the body (0.18: "Logprobs(True)/top_logprobs(1) requested but not
+        # enabled logprobs_mode in engine configuration" without --logprobs-mode): keep it
+        try:
+            reason = r.json().get("message") or r.text
+        except ValueError:
+            reason = r.text
+        raise ServerRefused(f"HTTP {r.status_code} from {url}/v1/chat/completions: {reason[:300]}")
     data = r.json()
     choice = data["choices"][0]
     content = ((choice.get("logprobs") or {}).get("content")) or []
@@ -144,10 +155,19 @@ async def check(
         order = list(range(burst)) * 2
         random.Random(3).shuffle(order)
         answers = await asyncio.gather(*(ask(client, url, model_name, pics[i]) for i in order))
-    # Batched greedy decoding may drift from a batch-of-one answer (kernels differ with batch size;
-    # on random weights near-tied logits flip), so drifting from one's own reference is reported,
-    # not failed. A cache leak is what fails: an answer bit-identical (text and logprobs) to
-    # another picture's reference and not to its own.
+    return verdict(a1, b, a2, refs, order, answers)
+
+
+def verdict(
+    a1: dict, b: dict, a2: dict, refs: list[dict], order: list[int], answers: list[dict]
+) -> dict[str, Any]:
+    """The check's judgement of the answers (pure: tested on CPU with made-up answers).
+
+    Batched greedy decoding may drift from a batch-of-one answer (kernels differ with batch
+    size; on random weights near-tied logits flip), so drifting from one's own reference is
+    reported, not failed. A cache leak is what fails: an answer bit-identical (text and
+    logprobs) to another picture's reference and not to its own."""
+    burst = len(refs)
     mismatched = [i for i, ans in zip(order, answers, strict=True) if not same_answer(ans, refs[i])]
     borrowed = [
         (i, j)
@@ -172,7 +192,7 @@ async def check(
         "b": b["text"][:80],
         "a_again": a2["text"][:80],
         "cached_tokens_a_again": a2["cached_tokens"],
-        "cached_tokens_burst_max": max(x["cached_tokens"] for x in answers),
+        "cached_tokens_burst_max": max((x["cached_tokens"] for x in answers), default=0),
         "prompt_tokens": a1["prompt_tokens"],
         "burst": burst,
         "burst_requests": len(order),
@@ -213,3 +233,80 @@ async def test_the_check_catches_a_server_that_answers_every_picture_alike() -> 
     assert not result["ok"]
     assert not result["checks"]["B (A's near-duplicate) is not answered from A's prefix"]
     assert result["bit_identical_pairs"]
+
+
+# --------------------------------------------------------------------------- on CPU
+
+
+def _answer(text: str, logprobs: list[float], tokens: list[str] | None = None) -> dict:
+    tokens = tokens if tokens is not None else list(text)
+    return {
+        "text": text,
+        "tokens": tokens,
+        "logprobs": logprobs,
+        "cached_tokens": 0,
+        "prompt_tokens": 1863,
+    }
+
+
+def test_drift_is_reported_and_a_borrowed_answer_fails() -> None:
+    refs = [_answer(f"picture {i} joke", [-0.1 * (i + 1)] * 3) for i in range(4)]
+    order = [0, 1, 2, 3, 0, 1, 2, 3]
+    # batched decoding drifted late for picture 2 (same first tokens, other logprobs): fine
+    drift = _answer("picture 2 joke!", [-0.31, -0.3, -0.3])
+    answers = [refs[i] for i in order]
+    answers[2] = drift
+    honest = verdict(refs[0], refs[1], refs[0], refs, order, answers)
+    assert honest["ok"], honest
+    assert honest["drifted_from_own_reference"] == 0  # first tokens agree: not even drift
+    answers[6] = _answer("something else", [-9.0])
+    honest = verdict(refs[0], refs[1], refs[0], refs, order, answers)
+    assert honest["ok"] and honest["drifted_from_own_reference"] == 1
+    # picture 3 answered with picture 1's bit-identical answer: what a shared prefix does
+    answers[7] = refs[1]
+    leak = verdict(refs[0], refs[1], refs[0], refs, order, answers)
+    assert not leak["ok"]
+    assert not leak["checks"]["burst: no answer is another picture's (bit-identical)"]
+    assert leak["borrowed"] == [(3, 1)]
+    # B answered from A's prefix
+    b_leak = verdict(refs[0], refs[0], refs[0], refs, order, [refs[i] for i in order])
+    assert not b_leak["checks"]["B (A's near-duplicate) is not answered from A's prefix"]
+
+
+async def test_a_server_without_logprobs_mode_is_refused_with_its_reason(tmp_path: Path) -> None:
+    """The first device run stopped at a bare "400 Bad Request": LMDeploy 0.18 refuses
+    logprobs unless the server runs with --logprobs-mode. The check now says so."""
+    import json
+
+    message = (
+        "Logprobs(True)/top_logprobs(1) requested but not enabled logprobs_mode in engine "
+        "configuration"
+    )
+    fixture = {
+        "name": "chat_logprobs_off",
+        "response": {
+            "status": 400,
+            "headers": {"content-type": "application/json"},
+            "body": {"message": message, "type": "invalid_request_error", "code": 400},
+        },
+    }
+    (tmp_path / "chat_logprobs_off.json").write_text(json.dumps(fixture))
+    from tests.fakes.fake_lmdeploy import FakeLMDeploy
+
+    with FakeLMDeploy(fixtures_dir=tmp_path, script=[{"fixture": "chat_logprobs_off"}]) as fake:
+        with pytest.raises(ServerRefused, match=r"400 .*logprobs_mode"):
+            await check(fake.url, "fake-internvl2", burst=2)
+
+
+def test_it_skips_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    fake_torch = types.ModuleType("torch")
+    fake_torch.cuda = types.SimpleNamespace(is_available=lambda: False)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setenv("OOGIRI_GPU_MODEL", "/nowhere")
+    assert why_skip() == "no CUDA device"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert why_skip() == "lmdeploy is not importable"
