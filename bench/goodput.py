@@ -48,6 +48,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bench.common import (
+    DOC,
     ROOT,
     Sample,
     fmt,
@@ -786,6 +787,60 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
     return {"meta": meta, "rows": rows}
 
 
+def as_cpu_dry_run(plan: Plan, scale: float, delay_s: float = 0.6, capacity: int = 2) -> Plan:
+    """A device plan with every ``launch`` group's api_servers replaced by the fake api_server
+    (tests/fakes/fake_lmdeploy.py, which accepts and ignores LMDeploy's flags): same groups,
+    server counts, flags, steps, windows and bots; rates × ``scale``, small pictures, short
+    answers, so a CPU machine runs every step of the plan before the device call does. It proves
+    the plan and the scripts, nothing about a GPU (the fake ignores the picture, so the
+    prefix-cache check fails there by design)."""
+    model = Path(tempfile.mkdtemp(prefix="goodput-dry-model-"))
+    (model / "config.json").write_text("{}")
+    fake = [sys.executable, str(ROOT / "tests/fakes/fake_lmdeploy.py")]
+    groups = {}
+    for name, group in plan.groups.items():
+        if group.launch is not None:
+            launch = group.launch.model_copy(update={"server_command": fake})
+            env = {
+                **group.env,
+                "FAKE_LMDEPLOY_DELAY_S": str(delay_s),
+                "FAKE_LMDEPLOY_CAPACITY": str(capacity),
+            }
+            group = group.model_copy(update={"launch": launch, "env": env})
+        groups[name] = group
+    steps = [
+        s.model_copy(update={"rates": [round(r * scale, 2) for r in s.rates]}) for s in plan.steps
+    ]
+    return plan.model_copy(
+        update={
+            "model": str(model),
+            "groups": groups,
+            "steps": steps,
+            "image_size": (448, 448),
+            "max_dynamic_patch": 1,
+            "max_new_tokens": 16,
+        }
+    )
+
+
+def into_doc(text: str, block: str, doc: Path = DOC) -> None:
+    """Put ``text`` between ``<!-- goodput:BLOCK -->`` markers inside the goodput section of
+    docs/benchmarks.md (replacing that block, or added just before the section's end), leaving
+    the section's prose and older tables alone (``--write-docs`` replaces the whole section)."""
+    content = doc.read_text(encoding="utf-8")
+    start, end = f"<!-- goodput:{block} -->", f"<!-- /goodput:{block} -->"
+    piece = f"{start}\n{text.rstrip()}\n{end}"
+    if start in content and end in content:
+        before, rest = content.split(start, 1)
+        content = before + piece + rest.split(end, 1)[1]
+    else:
+        section_end = "<!-- /bench:goodput -->"
+        if section_end not in content:
+            raise SystemExit(f"{doc}: no {section_end} marker")
+        content = content.replace(section_end, f"{piece}\n{section_end}", 1)
+    doc.write_text(content, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", type=Path)
@@ -798,9 +853,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", type=Path, help="print the markdown of saved results and exit")
     ap.add_argument("--write-docs", action="store_true", help="the table into docs/benchmarks.md")
     ap.add_argument("--results", type=Path, help="also write the results JSON here")
+    ap.add_argument(
+        "--into-doc",
+        metavar="BLOCK",
+        help="with --render: the table into its own marked block of docs/benchmarks.md",
+    )
+    ap.add_argument(
+        "--dry-run-fake",
+        type=float,
+        metavar="SCALE",
+        help="run a device plan on CPU against fake api_servers, rates × SCALE (as_cpu_dry_run)",
+    )
     args = ap.parse_args(argv)
     if args.render:
-        print(render_markdown(json.loads(args.render.read_text())))
+        text = render_markdown(json.loads(args.render.read_text()))
+        print(text)
+        if args.into_doc:
+            into_doc(text, args.into_doc)
         return 0
     if not args.plan:
         ap.error("--plan or --render")
@@ -809,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan.model_copy(update={"model": args.model})
     if args.images:
         plan = plan.model_copy(update={"photos_dir": str(args.images)})
+    if args.dry_run_fake:
+        plan = as_cpu_dry_run(plan, args.dry_run_fake)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = asyncio.run(run(plan, args.out, args.port, args.deadline_s, args.startup_timeout_s))
     write_json(args.out / "goodput-results.json", doc)
