@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm
 
+from bench.common import RESULTS, share_ci, write_json
 from bot.abstats import AbRule, Arm, decide
 
 MINUTES_PER_DAY = 1440
@@ -197,15 +199,9 @@ def _first_naive(c: Counts, rule: AbRule) -> int:
     d = lb / vb1 - la / va1
     pool = (la + lb) / (va1 + vb1)
     se = np.sqrt(np.maximum(pool * (1 - pool), 1e-12) * (1 / va1 + 1 / vb1))
-    z_alpha = -_norm_ppf(rule.alpha)
+    z_alpha = float(norm.isf(rule.alpha))
     idx = np.flatnonzero(ok & (d / se > z_alpha) & (d >= rule.min_effect))
     return int(idx[0]) if idx.size else -1
-
-
-def _norm_ppf(q: float) -> float:
-    from statistics import NormalDist
-
-    return NormalDist().inv_cdf(q)
 
 
 def run_one(
@@ -247,10 +243,7 @@ def summarise(results: list[Result], minutes_max: int) -> dict[str, Any]:
     count = {o: sum(r.outcome == o for r in results) for o in ("promote", "reject", "timeout")}
     decided = [r for r in results if r.outcome != "timeout"]
     promoted = count["promote"]
-    # exact (Clopper-Pearson style via Wilson is enough here) interval on the promote rate
-    from bot.abstats import interval
-
-    lo, hi = interval(promoted, n)
+    lo, hi = share_ci(promoted, n) or (0.0, 1.0)  # Wilson interval on the promote rate
     return {
         "sims": n,
         "promote": promoted,
@@ -353,9 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
     }
-    out = args.out or Path("bench/results") / f"ab-sim-{datetime.now(UTC):%Y-%m-%d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    out = write_json(args.out or RESULTS / f"ab-sim-{datetime.now(UTC):%Y-%m-%d}.json", doc)
     print(f"wrote {out}")
     return 0
 

@@ -28,12 +28,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.report import write_section
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import RESULTS as RESULTS_DIR
+from bench.common import ROOT, write_json, write_section
 
 DOC = ROOT / "docs" / "reliability.md"
-RESULTS = ROOT / "bench" / "results" / "reliability-cases.json"
+RESULTS = RESULTS_DIR / "reliability-cases.json"
 SUITES = ["tests/adversarial", "tests/faults"]
 
 TG = "tests/telegram/test_telegram.py"
@@ -251,14 +250,8 @@ def main() -> None:
         records, outcomes, seconds = saved["cases"], saved["referenced"], saved["seconds"]
     else:
         records, outcomes, seconds = run_suites(extra)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(
-            json.dumps(
-                {"cases": records, "referenced": outcomes, "seconds": seconds},
-                ensure_ascii=False,
-                indent=1,
-            )
-        )
+        saved = {"cases": records, "referenced": outcomes, "seconds": seconds}
+        write_json(RESULTS, saved, indent=1)
     if args.no_docs:
         return
     sections = render_cases(records)

@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from bench.common import jpeg_bytes, skimage_photos
 from bot.engines.openai_http import DATA_URL_PREFIX, to_data_url
 from bot.settings import DEFAULT_PROMPT
 
@@ -46,19 +47,13 @@ KEEP_HEADERS = ("content-type", "www-authenticate", "retry-after")
 def photo_jpeg(path: Path | None, size: tuple[int, int] = (1344, 896)) -> bytes:
     from PIL import Image
 
-    if path is not None:
-        img = Image.open(path).convert("RGB")
-    else:
-        try:
-            import skimage
-
-            img = Image.open(Path(skimage.__file__).parent / "data" / "chelsea.png").convert("RGB")
-        except Exception:
-            img = Image.new("RGB", size, (200, 160, 90))
-    img = img.resize(size)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    try:
+        img = Image.open(path or skimage_photos() / "chelsea.png").convert("RGB")
+    except (ImportError, OSError):
+        if path is not None:  # the picture asked for: never a stand-in
+            raise
+        img = Image.new("RGB", size, (200, 160, 90))
+    return jpeg_bytes(img.resize(size), quality=90)
 
 
 def image_summary(url: str, mdp: int | None, jpeg: bytes | None) -> dict[str, Any]:

@@ -23,9 +23,9 @@ loopback only.
 Writes bench/results/soak-<engine>.json and the "Soak (<engine>)" section of docs/reliability.md.
 
 Usage:
-  python bench/soak.py                                 # 60 s, instant engine
-  python bench/soak.py --engine transformers --duration 30 --web-users 2 --tg-users 2
-  python bench/soak.py --duration 20 --no-docs --out /tmp/soak.json   # quick check, results kept
+  python -m bench.soak                                 # 60 s, instant engine
+  python -m bench.soak --engine transformers --duration 30 --web-users 2 --tg-users 2
+  python -m bench.soak --duration 20 --no-docs --out /tmp/soak.json   # quick check, results kept
 """
 
 from __future__ import annotations
@@ -33,10 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
-import json
-import os
-import platform
 import random
 import shutil
 import subprocess
@@ -49,18 +45,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-for extra in (ROOT, ROOT / "tests" / "telegram", ROOT / "tests" / "faults"):
-    sys.path.insert(0, str(extra))
-
-from fakebotapi import TOKEN, FakeBotAPI  # noqa: E402
-from faultsupport import BotProcess, ThrowawayPostgres  # noqa: E402
-
-from bench.report import write_section  # noqa: E402
-from bot.models import message  # noqa: E402
-from plugins.web import CSRF_HEADER, USER_COOKIE, Identities  # noqa: E402
+from bench.common import (
+    RESULTS,
+    ROOT,
+    latency_summary,
+    machine,
+    photo_jpegs,
+    write_json,
+    write_section,
+)
+from bot.models import message
+from plugins.web import CSRF_HEADER, USER_COOKIE, Identities
+from tests.faults.faultsupport import BotProcess, ThrowawayPostgres
+from tests.telegram.fakebotapi import TOKEN, FakeBotAPI
 
 DOC = ROOT / "docs" / "reliability.md"
 COOKIE_SECRET = "soak-cookie-secret-0123456789abcdef"
@@ -102,24 +100,6 @@ class Ledger:
 
     def vote_acked(self, key: tuple[int, str], value: int) -> None:
         self.votes[key] = (value, set())
-
-
-def pictures(count: int) -> list[bytes]:
-    import skimage
-
-    data = Path(skimage.__file__).parent / "data"
-    sources = [
-        Image.open(data / n).convert("RGB").resize((640, 426))
-        for n in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg")
-    ]
-    out = []
-    for i in range(count):
-        im = sources[i % len(sources)].copy()
-        im.putpixel((i, 0), (i % 256, 7, 200))  # distinct files
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=88)
-        out.append(buf.getvalue())
-    return out
 
 
 # --------------------------------------------------------------------------- users
@@ -314,13 +294,6 @@ async def stored_state(db_url: str | None, sqlite_path: Path) -> tuple[set[int],
     return jokes, votes
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
 def summarise(ledger: Ledger, elapsed: float) -> dict[str, Any]:
     for op in ledger.ops:
         op.phase = ledger.phase_of(op)
@@ -329,7 +302,7 @@ def summarise(ledger: Ledger, elapsed: float) -> dict[str, Any]:
         by[f"{op.channel} {op.kind}"].append(op)
     rows = {}
     for name, ops in sorted(by.items()):
-        lat = [o.latency for o in ops if o.latency is not None]
+        lat = _latency_ms(ops, spread=True)
         rows[name] = {
             "requests": len(ops),
             "ok": sum(o.outcome == "ok" for o in ops),
@@ -338,33 +311,32 @@ def summarise(ledger: Ledger, elapsed: float) -> dict[str, Any]:
             ),
             "unanswered": sum(o.outcome == "no answer" for o in ops),
             "per_s": len(ops) / elapsed,
-            "p50_ms": _ms(percentile(lat, 0.50)),
-            "p95_ms": _ms(percentile(lat, 0.95)),
-            "p99_ms": _ms(percentile(lat, 0.99)),
-            "max_ms": _ms(max(lat) if lat else None),
+            **{k: lat[k] for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
         }
     phases = {}
     for phase in ["normal", *[p for p, _, _ in ledger.phases]]:
         ops = [o for o in ledger.ops if o.phase == phase]
-        lat = [o.latency for o in ops if o.latency is not None]
         phases[phase] = {
             "requests": len(ops),
             "ok": sum(o.outcome == "ok" for o in ops),
             "errors": dict(Counter(o.outcome for o in ops if o.outcome != "ok")),
-            "p95_ms": _ms(percentile(lat, 0.95)),
+            "p95_ms": _latency_ms(ops)["p95_ms"],
         }
     return {"by_kind": rows, "by_phase": phases}
 
 
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1000, 1)
+def _latency_ms(ops: list[Op], spread: bool = False) -> dict[str, Any]:
+    """Percentiles (ms) of the answered requests among ``ops``."""
+    return latency_summary(
+        [o.latency for o in ops if o.latency is not None], unit="ms", spread=spread
+    )
 
 
 # --------------------------------------------------------------------------- main
 
 
 async def run(args) -> dict[str, Any]:
-    pics = pictures(24)
+    pics = photo_jpegs(24, size=(640, 426))
     work = Path(tempfile.mkdtemp(prefix="oogiri-soak-"))
     flag = work / "engine-fault"
     api = await FakeBotAPI().start()
@@ -441,7 +413,7 @@ async def run(args) -> dict[str, Any]:
         "requests": total,
         "answered": answered,
         "throughput_per_s": round(total / elapsed, 1),
-        "p95_ms": _ms(percentile([o.latency for o in ledger.ops if o.latency], 0.95)),
+        "p95_ms": _latency_ms(ledger.ops)["p95_ms"],
         "ok": sum(o.outcome == "ok" for o in ledger.ops),
         "told_error": sum(o.outcome not in ("ok", "no answer") for o in ledger.ops),
         "unanswered": total - answered,
@@ -457,8 +429,7 @@ async def run(args) -> dict[str, Any]:
         ],
         "bot_exit_code": code,
         **summary,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}",
+        "machine": machine(),
     }
     if lost_votes or lost_jokes or result["unanswered"]:
         print(log_tail, file=sys.stderr)
@@ -546,9 +517,7 @@ def main() -> None:
     if args.duration > 600:
         parser.error("--duration is bounded to 600 s")
     result = asyncio.run(run(args))
-    out = args.out or ROOT / "bench" / "results" / f"soak-{args.engine}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, ensure_ascii=False, indent=1))
+    write_json(args.out or RESULTS / f"soak-{args.engine}.json", result, indent=1)
     print(render(result))
     if not args.no_docs:
         write_section(

@@ -23,9 +23,9 @@ Writes bench/results/telegram-load-<mode>-<store>[-<updates>at<rate>].json and t
 section of docs/benchmarks.md (from every telegram-load-*.json present).
 
 Usage:
-  python bench/telegram_load.py                              # 10,000 updates at 200/s, polling
-  python bench/telegram_load.py --mode both --store both     # polling+webhook × SQLite+PostgreSQL
-  python bench/telegram_load.py --updates 500 --rate 100 --no-docs   # quick smoke check
+  python -m bench.telegram_load                              # 10,000 updates at 200/s, polling
+  python -m bench.telegram_load --mode both --store both     # polling+webhook × SQLite+PostgreSQL
+  python -m bench.telegram_load --updates 500 --rate 100 --no-docs   # quick smoke check
 """
 
 from __future__ import annotations
@@ -33,18 +33,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import os
-import platform
 import random
-import resource
 import shlex
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,20 +50,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.common import fmt, latency_summary, markdown_table  # noqa: E402
-from bench.report import write_section  # noqa: E402
-from tests.telegram.fakebotapi import (  # noqa: E402
-    BOT_USERNAME,
-    TOKEN,
-    FakeBotAPI,
-    keyboard_counts,
+from bench.common import (
+    PHOTOS,
+    RESULTS,
+    ROOT,
+    fmt,
+    free_port,
+    jpeg_bytes,
+    latency_summary,
+    machine,
+    markdown_table,
+    rusage_self,
+    source_photos,
+    write_json,
+    write_section,
 )
+from tests.telegram.fakebotapi import BOT_USERNAME, TOKEN, FakeBotAPI, keyboard_counts
 
-RESULTS = ROOT / "bench" / "results"
-SCRIPT = Path(__file__).resolve()
 WEBHOOK_URL = "https://bot.example.test"  # what Telegram is told; we post to the local port
 PG_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432"
 # Flood control raised far above what the bench sends (the fake Bot API never says 429 here;
@@ -83,7 +81,6 @@ MIX = {
     "vote": 0.19,
 }
 REVOTE_SHARE = 0.30  # votes that change (or repeat) an earlier vote of the same user on a joke
-PHOTOS = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 WEBHOOK_CONNECTIONS = 40  # Telegram's default max_connections per webhook
 WEBHOOK_TRIES = 5
 MENTION = f"@{BOT_USERNAME}"
@@ -147,10 +144,8 @@ async def _bot(cfg: dict[str, Any]) -> dict[str, Any]:
         t0 = time.monotonic()
         await app.close()
         close_s = time.monotonic() - t0
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        **rusage_self(),
         "close_s": round(close_s, 2),
         "log_levels": dict(tally.levels),
         "database_locked": tally.locked,
@@ -201,7 +196,8 @@ class BotProcess:
         self._log = self.log_path.open("wb")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(SCRIPT),
+            "-m",
+            "bench.telegram_load",
             "_bot",
             config,
             stdout=asyncio.subprocess.PIPE,
@@ -302,12 +298,6 @@ class LoadBotAPI(FakeBotAPI):
         return result
 
 
-def _jpeg(img: Any, quality: int = 88) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 class Crowd:
     """Simulated users: what they send, what they expect back, and what came back."""
 
@@ -330,9 +320,6 @@ class Crowd:
     # ------------------------------------------------------------------ cast
 
     def setup(self) -> None:
-        import skimage
-        from PIL import Image
-
         api = self.api
         self.users = [
             api.user(100_000 + i, f"U{i}", "zh-hans" if i % 5 == 0 else "en")
@@ -347,16 +334,14 @@ class Crowd:
             (api.group_chat(-1002000000000 - g, f"Chatter {g}"), self.rng.sample(self.users, 25))
             for g in range(3)
         ]
-        data = Path(skimage.__file__).parent / "data"
         self.photos: list[list[dict[str, Any]]] = []
         self.silent_photos: list[list[dict[str, Any]]] = []
         self.photo_bytes = 0
-        for name in PHOTOS:
-            img = Image.open(data / name).convert("RGB")
-            full = _jpeg(img)
+        for img in source_photos():
+            full = jpeg_bytes(img)
             small = img.copy()
             small.thumbnail((90, 90))
-            thumb = _jpeg(small, 80)
+            thumb = jpeg_bytes(small, 80)
             self.photo_bytes += len(full)
             for target in (self.photos, self.silent_photos):
                 sizes = []
@@ -537,50 +522,17 @@ class Crowd:
 # =========================================================================== one run
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def _latency_summary(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "p50_ms": round(_pct(values, 0.50) * 1000, 1),
-        "p95_ms": round(_pct(values, 0.95) * 1000, 1),
-        "p99_ms": round(_pct(values, 0.99) * 1000, 1),
-        "max_ms": round(max(values) * 1000, 1),
-        "mean_ms": round(statistics.fmean(values) * 1000, 1),
-    }
+    return latency_summary(values, unit="ms", spread=True)
 
 
-async def _create_pg_db(base: str) -> str:
-    import asyncpg
-
-    name = f"oogiri_bench_{os.getpid()}_{int(time.time())}"
-    conn = await asyncpg.connect(base.replace("postgresql+asyncpg", "postgresql") + "/postgres")
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return name
-
-
-async def _drop_pg_db(base: str, name: str) -> None:
+async def _pg_admin(base: str, sql: str) -> None:
+    """One statement on the server's ``postgres`` database (CREATE/DROP DATABASE)."""
     import asyncpg
 
     conn = await asyncpg.connect(base.replace("postgresql+asyncpg", "postgresql") + "/postgres")
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(sql)
     finally:
         await conn.close()
 
@@ -664,14 +616,14 @@ async def run(
 
     crowd = Crowd(seed, n_users)
     crowd.setup()
-    cpu0 = _cpu_s()
+    cpu0 = rusage_self()["cpu_s"]
     load_before = os.getloadavg()[0]
     api = crowd.api
     await api.start()
     pg_db: str | None = None
     tmp = tempfile.TemporaryDirectory(prefix="oogiri-tgload-")
     data_dir = Path(tmp.name) / "data"
-    web_port = _free_port()
+    web_port = free_port()
     settings: dict[str, Any] = {
         "data_dir": str(data_dir),
         "channels": ["web", "telegram"] if mode == "webhook" else ["telegram"],
@@ -694,7 +646,8 @@ async def run(
         },
     }
     if store_kind == "postgresql":
-        pg_db = await _create_pg_db(pg_base)
+        pg_db = f"oogiri_bench_{os.getpid()}_{int(time.time())}"
+        await _pg_admin(pg_base, f'CREATE DATABASE "{pg_db}"')
         settings["store"] = {"url": f"{pg_base}/{pg_db}"}
     store_url = settings.get("store", {}).get("url") or (
         f"sqlite+aiosqlite:///{data_dir / 'oogiri.sqlite3'}"
@@ -772,7 +725,7 @@ async def run(
         db = await _read_store(store_url, data_dir / "images")
     finally:
         if pg_db is not None:
-            await _drop_pg_db(pg_base, pg_db)
+            await _pg_admin(pg_base, f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)')
         log_tail = (Path(tmp.name) / "bot.log").read_text(errors="replace")[-3000:]
         tmp.cleanup()
 
@@ -874,15 +827,10 @@ async def run(
         "bot_api_errors": {k: dict(v) for k, v in sorted(errors.items())},
         "bot": bot.result,
         "bot_log_tail": log_tail if (lost_updates or lost_ratings or tally.wrong) else "",
-        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "driver_cpu_s": round(_cpu_s() - cpu0, 1),
+        "driver_peak_rss_mb": rusage_self()["peak_rss_mb"],
+        "driver_cpu_s": round(rusage_self()["cpu_s"] - cpu0, 1),
         "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
-
-
-def _cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _as_int(value: Any) -> int | None:
@@ -893,16 +841,6 @@ def _as_int(value: Any) -> int | None:
 
 
 # =========================================================================== report
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
 def _ms(value: float | None) -> str:
@@ -953,7 +891,10 @@ def write_docs() -> None:
             f"{bot.get('database_locked', 0)}; load average before/after "
             f"{r.get('loadavg_1m_before_after')}."
         )
-        commands.append(r["command"])
+        # runs before `python -m` recorded the script's path: the same command today
+        commands.append(
+            r["command"].replace("python bench/telegram_load.py", "python -m bench.telegram_load")
+        )
         machines.add(r["machine"])
     body = (
         "Updates fed through the fake Bot API (`tests/telegram/fakebotapi.py`, 127.0.0.1) at a "
@@ -1005,7 +946,7 @@ def private_postgres() -> Iterator[str]:
     if os.geteuid() == 0:  # postgres refuses to run as root
         as_user = ["runuser", "-u", "postgres", "--"]
         shutil.chown(base, "postgres")
-    data, port = base / "data", _free_port()
+    data, port = base / "data", free_port()
     quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
     subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "-A", "trust"], **quiet)
     options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
@@ -1102,17 +1043,15 @@ def _run_all(args: argparse.Namespace, modes: list[str], stores: list[str]) -> b
                 argv += ["--pg-initdb"]
             elif store == "postgresql" and args.pg_url != PG_DEFAULT:
                 argv += ["--pg-url", args.pg_url]
-            result["command"] = "python bench/telegram_load.py " + shlex.join(argv)
-            result["machine"] = machine()
+            result["command"] = "python -m bench.telegram_load " + shlex.join(argv)
+            result["machine"] = machine(cpu_model=True)
             print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
             failed |= bool(result["lost_updates"] or result["lost_ratings"])
             if not args.no_docs:
-                RESULTS.mkdir(parents=True, exist_ok=True)
                 name = f"telegram-load-{mode}-{store}"
                 if (args.updates, args.rate) != (10_000, 200):
                     name += f"-{args.updates}at{args.rate:g}"
-                out = RESULTS / f"{name}.json"
-                out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+                write_json(RESULTS / f"{name}.json", result)
     return failed
 
 
@@ -1170,20 +1109,13 @@ class FloodCrowd:
     flooder posting 10 photos a second into a group, mentioning the bot."""
 
     def __init__(self, api: FloodBotAPI, n_users: int, seed: int) -> None:
-        import skimage
-        from PIL import Image
-
         self.api = api
         self.rng = random.Random(seed)
         self.users = [api.user(200_000 + i, f"O{i}") for i in range(n_users)]
         self.chats = {u["id"]: api.private_chat(u) for u in self.users}
         self.flooder = api.user(299_999, "Flood")
         self.group = api.group_chat(FLOOD_GROUP, "Flooded")
-        data = Path(skimage.__file__).parent / "data"
-        self.photos = []
-        for name in PHOTOS[:3]:
-            img = Image.open(data / name).convert("RGB")
-            self.photos.append(_jpeg(img))
+        self.photos = [jpeg_bytes(img) for img in source_photos(names=PHOTOS[:3])]
         self.ordinary: list[tuple[int, int]] = []  # photos asked by ordinary users
         self.flood_sent = 0
         self.flood_files: set[str] = set()
@@ -1542,14 +1474,13 @@ def run_flood(args: argparse.Namespace) -> bool:
     result = asyncio.run(flood_main(args))
     argv = ["--scenario", "flood", "--users", str(args.users), "--duration", f"{args.duration:g}"]
     argv += ["--repeats", str(args.repeats)]
-    result["command"] = "python bench/telegram_load.py " + shlex.join(argv)
-    result["machine"] = machine()
+    result["command"] = "python -m bench.telegram_load " + shlex.join(argv)
+    result["machine"] = machine(cpu_model=True)
     result["date"] = time.strftime("%Y-%m-%d", time.gmtime())
     result["file"] = "telegram-flood.json"
     print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
     if not args.no_docs:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / result["file"]).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(RESULTS / result["file"], result)
         write_section(
             "telegram-flood", "Telegram: one flooder, 429s and 5xx, kill -9", _flood_docs(result)
         )

@@ -29,17 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import ROOT, append_jsonl, write_section
 from bot.settings import DEFAULT_PROMPT
-
-try:  # the training plugin owns its settings (issue 18.3)
-    from training.settings import TrainingSettings
-except ImportError:  # a tree from before that move
-    from bot.settings import TrainingSettings  # type: ignore[attr-defined,no-redef]
 from training.config import TrainParams, write_config
 from training.export import dumps_dataset, xtuner_item
 from training.run import parse_progress, training_env, world_size
-
-ROOT = Path(__file__).resolve().parents[1]
+from training.settings import TrainingSettings
 
 # The tutorial's values (shared/seed: batch 4 per device, 4 accumulation steps, 4 loader workers,
 # 4-bit LLM) against settings a 2B model on an 80 GB GPU allows. The effective batch (batch ×
@@ -253,8 +248,6 @@ def main(argv: list[str] | None = None) -> int:
         table = render([json.loads(x) for x in lines[1:]], meta)
         print(table)
         if args.write_doc:
-            from bench.report import write_section
-
             write_section("train-throughput", "Training throughput: XTuner QLoRA on the GPU", table)
         return 0
     if not (args.model and args.xtuner_python):
@@ -268,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(json.dumps(meta) + "\n")
     names = [n for n in (args.only.split(",") if args.only else SETTINGS) if n]
     for name in names:
-        row = run_one(name, SETTINGS[name], args, env)
-        with results.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(results, run_one(name, SETTINGS[name], args, env))
     rows = [json.loads(x) for x in results.read_text(encoding="utf-8").splitlines()[1:]]
     (args.out / "table.md").write_text(render(rows, meta), encoding="utf-8")
     print(render(rows, meta))
