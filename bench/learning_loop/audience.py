@@ -225,3 +225,34 @@ def base_mix_items(
             }
         )
     return items
+
+
+# ------------------------------------------------------------------- the pretrained base (v2)
+
+# quips that name nothing: what a base model says when it does not mention the picture
+NEUTRAL_ANSWERS = ("哈哈哈", "好家伙", "笑死", "太难了", "我不信")
+
+
+def pretrain_items(
+    pictures: Sequence[Path], per_picture: int, p_named: float, seed: int = 0
+) -> list[tuple[Path, str]]:
+    """A stand-in for pre-training: (picture, answer) pairs where the answer names what the
+    picture shows with probability ``p_named`` and is a neutral quip otherwise.
+
+    A real InternVL2 knows what a cat looks like before any rating; the random tiny model does
+    not, and ratings alone cannot teach it (it almost never says the right word, so nothing gets
+    liked). Fine-tuned on these pairs (from pictures disjoint from the experiment's pools), the
+    tiny base names the picture some of the time and quips otherwise. Whether the audience wants
+    the picture named is what the ratings must teach.
+    """
+    rng = random.Random(f"pretrain:{seed}")
+    items = []
+    for picture in pictures:
+        kw = KEYWORDS[source_of(picture)]
+        for _ in range(per_picture):
+            if rng.random() < p_named:
+                text = rng.choice(BASE_TEMPLATES).format(kw=kw)
+            else:
+                text = rng.choice(NEUTRAL_ANSWERS)
+            items.append((Path(picture), text))
+    return items

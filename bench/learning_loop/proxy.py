@@ -103,6 +103,16 @@ class Proxy:
         for m in self.lora:
             m.a.requires_grad = m.b.requires_grad = True
 
+    def merge(self) -> None:
+        """Fold the adapters into the weights: the pretrained base every later run starts from."""
+        import torch
+
+        with torch.no_grad():
+            for m in self.lora:
+                m.linear.weight += (m.b @ m.a) * m.scale
+                m.reset()
+        self.active = self.snapshot()
+
     def snapshot(self) -> list[tuple[Any, Any]]:
         return [(m.a.detach().clone(), m.b.detach().clone()) for m in self.lora]
 
@@ -226,7 +236,7 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
     proxy = Proxy(folder / f"model-{seed}", a.lora_r, seed)
     proxy.top_k = a.top_k
     rated: list[tuple[int, Path, str, int]] = []  # round, picture, text, net votes
-    lines = []
+    lines = pretrain(proxy, a, seed, folder, photos)
 
     def like_rate() -> str:
         per: dict[str, list[int]] = {}
@@ -304,6 +314,31 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
     return lines
 
 
+def pretrain(
+    proxy: Proxy, a: argparse.Namespace, seed: int, folder: Path, photos: list[Path]
+) -> list[str]:
+    """The stand-in for pre-training (``audience.pretrain_items``), merged into the base."""
+    if a.pretrain_epochs <= 0:
+        return []
+    from bench.learning_loop.audience import pretrain_items
+
+    pictures = build_pool(folder / "pictures", photos, a.pretrain_images, 448, "pretrain")
+    items = pretrain_items(pictures, a.pretrain_answers, a.pretrain_p, seed)
+    b = argparse.Namespace(**{**vars(a), "epochs": a.pretrain_epochs})
+    iters = proxy.train(items, b, seed + 1000)
+    proxy.merge()
+    lines = [
+        f"seed {seed} pretrain: {len(items)} items on {len(pictures)} pictures "
+        f"(named {a.pretrain_p:.0%}), {iters} iterations, merged"
+    ]
+    if a.save_base:
+        from bench.learning_loop.pretrain import save_internvl2
+
+        save_internvl2(folder / f"model-{seed}" / "base", proxy.model, a.save_base)
+        lines.append(f"seed {seed} pretrained base (InternVL2 layout) → {a.save_base}")
+    return lines
+
+
 def check_conditional(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
     """Can the tiny model learn an image-conditional answer at all (issue 15 C's first check)?
 
@@ -371,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=0.34)
     p.add_argument("--lora-r", type=int, default=128)
     p.add_argument("--controls", nargs="*", default=["matched", "all"])
+    p.add_argument("--pretrain-epochs", type=int, default=0, help="0: the random base")
+    p.add_argument("--pretrain-images", type=int, default=40)
+    p.add_argument("--pretrain-answers", type=int, default=4, help="answers per picture")
+    p.add_argument("--pretrain-p", type=float, default=0.4, help="share naming the picture")
+    p.add_argument("--save-base", type=Path, help="write the pretrained base (InternVL2 layout)")
     p.add_argument(
         "--conditional",
         action="store_true",

@@ -128,11 +128,18 @@ touch "$SITE/.ok"
 BASE=$W/base
 if [ ! -f "$BASE/oogiri-model.json" ] || [ ! -f "$BASE/.code-installed" ]; then
   [ -d ext/internvl2-code ] || { echo "FATAL: ext/internvl2-code missing: stage (--stage) and carry ext"; exit 4; }
-  say "tiny InternVL2 base (random weights) with InternVL's remote code"
   rm -rf "$BASE"
-  # the module, not `oogiri dev make-tiny-model`: that command comes from a plugin's entry point,
-  # and this tree is not pip-installed here
-  step base "$PY" -c "import sys; from pathlib import Path; from bot.engines.internvl.tinymodel import make_tiny_model; make_tiny_model(Path(sys.argv[1]), layout='internvl2')" "$BASE" || exit 6
+  if [ -f "$D/pretrained-base/oogiri-model.json" ]; then
+    # version 2: the tiny base pretrained on CPU to name pictures some of the time
+    # (python -m bench.learning_loop.proxy … --save-base .device/pretrained-base)
+    say "tiny InternVL2 base, pretrained ($D/pretrained-base), with InternVL's remote code"
+    step base cp -r "$D/pretrained-base" "$BASE" || exit 6
+  else
+    say "tiny InternVL2 base (random weights) with InternVL's remote code"
+    # the module, not `oogiri dev make-tiny-model`: that command comes from a plugin's entry
+    # point, and this tree is not pip-installed here
+    step base "$PY" -c "import sys; from pathlib import Path; from bot.engines.internvl.tinymodel import make_tiny_model; make_tiny_model(Path(sys.argv[1]), layout='internvl2')" "$BASE" || exit 6
+  fi
   step code "$PY" scripts/prepare_internvl_code.py install "$BASE" --code ext/internvl2-code || exit 6
   touch "$BASE/.code-installed"
 fi

@@ -29,7 +29,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,6 +260,20 @@ def split_wqkv(wqkv: Any, shapes: _Shapes) -> tuple[Any, Any, Any]:
     return q, k, v
 
 
+def fuse_wqkv(q: Any, k: Any, v: Any, shapes: _Shapes) -> Any:
+    """Llama's q, k, v → InternLM2's fused ``wqkv``: the inverse of ``split_wqkv``."""
+    import torch
+
+    per_kv = shapes.heads // shapes.kv_heads
+    rest = tuple(q.shape[1:])
+    grouped = [
+        q.reshape(shapes.kv_heads, per_kv, shapes.head_dim, *rest),
+        k.reshape(shapes.kv_heads, 1, shapes.head_dim, *rest),
+        v.reshape(shapes.kv_heads, 1, shapes.head_dim, *rest),
+    ]
+    return torch.cat(grouped, dim=1).reshape(-1, *rest)
+
+
 def split_vision_qkv(qkv: Any) -> tuple[Any, Any, Any]:
     """InternViT's fused ``qkv`` rows are ``[3, heads, head_dim]``: all queries, keys, values."""
     q, k, v = qkv.chunk(3, dim=0)
@@ -334,6 +348,29 @@ def map_tensor(name: str, tensor: Any, shapes: _Shapes) -> list[tuple[str, Any]]
         if target:
             return [(target, tensor)]
     raise ConversionError(f"unknown tensor {name!r}: not part of InternVL2 (InternLM2 + InternViT)")
+
+
+def unmap_tensor(name: str, tensor: Any, native: Mapping[str, Any], shapes: _Shapes) -> Any:
+    """The source tensor ``name`` rebuilt from the native checkpoint's tensors ``native``.
+
+    The inverse of ``map_tensor``, for writing a model fine-tuned in the native layout back in
+    InternVL2's (what XTuner trains and LMDeploy serves). ``tensor`` is the source's own value:
+    tensors the native model ignores are kept as they are.
+    """
+    import torch
+
+    parts = map_tensor(name, tensor, shapes)
+    if not parts:
+        return tensor
+    missing = [n for n, _ in parts if n not in native]
+    if missing:
+        raise ConversionError(f"{name!r} needs {', '.join(missing)}, missing from the native model")
+    values = [native[n] for n, _ in parts]
+    if _LLM_QKV.fullmatch(name):
+        return fuse_wqkv(*values, shapes)
+    if _VISION_QKV.fullmatch(name):
+        return torch.cat(values, dim=0)
+    return values[0]
 
 
 def _expected_tensors(config: Any) -> dict[str, tuple[int, ...]]:
