@@ -37,7 +37,6 @@ import multiprocessing
 import os
 import socket
 import struct
-import sys
 import tempfile
 import time
 import zlib
@@ -47,24 +46,19 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-for extra in (ROOT, ROOT / "tests" / "faults"):
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-
-from faultsupport import BotProcess  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
+    RESULTS,
+    ROOT,
+    latency_summary,
     machine,
     markdown_table,
-    percentile,
     photo_jpegs,
     utc_now,
     write_json,
     write_section,
 )
+from tests.faults.faultsupport import BotProcess
 
-RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "reliability.md"
 CSRF_HEADER = "X-CSRF-Token"
 ORDINARY = [f"127.0.0.{10 + i}" for i in range(8)]
@@ -362,17 +356,17 @@ async def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     finally:
         bot.stop()
     ordinary_loud: Counter[str] = sum(results[: len(ORDINARY)], Counter())
-    p95 = percentile(quiet, 0.95), percentile(loud, 0.95)
+    q, a = latency_summary(quiet), latency_summary(loud)
     return {
         "idle_rss_mib": round(idle, 1),
         "peak_rss_mib_sampled": round(peak_abuse, 1),
         "peak_rss_mib_hwm": round(hwm, 1),
         "settled_rss_mib": round(settled, 1),
         "settled_vs_idle": round(settled / idle - 1, 3),
-        "ordinary_p95_quiet_s": round(p95[0] or 0, 3),
-        "ordinary_p95_abuse_s": round(p95[1] or 0, 3),
-        "ordinary_p50_quiet_s": round(percentile(quiet, 0.5) or 0, 3),
-        "ordinary_p50_abuse_s": round(percentile(loud, 0.5) or 0, 3),
+        "ordinary_p95_quiet_s": q["p95_s"] or 0,
+        "ordinary_p95_abuse_s": a["p95_s"] or 0,
+        "ordinary_p50_quiet_s": q["p50_s"] or 0,
+        "ordinary_p50_abuse_s": a["p50_s"] or 0,
         "ordinary_uploads_quiet": len(quiet),
         "ordinary_uploads_abuse": len(loud),
         "ordinary_answers_abuse": dict(ordinary_loud),
@@ -466,6 +460,7 @@ def main() -> None:
     parser.add_argument("--sybils", type=int, default=500)
     parser.add_argument("--slow-connections", type=int, default=500)
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "abuse-instant.json")
     args = parser.parse_args()
     # The p95 ratio depends on what else the (shared) machine runs: record its load.
     load_before = [round(v, 2) for v in os.getloadavg()]
@@ -484,8 +479,8 @@ def main() -> None:
         "result": result,
         "sybil_export": sybil,
     }
-    path = write_json(RESULTS / "abuse-instant.json", doc)
-    print(json.dumps(doc, indent=2, default=str))
+    path = write_json(args.out, doc)
+    print(path.read_text())
     print(f"wrote {path}")
     if not args.no_docs:
         write_section("abuse", "Abuse on loopback (issue 21)", render(doc), doc=DOC)

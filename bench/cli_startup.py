@@ -18,7 +18,6 @@ import contextlib
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,25 +27,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.common import (
     RESULTS,
+    free_port,
+    latency_summary,
     machine,
     markdown_table,
-    percentile,
+    skimage_photos,
     utc_now,
     write_json,
     write_section,
 )
+from tests.faults.faultsupport import BotProcess, running
 
 GOAL_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def oogiri() -> str:
@@ -56,48 +50,23 @@ def oogiri() -> str:
     return found
 
 
-def clean_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OOGIRI_")}
-    env.update(OOGIRI_DATA_DIR=str(data_dir), OOGIRI_WEB__PORT=str(port), LANG="C.UTF-8")
-    env.update(extra)
-    return env
+def clean_env(data_dir: Path, port: int) -> dict[str, str]:
+    """A newcomer's shell (run_all drops this one's OOGIRI_*) with a data dir and a port."""
+    return {**os.environ, "OOGIRI_DATA_DIR": str(data_dir), "OOGIRI_WEB__PORT": str(port)}
 
 
 @contextlib.contextmanager
 def running_serve(data_dir: Path, port: int) -> Iterator[str]:
     """`oogiri serve` (web channel, instant engine) until the block ends."""
     # No rate limits: dozens of calls a minute from one terminal are the benchmark, not abuse.
-    env = clean_env(
+    bot = BotProcess(
         data_dir,
         port,
-        OOGIRI_ENGINE__NAME="instant",
-        OOGIRI_PLUGINS="web,engine_instant",
-        OOGIRI_LIMITS__PER_USER_PER_MINUTE="0",
         OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE="0",
         OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR="0",
     )
-    log = (data_dir.parent / "serve.log").open("wb")
-    proc = subprocess.Popen([oogiri(), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/livez", timeout=1).status_code == 200:
-                    break
-            if proc.poll() is not None:
-                raise SystemExit(f"oogiri serve exited with {proc.returncode}")
-            time.sleep(0.1)
-        else:
-            raise SystemExit("oogiri serve did not come up within 60 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with running(bot, cli=True):
+        yield bot.url
 
 
 def timed(argv: list[str], env: dict[str, str], repeats: int) -> dict[str, Any]:
@@ -118,21 +87,19 @@ def timed(argv: list[str], env: dict[str, str], repeats: int) -> dict[str, Any]:
     return {
         "n": len(times),
         "median_s": round(statistics.median(times), 3),
-        "p95_s": round(percentile(times, 0.95) or 0.0, 3),
+        "p95_s": latency_summary(times)["p95_s"] or 0.0,
         "min_s": round(min(times), 3),
         "max_s": round(max(times), 3),
         "cpu_median_s": round(statistics.median(cpu), 3),
     }
 
 
-def photo() -> Path:
-    import skimage
-
-    return Path(skimage.__file__).parent / "data" / "chelsea.png"
-
-
 def run_all(repeats: int) -> dict[str, Any]:
-    image = str(photo())
+    # none of this shell's OOGIRI_* settings may reach the CLI or the serve
+    for key in [k for k in os.environ if k.startswith("OOGIRI_")]:
+        del os.environ[key]
+    os.environ["LANG"] = "C.UTF-8"
+    image = str(skimage_photos() / "chelsea.png")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="oogiri-bench-cli-") as tmp:
         root = Path(tmp)

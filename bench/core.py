@@ -9,34 +9,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import percentile, photo_jpegs, write_section
+from bench.common import (
+    RESULTS,
+    latency_summary,
+    machine,
+    photo_jpegs,
+    rusage_self,
+    write_json,
+    write_section,
+)
 from bot.app import App
 from bot.engines.instant import InstantEngine
 from bot.models import JokeRequest
 from bot.plugins import make_manager
 from bot.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_megapixel_jpegs(count: int, size: tuple[int, int] = (1155, 866)) -> list[bytes]:
-    """Distinct JPEGs (~1 MP by default) from scikit-image's real photos (distinct → no dedupe)."""
-    return photo_jpegs(count, size, workers=2)
-
-
 PHONE = (4032, 3024)  # a 12 MP phone photo: the upload the serving benchmark sends
 
 
 async def run(n_images: int, concurrency: int, store_url: str | None, phone: bool = False) -> dict:
-    payloads = one_megapixel_jpegs(n_images, PHONE if phone else (1155, 866))
+    # distinct JPEGs (~1 MP, or phone-sized): no dedupe can serve one for another
+    payloads = photo_jpegs(n_images, PHONE if phone else (1155, 866), workers=2)
     with tempfile.TemporaryDirectory() as tmp:
         overrides: dict = {
             "data_dir": Path(tmp),
@@ -71,7 +69,7 @@ async def run(n_images: int, concurrency: int, store_url: str | None, phone: boo
         elapsed = time.perf_counter() - t0
         outcomes = await app.store.request_outcomes()
         await app.close()
-    latencies.sort()
+    lat = latency_summary(latencies, unit="ms")
     return {
         "images": n_images,
         "concurrency": concurrency,
@@ -79,9 +77,9 @@ async def run(n_images: int, concurrency: int, store_url: str | None, phone: boo
         "photo": "phone" if phone else "1mp",
         "seconds": round(elapsed, 3),
         "images_per_s": round(n_images / elapsed, 1),
-        "p50_ms": round((percentile(latencies, 0.50) or 0) * 1000, 2),
-        "p95_ms": round((percentile(latencies, 0.95) or 0) * 1000, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "p50_ms": lat["p50_ms"],
+        "p95_ms": lat["p95_ms"],
+        "peak_rss_mb": rusage_self()["peak_rss_mb"],
         "outcomes": outcomes,
         "image_bytes_mean": int(statistics.mean(len(p) for p in payloads)),
     }
@@ -107,23 +105,18 @@ def main() -> None:
         bot.images.DRAFT_FLOOR = args.draft_floor
     result = asyncio.run(run(args.images, args.concurrency, args.store, args.phone))
     result["draft_floor"] = __import__("bot.images").images.DRAFT_FLOOR
-    result["machine"] = (
-        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
+    result["machine"] = machine()
     name = f"core-{result['store']}" + (
         f"-phone-floor{result['draft_floor']:g}" if args.phone else ""
     )
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(write_json(RESULTS / f"{name}.json", result).read_text())
     if not args.no_docs:
         rows = [
             "| store | photos | JPEG draft floor | images | in flight | images/s | p50 ms | p95 ms "
             "| peak RSS MB |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for f in sorted(out.glob("core-*.json")):
+        for f in sorted(RESULTS.glob("core-*.json")):
             r = json.loads(f.read_text())
             photo = "12 MP phone" if r.get("photo") == "phone" else "1 MP"
             floor = r.get("draft_floor", "–") if r.get("photo") == "phone" else "–"

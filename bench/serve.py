@@ -164,27 +164,13 @@ class CellSpec(Strict):
     measure_s: float | None = None
 
     def cells(self) -> list[Cell]:
-        def as_list(value: Any) -> list[Any]:
-            return value if isinstance(value, list) else [value]
-
+        """Every combination of the swept values, in plan order."""
+        swept = ("path", "inflight", "mdp", "presize", "bots")
+        values = [v if isinstance(v, list) else [v] for v in (getattr(self, k) for k in swept)]
+        fixed = self.model_dump(exclude=set(swept))
         return [
-            Cell(
-                path=path,
-                inflight=inflight,
-                mdp=mdp,
-                presize=presize,
-                baseline=self.baseline,
-                warmup_s=self.warmup_s,
-                measure_s=self.measure_s,
-                bots=bots,
-            )
-            for path, inflight, mdp, presize, bots in itertools.product(
-                as_list(self.path),
-                as_list(self.inflight),
-                as_list(self.mdp),
-                as_list(self.presize),
-                as_list(self.bots),
-            )
+            Cell(**fixed, **dict(zip(swept, combo, strict=True)))
+            for combo in itertools.product(*values)
         ]
 
 

@@ -38,7 +38,6 @@ import logging
 import os
 import random
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +64,7 @@ from bench.common import (
     write_json,
     write_section,
 )
+from tests.faults.faultsupport import ThrowawayPostgres
 from tests.telegram.fakebotapi import BOT_USERNAME, TOKEN, FakeBotAPI, keyboard_counts
 
 WEBHOOK_URL = "https://bot.example.test"  # what Telegram is told; we post to the local port
@@ -164,6 +164,28 @@ def bot_main(config: str) -> None:
     else:
         result = asyncio.run(_bot(cfg))
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def bot_settings(
+    api: FakeBotAPI,
+    data_dir: Path,
+    telegram: dict[str, Any],
+    limits: dict[str, Any],
+    channels: list[str] | None = None,
+    **more: Any,
+) -> dict[str, Any]:
+    """The child bot's settings: the Telegram channel on the fake Bot API, English, quiet logs."""
+    fake = {"token": TOKEN, "base_url": api.base_url, "base_file_url": api.base_file_url}
+    return {
+        "data_dir": str(data_dir),
+        "channels": channels or ["telegram"],
+        "plugins": [],
+        "language": "en",
+        "log_level": "WARNING",
+        "telegram": {**fake, **telegram},
+        "limits": limits,
+        **more,
+    }
 
 
 class BotProcess:
@@ -624,27 +646,14 @@ async def run(
     tmp = tempfile.TemporaryDirectory(prefix="oogiri-tgload-")
     data_dir = Path(tmp.name) / "data"
     web_port = free_port()
-    settings: dict[str, Any] = {
-        "data_dir": str(data_dir),
-        "channels": ["web", "telegram"] if mode == "webhook" else ["telegram"],
-        "plugins": [],
-        "language": "en",
-        "log_level": "WARNING",
-        "telegram": {
-            "token": TOKEN,
-            "base_url": api.base_url,
-            "base_file_url": api.base_file_url,
-            "mode": mode,
-            "webhook_url": WEBHOOK_URL,
-            **HIGH_FLOOD_LIMITS,
-        },
-        "web": {"host": "127.0.0.1", "port": web_port},
-        "limits": {
-            "per_user_per_minute": 0,
-            "per_chat_per_minute": 0,
-            "max_concurrency": concurrency,
-        },
-    }
+    settings = bot_settings(
+        api,
+        data_dir,
+        {"mode": mode, "webhook_url": WEBHOOK_URL, **HIGH_FLOOD_LIMITS},
+        {"per_user_per_minute": 0, "per_chat_per_minute": 0, "max_concurrency": concurrency},
+        channels=["web", "telegram"] if mode == "webhook" else ["telegram"],
+        web={"host": "127.0.0.1", "port": web_port},
+    )
     if store_kind == "postgresql":
         pg_db = f"oogiri_bench_{os.getpid()}_{int(time.time())}"
         await _pg_admin(pg_base, f'CREATE DATABASE "{pg_db}"')
@@ -934,31 +943,30 @@ def write_docs() -> None:
     write_section("telegram-load", "Telegram load (`bench/telegram_load.py`)", body)
 
 
+class DurablePostgres(ThrowawayPostgres):
+    """The tests' throwaway cluster (initdb into a temp folder, a free loopback port), with fsync
+    on as a real server has it: the load's PostgreSQL rows were measured so."""
+
+    def _pg_ctl(self, action: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        return self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path),
+            "-o", options, "-w", "-t", "60", action, *extra,
+        )  # fmt: skip
+
+
 @contextlib.contextmanager
 def private_postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster (initdb, then postgres on a free 127.0.0.1 port): the bench
-    is then alone on its server. Yields the server URL; the cluster is stopped and deleted."""
-    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
-    if not initdb or not pg_ctl:
-        raise SystemExit("--pg-initdb needs PostgreSQL's initdb and pg_ctl on PATH")
-    base = Path(tempfile.mkdtemp(prefix="oogiri-tgload-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(base, "postgres")
-    data, port = base / "data", free_port()
-    quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
-    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "-A", "trust"], **quiet)
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
-    log_file = str(base / "server.log")
-    subprocess.run(
-        [*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", log_file, "-w", "start"], **quiet
-    )
+    """A throwaway PostgreSQL cluster: the bench is then alone on its server. Yields the server
+    URL; the cluster is stopped and deleted."""
     try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}"
+        pg = DurablePostgres()
+    except (FileNotFoundError, KeyError) as exc:  # no binaries; as root, no "postgres" user
+        raise SystemExit(f"--pg-initdb needs PostgreSQL's server binaries: {exc}") from None
+    try:
+        yield pg.start().url.rsplit("/", 1)[0]
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], **quiet)
-        shutil.rmtree(base, ignore_errors=True)
+        pg.stop()
 
 
 def main() -> None:
@@ -1193,23 +1201,10 @@ async def flood_phase(
     await api.start()
     tmp = tempfile.TemporaryDirectory(prefix="oogiri-tgflood-")
     data_dir = Path(tmp.name) / "data"
-    settings: dict[str, Any] = {
-        "data_dir": str(data_dir),
-        "channels": ["telegram"],
-        "plugins": [],
-        "language": "en",
-        "log_level": "WARNING",
-        "telegram": {
-            "token": TOKEN,
-            "base_url": api.base_url,
-            "base_file_url": api.base_file_url,
-            # Telegram's documented budgets (the defaults), a short lease so that a killed
-            # bot's claims lapse within the run
-            "outbox_lease_s": 5.0,
-            "outbox_poll_s": 0.5,
-        },
-        "limits": {**FLOOD_LIMITS, "max_concurrency": 16},
-    }
+    # Telegram's documented budgets (the defaults), a short lease so that a killed bot's claims
+    # lapse within the run
+    outbox = {"outbox_lease_s": 5.0, "outbox_poll_s": 0.5}
+    settings = bot_settings(api, data_dir, outbox, {**FLOOD_LIMITS, "max_concurrency": 16})
     store_url = f"sqlite+aiosqlite:///{data_dir / 'oogiri.sqlite3'}"
     logs = Path(tmp.name)
     bot = BotProcess(settings, logs / "bot.log", None, engine_delay_s=engine_delay_s)
