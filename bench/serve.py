@@ -17,11 +17,12 @@ Paths (one per cell):
 
 "The seed's way" is ``raw``, one in flight, phone photos sent as they are (no pre-sizing).
 
-Servers: ``--base-url`` (repeatable: the engine round-robins over several) for servers you run,
-or ``--launch MODEL`` to start ``--servers N`` api_servers on consecutive ports with the managed
-mode's own code (logs under OUT/logs). A ``--plan FILE`` (JSON) runs several server configurations
-and cell sweeps in one process — the device machine stays warm only between calls, so one
-command should do everything::
+A ``--plan FILE`` (JSON, the ``Plan`` model) names what runs: several server configurations and
+cell sweeps in one process — the device machine stays warm only between calls, so one command
+should do everything. A config's ``launch`` starts api_servers on consecutive ports with the
+managed mode's own code (logs under OUT/logs; ``--launch MODEL`` overrides the plan's model); a
+config without one uses its ``base_urls`` or ``--base-url`` (repeatable: the engine round-robins
+over several) for servers you run::
 
     {"model": "/path/model", "warmup_s": 5, "measure_s": 20, "max_new_tokens": 64,
      "configs": [
@@ -187,7 +188,7 @@ class Config(Strict):
     @field_validator("cells", mode="before")
     @classmethod
     def _expand(cls, specs: list[Any]) -> list[Any]:
-        return [c for s in specs for c in ([s] if isinstance(s, Cell) else expand_cells([s]))]
+        return [c for s in specs for c in ([s] if isinstance(s, Cell) else CellSpec(**s).cells())]
 
 
 class Plan(Strict):
@@ -201,14 +202,6 @@ class Plan(Strict):
     port: int | None = None
     deadline_s: float | None = None
     about: str | list[str] | None = Field(None, alias="_about", description="a note for readers")
-
-
-def expand_cells(specs: list[dict[str, Any]]) -> list[Cell]:
-    return [c for spec in specs for c in CellSpec.model_validate(spec).cells()]
-
-
-def load_plan(doc: dict[str, Any]) -> list[Config]:
-    return Plan.model_validate(doc).configs
 
 
 # --------------------------------------------------------------------------- pictures
@@ -979,21 +972,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Serving benchmark (see the module docstring).")
     p.add_argument("--plan", help="JSON plan: several server configs and cell sweeps")
     p.add_argument("--base-url", action="append", default=[], help="running server(s)")
-    p.add_argument("--launch", metavar="MODEL", help="start api_server(s) for this model folder")
-    p.add_argument("--servers", type=int, default=1)
-    p.add_argument("--server-threads", type=int, default=2, help="0: leave OMP/MKL unset")
-    p.add_argument("--backend", default="pytorch")
-    p.add_argument("--max-batch-size", type=int, default=256)
-    p.add_argument("--cache-max-entry-count", type=float, default=0.2)
-    p.add_argument("--session-len", type=int, default=8192)
+    p.add_argument("--launch", metavar="MODEL", help="the model folder, instead of the plan's")
     p.add_argument("--server-command", default="", help="argv prefix instead of python -m lmdeploy")
     p.add_argument("--port", type=int, default=23333)
     p.add_argument("--api-key", default=None)
     p.add_argument("--model-name", default=SERVED_NAME, help="served model name")
-    p.add_argument("--paths", default="raw,service")
-    p.add_argument("--inflight", default="1,8,64,256")
-    p.add_argument("--tiles", default="1,6,12", help="max_dynamic_patch values")
-    p.add_argument("--presize", default="on", help="on, off or on,off")
     p.add_argument("--warmup-s", type=float, default=5.0)
     p.add_argument("--measure-s", type=float, default=20.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -1007,7 +990,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--render", nargs="+", default=None, help="only re-render saved serve-results.json file(s)"
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (args.plan or args.render):
+        p.error("give --plan FILE (or --render RESULTS)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1026,51 +1012,15 @@ def main(argv: list[str] | None = None) -> int:
             doc["meta"] = doc["meta"] or part.get("meta", {})
             doc["rows"] += part.get("rows", [])
     else:
-        model: Path | None = None
-        if args.plan:
-            plan = json.loads(Path(args.plan).read_text(encoding="utf-8"))
-            for key in ("warmup_s", "measure_s", "max_new_tokens", "port", "deadline_s"):
-                if key in plan:
-                    setattr(args, key, plan[key])
-            model = Path(plan["model"]) if plan.get("model") else None
-            if args.launch:
-                model = Path(args.launch)
-            configs = load_plan(plan)
-            for config in configs:
-                if config.launch and not config.launch.server_command and args.server_command:
-                    config.launch.server_command = args.server_command.split()
-        else:
-            cells = expand_cells(
-                [
-                    {
-                        "path": args.paths.split(","),
-                        "inflight": [int(x) for x in args.inflight.split(",")],
-                        "mdp": [int(x) for x in args.tiles.split(",")],
-                        "presize": [x.strip() == "on" for x in args.presize.split(",")],
-                    }
-                ]
-            )
-            launch = None
-            if args.launch:
-                model = Path(args.launch)
-                launch = Launch(
-                    servers=args.servers,
-                    server_threads=args.server_threads or None,
-                    backend=args.backend,
-                    session_len=args.session_len,
-                    cache_max_entry_count=args.cache_max_entry_count,
-                    max_batch_size=args.max_batch_size,
-                    api_key=args.api_key,
-                    server_command=args.server_command.split(),
-                )
-            elif not args.base_url:
-                raise SystemExit("give --base-url URL, --launch MODEL or --plan FILE")
-            name = (
-                f"{args.servers}× api_server, OMP={args.server_threads or 'default'}"
-                if launch
-                else "external"
-            )
-            configs = [Config(name=name, cells=cells, launch=launch)]
+        plan = Plan.model_validate_json(Path(args.plan).read_text(encoding="utf-8"))
+        for key in ("warmup_s", "measure_s", "max_new_tokens", "port", "deadline_s"):
+            if getattr(plan, key) is not None:  # the plan's own, else the flag's
+                setattr(args, key, getattr(plan, key))
+        model = Path(args.launch or plan.model) if args.launch or plan.model else None
+        configs = plan.configs
+        for config in configs:
+            if config.launch and not config.launch.server_command and args.server_command:
+                config.launch.server_command = args.server_command.split()
         Path(args.out).mkdir(parents=True, exist_ok=True)
         doc = asyncio.run(run(args, configs, model))
     markdown = render_markdown(doc)
