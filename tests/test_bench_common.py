@@ -1,23 +1,37 @@
-"""bench.common: the one percentile definition, the load generators and the Zipf workload."""
+"""bench.common: the one percentile definition, the load generators, the Zipf workload, the
+pictures every bench sends and the result files and headers they write."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import platform
 import random
+import socket
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import bench.common as common
 from bench.common import (
+    Failed,
     Sample,
+    append_jsonl,
     closed_loop,
+    free_port,
     latency_summary,
+    machine,
     markdown_table,
     open_loop,
     percentile,
+    photo_jpegs,
     poisson_arrivals,
+    source_photos,
+    timed,
+    write_json,
     write_section,
     zipf_indices,
 )
@@ -107,3 +121,70 @@ def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     write_section("a", "A", "again", doc)
     text = doc.read_text()
     assert "again" in text and "1.50" not in text and "bee" in text
+
+
+def test_latency_summary_in_milliseconds_with_spread() -> None:
+    summary = latency_summary([0.005, 0.001, 0.004, 0.002, 0.003], unit="ms", spread=True)
+    assert summary == {
+        "n": 5, "p50_ms": 3.0, "p95_ms": 4.8, "p99_ms": 5.0, "max_ms": 5.0, "mean_ms": 3.0,
+    }  # fmt: skip
+    empty = latency_summary([], unit="ms", spread=True)
+    assert empty["n"] == 0 and empty["p95_ms"] is None and empty["max_ms"] is None
+
+
+async def test_timed_turns_outcomes_into_samples() -> None:
+    async def answered() -> dict[str, int]:
+        return {"prompt_tokens": 7, "completion_tokens": 3}
+
+    async def refused() -> None:
+        raise Failed("503")
+
+    async def broken() -> None:
+        raise ValueError("not JSON")
+
+    ok = await timed(answered)
+    assert ok.ok and (ok.prompt_tokens, ok.completion_tokens) == (7, 3) and ok.latency >= 0
+    assert [(s.ok, s.error) for s in (await timed(refused), await timed(broken))] == [
+        (False, "503"),
+        (False, "ValueError"),
+    ]
+
+
+def test_photo_jpegs_are_distinct_real_photos_of_the_asked_size() -> None:
+    pytest.importorskip("skimage")
+    from PIL import Image
+
+    jpegs = photo_jpegs(7, size=(64, 48))  # more than the five photos: copies must differ
+    assert len(set(jpegs)) == 7
+    assert {Image.open(io.BytesIO(j)).size for j in jpegs} == {(64, 48)}
+
+
+def test_source_photos_reads_a_folder_in_name_order(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (30, 20), "red").save(tmp_path / "b.png")
+    Image.new("L", (10, 10)).save(tmp_path / "a.jpg")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    images = source_photos(tmp_path, names=None)
+    assert [(im.size, im.mode) for im in images] == [((10, 10), "RGB"), ((30, 20), "RGB")]
+    assert [im.size for im in source_photos(tmp_path, names=["b.png"])] == [(30, 20)]
+
+
+def test_result_files(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "new" / "r.json", {"where": tmp_path, "text": "梗"})
+    assert json.loads(path.read_text()) == {"where": str(tmp_path), "text": "梗"}
+    assert "梗" in path.read_text()  # readable, not \\u escapes
+    lines = tmp_path / "r.jsonl"
+    append_jsonl(lines, {"cell": 1})
+    append_jsonl(lines, {"cell": 2})
+    assert [json.loads(x)["cell"] for x in lines.read_text().splitlines()] == [1, 2]
+
+
+def test_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert machine().endswith(f"cores, Python {platform.python_version()}")
+    assert machine(cpu_model=True).endswith(platform.system())
+    monkeypatch.setattr(common, "ROOT", tmp_path)  # no .git: the device's copy of the tree
+    monkeypatch.setenv("OOGIRI_COMMIT", "abc1234")
+    assert common.git_commit() == "abc1234"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", free_port()))  # free: binding it works

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydantic
+import pytest
 from enginesupport import FAKES
 from test_lmdeploy_server import free_port_block, model_dir
 
@@ -133,3 +135,29 @@ def test_a_failed_config_renders_as_one_table_row_with_its_cause() -> None:
     assert len(table) == 1 and table[0].count(" | ") == table[0].replace("\\|", "").count(" | ")
     assert table[0].count("|") - table[0].count("\\|") == 16  # 15 columns
     assert "'LlamaConfig' object has no attribute" in table[0]
+
+
+def test_a_plan_expands_its_sweeps_in_order_and_refuses_typos() -> None:
+    from bench.serve import Plan
+
+    doc = {
+        "configs": [
+            {
+                "name": "c",
+                "base_urls": ["http://127.0.0.1:1"],
+                "cells": [
+                    {"path": ["raw", "service"], "inflight": [1, 8], "mdp": 6, "baseline": True},
+                    {"path": "web", "bots": [1, 2]},
+                ],
+            }
+        ]
+    }
+    cells = Plan.model_validate(doc).configs[0].cells
+    assert [(c.path, c.inflight, c.bots) for c in cells] == [
+        ("raw", 1, 1), ("raw", 8, 1), ("service", 1, 1), ("service", 8, 1),
+        ("web", 1, 1), ("web", 1, 2),
+    ]  # fmt: skip
+    assert all(c.baseline for c in cells[:4]) and not cells[4].baseline
+    doc["configs"][0]["cells"][0]["infligth"] = [64]
+    with pytest.raises(pydantic.ValidationError):
+        Plan.model_validate(doc)
