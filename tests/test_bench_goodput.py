@@ -175,3 +175,33 @@ async def test_a_warm_up_is_reported_apart_and_results_are_saved_per_step(tmp_pa
     saved = json.loads((tmp_path / "goodput-results.json").read_text())
     assert saved["meta"]["partial"] and [r["step"] for r in saved["rows"]] == ["raw"]
     assert "warm-up warm (not in the table)" in render_markdown(result)
+
+
+def test_a_rendered_table_goes_into_its_own_block_of_the_section(tmp_path) -> None:
+    from bench.goodput import into_doc
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# B\n<!-- bench:goodput -->\nprose kept\n<!-- /bench:goodput -->\ntail\n")
+    into_doc("| table 1 |", "device-2", doc)
+    into_doc("| table 2 |", "device-2", doc)  # replaced, not added twice
+    text = doc.read_text()
+    assert text.count("| table") == 1 and "| table 2 |" in text and "prose kept" in text
+    assert text.index("| table 2 |") < text.index("<!-- /bench:goodput -->") < text.index("tail")
+
+
+def test_every_device_plan_turns_into_a_cpu_dry_run() -> None:
+    from pathlib import Path
+
+    from bench.goodput import as_cpu_dry_run
+
+    for path in sorted(Path("bench/plans").glob("goodput-device*.json")):
+        plan = Plan.model_validate_json(path.read_text())
+        dry = as_cpu_dry_run(plan, 0.25)
+        Plan.model_validate(dry.model_dump())  # still a valid plan
+        for name, group in dry.groups.items():
+            if group.launch is not None:
+                assert "fake_lmdeploy.py" in group.launch.server_command[-1], name
+                assert group.launch.extra_args == plan.groups[name].launch.extra_args
+        assert [s.rates for s in dry.steps] == [
+            [round(r * 0.25, 2) for r in s.rates] for s in plan.steps
+        ]
