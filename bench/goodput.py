@@ -742,7 +742,15 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
 
         async def do(i: int, step: Step) -> None:
             if step.group not in servers.urls:
-                rows.append({**step_meta(step), "rate": min(step.rates), "skipped": "no servers"})
+                if step.kind == "prefix_cache_check":
+                    error = f"group {step.group} did not start"
+                    meta.setdefault("checks", {})[step.name] = {"ok": None, "error": error}
+                elif step.kind == "warmup":
+                    skipped = {"rate": min(step.rates), "skipped": "no servers"}
+                    meta.setdefault("warmups", {})[step.name] = [skipped]
+                else:
+                    skipped = {**step_meta(step), "rate": min(step.rates), "skipped": "no servers"}
+                    rows.append(skipped)
                 return
             urls = servers.urls[step.group][: step.servers_used]
             if step.kind == "prefix_cache_check":

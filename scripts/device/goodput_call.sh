@@ -74,7 +74,7 @@ left=$(( BUDGET - SECONDS - 15 ))
 GOODPUT_DEVICE="$(head -1 "$WORK/gpu.txt")" GOODPUT_VERSIONS="$(cat "$WORK/versions.txt")" \
   timeout "$left" "$PY" -m bench.goodput --plan "$WORK/plan.json" --images "$PHOTOS" \
   --out "$GP" --deadline-s $(( left - 30 )) --startup-timeout-s "${STARTUP_S:-200}" \
-  "${EXTRA[@]}" > "$FINAL/goodput-log.txt" 2>&1
+  ${EXTRA[@]+"${EXTRA[@]}"} > "$FINAL/goodput-log.txt" 2>&1
 echo "bench exit $? at ${SECONDS} s" | tee -a "$FINAL/goodput-log.txt"
 
 # results: the final JSON, or the one saved after the last finished step (meta.partial)

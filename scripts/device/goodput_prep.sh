@@ -2,10 +2,11 @@
 # Run HERE (a machine with PyPI) right before a goodput device call (scripts/device/goodput_call.sh):
 #   1. the git-ignored kit .device/ (wheels, LMDeploy's Python package, photos) if it is missing:
 #      bench/device_prep.sh with TRAIN=0;
-#   2. .device/tree: a git archive of HEAD (+ COMMIT), so the call runs committed code only,
-#      never someone's uncommitted edits in the shared checkout;
+#   2. .device/tree: a git archive of REF (default HEAD; + COMMIT), so the call runs committed
+#      code only, never someone's uncommitted edits in the shared checkout (pass the commit the
+#      CPU dry run passed on to run exactly that);
 #   3. what travels with run(carry=[".device"]) against the 64 MiB limit.
-#     bash scripts/device/goodput_prep.sh
+#     bash scripts/device/goodput_prep.sh [REF]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ ! -f .device/lmdeploy/lmdeploy/version.py ] || ! ls .device/wheels/fastapi-*.whl >/dev/null 2>&1; then
@@ -15,8 +16,9 @@ for need in .device/lmdeploy/lmdeploy/version.py .device/photos/chelsea.png; do
   [ -f "$need" ] || { echo "missing $need: bench/device_prep.sh did not finish" >&2; exit 1; }
 done
 rm -rf .device/tree && mkdir -p .device/tree
-git archive HEAD | tar -x -C .device/tree
-git rev-parse --short HEAD > .device/tree/COMMIT
+REF=${1:-HEAD}
+git archive "$REF" | tar -x -C .device/tree
+git rev-parse --short "$REF" > .device/tree/COMMIT
 echo "tree: $(cat .device/tree/COMMIT), $(du -sh .device/tree | cut -f1)"
 # the device tool sends tracked + untracked-not-ignored files + the carried paths
 travels=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } \
