@@ -3,13 +3,13 @@
 # back at most 8 files): install the carried wheels, build the full-size random InternVL2-2B
 # model on the GPU, run a bench/plans/goodput-*.json plan with bench.goodput, pack.
 #
-#   device (tree = git archive of HEAD in .device/tree, see scripts/device/goodput_prep.sh):
-#     cd .device/tree && DEVICE_DIR=.. BUDGET=400 STARTUP_S=200 \
+#   device (tree = git archive in .device/goodput-tree, made by scripts/device/goodput_prep.sh):
+#     cd .device/goodput-tree && DEVICE_DIR=.. BUDGET=410 STARTUP_S=200 \
 #       bash scripts/device/goodput_call.sh bench/plans/goodput-device-2.json
 #   CPU dry run of the same plan against fake api_servers (rates × 0.25, small pictures):
 #     DRY_RUN=1 PY=.venv/bin/python bash scripts/device/goodput_call.sh bench/plans/goodput-device-2.json
 #
-# BUDGET (s, default 400): this script's whole run; the bench is killed at BUDGET - 15 and starts
+# BUDGET (s, default 410): this script's whole run; the bench is killed at BUDGET - 15 and starts
 # no rate cell it cannot finish by BUDGET - 45 (server stop and packing fit in what is left).
 # What comes back in $OUT: goodput-results.json (commit it), goodput.md, goodput-log.txt and
 # goodput-call.tar.gz (plan, gpu/versions, setup log, every server's and bot's log, the jsonl).
@@ -17,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 PLAN=${1:-bench/plans/goodput-device-2.json}
 PY=${PY:-python3}
-BUDGET=${BUDGET:-400}
+BUDGET=${BUDGET:-410}
 FINAL=${OUT:-$PWD/device-out}
 WORK=${GOODPUT_WORK:-/tmp/goodput-call}
 GP=$WORK/run
