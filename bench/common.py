@@ -8,7 +8,8 @@ patches ``sys.path``.
   ``statistics.quantiles(method="inclusive")``). p95s from different benches are comparable.
 * **Load** — ``closed_loop`` keeps N requests in flight (throughput at a fixed concurrency);
   ``open_loop`` starts requests at Poisson arrival times whatever the server does (what users
-  do: latency at a given arrival rate, the basis of goodput).
+  do: latency at a given arrival rate, the basis of goodput); ``at_offsets`` is its clock, also
+  for paced streams (``i / rate``).
 * **Workloads** — ``zipf_indices``: which picture each request sends when popularity follows a
   Zipf law (rank k drawn with probability ∝ 1/k^s).
 * **Pictures** — ``source_photos``/``photo_jpegs``: scikit-image's real photos (or a copy of them),
@@ -36,7 +37,7 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,18 @@ async def closed_loop(
     return [s for s in samples if w0 <= s.end <= w1], w0, w1
 
 
+async def at_offsets(offsets: Sequence[float], t0: float | None = None) -> AsyncIterator[int]:
+    """Yield each offset's index when it comes (seconds after ``t0``, the loop clock; default
+    now) whatever the server does: the clock of every open loop (Poisson or paced)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() if t0 is None else t0
+    for i, offset in enumerate(offsets):
+        delay = t0 + offset - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield i
+
+
 def poisson_arrivals(rate: float, duration_s: float, seed: int = 0) -> list[float]:
     """Arrival offsets (s) of a Poisson process of ``rate`` per second over ``duration_s``."""
     if rate <= 0 or duration_s <= 0:
@@ -208,11 +221,8 @@ async def open_loop(
     offsets = poisson_arrivals(rate, warmup_s + duration_s, seed)
     t0 = loop.time()
     tasks: list[tuple[float, asyncio.Task[Sample]]] = []
-    for i, offset in enumerate(offsets):
-        delay = t0 + offset - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append((offset, asyncio.create_task(one(i))))
+    async for i in at_offsets(offsets, t0):
+        tasks.append((offsets[i], asyncio.create_task(one(i))))
     measured = [(o, t) for o, t in tasks if o >= warmup_s]
     done: set[asyncio.Task[Sample]] = set()
     if tasks:

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shlex
@@ -53,6 +54,7 @@ from bench.common import (
     PHOTOS,
     RESULTS,
     ROOT,
+    at_offsets,
     fmt,
     free_port,
     jpeg_bytes,
@@ -679,13 +681,8 @@ async def run(
         first_id = last_id = 0
 
         # ---------------------------------------------------------------- feed, paced
-        started = time.monotonic()
-        t0 = started
-        last_sent = started
-        for i in range(n_updates):
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        t0 = last_sent = time.monotonic()  # the loop's clock
+        async for _ in at_offsets([i / rate for i in range(n_updates)], t0):
             update = crowd.next_update()
             last_id = update["update_id"]
             first_id = first_id or last_id
@@ -1153,14 +1150,12 @@ class FloodCrowd:
             "caption": f"{mention} again",
             "caption_entities": [{"type": "mention", "offset": 0, "length": len(mention)}],
         }
-        next_at = time.monotonic()
-        while time.monotonic() < until:
+        count = math.ceil((until - time.monotonic()) * FLOOD_RATE)  # k / rate < time left
+        async for _ in at_offsets([k / FLOOD_RATE for k in range(count)]):
             photo = self._photo()
             self.flood_files.add(photo[-1]["file_id"])
             self.api.push_message(self.group, self.flooder, photo=photo, **caption)
             self.flood_sent += 1
-            next_at += 1 / FLOOD_RATE
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
 
 async def _flood_store(url: str, images_dir: Path) -> dict[str, Any]:

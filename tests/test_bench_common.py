@@ -20,6 +20,7 @@ from bench.common import (
     Failed,
     Sample,
     append_jsonl,
+    at_offsets,
     closed_loop,
     free_port,
     latency_summary,
@@ -188,3 +189,16 @@ def test_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert common.git_commit() == "abc1234"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", free_port()))  # free: binding it works
+
+
+async def test_at_offsets_paces_a_stream_whatever_the_consumer_does() -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    seen = []
+    async for i in at_offsets([i / 20 for i in range(5)], t0):  # 20/s
+        seen.append((i, loop.time() - t0))
+        if i == 1:
+            await asyncio.sleep(0.12)  # a slow consumer: the next ones are due, not re-spaced
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
+    assert seen[3][1] - seen[2][1] < 0.03  # both were due: back to back, not re-spaced
+    assert seen[4][1] >= 0.19  # and none early
