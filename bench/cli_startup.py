@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    LOOPBACK_WEB_ENV,
     RESULTS,
     free_port,
     latency_summary,
@@ -59,12 +60,7 @@ def clean_env(data_dir: Path, port: int) -> dict[str, str]:
 def running_serve(data_dir: Path, port: int) -> Iterator[str]:
     """`oogiri serve` (web channel, instant engine) until the block ends."""
     # No rate limits: dozens of calls a minute from one terminal are the benchmark, not abuse.
-    bot = BotProcess(
-        data_dir,
-        port,
-        OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE="0",
-        OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR="0",
-    )
+    bot = BotProcess(data_dir, port, **LOOPBACK_WEB_ENV)
     with running(bot, cli=True):
         yield bot.url
 

@@ -51,6 +51,17 @@ HEADER = (
 )
 #: scikit-image's real photos (shipped inside its wheel): the pictures every bench sends.
 PHOTOS = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+#: A bot under load from loopback: every simulated user comes from 127.0.0.1, so the web
+#: channel's per-network limits (issue 21) would measure themselves, not the bot.
+LOOPBACK_WEB_ENV = {
+    "OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE": "0",
+    "OOGIRI_WEB__VOTES_PER_IP_PER_MINUTE": "0",
+    "OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR": "0",
+    "OOGIRI_WEB__INFLIGHT_UPLOADS_PER_IP": "0",
+    "OOGIRI_WEB__MAX_INFLIGHT_UPLOADS": "100000",
+    "OOGIRI_WEB__MAX_CONNECTIONS": "100000",
+    "OOGIRI_WEB__MAX_CONNECTIONS_PER_IP": "100000",
+}
 
 
 # --------------------------------------------------------------------------- statistics

@@ -63,6 +63,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bench.common import (
+    LOOPBACK_WEB_ENV,
     PHOTOS,
     ROOT,
     Failed,
@@ -614,14 +615,7 @@ class BotProcesses:
                 "OOGIRI_ENGINE__REQUEST_EXTRA": json.dumps(es.request_extra),
                 "OOGIRI_LIMITS__PER_USER_PER_MINUTE": "0",
                 "OOGIRI_LIMITS__PER_CHAT_PER_MINUTE": "0",
-                # every load request comes from 127.0.0.1: the web channel's per-network limits
-                # (issue 21) would measure themselves, not serving
-                "OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE": "0",
-                "OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR": "0",
-                "OOGIRI_WEB__INFLIGHT_UPLOADS_PER_IP": "0",
-                "OOGIRI_WEB__MAX_INFLIGHT_UPLOADS": "100000",
-                "OOGIRI_WEB__MAX_CONNECTIONS": "100000",
-                "OOGIRI_WEB__MAX_CONNECTIONS_PER_IP": "100000",
+                **LOOPBACK_WEB_ENV,
             }
             for key, value in (limits or {}).items():
                 env[f"OOGIRI_LIMITS__{key.upper()}"] = str(value)

@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 
 from bench.common import (
+    LOOPBACK_WEB_ENV,
     RESULTS,
     ROOT,
     latency_summary,
@@ -349,11 +350,7 @@ async def run(args) -> dict[str, Any]:
         "OOGIRI_TELEGRAM__BASE_FILE_URL": api.base_file_url,
         "OOGIRI_TELEGRAM__LANGUAGE": "en",
         "OOGIRI_WEB__COOKIE_SECRET": COOKIE_SECRET,
-        # Every simulated web user comes from 127.0.0.1: the per-network limits stay out of it.
-        "OOGIRI_WEB__UPLOADS_PER_IP_PER_MINUTE": "0",
-        "OOGIRI_WEB__VOTES_PER_IP_PER_MINUTE": "0",
-        "OOGIRI_WEB__NEW_SESSIONS_PER_IP_PER_HOUR": "0",
-        "OOGIRI_WEB__INFLIGHT_UPLOADS_PER_IP": "0",
+        **LOOPBACK_WEB_ENV,
         "OOGIRI_TEST_ENGINE_FAULT_FILE": str(flag),
         "OOGIRI_LOG_LEVEL": "WARNING",
     }
