@@ -271,22 +271,21 @@ async def faults(args, ledger: Ledger, flag: Path, t0: float, pg: ThrowawayPostg
 # --------------------------------------------------------------------------- checks
 
 
-async def stored_state(db_url: str | None, sqlite_path: Path) -> tuple[set[int], dict]:
-    if db_url:
-        import asyncpg
+async def stored_state(store_url: str, data_dir: Path) -> tuple[set[int], dict]:
+    """What the database holds after the run: every joke id and public id, every vote."""
+    from sqlalchemy import select
 
-        conn = await asyncpg.connect(db_url)
-        try:
-            ids = [tuple(r) for r in await conn.fetch("SELECT id, public_id FROM jokes")]
-            rows = await conn.fetch("SELECT joke_id, user_id, value FROM ratings")
-        finally:
-            await conn.close()
-    else:
-        import sqlite3
+    from bot.store import JokeRow, RatingRow, Store
 
-        with sqlite3.connect(sqlite_path) as conn:
-            ids = conn.execute("SELECT id, public_id FROM jokes").fetchall()
-            rows = conn.execute("SELECT joke_id, user_id, value FROM ratings").fetchall()
+    store = Store(store_url, data_dir / "images")
+    try:
+        async with store.session() as s:
+            ids = (await s.execute(select(JokeRow.id, JokeRow.public_id))).all()
+            rows = (
+                await s.execute(select(RatingRow.joke_id, RatingRow.user_id, RatingRow.value))
+            ).all()
+    finally:
+        await store.close()
     # The web API names jokes by public id, Telegram's buttons by the store's id: both count.
     public = {joke_id: public_id for joke_id, public_id in ids}
     jokes = {joke_id for joke_id, _ in ids} | {p for _, p in ids if p}
@@ -362,10 +361,10 @@ async def run(args) -> dict[str, Any]:
         env["OOGIRI_ENGINE__MODEL_VERSION"] = "tiny-random"
         env["OOGIRI_ENGINE__MAX_NEW_TOKENS"] = "16"
     pg = None if args.sqlite else await _throwaway_postgres()
-    # Its own cluster, so the bot may use the "postgres" database; asyncpg's URL for the checks.
-    db_url = pg.url.replace("+asyncpg", "", 1) if pg is not None else None
-    if pg is not None:
-        env["OOGIRI_STORE__URL"] = pg.url
+    # Its own cluster, so the bot may use the "postgres" database.
+    sqlite = f"sqlite+aiosqlite:///{work / 'data' / 'oogiri.sqlite3'}"
+    store_url = pg.url if pg is not None else sqlite
+    env["OOGIRI_STORE__URL"] = store_url
     bot = BotProcess(work / "data", **env)
     ledger = Ledger()
     side = TelegramSide(api)
@@ -379,7 +378,7 @@ async def run(args) -> dict[str, Any]:
         await asyncio.gather(*users, faults(args, ledger, flag, t0, pg))
         elapsed = time.monotonic() - t0
         code = await asyncio.to_thread(bot.stop, 30.0)
-        jokes, ratings = await stored_state(db_url, work / "data" / "oogiri.sqlite3")
+        jokes, ratings = await stored_state(store_url, work / "data")
     finally:
         collector.cancel()
         with contextlib.suppress(BaseException):
