@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing
 import os
@@ -49,6 +48,7 @@ import httpx
 from bench.common import (
     RESULTS,
     ROOT,
+    Sampler,
     latency_summary,
     machine,
     markdown_table,
@@ -94,37 +94,12 @@ def client(url: str, source: str, timeout: float = 60.0) -> httpx.AsyncClient:
 # --------------------------------------------------------------------------- memory
 
 
-class RssSampler:
-    """VmRSS of the server every 50 ms (MiB); VmHWM is the kernel's exact high-water mark."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.samples: list[tuple[float, float]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    def read(self, key: str = "VmRSS") -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError(f"{key} not found")
-
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.samples.append((time.monotonic(), self.read()))
-            await asyncio.sleep(0.05)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def peak_between(self, start: float, end: float) -> float:
-        return max((v for t, v in self.samples if start <= t <= end), default=0.0)
+def memory_mib(pid: int, key: str = "VmRSS") -> float:
+    """A process's VmRSS (MiB); ``VmHWM`` is the kernel's exact high-water mark."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not found")
 
 
 # --------------------------------------------------------------------------- parties
@@ -301,12 +276,12 @@ async def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         OOGIRI_LOG_LEVEL="WARNING",
     )
     bot.start()
-    rss = RssSampler(bot.pid)
+    rss = Sampler(lambda: memory_mib(bot.pid), every_s=0.05)  # the server's RSS, MiB
     try:
         async with client(bot.url, ORDINARY[0]) as warm:  # imports, codecs, first decode
             await warm.post("/api/jokes", files={"image": ("w.jpg", photos[0], "image/jpeg")})
         await asyncio.sleep(2)
-        idle = rss.read()
+        idle = memory_mib(bot.pid)
         rss.start()
 
         quiet: list[float] = []
@@ -349,10 +324,10 @@ async def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
         for sock in slow:
             sock.close()
         await asyncio.sleep(args.settle_s)
-        settled = rss.read()
-        hwm = rss.read("VmHWM")
+        settled = memory_mib(bot.pid)
+        hwm = memory_mib(bot.pid, "VmHWM")
         await rss.stop()
-        peak_abuse = rss.peak_between(abuse_start, time.monotonic())
+        peak_abuse = max(rss.values(abuse_start, time.monotonic()), default=0.0)
     finally:
         bot.stop()
     ordinary_loud: Counter[str] = sum(results[: len(ORDINARY)], Counter())

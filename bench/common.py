@@ -264,6 +264,40 @@ def zipf_indices(n_requests: int, n_items: int, s: float, seed: int = 0) -> list
     return rng.choices(range(n_items), weights=weights, k=n_requests)
 
 
+class Sampler:
+    """Calls ``read`` every ``every_s`` seconds (in a thread: a read may block, e.g. nvidia-smi)
+    while started and keeps (loop time, value); a read that returns None or fails is skipped."""
+
+    def __init__(self, read: Callable[[], Any], every_s: float) -> None:
+        self.read = read
+        self.every_s = every_s
+        self.samples: list[tuple[float, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(Exception):
+                value = await asyncio.to_thread(self.read)
+                if value is not None:
+                    self.samples.append((loop.time(), value))
+            await asyncio.sleep(self.every_s)
+
+    def start(self) -> Sampler:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def values(self, start: float = -math.inf, end: float = math.inf) -> list[Any]:
+        """The values sampled between ``start`` and ``end`` (loop time)."""
+        return [v for t, v in self.samples if start <= t <= end]
+
+
 # --------------------------------------------------------------------------- pictures
 
 

@@ -51,10 +51,10 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -68,6 +68,7 @@ from bench.common import (
     ROOT,
     Failed,
     Sample,
+    Sampler,
     append_jsonl,
     closed_loop,
     fmt,
@@ -236,57 +237,22 @@ def as_normalized(jpeg: bytes) -> NormalizedImage:
     return NormalizedImage.of(jpeg, width, height, "JPEG")
 
 
-# --------------------------------------------------------------------------- GPU sampling
+# --------------------------------------------------------------------------- GPU
 
 
-class GpuSampler:
-    """nvidia-smi every second: peak memory used and mean utilisation (None without a GPU)."""
-
-    def __init__(self) -> None:
-        self.exe = shutil.which("nvidia-smi")
-        self.mem: list[float] = []
-        self.util: list[float] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def sample(self) -> tuple[float, float] | None:
-        if not self.exe:
-            return None
-        try:
-            out = subprocess.run(
-                [self.exe, GPU_QUERY, "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=5, check=True,
-            ).stdout  # fmt: skip
-        except (OSError, subprocess.SubprocessError):
-            return None
-        rows = [line.split(",") for line in out.strip().splitlines() if line.strip()]
-        if not rows:
-            return None
-        return sum(float(r[0]) for r in rows), sum(float(r[1]) for r in rows) / len(rows)
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            got = self.sample()
-            if got:
-                self.mem.append(got[0])
-                self.util.append(got[1])
-
-    def __enter__(self) -> GpuSampler:
-        if self.exe:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-
-    def result(self) -> dict[str, float | None]:
-        return {
-            "gpu_mem_mib": max(self.mem) if self.mem else None,
-            "gpu_util_pct": round(sum(self.util) / len(self.util), 1) if self.util else None,
-        }
+def gpu_now() -> tuple[float, float] | None:
+    """nvidia-smi's memory used (MiB, all GPUs) and mean utilisation (%); None without a GPU."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    out = subprocess.run(
+        [exe, GPU_QUERY, "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, timeout=5, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split(",") for line in out.strip().splitlines() if line.strip()]
+    if not rows:
+        return None
+    return sum(float(r[0]) for r in rows), sum(float(r[1]) for r in rows) / len(rows)
 
 
 def device_info() -> dict[str, Any]:
@@ -465,12 +431,15 @@ class Bench:
         async def one(i: int) -> Sample:
             return await timed(lambda: call(i))
 
-        sampler = GpuSampler()
+        sampler = Sampler(gpu_now, every_s=1.0)
 
         async def sample_gpu() -> None:  # only while the window measures
             await asyncio.sleep(warmup)
-            with sampler:
+            sampler.start()
+            try:
                 await asyncio.sleep(measure)
+            finally:
+                await sampler.stop()
 
         sampling = asyncio.create_task(sample_gpu())
         try:
@@ -507,7 +476,12 @@ class Bench:
             "completion_tokens": (
                 round(sum(s.completion_tokens for s in ok) / len(ok), 1) if ok else None
             ),
-            **sampler.result(),
+            "gpu_mem_mib": max((mem for mem, _ in sampler.values()), default=None),
+            "gpu_util_pct": (
+                round(statistics.fmean(u for _, u in sampler.values()), 1)
+                if sampler.samples
+                else None
+            ),
         }
         return row
 

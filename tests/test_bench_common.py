@@ -19,6 +19,7 @@ import bench.common as common
 from bench.common import (
     Failed,
     Sample,
+    Sampler,
     append_jsonl,
     at_offsets,
     closed_loop,
@@ -202,3 +203,27 @@ async def test_at_offsets_paces_a_stream_whatever_the_consumer_does() -> None:
     assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
     assert seen[3][1] - seen[2][1] < 0.03  # both were due: back to back, not re-spaced
     assert seen[4][1] >= 0.19  # and none early
+
+
+async def test_sampler_keeps_what_it_read_while_started_and_skips_failed_reads() -> None:
+    reads = iter([1.0, None, RuntimeError("gone"), 4.0, 5.0, 6.0, 7.0, 8.0])
+
+    def read() -> float | None:
+        value = next(reads)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    loop = asyncio.get_running_loop()
+    sampler = Sampler(read, every_s=0.02).start()
+    await asyncio.sleep(0.09)
+    middle = loop.time()
+    await asyncio.sleep(0.04)
+    await sampler.stop()
+    values = sampler.values()
+    assert values[:2] == [1.0, 4.0] and None not in values
+    later = sampler.values(start=middle)  # a window: split at a time, nothing lost or doubled
+    assert later and sampler.values(end=middle) + later == values
+    count = len(sampler.samples)
+    await asyncio.sleep(0.05)
+    assert len(sampler.samples) == count  # stopped means stopped
