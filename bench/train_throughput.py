@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, append_jsonl, write_section
+from bench.common import ROOT, append_jsonl, source_photos, write_section
 from bot.settings import DEFAULT_PROMPT
 from training.config import TrainParams, write_config
 from training.export import dumps_dataset, xtuner_item
@@ -60,26 +60,23 @@ JOKES = [
 
 def make_images(photos: Path, out: Path, n: int, seed: int = 0) -> list[str]:
     """n distinct phone-size pictures cut from the real photos (names relative to ``out``)."""
-    from PIL import Image
-
     rng = random.Random(seed)
-    sources = sorted(p for p in photos.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    sources = source_photos(photos, names=None)
     if not sources:
         raise SystemExit(f"no photos in {photos}")
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for i in range(n):
-        with Image.open(sources[i % len(sources)]) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            # InternVL tiles a 3:2 picture into 3×2 448-px tiles + a thumbnail: 7 tiles, as a
-            # phone photo would be (the serving benchmark's 6-tile case)
-            crop = im.crop((x, y, x + cw, y + ch)).resize((1344, 896))
-            name = f"img{i:04d}.jpg"
-            crop.save(out / name, quality=90)
-            names.append(name)
+        im = sources[i % len(sources)]
+        w, h = im.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        # InternVL tiles a 3:2 picture into 3×2 448-px tiles + a thumbnail: 7 tiles, as a
+        # phone photo would be (the serving benchmark's 6-tile case)
+        crop = im.crop((x, y, x + cw, y + ch)).resize((1344, 896))
+        name = f"img{i:04d}.jpg"
+        crop.save(out / name, quality=90)
+        names.append(name)
     return names
 
 
