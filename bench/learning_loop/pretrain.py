@@ -75,6 +75,7 @@ def save_internvl2(src: Path, model: Any, dst: Path, version: str | None = None)
     marker |= {
         "version": version or old_version.replace("random", "pretrained"),
         "pretrained_from": old_version,
+        "note": "the tiny random base pretrained by bench.learning_loop.proxy (see its command)",
     }
     marker_path.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return dst
