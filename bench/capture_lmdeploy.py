@@ -35,8 +35,9 @@ from typing import Any
 
 import httpx
 
+from bench.common import chat_body as common_chat_body
 from bench.common import jpeg_bytes, skimage_photos
-from bot.engines.openai_http import DATA_URL_PREFIX, to_data_url
+from bot.engines.openai_http import DATA_URL_PREFIX
 from bot.settings import DEFAULT_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,27 +75,7 @@ def image_summary(url: str, mdp: int | None, jpeg: bytes | None) -> dict[str, An
 def chat_body(
     model: str, jpeg: bytes, *, mdp: int = 6, stream: bool = False, **extra: Any
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {
-                        "type": "image_url",
-                        "image_url": {"url": to_data_url(jpeg), "max_dynamic_patch": mdp},
-                    },
-                    {"type": "text", "text": DEFAULT_PROMPT},
-                ],
-            }
-        ],
-        "max_tokens": 32,
-        "temperature": 0.8,
-        "top_p": 0.9,
-        "stream": stream,
-    }
-    body.update(extra)
-    return body
+    return common_chat_body(model, jpeg, mdp, 32, stream=stream, **extra)
 
 
 class Capturer:

@@ -355,6 +355,29 @@ def photo_jpegs(
         return list(pool.map(one, range(count)))
 
 
+def chat_body(
+    model: str, jpeg: bytes, mdp: int, max_tokens: int, prompt: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """A chat request as LMDeploy's api_server takes it: one picture (with InternVL's
+    ``max_dynamic_patch``) and the prompt (the bot's by default); ``extra`` adds fields."""
+    from bot.engines.openai_http import to_data_url
+    from bot.settings import DEFAULT_PROMPT
+
+    picture = {"url": to_data_url(jpeg), "max_dynamic_patch": mdp}
+    content = [
+        {"type": "image_url", "image_url": picture},
+        {"type": "text", "text": prompt or DEFAULT_PROMPT},
+    ]
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        **extra,
+    }
+
+
 # --------------------------------------------------------------------------- results
 
 

@@ -70,6 +70,7 @@ from bench.common import (
     Sample,
     Sampler,
     append_jsonl,
+    chat_body,
     closed_loop,
     fmt,
     git_commit,
@@ -84,7 +85,7 @@ from bench.common import (
 from bot.engines import tiling
 from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher
-from bot.engines.openai_http import OpenAIHTTPEngine, body_error, to_data_url
+from bot.engines.openai_http import OpenAIHTTPEngine, body_error
 from bot.models import GenerationParams, NormalizedImage
 from bot.settings import DEFAULT_PROMPT
 
@@ -313,29 +314,10 @@ class Bench:
             if cell.presize:
                 image = tiling.presize(image, cell.mdp)
             n = self.args.max_new_tokens
-            body = {
-                "model": self.args.model_name,
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {
-                                "type": "image_url",
-                                "image_url": {
-                                    "url": to_data_url(image.jpeg),
-                                    "max_dynamic_patch": cell.mdp,
-                                },
-                            },
-                            {"type": "text", "text": self.prompt},
-                        ],
-                    }
-                ],
-                "max_tokens": n,
-                "temperature": 0.8,
-                "top_p": 0.9,
-                "ignore_eos": True,
-                "min_new_tokens": n,
-            }
+            body = chat_body(
+                self.args.model_name, image.jpeg, cell.mdp, n, self.prompt,
+                ignore_eos=True, min_new_tokens=n,
+            )  # fmt: skip
             self._bodies[key] = json.dumps(body).encode()
         return self._bodies[key]
 

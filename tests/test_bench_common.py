@@ -22,6 +22,7 @@ from bench.common import (
     Sampler,
     append_jsonl,
     at_offsets,
+    chat_body,
     closed_loop,
     free_port,
     latency_summary,
@@ -227,3 +228,12 @@ async def test_sampler_keeps_what_it_read_while_started_and_skips_failed_reads()
     count = len(sampler.samples)
     await asyncio.sleep(0.05)
     assert len(sampler.samples) == count  # stopped means stopped
+
+
+def test_chat_body_is_lmdeploys_request_with_one_picture() -> None:
+    body = chat_body("m", b"\xff\xd8jpeg", 6, 64, ignore_eos=True)
+    picture, text = body["messages"][0]["content"]
+    assert picture["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert picture["image_url"]["max_dynamic_patch"] == 6
+    assert text["text"] and (body["max_tokens"], body["ignore_eos"]) == (64, True)
+    assert chat_body("m", b"x", 1, 1, prompt="hint")["messages"][0]["content"][1]["text"] == "hint"
