@@ -367,7 +367,8 @@ def unmap_tensor(name: str, tensor: Any, native: Mapping[str, Any], shapes: _Sha
         raise ConversionError(f"{name!r} needs {', '.join(missing)}, missing from the native model")
     values = [native[n] for n, _ in parts]
     if _LLM_QKV.fullmatch(name):
-        return fuse_wqkv(*values, shapes)
+        q, k, v = values
+        return fuse_wqkv(q, k, v, shapes)
     if _VISION_QKV.fullmatch(name):
         return torch.cat(values, dim=0)
     return values[0]
