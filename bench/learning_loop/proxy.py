@@ -1,12 +1,13 @@
 """A CPU proxy of the learning-loop experiment, to choose its settings without GPU time.
 
 Not the experiment: no LMDeploy, no XTuner, no bot. The same tiny InternVL2 model (random weights,
-``make_tiny_model --layout internvl2``) converted to transformers' layout, sampled as LMDeploy
-samples (temperature 0.8, top-p 0.9, top-k 50, XTuner's template), the same pictures and audience
-(bench/learning_loop), and a loop that mimics ``oogiri train run``: LoRA r/2r on every linear
-layer of the language model and its head (as XTuner's QLoRA, but unquantised, in plain torch),
-trained from the base on every liked answer so far, a split by picture hash, the gate's held-out
-loss, promotion. Then the control (disliked answers, matched per round or all).
+``make_tiny_model --layout internvl2``, optionally pretrained here: ``--pretrain-*``, or a saved
+base: ``--base``) converted to transformers' layout, sampled as LMDeploy samples (temperature 0.8,
+top-p 0.9, top-k 50, XTuner's template), the same pictures and audience (bench/learning_loop), and
+a loop that mimics ``oogiri train run``: LoRA r/2r on every linear layer of the language model and
+its head (as XTuner's QLoRA; unquantised unless ``--qlora``), trained from the base on every liked
+answer so far, a split by picture hash, the gate's held-out loss, promotion. Then the control
+(disliked answers, matched per round or all).
 
     python -m bench.learning_loop.proxy --seeds 0 1 2        # ~1 min per seed on one CPU core
 
@@ -16,6 +17,7 @@ Prints one line per round and seed; docs/learning-loop.md quotes its results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import random
@@ -34,11 +36,34 @@ from training.export import heldout_bucket  # noqa: E402
 
 PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
 
+# The 16 NF4 levels (QLoRA, Dettmers et al. 2023: quantiles of a standard normal, scaled to ±1).
+NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)  # fmt: skip
+
+
+def nf4_round_trip(weight: Any, block: int = 64) -> Any:
+    """``weight`` quantised to NF4 in blocks of 64 with an absmax scale each, and back: what
+    bitsandbytes' 4-bit layers compute with (its double quantisation of the scales is left out)."""
+    import torch
+
+    flat = weight.detach().float().reshape(-1)
+    pad = (-flat.numel()) % block
+    blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, block)
+    scale = blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    levels = torch.tensor(NF4)
+    codes = (blocks / scale).unsqueeze(-1).sub(levels).abs().argmin(dim=-1)
+    out = (levels[codes] * scale).reshape(-1)[: flat.numel()]
+    return out.reshape(weight.shape).to(weight.dtype)
+
 
 class Proxy:
     """The tiny model, its LoRA adapters and the operations the loop needs."""
 
-    def __init__(self, folder: Path, lora_r: int, seed: int) -> None:
+    def __init__(self, folder: Path, lora_r: int, seed: int, base: Path | None = None) -> None:
         import torch
 
         from bot.engines.internvl.convert_internvl2 import convert_internvl2
@@ -54,7 +79,8 @@ class Proxy:
         )
 
         torch.manual_seed(seed)
-        base = make_tiny_model(folder / "base", layout="internvl2")
+        if base is None:
+            base = make_tiny_model(folder / "base", layout="internvl2")
         hf = convert_internvl2(base, folder / "hf")
         self.adapter = NativeInternVL(hf, "cpu", 1)
         self.tok = self.adapter.tokenizer
@@ -102,6 +128,26 @@ class Proxy:
             p.requires_grad = False
         for m in self.lora:
             m.a.requires_grad = m.b.requires_grad = True
+
+    def quantised(self) -> Any:
+        """XTuner's QLoRA in the proxy: while training, every LLM linear layer (not the head, which
+        bitsandbytes leaves unquantised) computes with its NF4 round-tripped weight; the adapters
+        are then merged into and served with the unquantised weights, as the product does."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def swapped() -> Any:
+            layers = [m for m in self.lora if m is not self.model.lm_head]
+            clean = [m.linear.weight.data for m in layers]
+            try:
+                for m, w in zip(layers, clean, strict=True):
+                    m.linear.weight.data = nf4_round_trip(w)
+                yield
+            finally:
+                for m, w in zip(layers, clean, strict=True):
+                    m.linear.weight.data = w
+
+        return swapped()
 
     def merge(self) -> None:
         """Fold the adapters into the weights: the pretrained base every later run starts from."""
@@ -191,6 +237,24 @@ class Proxy:
         rng = random.Random(seed)
         self.model.train()
         step = 0
+        with self.quantised() if getattr(a, "qlora", False) else contextlib.nullcontext():
+            step = self._epochs(items, a, opt, params, warm, total, rng)
+        self.model.eval()
+        return step
+
+    def _epochs(
+        self,
+        items: list[Any],
+        a: argparse.Namespace,
+        opt: Any,
+        params: list[Any],
+        warm: int,
+        total: int,
+        rng: random.Random,
+    ) -> int:
+        import torch
+
+        step = 0
         for _ in range(a.epochs):
             order = items[:]
             rng.shuffle(order)
@@ -209,7 +273,6 @@ class Proxy:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 step += 1
-        self.model.eval()
         return step
 
 
@@ -233,7 +296,7 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
             return pictures.votes(joke, text, picture.name)
         return words.votes(joke, text)
 
-    proxy = Proxy(folder / f"model-{seed}", a.lora_r, seed)
+    proxy = Proxy(folder / f"model-{seed}", a.lora_r, seed, a.base)
     proxy.top_k = a.top_k
     rated: list[tuple[int, Path, str, int]] = []  # round, picture, text, net votes
     lines = pretrain(proxy, a, seed, folder, photos)
@@ -324,7 +387,7 @@ def pretrain(
 
     pictures = build_pool(folder / "pictures", photos, a.pretrain_images, 448, "pretrain")
     items = pretrain_items(pictures, a.pretrain_answers, a.pretrain_p, seed)
-    b = argparse.Namespace(**{**vars(a), "epochs": a.pretrain_epochs})
+    b = argparse.Namespace(**{**vars(a), "epochs": a.pretrain_epochs, "qlora": False})
     iters = proxy.train(items, b, seed + 1000)
     proxy.merge()
     lines = [
@@ -334,7 +397,7 @@ def pretrain(
     if a.save_base:
         from bench.learning_loop.pretrain import save_internvl2
 
-        save_internvl2(folder / f"model-{seed}" / "base", proxy.model, a.save_base)
+        save_internvl2(a.base or folder / f"model-{seed}" / "base", proxy.model, a.save_base)
         lines.append(f"seed {seed} pretrained base (InternVL2 layout) → {a.save_base}")
     return lines
 
@@ -405,12 +468,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--warmup", type=float, default=0.34)
     p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument(
+        "--qlora", action="store_true", help="train against NF4 weights, as XTuner's QLoRA does"
+    )
     p.add_argument("--controls", nargs="*", default=["matched", "all"])
     p.add_argument("--pretrain-epochs", type=int, default=0, help="0: the random base")
     p.add_argument("--pretrain-images", type=int, default=40)
     p.add_argument("--pretrain-answers", type=int, default=4, help="answers per picture")
     p.add_argument("--pretrain-p", type=float, default=0.4, help="share naming the picture")
     p.add_argument("--save-base", type=Path, help="write the pretrained base (InternVL2 layout)")
+    p.add_argument(
+        "--base", type=Path, help="start from this base (InternVL2 layout, e.g. a --save-base one)"
+    )
     p.add_argument(
         "--conditional",
         action="store_true",

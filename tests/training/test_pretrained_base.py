@@ -82,3 +82,26 @@ def test_fuse_wqkv_inverts_split_wqkv() -> None:
         wqkv = torch.randn((8 + 2 * 2) * 4, *rest)
         q, k, v = split_wqkv(wqkv, shapes)
         assert torch.equal(fuse_wqkv(q, k, v, shapes), wqkv)
+
+
+def test_nf4_round_trip_is_what_a_4_bit_layer_computes_with() -> None:
+    """The proxy's stand-in for XTuner's QLoRA: 16 levels per block of 64, each block's largest
+    magnitude kept exactly, and the error of a normal weight matrix as NF4's (~10 %)."""
+    import torch
+
+    from bench.learning_loop.proxy import NF4, nf4_round_trip
+
+    torch.manual_seed(0)
+    weight = torch.randn(96, 130) * 0.02  # 12,480 values: the last block is padded
+    q = nf4_round_trip(weight)
+    assert q.shape == weight.shape and q.dtype == weight.dtype
+    blocks = q.reshape(-1)[: 64 * (weight.numel() // 64)].reshape(-1, 64)
+    source = weight.reshape(-1)[: blocks.numel()].reshape(-1, 64)
+    scale = source.abs().amax(dim=1, keepdim=True)
+    assert torch.allclose(blocks.abs().amax(dim=1, keepdim=True), scale)
+    levels = torch.tensor(NF4)
+    off_grid = (blocks / scale).unsqueeze(-1).sub(levels).abs().amin(-1)
+    assert float(off_grid.max()) < 1e-6
+    error = float((q - weight).norm() / weight.norm())
+    assert 0.05 < error < 0.15, error
+    assert torch.equal(nf4_round_trip(q), q)  # already on the grid
