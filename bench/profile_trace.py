@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 PHASES = ("vision", "prefill", "decode", "other")
+MARKS = {"vision": "vision", "prefill": "prefill", "decode_eager": "decode"}  # mark → phase
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -34,6 +35,11 @@ def load(path: Path) -> list[dict[str, Any]]:
     with opener(path, "rt", encoding="utf-8") as f:
         doc = json.load(f)
     return doc["traceEvents"] if isinstance(doc, dict) else doc
+
+
+def _corr(event: dict[str, Any]) -> Any:
+    """The id that ties a kernel to the CUDA call that launched it."""
+    return (event.get("args") or {}).get("correlation")
 
 
 def _ranges(events: list[dict[str, Any]]) -> dict[tuple[Any, Any], list[tuple[float, float, str]]]:
@@ -70,22 +76,14 @@ def _phase_at(ranges: list[tuple[float, float, str]], starts: list[float], ts: f
 def analyse(
     events: list[dict[str, Any]], jokes: int | None = None, top: int = 12, gap_s: float = 3.0
 ) -> dict:
-    launches: dict[Any, dict[str, Any]] = {}
-    kernels: list[dict[str, Any]] = []
-    for e in events:
-        if e.get("ph") != "X":
-            continue
-        cat = str(e.get("cat", "")).lower()
-        if cat in ("cuda_runtime", "cuda_driver"):
-            corr = (e.get("args") or {}).get("correlation")
-            if corr is not None:
-                launches[corr] = e
-        elif cat == "kernel":
-            kernels.append(e)
+    """Seconds and shares of GPU kernel time per phase, idle time and the heaviest kernels."""
+    xs = [(e, str(e.get("cat", "")).lower()) for e in events if e.get("ph") == "X"]
+    launches = {_corr(e): e for e, c in xs if c in ("cuda_runtime", "cuda_driver")}
+    launches.pop(None, None)
+    kernels = sorted((e for e, c in xs if c == "kernel"), key=lambda k: float(k["ts"]))
     if not kernels:
         return {"error": "no GPU kernels in the trace"}
     # only the last burst of work: start-up (graph capture, warm-up) ends in a long idle gap
-    kernels.sort(key=lambda k: float(k["ts"]))
     cut, last_end = 0, float(kernels[0]["ts"])
     for i, k in enumerate(kernels):
         if float(k["ts"]) - last_end > gap_s * 1e6:
@@ -94,32 +92,24 @@ def analyse(
     kernels = kernels[cut:]
     ranges = _ranges(events)
     starts = {k: [r[0] for r in v] for k, v in ranges.items()}
+
+    def mark(key: tuple[Any, Any], ts: float) -> str | None:
+        return _phase_at(ranges[key], starts[key], ts) if key in ranges else None
+
     time_by: dict[str, float] = defaultdict(float)
     by_kernel: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     intervals = []
     for k in kernels:
         ts, dur = float(k["ts"]), float(k.get("dur", 0))
         intervals.append((ts, ts + dur))
-        launch = launches.get((k.get("args") or {}).get("correlation"))
+        launch = launches.get(_corr(k))
         phase = "other"
-        if launch is not None:
-            if "Graph" in str(launch.get("name", "")):
-                phase = "decode"
-            else:
-                key = (launch.get("pid"), launch.get("tid"))
-                mark = (
-                    _phase_at(ranges[key], starts[key], float(launch["ts"]))
-                    if key in ranges
-                    else None
-                )
-                if mark is None and ("gpu", "gpu") in ranges:  # the GPU-side copy of the marks
-                    mark = _phase_at(ranges[("gpu", "gpu")], starts[("gpu", "gpu")], ts)
-                if mark == "vision":
-                    phase = "vision"
-                elif mark == "prefill":
-                    phase = "prefill"
-                elif mark == "decode_eager":
-                    phase = "decode"
+        if launch is not None and "Graph" in str(launch.get("name", "")):
+            phase = "decode"
+        elif launch is not None:  # else the GPU-side copy of the marks
+            found = mark((launch.get("pid"), launch.get("tid")), float(launch["ts"]))
+            found = mark(("gpu", "gpu"), ts) if found is None else found
+            phase = MARKS.get(found or "", "other")
         time_by[phase] += dur
         entry = by_kernel[(phase, str(k.get("name", "?"))[:120])]
         entry[0] += dur
@@ -135,30 +125,27 @@ def analyse(
     busy += cur_e - cur_s
     window = intervals[-1][1] - intervals[0][0]
     kernel_sum = sum(time_by.values())
-    to_s = 1e-6
     out: dict[str, Any] = {
-        "window_s": round(window * to_s, 6),
-        "gpu_busy_s": round(busy * to_s, 6),
-        "idle_s": round((window - busy) * to_s, 6),
+        "window_s": round(window * 1e-6, 6),
+        "gpu_busy_s": round(busy * 1e-6, 6),
+        "idle_s": round((window - busy) * 1e-6, 6),
         "idle_share": round((window - busy) / window, 4) if window else None,
-        "kernel_s": {p: round(time_by.get(p, 0.0) * to_s, 6) for p in PHASES},
+        "kernel_s": {p: round(time_by[p] * 1e-6, 6) for p in PHASES},
         "kernel_share": {
-            p: round(time_by.get(p, 0.0) / kernel_sum, 4) if kernel_sum else None for p in PHASES
+            p: round(time_by[p] / kernel_sum, 4) if kernel_sum else None for p in PHASES
         },
         "overlap_note": "kernel seconds can exceed busy seconds where streams overlap",
         "marks_found": sum(len(v) for v in ranges.values()),
         "kernels": len(kernels),
         "top_kernels": [
-            {"phase": ph, "name": name, "s": round(t * to_s, 6), "calls": int(n)}
+            {"phase": ph, "name": name, "s": round(t * 1e-6, 6), "calls": int(n)}
             for (ph, name), (t, n) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:top]
         ],
     }
     if jokes:
         out["jokes"] = jokes
-        out["per_joke_ms"] = {
-            **{p: round(time_by.get(p, 0.0) / 1000 / jokes, 2) for p in PHASES},
-            "idle": round((window - busy) / 1000 / jokes, 2),
-        }
+        per_joke = {**{p: time_by[p] for p in PHASES}, "idle": window - busy}
+        out["per_joke_ms"] = {p: round(t / 1000 / jokes, 2) for p, t in per_joke.items()}
     return out
 
 
