@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, append_jsonl, source_photos, write_section
+from bench.common import ROOT, append_jsonl, markdown_table, source_photos, write_section
 from bot.settings import DEFAULT_PROMPT
 from training.config import TrainParams, write_config
 from training.export import dumps_dataset, xtuner_item
@@ -40,64 +40,46 @@ from training.settings import TrainingSettings
 # 4-bit LLM) against settings a 2B model on an 80 GB GPU allows. The effective batch (batch ×
 # accumulation × GPUs) stays 16 in every row, so the optimisation is the same.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "tutorial": dict(
-        batch_size=4, accumulative_counts=4, dataloader_num_workers=4, quantization_llm=True
-    ),
-    "b16-qlora": dict(
-        batch_size=16, accumulative_counts=1, dataloader_num_workers=8, quantization_llm=True
-    ),
-    "b16-lora-bf16": dict(
-        batch_size=16, accumulative_counts=1, dataloader_num_workers=8, quantization_llm=False
-    ),
+    name: dict(batch_size=b, accumulative_counts=a, dataloader_num_workers=w, quantization_llm=q)
+    for name, b, a, w, q in (
+        ("tutorial", 4, 4, 4, True),
+        ("b16-qlora", 16, 1, 8, True),
+        ("b16-lora-bf16", 16, 1, 8, False),
+    )
 }
-JOKES = [
-    "它以为自己在加班，其实是在被加班。",
-    "今天的KPI：假装很忙。",
-    "老板说要有狼性，我选择了猫性。",
-    "这不是摆烂，这是低功耗模式。",
-]
+JOKES = ["它以为自己在加班，其实是在被加班。", "今天的KPI：假装很忙。",
+         "老板说要有狼性，我选择了猫性。", "这不是摆烂，这是低功耗模式。"]  # fmt: skip
 
 
-def make_images(photos: Path, out: Path, n: int, seed: int = 0) -> list[str]:
-    """n distinct phone-size pictures cut from the real photos (names relative to ``out``)."""
-    rng = random.Random(seed)
+def write_data(work: Path, photos: Path, samples: int) -> tuple[Path, Path]:
+    """An XTuner data set of ``samples`` distinct phone-size pictures cut from the real photos,
+    one short joke each; returns (data file, image folder)."""
+    rng = random.Random(0)
     sources = source_photos(photos, names=None)
     if not sources:
         raise SystemExit(f"no photos in {photos}")
-    out.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i in range(n):
+    images = work / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(samples):
         im = sources[i % len(sources)]
         w, h = im.size
         cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
         x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
         # InternVL tiles a 3:2 picture into 3×2 448-px tiles + a thumbnail: 7 tiles, as a
         # phone photo would be (the serving benchmark's 6-tile case)
-        crop = im.crop((x, y, x + cw, y + ch)).resize((1344, 896))
         name = f"img{i:04d}.jpg"
-        crop.save(out / name, quality=90)
-        names.append(name)
-    return names
-
-
-def write_data(work: Path, photos: Path, samples: int) -> tuple[Path, Path]:
-    images = work / "images"
-    names = make_images(photos, images, samples)
-    items = [
-        xtuner_item(f"tp-{i}", name, DEFAULT_PROMPT, JOKES[i % len(JOKES)])
-        for i, name in enumerate(names)
-    ]
+        im.crop((x, y, x + cw, y + ch)).resize((1344, 896)).save(images / name, quality=90)
+        items.append(xtuner_item(f"tp-{i}", name, DEFAULT_PROMPT, JOKES[i % len(JOKES)]))
     data = work / "data.json"
     data.write_text(dumps_dataset(items), encoding="utf-8")
     return data, images
 
 
 def run_one(
-    name: str,
-    values: dict[str, Any],
-    args: argparse.Namespace,
-    env: dict[str, str],
+    name: str, values: dict[str, Any], args: argparse.Namespace, env: dict[str, str]
 ) -> dict[str, Any]:
+    """Train one setting for ``args.iters`` iterations; its row, from mmengine's log lines."""
     world = world_size(env)
     samples = args.iters * values["batch_size"] * world
     work = args.work / name  # images and checkpoints: large, kept out of --out
@@ -113,47 +95,35 @@ def run_one(
         **values,
     )
     plan = write_config(work / "config.py", params, samples, world)
-    cmd = [
-        str(args.xtuner_python.parent / "xtuner"),
-        "train",
-        str(work / "config.py"),
-        "--work-dir",
-        str(work / "run"),
-        "--deepspeed",
-        "deepspeed_zero1",
-    ]
+    cmd = [str(args.xtuner_python.parent / "xtuner"), "train", str(work / "config.py"),
+           "--work-dir", str(work / "run"), "--deepspeed", "deepspeed_zero1"]  # fmt: skip
     print(f"== {name}: {values}, {samples} samples, {plan.total_iters} iterations", flush=True)
     started = time.monotonic()
     first_iter_s = None
-    times: list[float] = []
-    memory: list[float] = []
-    losses: list[float] = []
+    progress = []
     log_path = args.out / f"xtuner-{name}.log"
-    log = log_path.open("w", encoding="utf-8")
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
     assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            log.write(line)
-            p = parse_progress(line)
-            if p is None or p.time_s is None:
-                continue
-            if first_iter_s is None:
-                first_iter_s = time.monotonic() - started
-            times.append(p.time_s)
-            if p.memory_mb is not None:
-                memory.append(p.memory_mb)
-            if p.loss is not None:
-                losses.append(p.loss)
-            print(f"   iter {p.iteration}/{p.total} {p.time_s:.3f} s", flush=True)
-        rc = proc.wait(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = -9
-    finally:
-        log.close()
+    with log_path.open("w", encoding="utf-8") as log:
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                p = parse_progress(line)
+                if p is None or p.time_s is None:
+                    continue
+                if first_iter_s is None:
+                    first_iter_s = time.monotonic() - started
+                progress.append(p)
+                print(f"   iter {p.iteration}/{p.total} {p.time_s:.3f} s", flush=True)
+            rc = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = -9
+    times = [p.time_s for p in progress if p.time_s is not None]
+    memory = [p.memory_mb for p in progress if p.memory_mb is not None]
+    losses = [p.loss for p in progress if p.loss is not None]
     steady = times[args.skip :] or times
     s_per_iter = statistics.median(steady) if steady else None
     result = {
@@ -172,8 +142,7 @@ def run_one(
         "rc": rc,
     }
     if rc != 0:
-        tail = log_path.read_text(encoding="utf-8").splitlines()[-15:]
-        result["log_tail"] = tail
+        result["log_tail"] = log_path.read_text(encoding="utf-8").splitlines()[-15:]
     print(json.dumps(result), flush=True)
     return result
 
@@ -184,28 +153,38 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta.get('transformers', '?')}, torch {meta.get('torch', '?')}; full-size random "
         "InternVL2-2B shapes (InternViT-300M + InternLM2-1.8B); 1344×896 photos → 7 tiles "
         f"(1,792 image tokens) + a short joke; DeepSpeed ZeRO-1; {meta.get('date', '')}.\n\n"
-        "| setting | batch × accum × GPUs | LLM | loader workers | s/iter (median) "
-        "| samples/s | peak memory | first iteration after | wall | rc |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    lines = []
-    for r in rows:
-        llm = "4-bit (QLoRA)" if r["quantization_llm"] else "bf16 (LoRA)"
-        mem = f"{r['peak_memory_mb'] / 1024:.1f} GiB" if r.get("peak_memory_mb") else "–"
-        lines.append(
-            f"| {r['name']} | {r['batch_size']} × {r['accumulative_counts']} × {r['gpus']} "
-            f"| {llm} | {r['dataloader_num_workers']} | {r['s_per_iter'] or '–'} "
-            f"| **{r['samples_per_s'] or '–'}** | {mem} | {r['first_iteration_after_s']} s "
-            f"| {r['wall_s']} s | {r['rc']} |"
-        )
+    columns = ["setting", "batch × accum × GPUs", "LLM", "loader workers", "s/iter (median)",
+               "samples/s", "peak memory", "first iteration after", "wall", "rc"]  # fmt: skip
+    table = [
+        [
+            r["name"],
+            f"{r['batch_size']} × {r['accumulative_counts']} × {r['gpus']}",
+            "4-bit (QLoRA)" if r["quantization_llm"] else "bf16 (LoRA)",
+            str(r["dataloader_num_workers"]),
+            str(r["s_per_iter"] or "–"),
+            f"**{r['samples_per_s'] or '–'}**",
+            f"{r['peak_memory_mb'] / 1024:.1f} GiB" if r.get("peak_memory_mb") else "–",
+            f"{r['first_iteration_after_s']} s",
+            f"{r['wall_s']} s",
+            str(r["rc"]),
+        ]
+        for r in rows
+    ]
     base = next((r for r in rows if r["name"] == "tutorial" and r.get("samples_per_s")), None)
-    notes = []
-    if base:
-        for r in rows:
-            if r is not base and r.get("samples_per_s"):
-                ratio = r["samples_per_s"] / base["samples_per_s"]
-                notes.append(f"{r['name']}: {ratio:.2f}× the tutorial's samples/s")
-    return head + "\n".join(lines) + ("\n\n" + "; ".join(notes) + "." if notes else "") + "\n"
+    notes = [
+        f"{r['name']}: {r['samples_per_s'] / base['samples_per_s']:.2f}× the tutorial's samples/s"
+        for r in rows
+        if base and r is not base and r.get("samples_per_s")
+    ]
+    tail = "\n\n" + "; ".join(notes) + "." if notes else ""
+    return f"{head}{markdown_table(columns, table)}{tail}\n"
+
+
+def read_results(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """results.jsonl: the run's meta on its first line, then one row per setting."""
+    meta, *rows = (json.loads(x) for x in path.read_text(encoding="utf-8").splitlines())
+    return rows, meta
 
 
 def versions(xtuner_python: Path) -> dict[str, Any]:
@@ -240,9 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.render:
-        lines = args.render.read_text(encoding="utf-8").splitlines()
-        meta = json.loads(lines[0])
-        table = render([json.loads(x) for x in lines[1:]], meta)
+        table = render(*read_results(args.render))
         print(table)
         if args.write_doc:
             write_section("train-throughput", "Training throughput: XTuner QLoRA on the GPU", table)
@@ -259,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in (args.only.split(",") if args.only else SETTINGS) if n]
     for name in names:
         append_jsonl(results, run_one(name, SETTINGS[name], args, env))
-    rows = [json.loads(x) for x in results.read_text(encoding="utf-8").splitlines()[1:]]
-    (args.out / "table.md").write_text(render(rows, meta), encoding="utf-8")
-    print(render(rows, meta))
+    table = render(*read_results(results))
+    (args.out / "table.md").write_text(table, encoding="utf-8")
+    print(table)
     return 0
 
 
