@@ -1,20 +1,16 @@
 """How long a newcomer waits for the CLI: start-up, and `oogiri joke` on one picture against a
-running `oogiri serve` and without one (the model loaded in the process).
+running `oogiri serve` (instant engine: the CLI's own cost) and without one (the tiny demo model
+loaded in the process; the first call builds it and is not counted). Every figure is the wall
+clock of the real console script in a fresh process, as a shell runs it. Goal: ≤ 1 s for
+`oogiri joke` against a running serve.
 
-Every figure is the wall-clock time of the real console script in a fresh process, as a shell
-runs it. The serve uses the instant engine, so "against a serve" measures the CLI's own cost (a
-real model adds its generation time to both paths equally); "in-process" loads the tiny demo
-model (the first call builds it and is not counted). Goal: ≤ 1 s for `oogiri joke` against a
-running serve.
-
-Run from the repository root: ``python -m bench.cli_startup [--repeats 7] [--no-doc]``.
-Results: bench/results/cli_startup.json and the ``cli-startup`` section of docs/benchmarks.md.
+Usage: ``python -m bench.cli_startup [--repeats 7] [--no-doc]``. Results:
+bench/results/cli_startup.json and the ``cli-startup`` section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import shutil
@@ -23,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,29 +51,19 @@ def clean_env(data_dir: Path, port: int) -> dict[str, str]:
     return {**os.environ, "OOGIRI_DATA_DIR": str(data_dir), "OOGIRI_WEB__PORT": str(port)}
 
 
-@contextlib.contextmanager
-def running_serve(data_dir: Path, port: int) -> Iterator[str]:
-    """`oogiri serve` (web channel, instant engine) until the block ends."""
-    # No rate limits: dozens of calls a minute from one terminal are the benchmark, not abuse.
-    bot = BotProcess(data_dir, port, **LOOPBACK_WEB_ENV)
-    with running(bot, cli=True):
-        yield bot.url
-
-
 def timed(argv: list[str], env: dict[str, str], repeats: int) -> dict[str, Any]:
-    """Wall-clock seconds of ``oogiri ARGV`` over ``repeats`` fresh processes (each must exit 0)."""
+    """Wall-clock seconds of ``oogiri ARGV`` over ``repeats`` fresh processes (each must exit 0),
+    and the CLI process's own CPU seconds: what a busy machine does not inflate."""
     times: list[float] = []
     cpu: list[float] = []
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run([oogiri(), *argv], env=env, capture_output=True, text=True)
-        elapsed = time.perf_counter() - started
+        times.append(time.perf_counter() - started)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0:
             raise SystemExit(f"oogiri {' '.join(argv)} failed ({done.returncode}):\n{done.stderr}")
-        times.append(elapsed)
-        # CPU seconds of the CLI process itself: what a busy machine does not inflate.
         cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return {
         "n": len(times),
@@ -91,7 +76,7 @@ def timed(argv: list[str], env: dict[str, str], repeats: int) -> dict[str, Any]:
 
 
 def run_all(repeats: int) -> dict[str, Any]:
-    # none of this shell's OOGIRI_* settings may reach the CLI or the serve
+    """Every row; none of this shell's OOGIRI_* settings may reach the CLI or the serve."""
     for key in [k for k in os.environ if k.startswith("OOGIRI_")]:
         del os.environ[key]
     os.environ["LANG"] = "C.UTF-8"
@@ -99,23 +84,24 @@ def run_all(repeats: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="oogiri-bench-cli-") as tmp:
         root = Path(tmp)
-        idle_port = free_port()  # nothing listens here: `oogiri joke` loads the model itself
-        local = clean_env(root / "local", idle_port)
 
         def add(what: str, argv: list[str], env: dict[str, str]) -> None:
             row = {"what": what, "command": "oogiri " + " ".join(argv), **timed(argv, env, repeats)}
             rows.append(row)
             print(f"{what:<48} median {row['median_s']:.3f} s", file=sys.stderr, flush=True)
 
+        # Nothing listens at that port: `oogiri joke` loads the model itself.
+        local = clean_env(root / "local", free_port())
         add("start-up: `oogiri --help` (loads every plugin)", ["--help"], local)
         add("start-up: `oogiri joke --help` (no plugins)", ["joke", "--help"], local)
-        port = free_port()
-        with running_serve(root / "serve", port) as url:
-            same = clean_env(root / "serve", port)
+        # No rate limits: dozens of calls a minute from one terminal are the bench, not abuse.
+        serve = BotProcess(root / "serve", **LOOPBACK_WEB_ENV)
+        with running(serve, cli=True):
+            same = clean_env(root / "serve", serve.port)
             add("joke, 1 image, a serve running on the same data dir", ["joke", image], same)
-            beside = clean_env(root / "client", port)
+            beside = clean_env(root / "client", serve.port)
             add("joke, 1 image, a serve at the web address only", ["joke", image], beside)
-            add("joke, 1 image, --server URL", ["joke", "--server", url, image], local)
+            add("joke, 1 image, --server URL", ["joke", "--server", serve.url, image], local)
         # The first call builds the demo model into the data dir: a one-off, not counted.
         subprocess.run([oogiri(), "joke", image], env=local, capture_output=True, check=True)
         add("joke, 1 image, no serve: the tiny demo model loaded here", ["joke", image], local)
@@ -130,15 +116,13 @@ def run_all(repeats: int) -> dict[str, Any]:
 
 
 def render(doc: dict[str, Any]) -> str:
-    served = [r for r in doc["rows"] if "same data dir" in r["what"]]
     verdict = ""
-    if served:
-        median = served[0]["median_s"]
-        met = "met" if median <= doc["goal_s"] else "NOT met"
-        cpu = served[0]["cpu_median_s"]
+    if served := next((r for r in doc["rows"] if "same data dir" in r["what"]), None):
+        met = "met" if served["median_s"] <= doc["goal_s"] else "NOT met"
         verdict = (
             f" Goal ≤ {doc['goal_s']:g} s against a running serve (same data dir): **{met}** "
-            f"({median:.2f} s wall at that load; the CLI's own CPU time {cpu:.2f} s)."
+            f"({served['median_s']:.2f} s wall at that load; the CLI's own CPU time "
+            f"{served['cpu_median_s']:.2f} s)."
         )
     intro = (
         f"Wall clock of the real console script, a fresh process per run, median of "
@@ -151,14 +135,11 @@ def render(doc: dict[str, Any]) -> str:
         f"only*: the full settings (every plugin imported) are built to find it. The last row "
         f"loads and runs the tiny demo model in the CLI process.{verdict}"
     )
+    keys = ("median_s", "p95_s", "min_s", "max_s", "cpu_median_s")
     table = markdown_table(
         ["what", "median s", "p95 s", "min s", "max s", "CLI CPU s (median)"],
-        [
-            [r["what"], f"{r['median_s']:.2f}", f"{r['p95_s']:.2f}", f"{r['min_s']:.2f}",
-             f"{r['max_s']:.2f}", f"{r['cpu_median_s']:.2f}"]
-            for r in doc["rows"]
-        ],
-    )  # fmt: skip
+        [[r["what"], *(f"{r[k]:.2f}" for k in keys)] for r in doc["rows"]],
+    )
     notes = (
         "What it shows: with a serve running, `oogiri joke` costs about what Python and the "
         "CLI's imports cost (the `joke --help` row) plus one HTTP round trip; before issue 19 "
