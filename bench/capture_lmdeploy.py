@@ -23,7 +23,7 @@ proxy_ok_with_backend_401.
 from __future__ import annotations
 
 import argparse
-import base64
+import contextlib
 import io
 import json
 import sys
@@ -35,14 +35,18 @@ from typing import Any
 
 import httpx
 
+from bench.common import ROOT, jpeg_bytes, skimage_photos
 from bench.common import chat_body as common_chat_body
-from bench.common import jpeg_bytes, skimage_photos
-from bot.engines.openai_http import DATA_URL_PREFIX
+from bot.engines.openai_http import to_data_url
 from bot.settings import DEFAULT_PROMPT
 
-ROOT = Path(__file__).resolve().parents[1]
-
 KEEP_HEADERS = ("content-type", "www-authenticate", "retry-after")
+#: Body fields a fixture's request summary has under their own names (the rest: under "extra").
+SHOWN = ("model", "messages", "max_tokens", "temperature", "top_p")
+#: Ask LMDeploy to leave the chat template's stop word in the text.
+LEFTOVERS = dict(skip_special_tokens=False, include_stop_str_in_output=True, ignore_eos=False)
+#: Whether an answer is the kind of exchange its name promises.
+Want = Callable[[httpx.Response, Any], bool]
 
 
 def photo_jpeg(path: Path | None, size: tuple[int, int] = (1344, 896)) -> bytes:
@@ -58,6 +62,7 @@ def photo_jpeg(path: Path | None, size: tuple[int, int] = (1344, 896)) -> bytes:
 
 
 def image_summary(url: str, mdp: int | None, jpeg: bytes | None) -> dict[str, Any]:
+    """What a fixture keeps of a picture: never its bytes."""
     info: dict[str, Any] = {"scheme": url.split(",", 1)[0], "max_dynamic_patch": mdp}
     if jpeg is not None:
         info["bytes"] = len(jpeg)
@@ -92,7 +97,7 @@ class Capturer:
         request: dict[str, Any],
         response: httpx.Response,
         *,
-        want: Callable[[httpx.Response, Any], bool],
+        want: Want,
         sse: bool = False,
         note: str = "",
     ) -> None:
@@ -103,8 +108,7 @@ class Capturer:
             resp["sse"] = [line for line in response.text.splitlines() if line.strip()]
         else:
             try:
-                body = response.json()
-                resp["body"] = body
+                body = resp["body"] = response.json()
             except ValueError:
                 resp["body_text"] = response.text
         if not want(response, body):
@@ -126,19 +130,23 @@ class Capturer:
             (self.out / f"{name}.json").write_text(text, encoding="utf-8")
 
 
-def status_is(*codes: int) -> Callable[[httpx.Response, Any], bool]:
+def status_is(*codes: int) -> Want:
     return lambda r, _body: r.status_code in codes
 
 
-def has_error_code(code: int) -> Callable[[httpx.Response, Any], bool]:
-    def check(r: httpx.Response, body: Any) -> bool:
-        if r.status_code == code:
-            return True
-        return isinstance(body, dict) and (
-            body.get("code") == code or (code == 401 and "nauthor" in r.text)
-        )
+def refused(r: httpx.Response, _body: Any) -> bool:
+    return r.status_code != 200
 
-    return check
+
+def has_error_code(code: int) -> Want:
+    """The status, or (a proxy answering 200) the code in the body."""
+    return lambda r, body: (
+        r.status_code == code
+        or (
+            isinstance(body, dict)
+            and (body.get("code") == code or (code == 401 and "nauthor" in r.text))
+        )
+    )
 
 
 def capture(args: argparse.Namespace) -> Capturer:
@@ -163,73 +171,31 @@ def capture(args: argparse.Namespace) -> Capturer:
             "models_unauthorized", summary("GET", "/v1/models", "bearer"), r, want=status_is(401)
         )
 
-        def chat(
-            name: str,
-            body: dict[str, Any],
-            auth: dict[str, str],
-            want: Callable[[httpx.Response, Any], bool],
-            *,
-            image: bytes | None = jpeg,
-            url_base: str = base,
-            note: str = "",
-            **more: Any,
-        ) -> None:
+        def chat(name: str, body: dict[str, Any], auth: dict[str, str], want: Want, *,
+                 image: bytes | None = jpeg, url_base: str = base, note: str = "",
+                 **more: Any) -> None:  # fmt: skip
             item = body["messages"][0]["content"][0]["image_url"]
-            req = summary(
-                "POST",
-                "/v1/chat/completions",
-                "good" if auth is good and auth else ("bearer" if auth else "none"),
-                model=body["model"],
-                stream=body.get("stream", False),
-                max_tokens=body.get("max_tokens"),
-                image=image_summary(item["url"], item.get("max_dynamic_patch"), image),
-                text=DEFAULT_PROMPT,
-                extra={
-                    k: v
-                    for k, v in body.items()
-                    if k not in ("model", "messages", "max_tokens", "temperature", "top_p")
-                },
-                **more,
-            )
+            who = "good" if auth is good and auth else ("bearer" if auth else "none")
+            extra = {k: v for k, v in body.items() if k not in SHOWN}
+            req = summary("POST", "/v1/chat/completions", who, model=body["model"],
+                          stream=body.get("stream", False), max_tokens=body.get("max_tokens"),
+                          image=image_summary(item["url"], item.get("max_dynamic_patch"), image),
+                          text=DEFAULT_PROMPT, extra=extra, **more)  # fmt: skip
             response = client.post(url_base + "/v1/chat/completions", json=body, headers=auth)
             cap.record(name, req, response, want=want, sse=bool(body.get("stream")), note=note)
 
         ok = status_is(200)
         chat("chat_success", chat_body(model, jpeg), good, ok)
         chat("chat_stream_success", chat_body(model, jpeg, stream=True), good, ok)
-        chat(
-            "chat_template_leftovers",
-            chat_body(
-                model,
-                jpeg,
-                skip_special_tokens=False,
-                include_stop_str_in_output=True,
-                ignore_eos=False,
-            ),
-            good,
-            lambda r, body: r.status_code == 200,
-            note="skip_special_tokens=false + include_stop_str_in_output: stop word left in text",
-        )
+        note = "skip_special_tokens=false + include_stop_str_in_output: stop word left in text"
+        chat("chat_template_leftovers", chat_body(model, jpeg, **LEFTOVERS), good, ok, note=note)
         chat("chat_unauthorized", chat_body(model, jpeg), wrong, status_is(401))
         garbage = b"this is not a picture at all"
         bad = chat_body(model, jpeg)
-        bad["messages"][0]["content"][0]["image_url"]["url"] = DATA_URL_PREFIX + base64.b64encode(
-            garbage
-        ).decode("ascii")
-        chat("chat_bad_image", bad, good, lambda r, _b: r.status_code != 200, image=garbage)
-        chat(
-            "chat_context_too_long",
-            chat_body(model, big, mdp=40),
-            good,
-            lambda r, _b: r.status_code != 200,
-            image=big,
-        )
-        chat(
-            "chat_model_not_found",
-            chat_body("no-such-model-oogiri", jpeg),
-            good,
-            lambda r, _b: r.status_code != 200,
-        )
+        bad["messages"][0]["content"][0]["image_url"]["url"] = to_data_url(garbage)
+        chat("chat_bad_image", bad, good, refused, image=garbage)
+        chat("chat_context_too_long", chat_body(model, big, mdp=40), good, refused, image=big)
+        chat("chat_model_not_found", chat_body("no-such-model-oogiri", jpeg), good, refused)
         if args.overload:
             bodies = [chat_body(model, jpeg) for _ in range(args.overload)]
 
@@ -237,24 +203,16 @@ def capture(args: argparse.Namespace) -> Capturer:
                 return client.post(base + "/v1/chat/completions", json=body, headers=good)
 
             with ThreadPoolExecutor(args.overload) as pool:
-                answers = list(pool.map(post, bodies))
-            refused = [a for a in answers if a.status_code != 200]
-            if refused:
+                answers = [a for a in pool.map(post, bodies) if a.status_code != 200]
+            if answers:
                 chat_req = summary("POST", "/v1/chat/completions", "good", concurrent=args.overload)
-                cap.record("chat_overloaded", chat_req, refused[0], want=lambda r, _b: True)
+                cap.record("chat_overloaded", chat_req, answers[0], want=lambda r, _b: True)
             else:
                 cap.skipped.append(f"chat_overloaded (all {args.overload} answered 200)")
         if args.proxy_url:
-            proxy = args.proxy_url.rstrip("/")
-            chat(
-                "proxy_ok_with_backend_401",
-                chat_body(model, jpeg),
-                {},
-                has_error_code(401),
-                url_base=proxy,
-                via="lmdeploy serve proxy",
-                note="The proxy answers HTTP 200 with the backend's 401 as its body.",
-            )
+            chat("proxy_ok_with_backend_401", chat_body(model, jpeg), {}, has_error_code(401),
+                 url_base=args.proxy_url.rstrip("/"), via="lmdeploy serve proxy",
+                 note="The proxy answers HTTP 200 with the backend's 401 as its body.")  # fmt: skip
     return cap
 
 
@@ -272,12 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     if args.lmdeploy_version is None:
-        try:
+        with contextlib.suppress(Exception):
             import lmdeploy
 
             args.lmdeploy_version = lmdeploy.__version__
-        except Exception:
-            pass
     cap = capture(args)
     print(json.dumps({"kept": cap.kept, "skipped": cap.skipped}, indent=2, ensure_ascii=False))
     return 0
