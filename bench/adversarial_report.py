@@ -1,12 +1,10 @@
 """Regenerate docs/reliability.md's case tables from an actual run of the reliability suites.
 
-Runs ``pytest tests/adversarial tests/faults`` (plus the security and training-crash tests that
-live next to the code they test, listed in ``REFERENCED``) with ``OOGIRI_RELIABILITY_JSON`` set, so
-the rows are exactly what the tests recorded: the case, what was tried, what was expected, what
-was observed, the real pytest outcome, the time and the peak RSS measured around it
-(tests/adversarial/relreport.py says how). Referenced tests report their pytest outcome (JUnit
-XML). Writes bench/results/reliability-cases.json and the sections between the
-``<!-- bench:reliability-… -->`` markers of docs/reliability.md.
+Runs ``pytest tests/adversarial tests/faults`` with ``OOGIRI_RELIABILITY_JSON`` set, so the rows
+are exactly what the tests recorded (case, what was tried, expected, observed, the real pytest
+outcome, time and peak RSS around it: tests/adversarial/relreport.py), plus the security and
+training-crash tests that live next to their code (``REFERENCED``: their JUnit outcome). Writes
+bench/results/reliability-cases.json and the ``<!-- bench:reliability-… -->`` sections.
 
 Usage:
   python -m bench.adversarial_report                 # run the suites, then write the doc
@@ -28,11 +26,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS as RESULTS_DIR
-from bench.common import ROOT, write_json, write_section
+from bench.common import RESULTS, ROOT, write_json, write_section
 
 DOC = ROOT / "docs" / "reliability.md"
-RESULTS = RESULTS_DIR / "reliability-cases.json"
+CASES = RESULTS / "reliability-cases.json"
 SUITES = ["tests/adversarial", "tests/faults"]
 
 TG = "tests/telegram/test_telegram.py"
@@ -95,28 +92,24 @@ REFERENCED: list[tuple[str, str, str]] = [
 ]  # fmt: skip
 
 
-def _pytest(args: list[str], junit: Path, env: dict[str, str]) -> int:
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-    print("+ pytest", " ".join(args), flush=True)
-    return subprocess.run([*argv, *args], cwd=ROOT, env=env, check=False).returncode
-
-
 def run_suites(extra: list[str]) -> tuple[list[dict[str, Any]], dict[str, str], float]:
     """The suites in one run; the referenced tests one run per folder (some folders' tests import
     their own ``conftest`` by name, which only works when that folder is collected alone)."""
     outcomes: dict[str, str] = {}
     seconds = 0.0
+    folders: dict[str, list[str]] = defaultdict(list)
+    for _, node, _ in REFERENCED:
+        folders[str(Path(node.split("::")[0]).parent)].append(node)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cases.json"
-        env = {**os.environ, "OOGIRI_RELIABILITY_JSON": str(out)}
-        runs: list[list[str]] = [[*SUITES, *extra]]
-        folders: dict[str, list[str]] = defaultdict(list)
-        for _, node, _ in REFERENCED:
-            folders[str(Path(node.split("::")[0]).parent)].append(node)
-        runs += list(folders.values())
-        for i, args in enumerate(runs):
+        for i, args in enumerate([[*SUITES, *extra], *folders.values()]):
             junit = Path(tmp) / f"junit-{i}.xml"
-            code = _pytest(args, junit, env if i == 0 else dict(os.environ))
+            env = {**os.environ, **({"OOGIRI_RELIABILITY_JSON": str(out)} if i == 0 else {})}
+            print("+ pytest", " ".join(args), flush=True)
+            argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+            code = subprocess.run(
+                [*argv, f"--junitxml={junit}", *args], cwd=ROOT, env=env
+            ).returncode
             if code not in (0, 1):
                 raise SystemExit(f"pytest failed to run (exit {code}): {' '.join(args)}")
             found, took = junit_outcomes(junit)
@@ -130,22 +123,19 @@ def junit_outcomes(path: Path) -> tuple[dict[str, str], float]:
     """node-id prefix → passed/failed/skipped (parametrized tests: the worst of their cases)."""
     if not path.exists():
         return {}, 0.0
-    tree = ET.parse(path)
-    rank = {"passed": 0, "skipped": 1, "failed": 2}
+    rank = ["passed", "skipped", "failed"]
     found: dict[str, str] = {}
     total = 0.0
-    for case in tree.iter("testcase"):
+    for case in ET.parse(path).iter("testcase"):
         total += float(case.get("time", 0))
         module = (case.get("classname") or "").replace(".", "/") + ".py"
-        name = (case.get("name") or "").split("[", 1)[0]
+        key = f"{module}::{(case.get('name') or '').split('[', 1)[0]}"
         outcome = "passed"
         if case.find("failure") is not None or case.find("error") is not None:
             outcome = "failed"
         elif case.find("skipped") is not None:
             outcome = "skipped"
-        key = f"{module}::{name}"
-        if rank[outcome] >= rank.get(found.get(key, "passed"), 0):
-            found[key] = outcome
+        found[key] = max(outcome, found.get(key, "passed"), key=rank.index)
     return found, total
 
 
@@ -156,12 +146,11 @@ def _fmt_s(seconds: float | None) -> str:
 
 
 def _fmt_mb(record: dict[str, Any]) -> str:
+    """Peak RSS and, where the RSS right before is known, the rise above it."""
     peak, base = record.get("peak_mb"), record.get("base_mb")
     if peak is None:
         return "–"
-    if base is None:
-        return f"{peak:.0f}"
-    return f"{peak:.0f} (+{max(0.0, peak - base):.0f})"
+    return f"{peak:.0f}" + ("" if base is None else f" (+{max(0.0, peak - base):.0f})")
 
 
 def _cell(text: Any) -> str:
@@ -170,29 +159,32 @@ def _cell(text: Any) -> str:
 
 
 MARK = {"passed": "✅ pass", "failed": "❌ FAIL", "skipped": "⏭ skipped", "not run": "–"}
+SUITE_ORDER = [
+    "hostile input (web)", "hostile input (web, PostgreSQL)", "hostile input (telegram)",
+    "engine faults", "database faults", "storage faults", "crash faults", "security",
+]  # fmt: skip
 
 
 def render_cases(records: list[dict[str, Any]]) -> dict[str, str]:
+    """One table per suite, its cases in recorded order."""
     by_suite: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_suite[r["suite"]].append(r)
     sections = {}
     for suite, rows in by_suite.items():
         lines = [
-            "| Case | Kind | What was tried | Expected | Observed | Result | Time | Peak RSS MB "
-            "(+Δ) |",
+            "| Case | Kind | What was tried | Expected | Observed | Result | Time "
+            "| Peak RSS MB (+Δ) |",
             "|---|---|---|---|---|---|---:|---:|",
-        ]
-        for r in rows:
-            lines.append(
+            *(
                 f"| `{r['case']}` | {r['kind']} | {_cell(r['what'])} | {_cell(r['expected'])} | "
                 f"{_cell(r['observed'])} | {MARK.get(r['outcome'], r['outcome'])} | "
                 f"{_fmt_s(r['seconds'])} | {_fmt_mb(r)} |"
-            )
-        kinds = sorted({r["peak_kind"] for r in rows if r.get("peak_kind")})
-        if kinds:
-            lines.append("")
-            lines.append("Peak RSS: " + "; ".join(kinds) + " (Δ: above the RSS right before).")
+                for r in rows
+            ),
+        ]
+        if kinds := sorted({r["peak_kind"] for r in rows if r.get("peak_kind")}):
+            lines += ["", "Peak RSS: " + "; ".join(kinds) + " (Δ: above the RSS right before)."]
         sections[suite] = "\n".join(lines)
     return sections
 
@@ -205,6 +197,10 @@ def render_referenced(outcomes: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _tally(counts: Counter[str]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
 def render_summary(records: list[dict[str, Any]], outcomes: dict[str, str], seconds: float) -> str:
     counts = Counter(r["outcome"] for r in records)
     ref = Counter(outcomes.get(node, "not run") for _, node, _ in REFERENCED)
@@ -212,10 +208,8 @@ def render_summary(records: list[dict[str, Any]], outcomes: dict[str, str], seco
     slow = max(records, key=lambda r: r.get("seconds") or 0) if records else None
     kinds = len({(r["suite"], r["kind"]) for r in records})
     parts = [
-        f"- **{len(records)} recorded cases** in {kinds} kinds: "
-        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
-        f"- **{len(REFERENCED)} referenced tests**: "
-        + ", ".join(f"{n} {k}" for k, n in sorted(ref.items())),
+        f"- **{len(records)} recorded cases** in {kinds} kinds: {_tally(counts)}",
+        f"- **{len(REFERENCED)} referenced tests**: {_tally(ref)}",
     ]
     if peaks:
         parts.append(f"- highest peak RSS of any case: **{max(peaks):.0f} MB** (limit 1024 MB)")
@@ -226,18 +220,6 @@ def render_summary(records: list[dict[str, Any]], outcomes: dict[str, str], seco
         f"({platform.python_implementation()} {platform.python_version()}, {platform.machine()})"
     )
     return "\n".join(parts)
-
-
-SUITE_ORDER = [
-    "hostile input (web)",
-    "hostile input (web, PostgreSQL)",
-    "hostile input (telegram)",
-    "engine faults",
-    "database faults",
-    "storage faults",
-    "crash faults",
-    "security",
-]
 
 
 def main() -> None:
@@ -251,21 +233,18 @@ def main() -> None:
     else:
         records, outcomes, seconds = run_suites(extra)
         saved = {"cases": records, "referenced": outcomes, "seconds": seconds}
-        write_json(RESULTS, saved, indent=1)
+        write_json(CASES, saved, indent=1)
     if args.no_docs:
         return
-    sections = render_cases(records)
-    write_section(
-        "reliability-summary", "Summary of the last run",
-        render_summary(records, outcomes, seconds), doc=DOC,
-    )  # fmt: skip
-    for suite in sorted(sections, key=lambda s: [*SUITE_ORDER, s].index(s)):
-        key = "reliability-" + "-".join("".join(c if c.isalnum() else " " for c in suite).split())
-        write_section(key, f"Cases: {suite}", sections[suite], doc=DOC)
-    write_section(
-        "reliability-referenced", "Referenced tests (security, training crashes)",
-        render_referenced(outcomes), doc=DOC,
-    )  # fmt: skip
+    cases = render_cases(records)
+    sections = [("summary", "Summary of the last run", render_summary(records, outcomes, seconds))]
+    for suite in sorted(cases, key=lambda s: [*SUITE_ORDER, s].index(s)):
+        key = "-".join("".join(c if c.isalnum() else " " for c in suite).split())
+        sections.append((key, f"Cases: {suite}", cases[suite]))
+    referenced = render_referenced(outcomes)
+    sections.append(("referenced", "Referenced tests (security, training crashes)", referenced))
+    for key, title, body in sections:
+        write_section(f"reliability-{key}", title, body, doc=DOC)
     failed = [r["case"] for r in records if r["outcome"] == "failed"]
     print(f"{len(records)} cases, failed: {failed or 'none'}; wrote {DOC.relative_to(ROOT)}")
 
