@@ -1,25 +1,13 @@
 """Soak: mixed Telegram + web traffic against a running bot, with faults injected — 0 lost.
 
-Not a test: it measures. The bot runs as ``oogiri serve`` would, in a child process
-(tests/faults/oogiri_testserver.py: the real App with the web and Telegram channels, the engine
-wrapped so that a control file can make it fail), on a throwaway PostgreSQL cluster of its own
-(tests/faults/faultsupport.py's ``ThrowawayPostgres``: initdb into a temp folder, a free loopback
-port, deleted afterwards) when the server binaries are installed, else SQLite. The machine's own
-PostgreSQL is never touched. This process plays the users:
-
-* web users (httpx against the real uvicorn server): upload a picture, vote on the joke, sometimes
-  change the vote;
-* Telegram users (python-telegram-bot in the bot polls the fake Bot API of
-  tests/telegram/fakebotapi.py served here): send a photo, press 👍/👎 under the joke;
-
-and injects faults on a schedule: the engine failing for a while (``--engine-fault``), then a real
-restart of that throwaway PostgreSQL (``pg_ctl restart -m fast``: every connection dropped).
-Afterwards it checks that nothing a user was told
-is lost — every joke delivered and every vote acknowledged (web 200, Telegram toast without alert)
-is in the database with that value — that every request got an answer, and it reports
-throughput, latency percentiles and the error answers per phase. Bounded in time and count,
-loopback only.
-
+Not a test: it measures. The bot runs as ``oogiri serve`` would, in a child process (web and
+Telegram channels, an engine a control file can make fail), on a throwaway PostgreSQL cluster of
+its own (faultsupport's ``ThrowawayPostgres``; SQLite without server binaries). This process plays
+web users (upload, vote, change the vote) and Telegram users (through tests/telegram/fakebotapi.py:
+photo, 👍/👎), fails the engine for ``--engine-fault`` s, then restarts that cluster
+(``pg_ctl restart -m fast``). Afterwards: is every joke delivered and every vote acknowledged (web
+200, Telegram toast without alert) in the database with that value, did every request get an
+answer; throughput, latency and the errors shown per phase. docs/reliability.md says more.
 Writes bench/results/soak-<engine>.json and the "Soak (<engine>)" section of docs/reliability.md.
 
 Usage:
@@ -40,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,69 +53,69 @@ from tests.telegram.fakebotapi import TOKEN, FakeBotAPI
 DOC = ROOT / "docs" / "reliability.md"
 COOKIE_SECRET = "soak-cookie-secret-0123456789abcdef"
 ANSWER_TIMEOUT_S = 45.0
-
-
-# --------------------------------------------------------------------------- bookkeeping
+_NOT_TOLD = ("ok", "no answer")  # outcomes that are not an error the user was shown
 
 
 @dataclass
 class Op:
+    """One request: when sent, how long until answered (None: never), what the user was told (ok,
+    or the error's key) and the fault window it overlapped."""
+
     channel: str  # web / telegram
     kind: str  # picture / vote
-    started: float
-    latency: float | None = None  # None: never answered
-    outcome: str = ""  # ok, or the error key the user was shown
+    started: float = field(default_factory=time.monotonic)
+    latency: float | None = None
+    outcome: str = "no answer"
     phase: str = "normal"
+
+    def answered(self, outcome: str) -> None:
+        self.latency, self.outcome = time.monotonic() - self.started, outcome
 
 
 @dataclass
 class Ledger:
+    """What users were told: every request, the jokes delivered, and per (joke, user) the vote
+    acknowledged last and the values sent since then without an answer; the fault windows."""
+
     ops: list[Op] = field(default_factory=list)
-    jokes: set[int] = field(default_factory=set)  # delivered to a user
-    #: (joke, user) → (acknowledged value, values tried since then without an answer)
-    votes: dict[tuple[int, str], tuple[int | None, set[int]]] = field(default_factory=dict)
+    jokes: set[Any] = field(default_factory=set)
+    votes: dict[tuple[Any, str], tuple[int | None, set[int]]] = field(default_factory=dict)
     phases: list[tuple[str, float, float]] = field(default_factory=list)
+
+    def op(self, channel: str, kind: str) -> Op:
+        self.ops.append(op := Op(channel, kind))
+        return op
 
     def phase_of(self, op: Op) -> str:
         """The fault window the request overlapped (from its start to its answer), if any."""
         end = op.started + (op.latency if op.latency is not None else ANSWER_TIMEOUT_S)
-        for name, start, stop in self.phases:
-            if op.started <= stop and end >= start:
-                return name
-        return "normal"
+        return next((name for name, a, b in self.phases if op.started <= b and end >= a), "normal")
 
-    def vote_sent(self, key: tuple[int, str], value: int) -> None:
+    def vote_sent(self, key: tuple[Any, str], value: int) -> None:
         acked, pending = self.votes.get(key, (None, set()))
         self.votes[key] = (acked, pending | {value})
 
-    def vote_acked(self, key: tuple[int, str], value: int) -> None:
+    def vote_acked(self, key: tuple[Any, str], value: int) -> None:
         self.votes[key] = (value, set())
 
 
-# --------------------------------------------------------------------------- users
-
-
-async def web_user(n: int, url: str, ledger: Ledger, pics: list[bytes], args, stop: float) -> None:
+async def web_user(n: int, url: str, ledger: Ledger, pics: list[bytes], rate: float, stop: float):
     rng = random.Random(n)
-    identities = Identities(COOKIE_SECRET.encode())
     async with httpx.AsyncClient(base_url=url, timeout=ANSWER_TIMEOUT_S) as client:
         session = await client.get("/api/session")
-        token = session.json()["csrf_token"]
-        me = identities.verify(session.cookies.get(USER_COOKIE))
+        headers = {CSRF_HEADER: session.json()["csrf_token"], "Origin": url}
+        me = Identities(COOKIE_SECRET.encode()).verify(session.cookies.get(USER_COOKIE))
         assert me is not None
-        mine: list[int] = []
+        mine: list[str] = []
 
-        async def call(kind: str, coro) -> httpx.Response | None:
-            op = Op("web", kind, time.monotonic())
-            ledger.ops.append(op)
-            try:
-                r = await coro
-            except httpx.HTTPError:
-                op.outcome = "no answer"
-                return None
-            op.latency = time.monotonic() - op.started
-            op.outcome = "ok" if r.status_code < 300 else r.json().get("error", str(r.status_code))
-            return r
+        async def call(kind: str, request: Awaitable[httpx.Response]) -> httpx.Response | None:
+            op = ledger.op("web", kind)
+            with contextlib.suppress(httpx.HTTPError):
+                r = await request
+                ok = r.status_code < 300
+                op.answered("ok" if ok else r.json().get("error", str(r.status_code)))
+                return r
+            return None
 
         while time.monotonic() < stop:
             if not mine or rng.random() < 0.5:
@@ -134,108 +123,87 @@ async def web_user(n: int, url: str, ledger: Ledger, pics: list[bytes], args, st
                 r = await call("picture", client.post("/api/jokes", files=files))
                 if r is not None and r.status_code == 201:
                     mine.append(r.json()["id"])
-                    ledger.jokes.add(r.json()["id"])
+                    ledger.jokes.add(mine[-1])
             else:
-                joke = rng.choice(mine[-5:])
-                value = rng.choice((1, -1))
-                key = (joke, me)
+                key, value = (rng.choice(mine[-5:]), me), rng.choice((1, -1))
                 ledger.vote_sent(key, value)
-                r = await call(
-                    "vote",
-                    client.post(
-                        f"/api/jokes/{joke}/rating",
-                        json={"value": value},
-                        headers={CSRF_HEADER: token, "Origin": url},
-                    ),
+                vote = client.post(
+                    f"/api/jokes/{key[0]}/rating", json={"value": value}, headers=headers
                 )
-                if r is not None and r.status_code == 200:
+                if (r := await call("vote", vote)) is not None and r.status_code == 200:
                     ledger.vote_acked(key, value)
-            await asyncio.sleep(rng.expovariate(args.rate))
+            await asyncio.sleep(rng.expovariate(rate))
 
 
 class TelegramSide:
-    """Matches the bot's Bot API calls to the users' pending requests (one pass over calls)."""
+    """Hands the bot's Bot API calls to the users waiting for them (one pass over the calls):
+    a reply, keyed (chat, message replied to); a button's answer, keyed by its query id."""
 
     def __init__(self, api: FakeBotAPI) -> None:
         self.api = api
-        self.replies: dict[tuple[int, int], asyncio.Future[dict]] = {}
-        self.answers: dict[str, asyncio.Future[dict]] = {}
-        self._seen = 0
+        self.waiting: dict[Any, asyncio.Future[dict[str, Any]]] = {}
 
     async def collect(self) -> None:
+        seen = 0
         while True:
             calls = self.api.calls
-            for call in calls[self._seen :]:
-                if call.status != 200:
-                    continue
-                p = call.params
-                if call.method == "sendMessage":
+            for call in calls[seen:]:
+                p, key = call.params, None
+                if call.status == 200 and call.method == "sendMessage":
                     to = (p.get("reply_parameters") or {}).get("message_id")
-                    fut = self.replies.pop((int(p.get("chat_id", 0)), to), None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(p)
-                elif call.method == "answerCallbackQuery":
-                    fut = self.answers.pop(p.get("callback_query_id"), None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(p)
-            self._seen = len(calls)
+                    key = (int(p.get("chat_id", 0)), to)
+                elif call.status == 200 and call.method == "answerCallbackQuery":
+                    key = p.get("callback_query_id")
+                fut = self.waiting.pop(key, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(p)
+            seen = len(calls)
             await asyncio.sleep(0.02)
 
+    async def ask(self, key: Any, update: dict[str, Any]) -> dict[str, Any] | None:
+        """Push ``update``; the bot's call keyed ``key``, or None if none came in time."""
+        self.waiting[key] = fut = asyncio.get_running_loop().create_future()
+        self.api.push(update)
+        try:
+            return await asyncio.wait_for(fut, ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            return None
 
-async def tg_user(n: int, side: TelegramSide, ledger: Ledger, pics: list[bytes], args, stop):
+
+async def tg_user(n: int, side: TelegramSide, ledger: Ledger, pics: list[bytes], rate, stop):
     rng = random.Random(1000 + n)
     api = side.api
     user = api.user(700000 + n, language_code="en")
     chat = api.private_chat(user)
     me = f"tg:{user['id']}"
-    loop = asyncio.get_running_loop()
     while time.monotonic() < stop:
-        op = Op("telegram", "picture", time.monotonic())
-        ledger.ops.append(op)
+        op = ledger.op("telegram", "picture")
         msg = api.message(chat, user, photo=api.photo(rng.choice(pics), 640, 426))
-        fut: asyncio.Future[dict] = loop.create_future()
-        side.replies[(chat["id"], msg["message_id"])] = fut
-        api.push(api.update(message=msg))
-        try:
-            reply = await asyncio.wait_for(fut, ANSWER_TIMEOUT_S)
-        except TimeoutError:
-            op.outcome = "no answer"
+        reply = await side.ask((chat["id"], msg["message_id"]), api.update(message=msg))
+        if reply is None:
             continue
-        op.latency = time.monotonic() - op.started
         keyboard = (reply.get("reply_markup") or {}).get("inline_keyboard")
-        if not keyboard:
-            op.outcome = _key_of(reply.get("text", ""))
-            await asyncio.sleep(rng.expovariate(args.rate))
-            continue
-        op.outcome = "ok"
-        sent = next(
-            m for (c, _), m in reversed(api.messages.items())
-            if c == chat["id"] and m.get("reply_to_message", {}).get("message_id")
-            == msg["message_id"]
-        )  # fmt: skip
-        data = keyboard[0][rng.randrange(2)]["callback_data"]
-        joke_id, value = int(data.split(":")[1]), int(data.split(":")[2])
-        ledger.jokes.add(joke_id)
-        await asyncio.sleep(rng.expovariate(args.rate))
-        vote = Op("telegram", "vote", time.monotonic())
-        ledger.ops.append(vote)
-        ledger.vote_sent((joke_id, me), value)
-        qfut: asyncio.Future[dict] = loop.create_future()
-        update = api.callback_update(user, sent, data)
-        side.answers[update["callback_query"]["id"]] = qfut
-        api.push(update)
-        try:
-            answer = await asyncio.wait_for(qfut, ANSWER_TIMEOUT_S)
-        except TimeoutError:
-            vote.outcome = "no answer"
-            continue
-        vote.latency = time.monotonic() - vote.started
-        if answer.get("show_alert"):
-            vote.outcome = _key_of(answer.get("text", ""))
-        else:
-            vote.outcome = "ok"
-            ledger.vote_acked((joke_id, me), value)
-        await asyncio.sleep(rng.expovariate(args.rate))
+        op.answered("ok" if keyboard else _key_of(reply.get("text", "")))
+        if keyboard:
+            sent = next(
+                m for (c, _), m in reversed(api.messages.items())
+                if c == chat["id"] and m.get("reply_to_message", {}).get("message_id")
+                == msg["message_id"]
+            )  # fmt: skip
+            data = keyboard[0][rng.randrange(2)]["callback_data"]
+            key, value = (int(data.split(":")[1]), me), int(data.split(":")[2])
+            ledger.jokes.add(key[0])
+            await asyncio.sleep(rng.expovariate(rate))
+            vote = ledger.op("telegram", "vote")
+            ledger.vote_sent(key, value)
+            update = api.callback_update(user, sent, data)
+            answer = await side.ask(update["callback_query"]["id"], update)
+            if answer is None:
+                continue
+            vote.answered(_key_of(answer.get("text", "")) if answer.get("show_alert") else "ok")
+            if vote.outcome == "ok":
+                ledger.vote_acked(key, value)
+        await asyncio.sleep(rng.expovariate(rate))
 
 
 def _key_of(text: str) -> str:
@@ -245,20 +213,18 @@ def _key_of(text: str) -> str:
     return "other: " + text[:40]
 
 
-# --------------------------------------------------------------------------- faults
-
-
 async def faults(args, ledger: Ledger, flag: Path, t0: float, pg: ThrowawayPostgres | None) -> None:
-    duration = args.duration
+    """The engine failing from 25 % of the run for ``--engine-fault`` s, then from 55 % a fast
+    restart of the throwaway cluster (its window: until it is ready, + 1 s)."""
     if args.engine_fault > 0:
-        await asyncio.sleep(max(0.0, t0 + 0.25 * duration - time.monotonic()))
+        await asyncio.sleep(max(0.0, t0 + 0.25 * args.duration - time.monotonic()))
         start = time.monotonic()
         await asyncio.to_thread(flag.write_text, "fail")
         await asyncio.sleep(args.engine_fault)
         await asyncio.to_thread(flag.unlink)
         ledger.phases.append(("engine down", start, time.monotonic()))
     if pg is not None and not args.no_db_restart:
-        await asyncio.sleep(max(0.0, t0 + 0.55 * duration - time.monotonic()))
+        await asyncio.sleep(max(0.0, t0 + 0.55 * args.duration - time.monotonic()))
         start = time.monotonic()
         done = await asyncio.to_thread(pg.restart)
         if done.returncode != 0:
@@ -268,11 +234,9 @@ async def faults(args, ledger: Ledger, flag: Path, t0: float, pg: ThrowawayPostg
         ledger.phases.append(("database restart", start, time.monotonic() + 1.0))
 
 
-# --------------------------------------------------------------------------- checks
-
-
-async def stored_state(store_url: str, data_dir: Path) -> tuple[set[int], dict]:
-    """What the database holds after the run: every joke id and public id, every vote."""
+async def stored_state(store_url: str, data_dir: Path) -> tuple[set[Any], dict[Any, int]]:
+    """Every joke and vote the database holds after the run; jokes by store id (Telegram's
+    buttons) and by public id (the web API), votes keyed by both."""
     from sqlalchemy import select
 
     from bot.store import JokeRow, RatingRow, Store
@@ -280,35 +244,35 @@ async def stored_state(store_url: str, data_dir: Path) -> tuple[set[int], dict]:
     store = Store(store_url, data_dir / "images")
     try:
         async with store.session() as s:
-            ids = (await s.execute(select(JokeRow.id, JokeRow.public_id))).all()
-            rows = (
-                await s.execute(select(RatingRow.joke_id, RatingRow.user_id, RatingRow.value))
-            ).all()
+            public = dict((await s.execute(select(JokeRow.id, JokeRow.public_id))).all())
+            rated = select(RatingRow.joke_id, RatingRow.user_id, RatingRow.value)
+            rows = (await s.execute(rated)).all()
     finally:
         await store.close()
-    # The web API names jokes by public id, Telegram's buttons by the store's id: both count.
-    public = {joke_id: public_id for joke_id, public_id in ids}
-    jokes = {joke_id for joke_id, _ in ids} | {p for _, p in ids if p}
-    votes = {(r[0], r[1]): r[2] for r in rows}
-    votes |= {(public[r[0]], r[1]): r[2] for r in rows if public.get(r[0])}
-    return jokes, votes
+    jokes = set(public) | {p for p in public.values() if p}
+    votes = {(j, u): v for j, u, v in rows}
+    return jokes, votes | {(public[j], u): v for j, u, v in rows if public.get(j)}
+
+
+def _latency_ms(ops: list[Op], spread: bool = False) -> dict[str, Any]:
+    """Percentiles (ms) of the answered requests among ``ops``."""
+    answered = [o.latency for o in ops if o.latency is not None]
+    return latency_summary(answered, unit="ms", spread=spread)
 
 
 def summarise(ledger: Ledger, elapsed: float) -> dict[str, Any]:
-    for op in ledger.ops:
-        op.phase = ledger.phase_of(op)
+    """Per kind of request (count, rate, answers, latency) and per fault window."""
     by: dict[str, list[Op]] = defaultdict(list)
     for op in ledger.ops:
+        op.phase = ledger.phase_of(op)
         by[f"{op.channel} {op.kind}"].append(op)
-    rows = {}
+    kinds = {}
     for name, ops in sorted(by.items()):
         lat = _latency_ms(ops, spread=True)
-        rows[name] = {
+        kinds[name] = {
             "requests": len(ops),
             "ok": sum(o.outcome == "ok" for o in ops),
-            "told_error": dict(
-                Counter(o.outcome for o in ops if o.outcome not in ("ok", "no answer"))
-            ),
+            "told_error": dict(Counter(o.outcome for o in ops if o.outcome not in _NOT_TOLD)),
             "unanswered": sum(o.outcome == "no answer" for o in ops),
             "per_s": len(ops) / elapsed,
             **{k: lat[k] for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")},
@@ -322,20 +286,10 @@ def summarise(ledger: Ledger, elapsed: float) -> dict[str, Any]:
             "errors": dict(Counter(o.outcome for o in ops if o.outcome != "ok")),
             "p95_ms": _latency_ms(ops)["p95_ms"],
         }
-    return {"by_kind": rows, "by_phase": phases}
+    return {"by_kind": kinds, "by_phase": phases}
 
 
-def _latency_ms(ops: list[Op], spread: bool = False) -> dict[str, Any]:
-    """Percentiles (ms) of the answered requests among ``ops``."""
-    return latency_summary(
-        [o.latency for o in ops if o.latency is not None], unit="ms", spread=spread
-    )
-
-
-# --------------------------------------------------------------------------- main
-
-
-async def run(args) -> dict[str, Any]:
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     pics = photo_jpegs(24, size=(640, 426))
     work = Path(tempfile.mkdtemp(prefix="oogiri-soak-"))
     flag = work / "engine-fault"
@@ -362,19 +316,16 @@ async def run(args) -> dict[str, Any]:
         env["OOGIRI_ENGINE__MAX_NEW_TOKENS"] = "16"
     pg = None if args.sqlite else await _throwaway_postgres()
     # Its own cluster, so the bot may use the "postgres" database.
-    sqlite = f"sqlite+aiosqlite:///{work / 'data' / 'oogiri.sqlite3'}"
-    store_url = pg.url if pg is not None else sqlite
-    env["OOGIRI_STORE__URL"] = store_url
-    bot = BotProcess(work / "data", **env)
-    ledger = Ledger()
-    side = TelegramSide(api)
+    store_url = pg.url if pg else f"sqlite+aiosqlite:///{work / 'data' / 'oogiri.sqlite3'}"
+    bot = BotProcess(work / "data", OOGIRI_STORE__URL=store_url, **env)
+    ledger, side = Ledger(), TelegramSide(api)
     collector = asyncio.create_task(side.collect())
     try:
         await asyncio.to_thread(bot.start, False, 120.0)
         t0 = time.monotonic()
         stop = t0 + args.duration
-        users = [web_user(i, bot.url, ledger, pics, args, stop) for i in range(args.web_users)]
-        users += [tg_user(i, side, ledger, pics, args, stop) for i in range(args.tg_users)]
+        users = [web_user(i, bot.url, ledger, pics, args.rate, stop) for i in range(args.web_users)]
+        users += [tg_user(i, side, ledger, pics, args.rate, stop) for i in range(args.tg_users)]
         await asyncio.gather(*users, faults(args, ledger, flag, t0, pg))
         elapsed = time.monotonic() - t0
         code = await asyncio.to_thread(bot.stop, 30.0)
@@ -390,33 +341,30 @@ async def run(args) -> dict[str, Any]:
         log_tail = bot.log()[-3000:]
         shutil.rmtree(work, ignore_errors=True)
 
-    lost_jokes = sorted(ledger.jokes - jokes)
-    lost_votes = []
-    for key, (acked, pending) in ledger.votes.items():
-        if acked is None:
-            continue
-        if ratings.get(key) not in {acked, *pending}:
-            lost_votes.append((key, acked, ratings.get(key)))
-    summary = summarise(ledger, elapsed)
-    total = len(ledger.ops)
-    answered = sum(o.latency is not None for o in ledger.ops)
+    lost_votes = [
+        (key, acked, ratings.get(key))
+        for key, (acked, pending) in ledger.votes.items()
+        if acked is not None and ratings.get(key) not in {acked, *pending}
+    ]
+    ops = ledger.ops
+    answered = sum(o.latency is not None for o in ops)
     result = {
         "engine": args.engine,
         "store": "postgresql (throwaway cluster)" if pg is not None else "sqlite",
         "duration_s": round(elapsed, 1),
         "web_users": args.web_users,
         "tg_users": args.tg_users,
-        "requests": total,
+        "requests": len(ops),
         "answered": answered,
-        "throughput_per_s": round(total / elapsed, 1),
-        "p95_ms": _latency_ms(ledger.ops)["p95_ms"],
-        "ok": sum(o.outcome == "ok" for o in ledger.ops),
-        "told_error": sum(o.outcome not in ("ok", "no answer") for o in ledger.ops),
-        "unanswered": total - answered,
+        "throughput_per_s": round(len(ops) / elapsed, 1),
+        "p95_ms": _latency_ms(ops)["p95_ms"],
+        "ok": sum(o.outcome == "ok" for o in ops),
+        "told_error": sum(o.outcome not in _NOT_TOLD for o in ops),
+        "unanswered": len(ops) - answered,
         "jokes_delivered": len(ledger.jokes),
-        "votes_acknowledged": sum(o.outcome == "ok" for o in ledger.ops if o.kind == "vote"),
+        "votes_acknowledged": sum(o.outcome == "ok" for o in ops if o.kind == "vote"),
         "votes_distinct": sum(a is not None for a, _ in ledger.votes.values()),
-        "lost_jokes": len(lost_jokes),
+        "lost_jokes": len(ledger.jokes - jokes),
         "lost_votes": len(lost_votes),
         "lost_detail": [str(x) for x in lost_votes[:10]],
         "faults": [
@@ -424,66 +372,66 @@ async def run(args) -> dict[str, Any]:
             for name, s, e in ledger.phases
         ],
         "bot_exit_code": code,
-        **summary,
+        **summarise(ledger, elapsed),
         "machine": machine(),
     }
-    if lost_votes or lost_jokes or result["unanswered"]:
+    if lost_votes or result["lost_jokes"] or result["unanswered"]:
         print(log_tail, file=sys.stderr)
     return result
 
 
 async def _throwaway_postgres() -> ThrowawayPostgres | None:
     """A PostgreSQL cluster of the soak's own, so that its restart drops nobody else's
-    connections (issue 19); None (SQLite then) where no server binaries are installed."""
+    connections (issue 19); None (SQLite then) where it cannot be had."""
     try:
         pg = ThrowawayPostgres()
     except (FileNotFoundError, KeyError) as exc:  # no binaries; as root, no "postgres" user
-        print(f"no throwaway PostgreSQL ({exc}); the soak runs on SQLite", file=sys.stderr)
+        print(f"no throwaway PostgreSQL ({exc}); soak on SQLite", file=sys.stderr)
         return None
     try:
         return await asyncio.to_thread(pg.start)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         await asyncio.to_thread(pg.stop)
-        print(
-            f"throwaway PostgreSQL did not start ({exc}); the soak runs on SQLite", file=sys.stderr
-        )
+        print(f"throwaway PostgreSQL did not start ({exc}); soak on SQLite", file=sys.stderr)
         return None
 
 
-def render(result: dict[str, Any]) -> str:
+def _tally(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items())) or "–"
+
+
+def render(r: dict[str, Any]) -> str:
+    faults = "; ".join(f"{f['fault']} at {f['at_s']} s for {f['for_s']} s" for f in r["faults"])
     lines = [
-        f"{result['duration_s']} s, {result['web_users']} web + {result['tg_users']} Telegram "
-        f"users, engine `{result['engine']}`, store {result['store']}, {result['machine']}; "
-        "bot in a child process, users and the fake Bot API in the driver process, all loopback.",
+        f"{r['duration_s']} s, {r['web_users']} web + {r['tg_users']} Telegram users, engine "
+        f"`{r['engine']}`, store {r['store']}, {r['machine']}; bot in a child process, users and "
+        "the fake Bot API in the driver process, all loopback.",
         "",
-        f"- **requests: {result['requests']}**, {result['throughput_per_s']}/s; "
-        f"answered {result['answered']}, unanswered **{result['unanswered']}**",
-        f"- jokes delivered {result['jokes_delivered']}, votes acknowledged "
-        f"{result['votes_acknowledged']} (on {result['votes_distinct']} distinct joke × user); "
-        f"**lost: {result['lost_jokes']} jokes, {result['lost_votes']} votes**",
-        f"- p95 latency (all answered requests): {result['p95_ms']} ms; "
-        f"users told a clear error: {result['told_error']}",
-        "- faults: "
-        + (
-            "; ".join(f"{f['fault']} at {f['at_s']} s for {f['for_s']} s" for f in result["faults"])
-            or "none"
-        ),
+        f"- **requests: {r['requests']}**, {r['throughput_per_s']}/s; answered {r['answered']}, "
+        f"unanswered **{r['unanswered']}**",
+        f"- jokes delivered {r['jokes_delivered']}, votes acknowledged {r['votes_acknowledged']} "
+        f"(on {r['votes_distinct']} distinct joke × user); **lost: {r['lost_jokes']} jokes, "
+        f"{r['lost_votes']} votes**",
+        f"- p95 latency (all answered requests): {r['p95_ms']} ms; users told a clear error: "
+        f"{r['told_error']}",
+        f"- faults: {faults or 'none'}",
         "",
         "| Requests | Count | /s | OK | Told an error | Unanswered | p50 ms | p95 ms | p99 ms "
         "| max ms |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in result["by_kind"].items():
-        told = ", ".join(f"{k} ×{v}" for k, v in sorted(r["told_error"].items())) or "–"
-        lines.append(
-            f"| {name} | {r['requests']} | {r['per_s']:.1f} | {r['ok']} | {told} | "
-            f"{r['unanswered']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} |"
-        )
-    lines += ["", "| Phase | Requests | OK | Errors shown | p95 ms |", "|---|---:|---:|---|---:|"]
-    for name, r in result["by_phase"].items():
-        errors = ", ".join(f"{k} ×{v}" for k, v in sorted(r["errors"].items())) or "–"
-        lines.append(f"| {name} | {r['requests']} | {r['ok']} | {errors} | {r['p95_ms']} |")
-    lines += [
+        *(
+            f"| {name} | {k['requests']} | {k['per_s']:.1f} | {k['ok']} | "
+            f"{_tally(k['told_error'])} | {k['unanswered']} | {k['p50_ms']} | {k['p95_ms']} | "
+            f"{k['p99_ms']} | {k['max_ms']} |"
+            for name, k in r["by_kind"].items()
+        ),
+        "",
+        "| Phase | Requests | OK | Errors shown | p95 ms |",
+        "|---|---:|---:|---|---:|",
+        *(
+            f"| {name} | {p['requests']} | {p['ok']} | {_tally(p['errors'])} | {p['p95_ms']} |"
+            for name, p in r["by_phase"].items()
+        ),
         "",
         "Phase: the fault window a request overlapped between sending it and its answer (votes "
         "need no engine, so they succeed while it is down). Lost: a joke a user received, or a "
@@ -516,9 +464,7 @@ def main() -> None:
     write_json(args.out or RESULTS / f"soak-{args.engine}.json", result, indent=1)
     print(render(result))
     if not args.no_docs:
-        write_section(
-            f"soak-{args.engine}", f"Soak ({args.engine} engine)", render(result), doc=DOC
-        )
+        write_section(f"soak-{args.engine}", f"Soak ({args.engine} engine)", render(result), DOC)
     if result["lost_votes"] or result["lost_jokes"] or result["unanswered"]:
         raise SystemExit("LOST OR UNANSWERED REQUESTS — see above")
 
