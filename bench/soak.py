@@ -1,14 +1,14 @@
 """Soak: mixed Telegram + web traffic against a running bot, with faults injected — 0 lost.
 
-Not a test: it measures. The bot runs as ``oogiri serve`` would, in a child process (web and
-Telegram channels, an engine a control file can make fail), on a throwaway PostgreSQL cluster of
-its own (faultsupport's ``ThrowawayPostgres``; SQLite without server binaries). This process plays
-web users (upload, vote, change the vote) and Telegram users (through tests/telegram/fakebotapi.py:
-photo, 👍/👎), fails the engine for ``--engine-fault`` s, then restarts that cluster
-(``pg_ctl restart -m fast``). Afterwards: is every joke delivered and every vote acknowledged (web
-200, Telegram toast without alert) in the database with that value, did every request get an
-answer; throughput, latency and the errors shown per phase. docs/reliability.md says more.
-Writes bench/results/soak-<engine>.json and the "Soak (<engine>)" section of docs/reliability.md.
+Not a test: it measures; docs/reliability.md says what and why. The bot runs as ``oogiri serve``
+would, in a child process (tests/faults/oogiri_testserver.py: web + Telegram channels, an engine a
+control file can make fail), on a throwaway PostgreSQL cluster of its own (SQLite without server
+binaries; the machine's server is never touched). Simulated web users (httpx) and Telegram users
+(tests/telegram/fakebotapi.py) upload and vote while the engine fails for ``--engine-fault`` s
+and then the cluster restarts (``pg_ctl restart -m fast``). Checked afterwards: every joke
+delivered and every vote acknowledged (web 200, Telegram toast without alert) is in the database
+with that value, every request was answered. Writes bench/results/soak-<engine>.json and the
+"Soak (<engine>)" section of docs/reliability.md.
 
 Usage:
   python -m bench.soak                                 # 60 s, instant engine
@@ -99,7 +99,10 @@ class Ledger:
         self.votes[key] = (value, set())
 
 
-async def web_user(n: int, url: str, ledger: Ledger, pics: list[bytes], rate: float, stop: float):
+async def web_user(
+    n: int, url: str, ledger: Ledger, pics: list[bytes], rate: float, stop: float
+) -> None:
+    """Upload a picture, or (half the time, once it has jokes) vote on one of its last five."""
     rng = random.Random(n)
     async with httpx.AsyncClient(base_url=url, timeout=ANSWER_TIMEOUT_S) as client:
         session = await client.get("/api/session")
@@ -170,7 +173,10 @@ class TelegramSide:
             return None
 
 
-async def tg_user(n: int, side: TelegramSide, ledger: Ledger, pics: list[bytes], rate, stop):
+async def tg_user(
+    n: int, side: TelegramSide, ledger: Ledger, pics: list[bytes], rate: float, stop: float
+) -> None:
+    """Send a photo; under a joke, press 👍 or 👎 a moment later."""
     rng = random.Random(1000 + n)
     api = side.api
     user = api.user(700000 + n, language_code="en")
@@ -213,7 +219,9 @@ def _key_of(text: str) -> str:
     return "other: " + text[:40]
 
 
-async def faults(args, ledger: Ledger, flag: Path, t0: float, pg: ThrowawayPostgres | None) -> None:
+async def faults(
+    args: argparse.Namespace, ledger: Ledger, flag: Path, t0: float, pg: ThrowawayPostgres | None
+) -> None:
     """The engine failing from 25 % of the run for ``--engine-fault`` s, then from 55 % a fast
     restart of the throwaway cluster (its window: until it is ready, + 1 s)."""
     if args.engine_fault > 0:
