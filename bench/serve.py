@@ -3,9 +3,7 @@
 Not a test: it measures. A closed loop keeps N requests in flight for ``warmup_s`` + ``measure_s``
 seconds per cell; requests that finish inside the measuring window count. Every answer is forced
 to ``max_new_tokens`` tokens (``ignore_eos`` + ``min_new_tokens``, both accepted by LMDeploy's
-chat endpoint), so cells differ only in what is measured.
-
-Paths (one per cell):
+chat endpoint), so cells differ only in what is measured. Paths (one per cell):
 
 * ``raw``: pre-built request bodies POSTed by a bare httpx client: the server alone;
 * ``engine``: ``OpenAIHTTPEngine.generate`` (pre-sizing, data URL, retries, breaker …);
@@ -17,26 +15,20 @@ Paths (one per cell):
 
 "The seed's way" is ``raw``, one in flight, phone photos sent as they are (no pre-sizing).
 
-A ``--plan FILE`` (JSON, the ``Plan`` model) names what runs: several server configurations and
-cell sweeps in one process — the device machine stays warm only between calls, so one command
-should do everything. A config's ``launch`` starts api_servers on consecutive ports with the
-managed mode's own code (logs under OUT/logs; ``--launch MODEL`` overrides the plan's model); a
-config without one uses its ``base_urls`` or ``--base-url`` (repeatable: the engine round-robins
-over several) for servers you run::
+A ``--plan FILE`` (JSON, the ``Plan`` model; the device's are bench/plans/serve-*.json) names what
+runs: several server configurations and cell sweeps in one process — the device machine stays
+warm only between calls, so one command should do everything. A config's ``launch`` (the
+``Launch`` model) starts api_servers on consecutive ports with the managed mode's own code (logs
+under OUT/logs; ``--launch MODEL`` overrides the plan's model); a config without one uses its
+``base_urls`` or ``--base-url`` (repeatable: the engine round-robins over several)::
 
     {"model": "/path/model", "warmup_s": 5, "measure_s": 20, "max_new_tokens": 64,
-     "configs": [
-       {"name": "defaults", "launch": {"servers": 1, "server_threads": null},
-        "cells": [{"path": "raw", "inflight": [1], "mdp": [6], "presize": [false],
-                   "baseline": true}]},
-       {"name": "OMP=2 + presize", "launch": {"servers": 1, "server_threads": 2},
-        "cells": [{"path": ["raw", "service"], "inflight": [1, 8, 64, 256], "mdp": [6]}]}]}
+     "configs": [{"name": "OMP=2", "launch": {"servers": 1, "server_threads": 2},
+                  "cells": [{"path": ["raw", "service"], "inflight": [1, 64], "mdp": 6}]}]}
 
-``launch`` keys: servers, server_threads (null: leave OMP/MKL unset, LMDeploy's default),
-backend, tp, session_len, cache_max_entry_count, max_batch_size, api_key, extra_args,
-server_command. Results: OUT/serve-results.jsonl (one line per cell, written as it finishes),
-OUT/serve-results.json and OUT/serve.md; ``--write-docs`` puts the table in docs/benchmarks.md;
-``--render RESULTS.json`` rebuilds the markdown from saved results.
+Results: OUT/serve-results.jsonl (one line per cell, written as it finishes), OUT/serve-results.json
+and OUT/serve.md; ``--write-docs`` puts the table in docs/benchmarks.md; ``--render RESULTS.json``
+rebuilds the markdown from saved results.
 """
 
 from __future__ import annotations
@@ -56,6 +48,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,7 +61,6 @@ from bench.common import (
     PHOTOS,
     ROOT,
     Failed,
-    Sample,
     Sampler,
     append_jsonl,
     chat_body,
@@ -87,10 +80,13 @@ from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher
 from bot.engines.openai_http import OpenAIHTTPEngine, body_error
 from bot.models import GenerationParams, NormalizedImage
-from bot.settings import DEFAULT_PROMPT
+from bot.settings import DEFAULT_PROMPT, Settings
 
 SERVED_NAME = "oogiri-bench"
 GPU_QUERY = "--query-gpu=memory.used,utilization.gpu"
+#: A request of one cell, given its index: the token counts it reports (see ``common.timed``).
+Call = Callable[[int], Awaitable[dict[str, int]]]
+Cleanup = list[Callable[[], Awaitable[Any]]]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -114,17 +110,8 @@ class Cell(Strict):
 
 
 #: Launch keys that are the managed server's own settings (validated by EngineSettings).
-SERVER_FIELDS = (
-    "backend",
-    "tp",
-    "session_len",
-    "cache_max_entry_count",
-    "max_batch_size",
-    "max_prefill_token_num",
-    "api_key",
-    "extra_args",
-    "server_command",
-)
+SERVER_FIELDS = ("backend", "tp", "session_len", "cache_max_entry_count", "max_batch_size",
+                 "max_prefill_token_num", "api_key", "extra_args", "server_command")  # fmt: skip
 
 
 class Launch(Strict):
@@ -146,13 +133,8 @@ class Launch(Strict):
     proxy: bool = Field(False, description="servers register with `lmdeploy serve proxy`")
 
     def engine_settings(self, startup_timeout_s: float) -> EngineSettings:
-        return EngineSettings.model_validate(
-            {
-                **self.model_dump(include=set(SERVER_FIELDS)),
-                "server_threads": self.server_threads or 1,
-                "startup_timeout_s": startup_timeout_s,
-            }
-        )
+        own = {"server_threads": self.server_threads or 1, "startup_timeout_s": startup_timeout_s}
+        return EngineSettings.model_validate({**self.model_dump(include=set(SERVER_FIELDS)), **own})
 
 
 class CellSpec(Strict):
@@ -173,8 +155,7 @@ class CellSpec(Strict):
         values = [v if isinstance(v, list) else [v] for v in (getattr(self, k) for k in swept)]
         fixed = self.model_dump(exclude=set(swept))
         return [
-            Cell(**fixed, **dict(zip(swept, combo, strict=True)))
-            for combo in itertools.product(*values)
+            Cell(**fixed, **dict(zip(swept, c, strict=True))) for c in itertools.product(*values)
         ]
 
 
@@ -207,7 +188,7 @@ class Plan(Strict):
     about: str | list[str] | None = Field(None, alias="_about", description="a note for readers")
 
 
-# --------------------------------------------------------------------------- pictures
+# --------------------------------------------------------------------------- pictures and GPU
 
 
 def phone_photos(images_dir: Path | None, phone_size: bool, count: int = 5) -> list[bytes]:
@@ -238,7 +219,8 @@ def as_normalized(jpeg: bytes) -> NormalizedImage:
     return NormalizedImage.of(jpeg, width, height, "JPEG")
 
 
-# --------------------------------------------------------------------------- GPU
+def _stdout(cmd: list[str], timeout_s: float) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
 
 
 def gpu_now() -> tuple[float, float] | None:
@@ -246,10 +228,7 @@ def gpu_now() -> tuple[float, float] | None:
     exe = shutil.which("nvidia-smi")
     if not exe:
         return None
-    out = subprocess.run(
-        [exe, GPU_QUERY, "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, timeout=5, check=True,
-    ).stdout  # fmt: skip
+    out = _stdout([exe, GPU_QUERY, "--format=csv,noheader,nounits"], 5)
     rows = [line.split(",") for line in out.strip().splitlines() if line.strip()]
     if not rows:
         return None
@@ -257,25 +236,19 @@ def gpu_now() -> tuple[float, float] | None:
 
 
 def device_info() -> dict[str, Any]:
+    """The results' header: machine, date, commit, GPUs and LMDeploy's version."""
     info: dict[str, Any] = {
-        "host": platform.node(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "date": utc_now(),
-        "commit": git_commit(),
-    }
+        "host": platform.node(), "python": platform.python_version(), "cpus": os.cpu_count(),
+        "date": utc_now(), "commit": git_commit(),
+    }  # fmt: skip
     exe = shutil.which("nvidia-smi")
     if exe:
         with contextlib.suppress(Exception):
-            info["gpu"] = subprocess.run(
-                [exe, "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10, check=True,
-            ).stdout.strip().splitlines()  # fmt: skip
+            query = [exe, "--query-gpu=name,memory.total", "--format=csv,noheader"]
+            info["gpu"] = _stdout(query, 10).strip().splitlines()
     with contextlib.suppress(Exception):
-        info["lmdeploy"] = subprocess.run(
-            [sys.executable, "-c", "import lmdeploy; print(lmdeploy.__version__)"],
-            capture_output=True, text=True, timeout=120, check=True,
-        ).stdout.strip()  # fmt: skip
+        version = [sys.executable, "-c", "import lmdeploy; print(lmdeploy.__version__)"]
+        info["lmdeploy"] = _stdout(version, 120).strip()
     return info
 
 
@@ -293,19 +266,12 @@ class Bench:
     def engine_settings(self, urls: list[str], cell: Cell, api_key: str | None) -> EngineSettings:
         n = self.args.max_new_tokens
         return EngineSettings(
-            name="lmdeploy",
-            base_urls=urls,
-            api_key=api_key,
-            served_model_name=self.args.model_name,
-            max_new_tokens=n,
-            max_dynamic_patch=cell.mdp,
-            presize_to_tiles=cell.presize,
-            max_in_flight=max(cell.inflight, 1) + 8,
-            retries=0,
-            breaker_failures=1_000_000,
-            timeout_s=self.args.request_timeout_s,
+            name="lmdeploy", base_urls=urls, api_key=api_key,
+            served_model_name=self.args.model_name, max_new_tokens=n, max_dynamic_patch=cell.mdp,
+            presize_to_tiles=cell.presize, max_in_flight=max(cell.inflight, 1) + 8, retries=0,
+            breaker_failures=1_000_000, timeout_s=self.args.request_timeout_s,
             request_extra={"ignore_eos": True, "min_new_tokens": n},
-        )
+        )  # fmt: skip
 
     def raw_body(self, index: int, cell: Cell) -> bytes:
         key = (index, cell.presize, cell.mdp)
@@ -321,98 +287,98 @@ class Bench:
             self._bodies[key] = json.dumps(body).encode()
         return self._bodies[key]
 
-    async def run_cell(
-        self, config: Config, cell: Cell, urls: list[str], api_key: str | None
-    ) -> dict[str, Any]:
-        warmup = cell.warmup_s if cell.warmup_s is not None else self.args.warmup_s
-        measure = cell.measure_s if cell.measure_s is not None else self.args.measure_s
-        cleanup: list[Any] = []
-        headers = {"content-type": "application/json"}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
+    def client(self, cell: Cell, cleanup: Cleanup) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=cell.inflight + 8)
+        client = httpx.AsyncClient(
+            timeout=self.args.request_timeout_s, limits=limits, trust_env=False
+        )
+        cleanup.append(client.aclose)
+        return client
 
+    async def caller(
+        self, cell: Cell, urls: list[str], api_key: str | None, cleanup: Cleanup
+    ) -> Call:
+        """The cell's path, ready to run: one request per call (what it needs closed after goes
+        into ``cleanup``)."""
+        photos = self.photos
         if cell.path == "raw":
-            limits = httpx.Limits(max_connections=cell.inflight + 8)
-            client = httpx.AsyncClient(
-                timeout=self.args.request_timeout_s, limits=limits, trust_env=False
-            )
-            cleanup.append(client.aclose)
-            for i in range(len(self.photos)):  # build bodies before the clock starts
+            client = self.client(cell, cleanup)
+            headers = {"content-type": "application/json"}
+            if api_key:
+                headers["authorization"] = f"Bearer {api_key}"
+            for i in range(len(photos)):  # build bodies before the clock starts
                 await asyncio.to_thread(self.raw_body, i, cell)
 
-            async def call(i: int) -> dict[str, int]:
+            async def raw(i: int) -> dict[str, int]:
+                body = self.raw_body(i % len(photos), cell)
                 url = urls[i % len(urls)] + "/v1/chat/completions"
-                body = self.raw_body(i % len(self.photos), cell)
                 r = await client.post(url, content=body, headers=headers)
                 data = r.json()
                 if r.status_code != 200 or body_error(data):
                     raise Failed(str(r.status_code))
                 usage = data.get("usage") or {}
-                return {
-                    "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                    "completion_tokens": int(usage.get("completion_tokens") or 0),
-                }
+                return {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
 
-        elif cell.path == "engine":
+            return raw
+        if cell.path == "engine":
             engine = OpenAIHTTPEngine(self.engine_settings(urls, cell, api_key))
             cleanup.append(engine.close)
-            images = [as_normalized(p) for p in self.photos]
+            images = [as_normalized(p) for p in photos]
             params = GenerationParams(
                 max_new_tokens=self.args.max_new_tokens, max_dynamic_patch=cell.mdp
             )
 
-            async def call(i: int) -> dict[str, int]:
+            async def through_engine(i: int) -> dict[str, int]:
                 gen = await engine.generate(images[i % len(images)], self.prompt, params)
-                return {
-                    "prompt_tokens": gen.usage.prompt_tokens,
-                    "completion_tokens": gen.usage.completion_tokens,
-                }
+                u = gen.usage
+                return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}
 
-        elif cell.path == "service":
+            return through_engine
+        if cell.path == "service":
             app, tap = await self.make_app(urls, cell, api_key)
             cleanup.append(app.close)
             from bot.models import JokeRequest
 
-            async def call(i: int) -> dict[str, int]:
-                request = JokeRequest(
-                    image_bytes=self.photos[i % len(self.photos)],
-                    channel="bench",
-                    user_id=f"bench:{i}",
-                    filename="photo.jpg",
-                )
+            async def service(i: int) -> dict[str, int]:
+                request = JokeRequest(image_bytes=photos[i % len(photos)], channel="bench",
+                                      user_id=f"bench:{i}", filename="photo.jpg")  # fmt: skip
                 try:
                     await app.service.tell(request)
                 finally:
-                    usage = tap.pop(asyncio.current_task(), None)
-                return {
-                    "prompt_tokens": usage.prompt_tokens if usage else 0,
-                    "completion_tokens": usage.completion_tokens if usage else 0,
-                }
+                    u = tap.pop(asyncio.current_task(), None)
+                return {"prompt_tokens": u.prompt_tokens if u else 0,
+                        "completion_tokens": u.completion_tokens if u else 0}  # fmt: skip
 
-        elif cell.path == "web":
-            bots = await BotProcesses.start(self, urls, cell, api_key)
+            return service
+        if cell.path == "web":
+            bots = await BotProcesses.launch(
+                self.engine_settings(urls, cell, api_key),
+                self.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}",
+                port=self.args.port + 200, count=cell.bots,
+                startup_timeout_s=self.args.startup_timeout_s,
+                limits={"max_concurrency": cell.inflight + 8},
+            )  # fmt: skip
             cleanup.append(bots.stop)
-            limits = httpx.Limits(max_connections=cell.inflight + 8)
-            client = httpx.AsyncClient(
-                timeout=self.args.request_timeout_s, limits=limits, trust_env=False
-            )
-            cleanup.append(client.aclose)
+            client = self.client(cell, cleanup)
 
-            async def call(i: int) -> dict[str, int]:
+            async def web(i: int) -> dict[str, int]:
                 url = bots.urls[i % len(bots.urls)] + "/api/jokes"
-                files = {"image": ("photo.jpg", self.photos[i % len(self.photos)], "image/jpeg")}
+                files = {"image": ("photo.jpg", photos[i % len(photos)], "image/jpeg")}
                 r = await client.post(url, files=files)
                 if r.status_code != 201:
                     raise Failed(str(r.status_code))
                 # the web API does not report token counts; the engine paths measure them
                 return {"completion_tokens": self.args.max_new_tokens}
 
-        else:
-            raise ValueError(f"unknown path {cell.path!r}")
+            return web
+        raise ValueError(f"unknown path {cell.path!r}")
 
-        async def one(i: int) -> Sample:
-            return await timed(lambda: call(i))
-
+    async def run_cell(
+        self, config: Config, cell: Cell, urls: list[str], api_key: str | None
+    ) -> dict[str, Any]:
+        warmup = cell.warmup_s if cell.warmup_s is not None else self.args.warmup_s
+        measure = cell.measure_s if cell.measure_s is not None else self.args.measure_s
+        cleanup: Cleanup = []
         sampler = Sampler(gpu_now, every_s=1.0)
 
         async def sample_gpu() -> None:  # only while the window measures
@@ -423,118 +389,93 @@ class Bench:
             finally:
                 await sampler.stop()
 
-        sampling = asyncio.create_task(sample_gpu())
         try:
-            window, _, _ = await closed_loop(one, cell.inflight, warmup, measure)
-            await sampling
+            call = await self.caller(cell, urls, api_key, cleanup)
+            sampling = asyncio.create_task(sample_gpu())
+            try:
+                window, _, _ = await closed_loop(
+                    lambda i: timed(lambda: call(i)), cell.inflight, warmup, measure
+                )
+                await sampling
+            finally:
+                sampling.cancel()
         finally:
-            sampling.cancel()
             for close in cleanup:
                 with contextlib.suppress(Exception):
                     await close()
         ok = [s for s in window if s.ok]
-        errors: dict[str, int] = {}
-        for s in window:
-            if not s.ok:
-                errors[s.error] = errors.get(s.error, 0) + 1
         lat = latency_summary([s.latency for s in ok])
-        row = {
+        gpu = sampler.values()
+        launch = config.launch
+        return {
             "config": config.name,
-            "servers": config.launch.servers if config.launch else len(urls),
-            "gpus": len(set(config.launch.gpus)) or 1 if config.launch else None,
-            "bots": cell.bots if cell.path == "web" else None,
-            "proxy": bool(config.launch and config.launch.proxy),
-            "server_threads": config.launch.server_threads if config.launch else None,
+            "servers": launch.servers if launch else len(urls),
+            "gpus": len(set(launch.gpus)) or 1 if launch else None,
+            "bots": cell.bots,
+            "proxy": bool(launch and launch.proxy),
+            "server_threads": launch.server_threads if launch else None,
             **cell.model_dump(),
             "warmup_s": warmup,
             "measure_s": measure,
             "ok": len(ok),
-            "errors": errors,
+            "errors": dict(Counter(s.error for s in window if not s.ok)),
             "jokes_per_s": round(len(ok) / measure, 3),
-            "p50_s": lat["p50_s"],
-            "p95_s": lat["p95_s"],
-            "p99_s": lat["p99_s"],
-            "prompt_tokens": round(sum(s.prompt_tokens for s in ok) / len(ok), 1) if ok else None,
-            "completion_tokens": (
-                round(sum(s.completion_tokens for s in ok) / len(ok), 1) if ok else None
-            ),
-            "gpu_mem_mib": max((mem for mem, _ in sampler.values()), default=None),
-            "gpu_util_pct": (
-                round(statistics.fmean(u for _, u in sampler.values()), 1)
-                if sampler.samples
-                else None
-            ),
+            **{k: lat[k] for k in ("p50_s", "p95_s", "p99_s")},
+            **{
+                k: round(sum(getattr(s, k) for s in ok) / len(ok), 1) if ok else None
+                for k in ("prompt_tokens", "completion_tokens")
+            },
+            "gpu_mem_mib": max((mem for mem, _ in gpu), default=None),
+            "gpu_util_pct": round(statistics.fmean(u for _, u in gpu), 1) if gpu else None,
         }
-        return row
 
-    async def make_app(self, urls: list[str], cell: Cell, api_key: str | None) -> tuple[Any, dict]:
+    async def make_app(
+        self, urls: list[str], cell: Cell, api_key: str | None
+    ) -> tuple[Any, dict[Any, Any]]:
+        """The bot in this process (no plugins, no per-user limits, its own SQLite) and the tap
+        its engine leaves each request's token usage in."""
         from bot.app import App
         from bot.plugins import make_manager
-        from bot.settings import Settings
 
-        data_dir = Path(tempfile.mkdtemp(prefix="oogiri-bench-"))
         settings = Settings(
             _env_file=None,
-            data_dir=data_dir,
+            data_dir=Path(tempfile.mkdtemp(prefix="oogiri-bench-")),
             plugins=[],
             engine=self.engine_settings(urls, cell, api_key).model_dump(),
-            limits={
-                "per_user_per_minute": 0,
-                "per_chat_per_minute": 0,
-                "max_concurrency": cell.inflight,
-                "queue_timeout_s": 3600,
-            },
-        )
-        tap: dict[Any, Any] = {}
-        engine = UsageTap(OpenAIHTTPEngine(settings.engine), tap)
+            limits={"per_user_per_minute": 0, "per_chat_per_minute": 0,
+                    "max_concurrency": cell.inflight, "queue_timeout_s": 3600},
+        )  # fmt: skip
+        engine = UsageTap(settings)
         app = await App.create(settings, pm=make_manager([]), engine=engine)
-        return app, tap
+        return app, engine.tap
 
 
-class UsageTap:
-    """Wraps an engine to hand each request's token usage back to the task that asked."""
+class UsageTap(OpenAIHTTPEngine):
+    """The bot's engine, handing each request's token usage back to the task that asked (the
+    service's answer does not carry it)."""
 
-    def __init__(self, inner: OpenAIHTTPEngine, tap: dict[Any, Any]) -> None:
-        self.inner = inner
-        self.tap = tap
-        self.name = inner.name
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.engine)
+        self.tap: dict[Any, Any] = {}
 
     async def generate(self, image: NormalizedImage, prompt: str, params: GenerationParams) -> Any:
-        gen = await self.inner.generate(image, prompt, params)
+        gen = await super().generate(image, prompt, params)
         self.tap[asyncio.current_task()] = gen.usage
         return gen
-
-    async def health(self) -> Any:
-        return await self.inner.health()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class BotProcesses:
     """``oogiri serve`` processes (web channel) for the ``web`` path: the bot as users reach it.
 
-    One process per ``cell.bots``, each with its own SQLite store (they stand for replicas; on
-    one PostgreSQL they would share it), the engine pointed at the cell's servers (or proxy), no
-    per-user limits, and the same engine settings as the in-process ``service`` path.
+    One process per ``cell.bots`` (goodput's bot steps start them too), each with its own SQLite
+    store (they stand for replicas; on one PostgreSQL they would share it), the engine pointed at
+    the cell's servers (or proxy), no per-user limits, and the same engine settings as the
+    in-process ``service`` path.
     """
 
     def __init__(self, procs: list[subprocess.Popen[bytes]], urls: list[str]) -> None:
         self.procs = procs
         self.urls = urls
-
-    @classmethod
-    async def start(
-        cls, bench: Bench, engine_urls: list[str], cell: Cell, api_key: str | None
-    ) -> BotProcesses:
-        return await cls.launch(
-            bench.engine_settings(engine_urls, cell, api_key),
-            bench.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}",
-            port=bench.args.port + 200,
-            count=cell.bots,
-            startup_timeout_s=bench.args.startup_timeout_s,
-            limits={"max_concurrency": cell.inflight + 8},
-        )
 
     @classmethod
     async def launch(
@@ -550,6 +491,16 @@ class BotProcesses:
     ) -> BotProcesses:
         """Start ``count`` bots on ports port, port+1, …; ``limits`` set ``OOGIRI_LIMITS__*``,
         ``env_extra`` any other setting (``OOGIRI_POOL__ENABLED``…)."""
+        engine = {
+            "name": "lmdeploy", "manage": "false", "base_urls": json.dumps(list(es.base_urls)),
+            "max_new_tokens": es.max_new_tokens, "max_dynamic_patch": es.max_dynamic_patch,
+            "presize_to_tiles": str(es.presize_to_tiles).lower(),
+            "max_in_flight": es.max_in_flight, "retries": 0,
+            "breaker_failures": es.breaker_failures, "timeout_s": es.timeout_s,
+            "request_extra": json.dumps(es.request_extra),
+        }  # fmt: skip
+        named = {"served_model_name": es.served_model_name or None,
+                 "api_key": es.api_key.get_secret_value() if es.api_key else None}  # fmt: skip
         procs, urls = [], []
         for i in range(count):
             env = {
@@ -558,28 +509,14 @@ class BotProcesses:
                 "OOGIRI_CHANNELS": "web",
                 "OOGIRI_WEB__HOST": "127.0.0.1",
                 "OOGIRI_WEB__PORT": str(port + i),
-                "OOGIRI_ENGINE__NAME": "lmdeploy",
-                "OOGIRI_ENGINE__MANAGE": "false",
-                "OOGIRI_ENGINE__BASE_URLS": json.dumps(list(es.base_urls)),
-                "OOGIRI_ENGINE__MAX_NEW_TOKENS": str(es.max_new_tokens),
-                "OOGIRI_ENGINE__MAX_DYNAMIC_PATCH": str(es.max_dynamic_patch),
-                "OOGIRI_ENGINE__PRESIZE_TO_TILES": str(es.presize_to_tiles).lower(),
-                "OOGIRI_ENGINE__MAX_IN_FLIGHT": str(es.max_in_flight),
-                "OOGIRI_ENGINE__RETRIES": "0",
-                "OOGIRI_ENGINE__BREAKER_FAILURES": str(es.breaker_failures),
-                "OOGIRI_ENGINE__TIMEOUT_S": str(es.timeout_s),
-                "OOGIRI_ENGINE__REQUEST_EXTRA": json.dumps(es.request_extra),
+                **{f"OOGIRI_ENGINE__{k.upper()}": str(v) for k, v in engine.items()},
                 "OOGIRI_LIMITS__PER_USER_PER_MINUTE": "0",
                 "OOGIRI_LIMITS__PER_CHAT_PER_MINUTE": "0",
                 **LOOPBACK_WEB_ENV,
+                **{f"OOGIRI_LIMITS__{k.upper()}": str(v) for k, v in (limits or {}).items()},
+                **(env_extra or {}),
+                **{f"OOGIRI_ENGINE__{k.upper()}": v for k, v in named.items() if v},
             }
-            for key, value in (limits or {}).items():
-                env[f"OOGIRI_LIMITS__{key.upper()}"] = str(value)
-            env.update(env_extra or {})
-            if es.served_model_name:
-                env["OOGIRI_ENGINE__SERVED_MODEL_NAME"] = es.served_model_name
-            if es.api_key:
-                env["OOGIRI_ENGINE__API_KEY"] = es.api_key.get_secret_value()
             procs.append(await asyncio.to_thread(cls._spawn, env, root, i))
             urls.append(f"http://127.0.0.1:{port + i}")
         bots = cls(procs, urls)
@@ -596,12 +533,8 @@ class BotProcesses:
         with open(root / f"bot-{i}.log", "ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "bot.cli", "serve"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=ROOT,
-            )
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+            )  # fmt: skip
 
     async def wait_healthy(self, timeout_s: float, root: Path) -> None:
         deadline = time.monotonic() + timeout_s
@@ -643,16 +576,9 @@ class Proxy:
     def __init__(self, settings: EngineSettings, port: int, log_dir: Path) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.command = [
-            *launcher(settings),
-            "serve",
-            "proxy",
-            "--server-name",
-            "127.0.0.1",
-            "--server-port",
-            str(port),
-            "--routing-strategy",
-            "min_expected_latency",
-        ]
+            *launcher(settings), "serve", "proxy", "--server-name", "127.0.0.1",
+            "--server-port", str(port), "--routing-strategy", "min_expected_latency",
+        ]  # fmt: skip
         self.log_path = log_dir / f"proxy-{port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -693,25 +619,23 @@ class Proxy:
 async def launch_servers(
     launch: Launch, model: Path, port: int, log_dir: Path, startup_timeout_s: float
 ) -> tuple[list[ServerProcess], Proxy | None]:
+    """``launch.servers`` api_servers on port, port+1, … (the proxy on port+100), healthy. The
+    environment is read before the first await (goodput sets it per server group)."""
     settings = launch.engine_settings(startup_timeout_s)
     proxy = Proxy(settings, port + 100, log_dir) if launch.proxy else None
     if proxy is not None:
-        settings = settings.model_copy(
-            update={"extra_args": [*launch.extra_args, "--proxy-url", proxy.url]}
-        )
+        extra_args = [*launch.extra_args, "--proxy-url", proxy.url]
+        settings = settings.model_copy(update={"extra_args": extra_args})
         proxy.start()
     if launch.server_threads is None:  # LMDeploy's defaults: leave OMP/MKL unset
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        }
-        env["PYTHONUNBUFFERED"] = "1"
+        unset = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        env = {k: v for k, v in os.environ.items() if k not in unset} | {"PYTHONUNBUFFERED": "1"}
     else:
         env = build_env(settings)
+    gpus = launch.gpus
 
     def env_of(i: int) -> dict[str, str]:
-        if not launch.gpus:
-            return env
-        return {**env, "CUDA_VISIBLE_DEVICES": str(launch.gpus[i % len(launch.gpus)])}
+        return {**env, "CUDA_VISIBLE_DEVICES": str(gpus[i % len(gpus)])} if gpus else env
 
     servers = [
         ServerProcess(settings, model, port + i, SERVED_NAME, f"bench-{i}", log_dir, env=env_of(i))
@@ -733,6 +657,9 @@ async def launch_servers(
 
 # --------------------------------------------------------------------------- report
 
+COLUMNS = ("config", "servers", "OMP", "path", "in flight", "mdp", "presize", "jokes/s", "p50 s",
+           "p95 s", "p99 s", "prompt tok", "GPU MiB", "GPU %", "errors")  # fmt: skip
+
 
 def failure_summary(exc: BaseException, limit: int = 300) -> str:
     """The first line (what failed) and the log tail's last exception line (why), else its last
@@ -751,9 +678,13 @@ def table_text(text: str, limit: int = 240) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def table_row(cells: list[str]) -> str:
+    """A markdown table row; an empty cell is one space."""
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     meta = doc.get("meta", {})
-    rows = doc.get("rows", [])
     gpu = "; ".join(meta.get("gpu") or []) or "no GPU"
     lines = [
         f"Device: {gpu}, {meta.get('cpus')} CPUs · LMDeploy {meta.get('lmdeploy') or '?'} · "
@@ -765,39 +696,35 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "mdp = max_dynamic_patch (tiles). Closed loop; a cell counts requests finishing in its "
         "measuring window.",
         "",
-        "| config | servers | OMP | path | in flight | mdp | presize | jokes/s | p50 s | p95 s "
-        "| p99 s | prompt tok | GPU MiB | GPU % | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        table_row(list(COLUMNS)),
+        "|" + "---|" * len(COLUMNS),
     ]
-    for r in rows:
+    for r in doc.get("rows", []):
         if r.get("skipped"):
             where = [
                 str(r[k]) if r.get(k) is not None else "–" for k in ("path", "inflight", "mdp")
             ]
-            lines.append(f"| {r['config']} | | | {' | '.join(where)} | | "
-                         f"skipped: {table_text(r['skipped'])} | | | | | | | |")  # fmt: skip
+            skipped = f"skipped: {table_text(r['skipped'])}"
+            lines.append(table_row([r["config"], "", "", *where, "", skipped, *[""] * 7]))
             continue
         errors = ", ".join(f"{k}×{v}" for k, v in (r.get("errors") or {}).items()) or "0"
-        lines.append(
-            f"| {r['config']} | {servers_text(r)} | {r['server_threads'] or 'default'} | "
-            f"{path_text(r)} | {r['inflight']} | {r['mdp']} | "
-            f"{'yes' if r['presize'] else 'no'} | {r['jokes_per_s']:.2f} | {fmt(r['p50_s'])} | "
-            f"{fmt(r['p95_s'])} | {fmt(r['p99_s'])} | {fmt(r['prompt_tokens'], 0)} | "
-            f"{fmt(r['gpu_mem_mib'], 0)} | {fmt(r['gpu_util_pct'], 0)} | {errors} |"
-        )
-    summary = goals(rows)
-    if summary:
-        lines += ["", *summary]
-    return "\n".join(lines)
+        lines.append(table_row([
+            r["config"], servers_text(r), str(r["server_threads"] or "default"), path_text(r),
+            str(r["inflight"]), str(r["mdp"]), "yes" if r["presize"] else "no",
+            f"{r['jokes_per_s']:.2f}", fmt(r["p50_s"]), fmt(r["p95_s"]), fmt(r["p99_s"]),
+            fmt(r["prompt_tokens"], 0), fmt(r["gpu_mem_mib"], 0), fmt(r["gpu_util_pct"], 0),
+            errors,
+        ]))  # fmt: skip
+    summary = goals(doc.get("rows", []))
+    return "\n".join([*lines, "", *summary] if summary else lines)
 
 
 def path_text(row: dict[str, Any]) -> str:
     """'web (3 bots)', 'raw (seed)' …"""
-    text = str(row["path"])
-    if row.get("baseline"):
-        text += " (seed)"
+    text = str(row["path"]) + (" (seed)" if row.get("baseline") else "")
     if row.get("path") == "web":
-        text += f" ({row.get('bots') or 1} bot{'s' if (row.get('bots') or 1) > 1 else ''})"
+        bots = row.get("bots") or 1
+        text += f" ({bots} bot{'s' if bots > 1 else ''})"
     return text
 
 
@@ -822,15 +749,8 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
         f"p95 {fmt(best['p95_s'])} s ({best['config']}, {path_text(best)}, "
         f"{best['inflight']} in flight); goal ≥ 34 jokes/s with p95 ≤ 2 s."
     ]
-    raw = [
-        r
-        for r in done
-        if r["path"] == "raw"
-        and r["config"] == best["config"]
-        and r["inflight"] == best["inflight"]
-        and r["mdp"] == best["mdp"]
-        and r["presize"] == best["presize"]
-    ]
+    same = ("config", "inflight", "mdp", "presize")
+    raw = [r for r in done if r["path"] == "raw" and all(r[k] == best[k] for k in same)]
     if raw:
         ratio = best["jokes_per_s"] / raw[0]["jokes_per_s"] if raw[0]["jokes_per_s"] else 0
         out.append(f"Bot vs raw api_server, same cell: {ratio:.1%} (goal ≥ 95%).")
@@ -843,21 +763,32 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def load_results(names: list[str]) -> dict[str, Any]:
+    """Saved runs (several device calls) as one document; a .jsonl is a run cut short: its
+    finished cells."""
+    doc: dict[str, Any] = {"meta": {}, "rows": []}
+    for name in names:
+        text = Path(name).read_text(encoding="utf-8")
+        if name.endswith(".jsonl"):
+            part = {"rows": [json.loads(line) for line in text.splitlines() if line]}
+        else:
+            part = json.loads(text)
+        doc["meta"] = doc["meta"] or part.get("meta", {})
+        doc["rows"] += part.get("rows", [])
+    return doc
+
+
 # --------------------------------------------------------------------------- main
 
 
 async def run(args: argparse.Namespace, configs: list[Config], model: Path | None) -> dict:
     out = Path(args.out)
-    jsonl = out / "serve-results.jsonl"
     began = time.monotonic()
-    photos = await asyncio.to_thread(
-        phone_photos, Path(args.images) if args.images else None, not args.no_phone_size
-    )
+    images = Path(args.images) if args.images else None
+    photos = await asyncio.to_thread(phone_photos, images, not args.no_phone_size)
     meta = await asyncio.to_thread(device_info)
-    meta.update(
-        {"model": str(model) if model else None, "max_new_tokens": args.max_new_tokens,
-         "photos": len(photos)}
-    )  # fmt: skip
+    meta.update({"model": str(model) if model else None, "max_new_tokens": args.max_new_tokens,
+                 "photos": len(photos)})  # fmt: skip
     doc: dict[str, Any] = {"meta": meta, "rows": []}
     bench = Bench(args, photos, out)
 
@@ -866,7 +797,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
 
     def emit(row: dict[str, Any]) -> None:
         doc["rows"].append(row)
-        append_jsonl(jsonl, row)
+        append_jsonl(out / "serve-results.jsonl", row)
         print(json.dumps(row, ensure_ascii=False), flush=True)
 
     for config in configs:
@@ -882,12 +813,9 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
                         emit({"config": config.name, **cell.model_dump(), "skipped": "deadline"})
                     continue
                 t0 = time.monotonic()
+                startup_s = min(args.startup_timeout_s, remaining())
                 servers, proxy = await launch_servers(
-                    config.launch,
-                    served,
-                    args.port,
-                    out / "logs",
-                    min(args.startup_timeout_s, remaining()),
+                    config.launch, served, args.port, out / "logs", startup_s
                 )
                 print(f"# {config.name}: {len(servers)} server(s) healthy in "
                       f"{time.monotonic() - t0:.0f} s", flush=True)  # fmt: skip
@@ -949,30 +877,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
-        doc = {"meta": {}, "rows": []}
-        for name in args.render:  # several runs (device calls) make one table
-            text = Path(name).read_text(encoding="utf-8")
-            if name.endswith(".jsonl"):  # a run cut short: its finished cells
-                part = {
-                    "meta": {},
-                    "rows": [json.loads(line) for line in text.splitlines() if line],
-                }
-            else:
-                part = json.loads(text)
-            doc["meta"] = doc["meta"] or part.get("meta", {})
-            doc["rows"] += part.get("rows", [])
+        doc = load_results(args.render)
     else:
         plan = Plan.model_validate_json(Path(args.plan).read_text(encoding="utf-8"))
         for key in ("warmup_s", "measure_s", "max_new_tokens", "port", "deadline_s"):
             if getattr(plan, key) is not None:  # the plan's own, else the flag's
                 setattr(args, key, getattr(plan, key))
         model = Path(args.launch or plan.model) if args.launch or plan.model else None
-        configs = plan.configs
-        for config in configs:
+        for config in plan.configs:
             if config.launch and not config.launch.server_command and args.server_command:
                 config.launch.server_command = args.server_command.split()
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        doc = asyncio.run(run(args, configs, model))
+        doc = asyncio.run(run(args, plan.configs, model))
     markdown = render_markdown(doc)
     print(markdown)
     if args.write_docs:
