@@ -9,12 +9,14 @@
 #                        DeepSpeed 0.16.2 sdist, bitsandbytes 0.50.2 unpacked with only the CUDA-13
 #                        library; plus ext/internvl2-code/ (OpenGVLab's InternVL code, git-ignored)
 #                        for scripts/device/train_loop.sh. Carry [".device", "ext"].
+#   .device/pretrained-base/  (with TRAIN) the learning loop's tiny base, pretrained on this CPU
 # Versions: the set recorded in shared/FIELD-NOTES.md as working with LMDeploy 0.18.0 there, plus
 # the bot's own pins from the CPU environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=.device
+TRAIN_DEFAULT=${TRAIN:-1}
 mkdir -p "$OUT/wheels" "$OUT/photos"
 LMDEPLOY_VERSION=${LMDEPLOY_VERSION:-0.18.0}
 
@@ -110,6 +112,14 @@ EOF
     || echo "!! no InternVL code: fetch github:OpenGVLab/InternVL (the search tool) first" >&2
 fi
 
+# The learning loop's pretrained tiny base (docs/learning-loop.md, "A pretrained base"): ~10 min of
+# one CPU core, once. PRETRAINED=0 skips it (scripts/device/learning_loop.sh then needs RANDOM_BASE=1).
+if [ "${PRETRAINED:-$TRAIN_DEFAULT}" = 1 ] && [ ! -f "$OUT/pretrained-base/oogiri-model.json" ]; then
+  echo "pretraining the tiny base for the learning loop (about 10 minutes) ..."
+  "$PY" -m bench.learning_loop.proxy --seeds 0 --pretrain-epochs 12 --pretrain-images 80 \
+    --pretrain-answers 2 --pretrain-p 1.0 --rounds 0 --controls --save-base "$OUT/pretrained-base" \
+    || echo "!! the pretrained base failed: see the output above" >&2
+fi
 du -sh "$OUT"/* "$OUT"
 du -sbc "$OUT" ext 2>/dev/null | tail -1 \
   | awk '{printf "carried: %.1f MiB (+ the tree; the limit is 64)\n", $1/1048576}'

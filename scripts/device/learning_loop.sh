@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's device run: does the retraining loop learn? bench/learning_loop through the real
-# stack — the tiny InternVL2 model (random weights) served by managed LMDeploy, the web API, a
+# stack — the tiny InternVL2 model (pretrained on CPU: .device/pretrained-base; random weights with
+# RANDOM_BASE=1, as version 1 was) served by managed LMDeploy, the web API, a
 # simulated audience, `oogiri train run` (XTuner QLoRA, gate, blue/green promotion) — k rounds and
 # a control round. docs/learning-loop.md has the design; this is the device wrapper.
 #
@@ -13,7 +14,8 @@
 # after a call). When the output ends with "pending: …", make the same call again AT ONCE. A cold
 # machine has lost $WORK: the wrapper then starts over (each call's results stay in its $OUT).
 #
-# Knobs (environment): BUDGET (s for this call, default 580), PY (python3), WORK
+# Knobs (environment): BUDGET (s for this call, default 580), PY (python3), RANDOM_BASE=1 (version
+# 1's random base instead of .device/pretrained-base), WORK
 # (/tmp/oogiri-learning-loop), FRESH=1 (discard $WORK first), DRY=1 (no GPU: the harness's CPU
 # stand-ins), NPROC_PER_NODE (1; 2 on nvidia-h100-x2), LL_ARGS (more arguments for
 # bench/learning_loop, e.g. "--rounds 4"; give the same ones on every call of one experiment).
@@ -134,8 +136,13 @@ if [ ! -f "$BASE/oogiri-model.json" ] || [ ! -f "$BASE/.code-installed" ]; then
     # (python -m bench.learning_loop.proxy … --save-base .device/pretrained-base)
     say "tiny InternVL2 base, pretrained ($D/pretrained-base), with InternVL's remote code"
     step base cp -r "$D/pretrained-base" "$BASE" || exit 6
+  elif [ "${RANDOM_BASE:-0}" != 1 ]; then
+    # version 2 needs a base that already names pictures some of the time (docs/learning-loop.md,
+    # "A pretrained base"); a silent fall-back to random weights would spend the call on nothing
+    echo "FATAL: $D/pretrained-base missing: stage it (bench/device_prep.sh builds it), or RANDOM_BASE=1"
+    exit 6
   else
-    say "tiny InternVL2 base (random weights) with InternVL's remote code"
+    say "tiny InternVL2 base (random weights, RANDOM_BASE=1) with InternVL's remote code"
     # the module, not `oogiri dev make-tiny-model`: that command comes from a plugin's entry
     # point, and this tree is not pip-installed here
     step base "$PY" -c "import sys; from pathlib import Path; from bot.engines.internvl.tinymodel import make_tiny_model; make_tiny_model(Path(sys.argv[1]), layout='internvl2')" "$BASE" || exit 6
