@@ -44,7 +44,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -66,6 +65,7 @@ sys.path.insert(0, str(ROOT / "scripts" / "device"))
 
 from webcheck import alive  # noqa: E402
 
+from bench.common import free_port  # noqa: E402
 from bench.learning_loop.audience import (  # noqa: E402
     Audience,
     PictureAudience,
@@ -338,12 +338,6 @@ def _alive(pid: int) -> bool:
         if done:
             return False
     return alive(pid)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- the registry
