@@ -352,13 +352,16 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
         iters = proxy.train(train, a, seed + rnd)
         after = proxy.loss(held)
         promoted = after is not None and (before is None or after <= before)
+        # a rejected candidate's own rate: on the device the live A/B step, not this loss gate,
+        # decides, so what the candidate would have scored matters too
+        rejected = "" if promoted else f"; the rejected candidate's like-rate {like_rate()}"
         if promoted:
             proxy.active = proxy.snapshot()
         proxy.load(proxy.active)
         lines.append(
             f"seed {seed} round {rnd}: {len(train)} liked training answers, {iters} iterations, "
             f"held-out loss {before or float('nan'):.3f} → {after or float('nan'):.3f} "
-            f"({'promoted' if promoted else 'rejected'}); like-rate {like_rate()}"
+            f"({'promoted' if promoted else 'rejected'}); like-rate {like_rate()}{rejected}"
         )
     for mode in a.controls:
         train, held = sets(mode)
