@@ -328,6 +328,11 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
 
     def sets(control: str | None = None) -> tuple[list[Any], list[Any]]:
         liked = [(p, t) for _, p, t, net in rated if net > 0 and p not in gate_side]
+        if a.max_per_image:
+            liked = export_like(
+                [(p, t, net) for _, p, t, net in rated if net > 0 and p not in gate_side],
+                a.max_per_image,
+            )
         liked += base[: int(a.base_mix * len(liked))]
         held = [(p, t) for _, p, t, net in rated if net > 0 and p in gate_side][:32]
         if control is None:
@@ -378,6 +383,23 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
             f"{before or float('nan'):.3f} vs control {after or float('nan'):.3f} → {verdict}"
         )
     return lines
+
+
+def export_like(liked: list[tuple[Path, str, int]], per_image: int) -> list[tuple[Path, str]]:
+    """The liked answers as ``training.export.select`` keeps them: best-rated first, the same
+    answer on the same picture once (whitespace and case ignored), at most ``per_image`` per
+    picture. Without the cap the pictures the model already gets right dominate the data."""
+    seen: set[tuple[Path, str]] = set()
+    count: dict[Path, int] = {}
+    kept = []
+    for picture, text, _net in sorted(liked, key=lambda x: -x[2]):
+        key = (picture, "".join(text.split()).casefold())
+        if key in seen or count.get(picture, 0) >= per_image:
+            continue
+        seen.add(key)
+        count[picture] = count.get(picture, 0) + 1
+        kept.append((picture, text))
+    return kept
 
 
 def pretrain(
@@ -471,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--warmup", type=float, default=0.34)
     p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument(
+        "--max-per-image",
+        type=int,
+        default=0,
+        help="export as the product does: dedupe, at most this many per picture (0: every liked)",
+    )
     p.add_argument(
         "--qlora", action="store_true", help="train against NF4 weights, as XTuner's QLoRA does"
     )

@@ -105,3 +105,24 @@ def test_nf4_round_trip_is_what_a_4_bit_layer_computes_with() -> None:
     error = float((q - weight).norm() / weight.norm())
     assert 0.05 < error < 0.15, error
     assert torch.equal(nf4_round_trip(q), q)  # already on the grid
+
+
+def test_proxy_exports_liked_answers_as_the_product_does() -> None:
+    """Best-rated first, one copy of an answer per picture (case and spaces ignored), a cap per
+    picture: without it the pictures the model already gets right dominate the training data."""
+    from bench.learning_loop.proxy import export_like
+
+    rocket, coffee = Path("train-004--rocket.png"), Path("train-002--coffee.png")
+    liked = [
+        (rocket, "火箭 飞", 1),
+        (rocket, "火箭飞", 3),
+        (rocket, "火箭!", 2),
+        (rocket, "大火箭", 1),
+    ]
+    liked += [(coffee, "咖啡", 1)]
+    assert export_like(liked, per_image=2) == [
+        (rocket, "火箭飞"),
+        (rocket, "火箭!"),
+        (coffee, "咖啡"),
+    ]
+    assert len(export_like(liked, per_image=10)) == 4  # only the duplicate goes
