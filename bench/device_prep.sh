@@ -116,8 +116,8 @@ fi
 # one CPU core, once. PRETRAINED=0 skips it (scripts/device/learning_loop.sh then needs RANDOM_BASE=1).
 if [ "${PRETRAINED:-$TRAIN_DEFAULT}" = 1 ] && [ ! -f "$OUT/pretrained-base/oogiri-model.json" ]; then
   echo "pretraining the tiny base for the learning loop (about 10 minutes) ..."
-  "$PY" -m bench.learning_loop.proxy --seeds 0 --pretrain-epochs 12 --pretrain-images 80 \
-    --pretrain-answers 2 --pretrain-p 1.0 --rounds 0 --controls --save-base "$OUT/pretrained-base" \
+  "$PY" -m bench.learning_loop.proxy --seeds 0 --lr 5e-4 --pretrain-epochs 12 --pretrain-images 80 \
+    --pretrain-answers 2 --pretrain-p 0.5 --rounds 0 --controls --save-base "$OUT/pretrained-base" \
     || echo "!! the pretrained base failed: see the output above" >&2
 fi
 du -sh "$OUT"/* "$OUT"
