@@ -23,6 +23,7 @@ import math
 import random
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,25 +130,20 @@ class Proxy:
         for m in self.lora:
             m.a.requires_grad = m.b.requires_grad = True
 
-    def quantised(self) -> Any:
+    @contextlib.contextmanager
+    def quantised(self) -> Iterator[None]:
         """XTuner's QLoRA in the proxy: while training, every LLM linear layer (not the head, which
         bitsandbytes leaves unquantised) computes with its NF4 round-tripped weight; the adapters
         are then merged into and served with the unquantised weights, as the product does."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def swapped() -> Any:
-            layers = [m for m in self.lora if m is not self.model.lm_head]
-            clean = [m.linear.weight.data for m in layers]
-            try:
-                for m, w in zip(layers, clean, strict=True):
-                    m.linear.weight.data = nf4_round_trip(w)
-                yield
-            finally:
-                for m, w in zip(layers, clean, strict=True):
-                    m.linear.weight.data = w
-
-        return swapped()
+        layers = [m for m in self.lora if m is not self.model.lm_head]
+        clean = [m.linear.weight.data for m in layers]
+        try:
+            for m, w in zip(layers, clean, strict=True):
+                m.linear.weight.data = nf4_round_trip(w)
+            yield
+        finally:
+            for m, w in zip(layers, clean, strict=True):
+                m.linear.weight.data = w
 
     def merge(self) -> None:
         """Fold the adapters into the weights: the pretrained base every later run starts from."""
@@ -236,43 +232,32 @@ class Proxy:
         warm = max(1, int(a.warmup * total))
         rng = random.Random(seed)
         self.model.train()
-        step = 0
-        with self.quantised() if getattr(a, "qlora", False) else contextlib.nullcontext():
-            step = self._epochs(items, a, opt, params, warm, total, rng)
+        quantised = self.quantised() if a.qlora else contextlib.nullcontext()
+        with quantised:
+            step = 0
+            for _ in range(a.epochs):
+                order = items[:]
+                rng.shuffle(order)
+                for i in range(0, len(order), a.batch):
+                    if step < warm:
+                        lr = a.lr * (step + 1) / warm
+                    else:
+                        lr = (
+                            a.lr
+                            * 0.5
+                            * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+                        )
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                    opt.zero_grad()
+                    batch = order[i : i + a.batch]
+                    losses = [self._nll(p, t) for p, t in batch]
+                    loss = sum(nll / n for nll, n in losses) / len(batch)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    step += 1
         self.model.eval()
-        return step
-
-    def _epochs(
-        self,
-        items: list[Any],
-        a: argparse.Namespace,
-        opt: Any,
-        params: list[Any],
-        warm: int,
-        total: int,
-        rng: random.Random,
-    ) -> int:
-        import torch
-
-        step = 0
-        for _ in range(a.epochs):
-            order = items[:]
-            rng.shuffle(order)
-            for i in range(0, len(order), a.batch):
-                if step < warm:
-                    lr = a.lr * (step + 1) / warm
-                else:
-                    lr = a.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.zero_grad()
-                batch = order[i : i + a.batch]
-                losses = [self._nll(p, t) for p, t in batch]
-                loss = sum(nll / n for nll, n in losses) / len(batch)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                step += 1
         return step
 
 
@@ -386,20 +371,20 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
 
 
 def export_like(liked: list[tuple[Path, str, int]], per_image: int) -> list[tuple[Path, str]]:
-    """The liked answers as ``training.export.select`` keeps them: best-rated first, the same
-    answer on the same picture once (whitespace and case ignored), at most ``per_image`` per
-    picture. Without the cap the pictures the model already gets right dominate the data."""
-    seen: set[tuple[Path, str]] = set()
-    count: dict[Path, int] = {}
-    kept = []
-    for picture, text, _net in sorted(liked, key=lambda x: -x[2]):
-        key = (picture, "".join(text.split()).casefold())
-        if key in seen or count.get(picture, 0) >= per_image:
-            continue
-        seen.add(key)
-        count[picture] = count.get(picture, 0) + 1
-        kept.append((picture, text))
-    return kept
+    """The liked answers as the product's export keeps them (``training.export.select``: best
+    rated first, the same answer on the same picture once, at most ``per_image`` per picture; the
+    proxy makes its own held-out split). Without the cap the pictures the model already gets right
+    dominate the data."""
+    from training.export import select
+    from training.settings import TrainingSettings
+
+    examples = [
+        {"id": str(i), "kind": "positive", "image_sha256": str(p), "text": t, "net": net}
+        for i, (p, t, net) in enumerate(liked)
+    ]
+    settings = TrainingSettings(max_jokes_per_image=per_image, heldout_fraction=0.0)
+    train, _, _, _ = select(examples, settings)
+    return [(Path(e["image_sha256"]), e["text"]) for e in train]
 
 
 def pretrain(
