@@ -452,4 +452,18 @@ async def evaluate(store: Any, test: AbTestRow, now: datetime | None = None) -> 
         decision, f_seq = failure_guard(
             decision, fails["candidate"], fails["control"], margin_f, rule, elapsed
         )
+    if decision.outcome == "wait" and cap:
+        decision = _note_capped(decision, (control, candidate), int(cap))
     return Evaluation(test, control, candidate, decision, elapsed, fails, f_seq)
+
+
+def _note_capped(decision: AbDecision, arms: tuple[ArmCount, ...], cap: int) -> AbDecision:
+    """Say so when every voter of an arm has used the cap: the test can then move only with new
+    voters, and an operator waiting for a decision should know (issue 15's device run stalled
+    so)."""
+    full = [a for a in arms if a.voters and a.votes >= a.voters * cap]
+    if not full:
+        return decision
+    names = " and ".join(f"the {a.arm} arm's {a.voters}" for a in full)
+    note = f"; every voter ({names}) has used the cap of {cap} votes: only new voters add votes"
+    return replace(decision, reason=decision.reason + note)

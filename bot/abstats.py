@@ -46,6 +46,7 @@ __all__ = [
     "decide",
     "interval",
     "rollback_check",
+    "votes_to_decide",
 ]
 
 Outcome = Literal["promote", "reject", "wait", "timeout"]
@@ -165,6 +166,9 @@ class AbDecision:
     # always-valid (1 - alpha) confidence sequence for candidate - control; None before min_votes
     difference_interval: tuple[float, float] | None = None
     threshold: float = 0.0  # log(1/alpha), for display beside statistic
+    # while waiting: counted votes in all (both arms) at which the rule would decide if the rates
+    # and the arm split seen so far held (:func:`votes_to_decide`); None when not projected
+    votes_to_decide: int | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready form (tuples become lists)."""
@@ -248,10 +252,51 @@ def confidence_sequence(
     d = candidate.likes / candidate.votes - control.likes / control.votes
     v = _variance(control) + _variance(candidate)
     t2 = tau * tau
-    log_inv_alpha = math.log(1.0 / alpha)
-    radius = math.sqrt(2.0 * v * (v + t2) / t2 * (log_inv_alpha + 0.5 * math.log((v + t2) / v)))
+    radius = _radius(v, alpha, tau)
     log_lr0 = 0.5 * math.log(v / (v + t2)) + t2 * d * d / (2.0 * v * (v + t2))
     return (max(-1.0, d - radius), min(1.0, d + radius), log_lr0)
+
+
+def _radius(v: float, alpha: float, tau: float) -> float:
+    """Half-width of the confidence sequence at variance ``v`` (grows with ``v``)."""
+    t2 = tau * tau
+    return math.sqrt(
+        2.0 * v * (v + t2) / t2 * (math.log(1.0 / alpha) + 0.5 * math.log((v + t2) / v))
+    )
+
+
+def votes_to_decide(control: Arm, candidate: Arm, rule: AbRule) -> int | None:
+    """About how many counted votes in all (both arms) the rule needs to decide, if the like-rates,
+    the arm split and the votes per voter seen so far held.
+
+    Why: a test that waits for weeks looks the same as one that is about to decide. With a per-voter
+    cap and few voters it may never decide (issue 15's device run: 60 people at 20 votes could not
+    show a 7-point lift), and the operator should see that from the numbers, not from the timeout.
+    The variance is scaled as 1/n (more voters like these); the projection is a planning figure,
+    not part of the rule, and reading it spends no error budget. None before votes on both arms,
+    or when no number of votes decides (an observed lift of exactly 0 with ``min_effect`` 0).
+    """
+    if not control.votes or not candidate.votes:
+        return None
+    lift = candidate.likes / candidate.votes - control.likes / control.votes
+    # promote needs the lower end above 0 (radius < lift, lift >= min_effect); reject needs the
+    # upper end below min_effect (radius < min_effect - lift)
+    gap = lift if lift >= rule.min_effect else rule.min_effect - lift
+    if gap <= 0.0:
+        return None
+    v = _variance(control) + _variance(candidate)
+    now = control.votes + candidate.votes
+    factor = 1.0
+    if _radius(v, rule.alpha, rule.tau) >= gap:
+        lo, hi = v * 1e-12, v  # variance at which the radius reaches the gap, by bisection
+        if _radius(lo, rule.alpha, rule.tau) >= gap:
+            return None
+        for _ in range(200):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if _radius(mid, rule.alpha, rule.tau) < gap else (lo, mid)
+        factor = v / lo
+    factor = max(factor, rule.min_votes / control.votes, rule.min_votes / candidate.votes)
+    return max(now, math.ceil(factor * now))
 
 
 def _pct(x: float) -> str:
@@ -342,11 +387,16 @@ def decide(control: Arm, candidate: Arm, rule: AbRule, elapsed_s: float) -> AbDe
             f"no decision after the maximum duration ({seq}): keeping the active model",
             *common,
         )
+    needed = votes_to_decide(control, candidate, rule)
+    outlook = (
+        f"; at these rates about {needed:,} counted votes in all would decide" if needed else ""
+    )
     return AbDecision(
         "wait",
         f"candidate {_pct(k_rate)} vs control {_pct(c_rate)}, "
-        f"{control.votes + candidate.votes} votes: {seq}, not yet decisive",
+        f"{control.votes + candidate.votes} votes: {seq}, not yet decisive{outlook}",
         *common,
+        votes_to_decide=needed,
     )
 
 

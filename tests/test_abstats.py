@@ -15,6 +15,7 @@ from bot.abstats import (
     decide,
     interval,
     rollback_check,
+    votes_to_decide,
 )
 
 RULE = AbRule(alpha=0.05, min_effect=0.03, min_votes=100, max_duration_s=1000.0)
@@ -244,3 +245,54 @@ def test_bench_scan_agrees_with_decide_on_simple_data() -> None:
         outcomes = [decide(c.arm("a", j), c.arm("b", j), rule, 0).outcome for j in range(3000)]
         first = next((j for j, o in enumerate(outcomes) if o != "wait"), -1)
         assert i == first
+
+
+# --- the projection: how many votes would decide -----------------------------------------------
+
+
+def scaled(arm: Arm, factor: float) -> Arm:
+    """The same like-rate on ``factor`` times the votes (binomial arms: variance scales as 1/n)."""
+    votes = round(arm.votes * factor)
+    return Arm(round(votes * arm.likes / arm.votes), votes)
+
+
+@pytest.mark.parametrize(
+    ("control", "candidate", "decides_as"),
+    [
+        (Arm(130, 200), Arm(146, 200), "promote"),  # +8 pp, undecided at 400 votes
+        (Arm(60, 150), Arm(57, 150), "reject"),  # -2 pp: the lift cannot reach +3 pp
+        (Arm(484, 740), Arm(335, 460), "promote"),  # the device run's round 2, binomial
+    ],
+)
+def test_the_projected_votes_decide_and_fewer_do_not(
+    control: Arm, candidate: Arm, decides_as: str
+) -> None:
+    now = control.votes + candidate.votes
+    assert decide(control, candidate, RULE, 1.0).outcome == "wait"
+    needed = votes_to_decide(control, candidate, RULE)
+    assert needed is not None and needed > now
+    at = needed / now
+    assert decide(scaled(control, at * 1.1), scaled(candidate, at * 1.1), RULE, 1.0).outcome == (
+        decides_as
+    )
+    assert decide(scaled(control, at * 0.9), scaled(candidate, at * 0.9), RULE, 1.0).outcome == (
+        "wait"
+    )
+
+
+def test_a_waiting_decision_says_how_many_votes_would_decide() -> None:
+    d = decide(Arm(130, 200), Arm(146, 200), RULE, 1.0)
+    assert d.votes_to_decide == votes_to_decide(Arm(130, 200), Arm(146, 200), RULE)
+    assert f"about {d.votes_to_decide:,} counted votes in all would decide" in d.reason
+    assert d.to_dict()["votes_to_decide"] == d.votes_to_decide
+    decided = decide(Arm(60, 200), Arm(120, 200), RULE, 1.0)
+    assert decided.outcome == "promote" and decided.votes_to_decide is None
+
+
+def test_the_projection_where_no_number_of_votes_decides_or_none_is_needed() -> None:
+    assert votes_to_decide(Arm(0, 0), Arm(5, 10), RULE) is None
+    no_effect = AbRule(min_effect=0.0, min_votes=100)
+    assert votes_to_decide(Arm(50, 100), Arm(50, 100), no_effect) is None  # lift 0 vs bound 0
+    # already decisive: the votes it has; below min_votes: at least min_votes per arm
+    assert votes_to_decide(Arm(60, 200), Arm(120, 200), RULE) == 400
+    assert votes_to_decide(Arm(3, 10), Arm(9, 10), RULE) == 200

@@ -293,6 +293,37 @@ async def test_too_few_votes_waits_and_one_voter_cannot_decide(
     assert saved["decision"]["outcome"] == "wait"
 
 
+async def test_a_waiting_test_says_what_would_decide_it_and_when_voters_are_spent(
+    tstore: Store, tmp_path: Path
+) -> None:
+    settings = ab_settings(tmp_path, per_voter_cap=5)
+    await registry(tstore, tmp_path)
+    test = await start_test(tstore, settings, "v2", "v1")
+
+    async def voters(version: str, tag: str, people: int, likes_each: int, votes_each: int) -> None:
+        for u in range(people):
+            for i in range(votes_each):
+                jid = await joke(tstore, version)
+                await tstore.rate(jid, f"voter-{tag}-{u}", 1 if i < likes_each else -1, "test")
+
+    await voters("v1", "c", 20, 3, 5)  # 60 % on the control
+    await voters("v2", "k", 10, 3, 5)  # candidate voters with 5 votes each: all at the cap
+    await voters("v2", "k2", 10, 4, 4)  # and 10 who could still vote once more
+    ev = await evaluate(tstore, await tstore.get_ab_test(test.id))
+    d = ev.decision
+    assert d.outcome == "wait" and d.votes_to_decide and d.votes_to_decide > 180
+    assert f"about {d.votes_to_decide:,} counted votes in all would decide" in d.reason
+    assert "every voter (the control arm's 20) has used the cap of 5 votes" in d.reason
+    # ten candidate voters more, each at the cap too: now both arms are spent
+    await voters("v2", "k3", 10, 3, 5)
+    await tstore.rate(await joke(tstore, "v2"), "voter-k2-0", 1, "test")
+    for u in range(1, 10):
+        await tstore.rate(await joke(tstore, "v2"), f"voter-k2-{u}", -1, "test")
+    d = (await evaluate(tstore, await tstore.get_ab_test(test.id))).decision
+    assert d.outcome == "wait", d.reason
+    assert "(the control arm's 20 and the candidate arm's 30) has used the cap" in d.reason
+
+
 async def test_an_undecided_test_times_out_and_keeps_the_active_model(
     tstore: Store, tmp_path: Path
 ) -> None:
