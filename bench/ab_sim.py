@@ -47,7 +47,7 @@ import numpy as np
 from scipy.stats import norm
 
 from bench.common import RESULTS, share_ci, write_json
-from bot.abstats import AbRule, Arm, decide
+from bot.abstats import AbRule, Arm, decide, votes_to_decide
 
 MINUTES_PER_DAY = 1440
 
@@ -297,6 +297,65 @@ def run_grid(
     return rows
 
 
+def projection_check(
+    rng: np.random.Generator, effect: float, rule: AbRule, t: Traffic, at_votes: int
+) -> dict[str, Any] | None:
+    """How well a waiting test's "about N counted votes would decide" (``votes_to_decide``, read at
+    the first check with ``at_votes`` counted votes) foretells the votes at which the rule really
+    decided. None for a test that decided before (or never reached) that check."""
+    minutes = int(rule.max_duration_s // 60)
+    c = simulate_votes(rng, effect, t, minutes)
+    total = c.a[1] + c.b[1]
+    reached = np.flatnonzero(total >= at_votes)
+    i = _first_decision(c, rule, True)
+    if not reached.size or 0 <= i <= reached[0]:
+        return None
+    j = int(reached[0])
+    projected = votes_to_decide(c.arm("a", j), c.arm("b", j), rule)
+    decided = i >= 0
+    return {
+        "projected": projected,
+        "decided_at": int(total[i]) if decided else None,  # None: timed out (censored)
+        "votes_at_end": int(total[-1]),
+    }
+
+
+def summarise_projection(checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ratio actual/projected for decided tests; for timed-out ones, whether the projection had
+    already said more votes than the test went on to get (it then warned correctly)."""
+    decided = [c for c in checks if c["decided_at"] is not None and c["projected"]]
+    ratio = np.array([c["decided_at"] / c["projected"] for c in decided])
+    timed_out = [c for c in checks if c["decided_at"] is None and c["projected"]]
+    warned = sum(c["projected"] > c["votes_at_end"] for c in timed_out)
+    some = bool(ratio.size)
+    return {
+        "tests": len(checks),
+        "decided": len(decided),
+        "ratio_median": float(np.median(ratio)) if some else None,
+        "ratio_10_90": [float(v) for v in np.quantile(ratio, [0.1, 0.9])] if some else None,
+        "within_half_to_double": float(np.mean((ratio >= 0.5) & (ratio <= 2))) if some else None,
+        "timed_out": len(timed_out),
+        "timed_out_projected_beyond_votes_got": warned,
+    }
+
+
+def run_projection(sims: int, seed: int, rule: AbRule, at_votes: int) -> list[dict[str, Any]]:
+    rows = []
+    for k, (name, effect) in enumerate(PROJECTION_SCENARIOS):
+        rng = np.random.default_rng([seed, 100 + k])
+        checks = [projection_check(rng, effect, rule, Traffic(), at_votes) for _ in range(sims)]
+        row = {
+            "name": name,
+            "effect": effect,
+            "at_votes": at_votes,
+            **summarise_projection([c for c in checks if c]),
+        }
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
+
+
+PROJECTION_SCENARIOS = [("A/A", 0.0), ("A/B +5 pp", 0.05), ("A/B +10 pp", 0.10), ("-3 pp", -0.03)]
 BUSY = {"votes_per_day": 5000.0}
 SCENARIOS: list[dict[str, Any]] = [
     # the default rule and traffic: 1,000 votes/day, 20 % of users on the candidate, cap 20
@@ -328,10 +387,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sims", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=15)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--projection",
+        type=int,
+        metavar="VOTES",
+        help="instead of the grid: check votes_to_decide read at VOTES counted votes",
+    )
     args = ap.parse_args(argv)
     rule = AbRule()
     t0 = time.perf_counter()
-    rows = run_grid(args.sims, args.seed, SCENARIOS, rule)
+    if args.projection:
+        rows = run_projection(args.sims, args.seed, rule, args.projection)
+        name = f"ab-sim-projection-{datetime.now(UTC):%Y-%m-%d}.json"
+    else:
+        rows = run_grid(args.sims, args.seed, SCENARIOS, rule)
+        name = f"ab-sim-{datetime.now(UTC):%Y-%m-%d}.json"
     doc = {
         "bench": "ab_sim",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -346,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
     }
-    out = write_json(args.out or RESULTS / f"ab-sim-{datetime.now(UTC):%Y-%m-%d}.json", doc)
+    out = write_json(args.out or RESULTS / name, doc)
     print(f"wrote {out}")
     return 0
 
