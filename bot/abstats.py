@@ -291,12 +291,12 @@ def votes_to_decide(control: Arm, candidate: Arm, rule: AbRule) -> int | None:
         lo, hi = v * 1e-12, v  # variance at which the radius reaches the gap, by bisection
         if _radius(lo, rule.alpha, rule.tau) >= gap:
             return None
-        for _ in range(200):
+        for _ in range(100):
             mid = math.sqrt(lo * hi)
             lo, hi = (mid, hi) if _radius(mid, rule.alpha, rule.tau) < gap else (lo, mid)
         factor = v / lo
     factor = max(factor, rule.min_votes / control.votes, rule.min_votes / candidate.votes)
-    return max(now, math.ceil(factor * now))
+    return math.ceil(factor * now)  # factor >= 1: never fewer than the votes it has
 
 
 def _pct(x: float) -> str:
