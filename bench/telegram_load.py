@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -98,7 +99,6 @@ class _LogTally(logging.Handler):
 
 async def _bot(cfg: dict[str, Any]) -> dict[str, Any]:
     """The child: a real App (the web channel too for webhooks) until SIGTERM; its figures."""
-    import plugins.telegram as telegram_plugin
     from bot.app import App
     from bot.engines.instant import InstantEngine
     from bot.settings import Settings
@@ -110,11 +110,8 @@ async def _bot(cfg: dict[str, Any]) -> dict[str, Any]:
     logging.getLogger().addHandler(tally)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     settings = Settings(_env_file=None, **cfg["settings"])
-    extra: list[Any] = [telegram_plugin]
-    if "web" in settings.channels:  # imported only then: the bot's RSS is a figure
-        import plugins.web as web_plugin
-
-        extra.insert(0, web_plugin)
+    # each channel's plugin (the web one only for webhooks: the bot's RSS is a figure)
+    extra = [importlib.import_module(f"plugins.{channel}") for channel in settings.channels]
     engine = InstantEngine(delay_s=cfg["engine_delay_s"])
     app = await App.create(settings, engine=engine, plugins=extra)
     stop = asyncio.Event()
@@ -138,20 +135,12 @@ async def _bot(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def bot_settings(
-    api: FakeBotAPI, data_dir: Path, telegram: dict[str, Any], limits: dict[str, Any], **more: Any
+    api: FakeBotAPI, data_dir: Path, limits: dict[str, Any], **telegram: Any
 ) -> dict[str, Any]:
     """The child bot's settings: the Telegram channel on the fake Bot API, English, quiet logs."""
     fake = {"token": TOKEN, "base_url": api.base_url, "base_file_url": api.base_file_url}
-    return {
-        "data_dir": str(data_dir),
-        "channels": ["telegram"],
-        "plugins": [],
-        "language": "en",
-        "log_level": "WARNING",
-        "telegram": {**fake, **telegram},
-        "limits": limits,
-        **more,
-    }
+    base = {"channels": ["telegram"], "plugins": [], "language": "en", "log_level": "WARNING"}
+    return {**base, "data_dir": str(data_dir), "telegram": {**fake, **telegram}, "limits": limits}
 
 
 class BotProcess:
@@ -496,11 +485,8 @@ class DurablePostgres(ThrowawayPostgres):
     on as a real server has it: the load's PostgreSQL rows were measured so."""
 
     def _pg_ctl(self, action: str, *extra: str) -> subprocess.CompletedProcess[str]:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-        return self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path),
-            "-o", options, "-w", "-t", "60", action, *extra,
-        )  # fmt: skip
+        # pg_ctl appends every -o; the server takes the last fsync setting
+        return super()._pg_ctl(action, *extra, "-o", "-c fsync=on")
 
 
 @contextlib.contextmanager
@@ -565,18 +551,13 @@ async def run(args: argparse.Namespace, mode: str, store_kind: str) -> dict[str,
         fake_telegram(api) as tmp,
         aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
     ):
-        settings = bot_settings(
-            api,
-            tmp / "data",
-            {"mode": mode, "webhook_url": WEBHOOK_URL, **HIGH_FLOOD_LIMITS},
-            {
-                "per_user_per_minute": 0,
-                "per_chat_per_minute": 0,
-                "max_concurrency": args.concurrency,
-            },
-            channels=["web", "telegram"] if mode == "webhook" else ["telegram"],
-            web={"host": "127.0.0.1", "port": web_port},
-        )
+        limits = {"per_user_per_minute": 0, "per_chat_per_minute": 0}
+        limits["max_concurrency"] = args.concurrency
+        telegram = {"mode": mode, "webhook_url": WEBHOOK_URL, **HIGH_FLOOD_LIMITS}
+        settings = bot_settings(api, tmp / "data", limits, **telegram)
+        if mode == "webhook":
+            web = {"host": "127.0.0.1", "port": web_port}
+            settings |= {"channels": ["web", "telegram"], "web": web}
         if store_kind == "postgresql":
             await _pg_admin(args.pg_url, f'CREATE DATABASE "{pg_db}"')
             settings["store"] = {"url": f"{args.pg_url}/{pg_db}"}
@@ -758,8 +739,8 @@ async def flood_phase(
     async with fake_telegram(api) as tmp:
         # Telegram's documented budgets (the defaults), a short lease so that a killed bot's
         # claims lapse within the run
-        outbox = {"outbox_lease_s": 5.0, "outbox_poll_s": 0.5}
-        settings = bot_settings(api, tmp / "data", outbox, {**FLOOD_LIMITS, "max_concurrency": 16})
+        limits = {**FLOOD_LIMITS, "max_concurrency": 16}
+        settings = bot_settings(api, tmp / "data", limits, outbox_lease_s=5.0, outbox_poll_s=0.5)
         bots = [BotProcess(settings, tmp / "bot.log", delay=args.engine_delay)]
         try:
             await bots[0].start()
@@ -1053,9 +1034,9 @@ def _load_command(args: argparse.Namespace, mode: str, store: str) -> str:
     return COMMAND + shlex.join(argv)
 
 
-def _finish(result: dict[str, Any], args: argparse.Namespace, name: str) -> None:
+def _finish(result: dict[str, Any], args: argparse.Namespace, name: str, **more: Any) -> None:
     """The result printed and (unless --no-docs) written as bench/results/<name>.json."""
-    result["machine"] = common.machine(cpu_model=True)
+    result |= {"machine": common.machine(cpu_model=True), **more}
     print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
     if not args.no_docs:
         common.write_json(RESULTS / f"{name}.json", result)
@@ -1087,9 +1068,8 @@ def run_flood(args: argparse.Namespace) -> bool:
     result = asyncio.run(flood_main(args))
     argv = ["--scenario", "flood", "--users", str(args.users), "--duration", f"{args.duration:g}"]
     result["command"] = COMMAND + shlex.join([*argv, "--repeats", str(args.repeats)])
-    result["date"] = time.strftime("%Y-%m-%d", time.gmtime())
-    result["file"] = FLOOD_FILE
-    _finish(result, args, FLOOD_FILE.removesuffix(".json"))
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    _finish(result, args, FLOOD_FILE.removesuffix(".json"), date=date, file=FLOOD_FILE)
     return any(p["silently_lost"] for p in result["phases"])
 
 
