@@ -1,14 +1,13 @@
 """Telegram load: thousands of updates through the fake Bot API at a paced rate — 0 lost.
 
-Not a test: it measures. Here, the Telegram side: the fake Bot API of
-``tests/telegram/fakebotapi.py`` on 127.0.0.1 and a crowd of users feeding a paced stream of
-updates (the mix, and what counts as lost: ``LOAD_ABOUT``, the text of its docs section). In a
-child process, the bot: a real ``App`` (``_bot``) with the Telegram channel (polling, or webhook
-mode through the web channel), the instant engine and SQLite or PostgreSQL. When the stream ends
-it waits (bounded) for every answer due, stops the bot (which drains) and checks the
-acknowledgements, replies, callback answers and the store's votes. ``--scenario flood``
-(docs/telegram.md): ordinary users and one flooder against Telegram's real budgets with 429s/5xx
-injected, runs without/with the flooder interleaved, then a kill -9 mid-run.
+Not a test: it measures. The fake Bot API of ``tests/telegram/fakebotapi.py`` on 127.0.0.1 and a
+crowd of users feed a paced stream of updates (the mix, and what counts as lost: ``LOAD_ABOUT``)
+to a real ``App`` in a child process: the Telegram channel (polling, or webhook mode through the
+web channel), the instant engine, SQLite or PostgreSQL. When the stream ends it waits (bounded)
+for every answer due, stops the bot (which drains) and checks the acknowledgements, replies,
+callback answers and the store's votes. ``--scenario flood`` (docs/telegram.md): ordinary users
+and one flooder against Telegram's real budgets with 429s/5xx injected, runs without/with the
+flooder interleaved, then a kill -9 mid-run.
 
 Writes bench/results/telegram-load-<mode>-<store>[-<updates>at<rate>].json (the flood:
 telegram-flood.json) and its section of docs/benchmarks.md; ``--docs-only`` re-renders that
@@ -26,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,23 +99,20 @@ class _LogTally(logging.Handler):
 
 async def _bot(cfg: dict[str, Any]) -> dict[str, Any]:
     """The child: a real App (the web channel too for webhooks) until SIGTERM; its figures."""
-    import plugins.telegram as telegram_plugin
     from bot.app import App
     from bot.engines.instant import InstantEngine
     from bot.settings import Settings
 
     tally = _LogTally()
-    line = "%(asctime)s %(levelname)s %(name)s %(message)s"
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=line)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     logging.getLogger().addHandler(tally)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    extra: list[Any] = [telegram_plugin]
-    if "web" in cfg["settings"]["channels"]:
-        import plugins.web as web_plugin
-
-        extra.insert(0, web_plugin)
     settings = Settings(_env_file=None, **cfg["settings"])
-    engine = InstantEngine(delay_s=float(cfg.get("engine_delay_s") or 0.0))
+    # each channel's plugin (the web one only for webhooks: the bot's RSS is a figure)
+    extra = [importlib.import_module(f"plugins.{channel}") for channel in settings.channels]
+    engine = InstantEngine(delay_s=cfg["engine_delay_s"])
     app = await App.create(settings, engine=engine, plugins=extra)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,46 +134,25 @@ async def _bot(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def bot_main(config: str) -> None:
-    cfg = json.loads(config)
-    if cfg.get("profile"):  # --profile-bot: cProfile of the bot's event-loop thread
-        import cProfile
-
-        profiler = cProfile.Profile()
-        result = profiler.runcall(asyncio.run, _bot(cfg))
-        profiler.dump_stats(cfg["profile"])
-    else:
-        result = asyncio.run(_bot(cfg))
-    print("RESULT " + json.dumps(result), flush=True)
-
-
 def bot_settings(
-    api: FakeBotAPI, data_dir: Path, telegram: dict[str, Any], limits: dict[str, Any], **more: Any
+    api: FakeBotAPI, data_dir: Path, limits: dict[str, Any], **telegram: Any
 ) -> dict[str, Any]:
     """The child bot's settings: the Telegram channel on the fake Bot API, English, quiet logs."""
     fake = {"token": TOKEN, "base_url": api.base_url, "base_file_url": api.base_file_url}
-    return {
-        "data_dir": str(data_dir),
-        "channels": ["telegram"],
-        "plugins": [],
-        "language": "en",
-        "log_level": "WARNING",
-        "telegram": {**fake, **telegram},
-        "limits": limits,
-        **more,
-    }
+    base = {"channels": ["telegram"], "plugins": [], "language": "en", "log_level": "WARNING"}
+    return {**base, "data_dir": str(data_dir), "telegram": {**fake, **telegram}, "limits": limits}
 
 
 class BotProcess:
     """The bot in a child process: READY on stdout once serving; SIGTERM → App.close, then its
-    figures on a RESULT line (read by ``stop``)."""
+    figures on a RESULT line (read by ``stop``). ``profile``: cProfile's output file."""
 
     def __init__(
         self, settings: dict[str, Any], log: Path, profile: str | None = None, delay: float = 0
     ) -> None:
-        self.config = json.dumps(
-            {"settings": settings, "profile": profile, "engine_delay_s": delay}
-        )
+        config = json.dumps({"settings": settings, "engine_delay_s": delay})
+        profiler = ["-m", "cProfile", "-o", profile] if profile else []
+        self.argv = [sys.executable, *profiler, "-m", "bench.telegram_load", "_bot", config]
         self.log = log
         self.proc: asyncio.subprocess.Process | None = None
         self.result: dict[str, Any] = {}
@@ -184,9 +160,8 @@ class BotProcess:
     async def start(self, within: float = 60.0) -> BotProcess:
         with self.log.open("wb") as log:  # the child writes to its own copy
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.telegram_load", "_bot", self.config,
-                stdout=asyncio.subprocess.PIPE, stderr=log, cwd=str(common.ROOT),
-            )  # fmt: skip
+                *self.argv, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=common.ROOT
+            )
         stdout = self.proc.stdout
         assert stdout is not None
 
@@ -221,8 +196,19 @@ class BotProcess:
             out = await asyncio.wait_for(self.proc.stdout.read(), 10)
             for line in out.decode(errors="replace").splitlines():
                 if line.startswith("RESULT "):
-                    self.result = json.loads(line[len("RESULT ") :])
+                    self.result = json.loads(line.removeprefix("RESULT "))
         self.result["exit_code"] = self.proc.returncode
+
+
+@contextlib.asynccontextmanager
+async def fake_telegram(api: FakeBotAPI) -> AsyncIterator[Path]:
+    """The fake Bot API serving, and a scratch folder for the bot's data and logs."""
+    with tempfile.TemporaryDirectory(prefix="oogiri-tgbench-") as tmp:
+        await api.start()
+        try:
+            yield Path(tmp)
+        finally:
+            await api.stop()
 
 
 # =========================================================================== Telegram's side
@@ -251,11 +237,13 @@ class TimedBotAPI(FakeBotAPI):
     async def api_sendMessage(self, params: dict[str, Any]) -> Any:
         message = await super().api_sendMessage(params)
         self.crowd.on_reply(params, message, time.monotonic())
+        self.changed.set()
         return message
 
     async def api_answerCallbackQuery(self, params: dict[str, Any]) -> Any:
         result = await super().api_answerCallbackQuery(params)
         self.crowd.on_answer(params, time.monotonic())
+        self.changed.set()
         return result
 
 
@@ -303,28 +291,18 @@ class Crowd:
             ]
             for base, name in ((-1001000000000, "Memes"), (-1002000000000, "Chatter"))
         )
-        self.photos: list[list[dict[str, Any]]] = []  # PhotoSize lists: thumbnail, full size
-        self.silent_photos: list[list[dict[str, Any]]] = []  # the same, for the silent chatter
-        self.photo_bytes = 0
-        for img in source_photos():
-            small = img.copy()
-            small.thumbnail((90, 90))
-            sizes = [(jpeg_bytes(small, 80), small), (jpeg_bytes(img), img)]
-            self.photo_bytes += len(sizes[1][0])
-            for target in (self.photos, self.silent_photos):
-                target.append([self._size(blob, im) for blob, im in sizes])
-        self.photo_bytes //= len(common.PHOTOS)
+        # the bot downloads a photo's largest size: the full JPEG; the silent chatter's photos
+        # are the same pictures under their own file ids
+        jpegs = [(jpeg_bytes(img), img.size) for img in source_photos()]
+        self.photo_bytes = sum(len(blob) for blob, _ in jpegs) // len(jpegs)
+        self.photos = [api.photo(blob, *size) for blob, size in jpegs]
+        self.silent_photos = [api.photo(blob, *size) for blob, size in jpegs]
         self.silent_files = {s["file_id"] for sizes in self.silent_photos for s in sizes}
         self.polite_media = [
             {"sticker": api.sticker(b"tgs-animation", animated=True)},
             {"sticker": api.sticker(b"webm-video-sticker", video=True)},
             {"video": api.media("video")},
         ]
-
-    def _size(self, blob: bytes, im: Any) -> dict[str, Any]:
-        f = self.api.add_file(blob)
-        ids = {"file_id": f.file_id, "file_unique_id": f.unique_id}
-        return {**ids, "width": im.width, "height": im.height, "file_size": f.size}
 
     # ------------------------------------------------------------------ what users send
 
@@ -367,11 +345,8 @@ class Crowd:
             self.silent.add(key)
         else:
             lang = "zh" if (user.get("language_code") or "").startswith("zh") else "en"
-            self.expected[key] = (
-                update["update_id"],
-                "polite" if kind == "polite" else "joke",
-                lang,
-            )
+            answer = "polite" if kind == "polite" else "joke"
+            self.expected[key] = (update["update_id"], answer, lang)
         self.sent[kind] += 1
         return update
 
@@ -405,7 +380,6 @@ class Crowd:
     # ------------------------------------------------------------------ what came back
 
     def _latency(self, kind: str, update_id: int, now: float) -> None:
-        self.api.changed.set()
         delivered = self.api.delivered.get(update_id)
         if delivered is None:
             self.wrong.append(f"update {update_id} answered before it was delivered")
@@ -473,12 +447,13 @@ async def _pg_admin(base: str, sql: str) -> None:
         await conn.close()
 
 
-async def read_store(url: str, images_dir: Path) -> dict[str, Any]:
+async def read_store(settings: dict[str, Any]) -> dict[str, Any]:
     """What the bot left in its store (both scenarios): ratings, jokes, (joke, user) pairs rated
     more than once, request outcomes, jokes per chat, the Telegram outbox's rows by state."""
     from sqlalchemy import func, select
 
     from bot.outbox import Outbox
+    from bot.settings import Settings
     from bot.store import JokeRow, RatingRow, Store
 
     pairs = select(func.count()).group_by(RatingRow.joke_id, RatingRow.user_id)
@@ -488,7 +463,8 @@ async def read_store(url: str, images_dir: Path) -> dict[str, Any]:
         "twice": pairs.select_from(RatingRow).having(func.count() > 1),
         "per_chat": select(JokeRow.chat_id, func.count()).group_by(JokeRow.chat_id),
     }
-    store = Store(url, images_dir)
+    bot = Settings(_env_file=None, **settings)
+    store = Store(bot.database_url, bot.images_dir)
     try:
         async with store.session() as s:
             rows = {name: (await s.execute(query)).all() for name, query in queries.items()}
@@ -509,11 +485,8 @@ class DurablePostgres(ThrowawayPostgres):
     on as a real server has it: the load's PostgreSQL rows were measured so."""
 
     def _pg_ctl(self, action: str, *extra: str) -> subprocess.CompletedProcess[str]:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-        return self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path),
-            "-o", options, "-w", "-t", "60", action, *extra,
-        )  # fmt: skip
+        # pg_ctl appends every -o; the server takes the last fsync setting
+        return super()._pg_ctl(action, *extra, "-o", "-c fsync=on")
 
 
 @contextlib.contextmanager
@@ -539,31 +512,15 @@ async def run(args: argparse.Namespace, mode: str, store_kind: str) -> dict[str,
     crowd = Crowd(args.seed, args.users)
     api = crowd.api
     cpu0, load_before = common.rusage_self()["cpu_s"], os.getloadavg()[0]
-    tmp = tempfile.TemporaryDirectory(prefix="oogiri-tgload-")
-    data_dir, log_path = Path(tmp.name) / "data", Path(tmp.name) / "bot.log"
-    web_port = common.free_port()
-    await api.start()
-    settings = bot_settings(
-        api,
-        data_dir,
-        {"mode": mode, "webhook_url": WEBHOOK_URL, **HIGH_FLOOD_LIMITS},
-        {"per_user_per_minute": 0, "per_chat_per_minute": 0, "max_concurrency": args.concurrency},
-        channels=["web", "telegram"] if mode == "webhook" else ["telegram"],
-        web={"host": "127.0.0.1", "port": web_port},
-    )
-    store_url = f"sqlite+aiosqlite:///{data_dir / 'oogiri.sqlite3'}"
     pg_db = f"oogiri_bench_{os.getpid()}_{int(time.time())}"
-    if store_kind == "postgresql":
-        await _pg_admin(args.pg_url, f'CREATE DATABASE "{pg_db}"')
-        settings["store"] = {"url": (store_url := f"{args.pg_url}/{pg_db}")}
-    bot = BotProcess(settings, log_path, args.profile_bot)
+    web_port = common.free_port()
+    hook_url = f"http://127.0.0.1:{web_port}/telegram/webhook"
+    sent_ids: list[int] = []
     acked: set[int] = set()
     retries: Counter[str] = Counter()
     posts: set[asyncio.Task[None]] = set()
     gate = asyncio.Semaphore(WEBHOOK_CONNECTIONS)
-    hook_url = f"http://127.0.0.1:{web_port}/telegram/webhook"
-    limits = aiohttp.TCPConnector(limit=0), aiohttp.ClientTimeout(total=10)
-    session = aiohttp.ClientSession(connector=limits[0], timeout=limits[1])
+    connector, timeout = aiohttp.TCPConnector(limit=0), aiohttp.ClientTimeout(total=10)
 
     async def deliver(update: dict[str, Any]) -> None:
         """POST one update like Telegram: JSON + secret header, retried until a 200 (bounded)."""
@@ -586,64 +543,71 @@ async def run(args: argparse.Namespace, mode: str, store_kind: str) -> dict[str,
             retries[str(status)] += 1
             await asyncio.sleep(0.5 * (attempt + 1))
 
-    try:
-        await bot.start()
-        first_id = last_id = 0
-        t0 = last_sent = time.monotonic()  # feed, paced (the loop's clock)
-        async for _ in at_offsets([i / args.rate for i in range(args.updates)], t0):
-            update = crowd.next_update()
-            last_id = update["update_id"]
-            first_id = first_id or last_id
-            if mode == "webhook":
-                posts.add(task := asyncio.create_task(deliver(update)))
-                task.add_done_callback(posts.discard)
-            else:
-                api.push(update)
-            last_sent = time.monotonic()
-        feed_s = last_sent - t0
-        deadline = time.monotonic() + args.drain_timeout  # drain, bounded
-        while True:
-            api.changed.clear()
-            left = deadline - time.monotonic()
-            acked_all = not posts if mode == "webhook" else api.confirmed_offset > last_id
-            if (acked_all and not crowd.outstanding()) or left <= 0:
-                break
-            with contextlib.suppress(TimeoutError):  # a missed wake-up costs a second at most
-                await asyncio.wait_for(api.changed.wait(), min(left, 1.0))
-        drain_s = time.monotonic() - last_sent
-        await asyncio.sleep(0.5)  # a late duplicate or stray reply would show up here
-        wall_answers = (crowd.last_answer or time.monotonic()) - t0
-        for task in list(posts):
-            task.cancel()
-        await bot.stop()
-    finally:
-        await session.close()
-        await bot.stop()
-        await api.stop()
-    try:
-        db = await read_store(store_url, data_dir / "images")
-    finally:
+    def drained() -> bool:
+        acked_all = not posts if mode == "webhook" else api.confirmed_offset > sent_ids[-1]
+        return acked_all and not crowd.outstanding()
+
+    async with (
+        fake_telegram(api) as tmp,
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+    ):
+        limits = {"per_user_per_minute": 0, "per_chat_per_minute": 0}
+        limits["max_concurrency"] = args.concurrency
+        telegram = {"mode": mode, "webhook_url": WEBHOOK_URL, **HIGH_FLOOD_LIMITS}
+        settings = bot_settings(api, tmp / "data", limits, **telegram)
+        if mode == "webhook":
+            web = {"host": "127.0.0.1", "port": web_port}
+            settings |= {"channels": ["web", "telegram"], "web": web}
         if store_kind == "postgresql":
-            await _pg_admin(args.pg_url, f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)')
-        log_tail = log_path.read_text(errors="replace")[-3000:]
-        tmp.cleanup()
+            await _pg_admin(args.pg_url, f'CREATE DATABASE "{pg_db}"')
+            settings["store"] = {"url": f"{args.pg_url}/{pg_db}"}
+        bot = BotProcess(settings, tmp / "bot.log", args.profile_bot)
+        try:
+            await bot.start()
+            t0 = last_sent = time.monotonic()  # feed, paced (the loop's clock)
+            async for _ in at_offsets([i / args.rate for i in range(args.updates)], t0):
+                update = crowd.next_update()
+                sent_ids.append(update["update_id"])
+                if mode == "webhook":
+                    posts.add(task := asyncio.create_task(deliver(update)))
+                    task.add_done_callback(posts.discard)
+                else:
+                    api.push(update)
+                last_sent = time.monotonic()
+            feed_s = last_sent - t0
+            deadline = last_sent + args.drain_timeout  # drain, bounded
+            while True:
+                api.changed.clear()
+                if drained() or (left := deadline - time.monotonic()) <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):  # a missed wake-up costs a second at most
+                    await asyncio.wait_for(api.changed.wait(), min(left, 1.0))
+            drain_s = time.monotonic() - last_sent
+            await asyncio.sleep(0.5)  # a late duplicate or stray reply would show up here
+            wall_answers = (crowd.last_answer or time.monotonic()) - t0
+            for task in list(posts):
+                task.cancel()
+            await bot.stop()
+            db = await read_store(settings)
+        finally:
+            await bot.stop()
+            if store_kind == "postgresql":
+                await _pg_admin(args.pg_url, f'DROP DATABASE IF EXISTS "{pg_db}" WITH (FORCE)')
+            log_tail = bot.log.read_text(errors="replace")[-3000:]
 
     # ---------------------------------------------------------------- accounting
-    ids = range(first_id, last_id + 1)
     if mode == "webhook":
-        acknowledged = sum(u in acked for u in ids)
+        acknowledged = sum(u in acked for u in sent_ids)
     else:
-        acknowledged = sum(u < api.confirmed_offset and u in api.delivered for u in ids)
+        acknowledged = sum(u < api.confirmed_offset and u in api.delivered for u in sent_ids)
     unanswered = crowd.outstanding()
     stored = {(j, u): v for j, u, v in db["ratings"]}
     expected = {(j, f"tg:{u}"): v for (j, u), v in crowd.final.items()}
     missing = sum(k not in stored for k in expected)
     wrong_value = sum(k in stored and stored[k] != v for k, v in expected.items())
     # the buttons people see: the last edit of each voted message shows the stored counts
-    counts: dict[int, list[int]] = {}
-    for (j, _u), v in stored.items():
-        counts.setdefault(j, [0, 0])[0 if v > 0 else 1] += 1
-    shown = {j: (f"👍 {up}", f"👎 {down}") for j, (up, down) in counts.items()}
+    votes = Counter((j, v > 0) for (j, _u), v in stored.items())
+    shown = {j: (f"👍 {votes[j, True]}", f"👎 {votes[j, False]}") for j, _u in stored}
     votable = [t for t in crowd.votable if t.joke_id in shown]
     stale = sum(keyboard_counts(t.message.get("reply_markup")) != shown[t.joke_id] for t in votable)
     calls = Counter(c.method for c in api.calls if c.status == 200)
@@ -771,44 +735,39 @@ async def flood_phase(
     duration = args.duration * (1.5 if kill_at is not None else 1.0)
     crowd = FloodCrowd(args.users, args.seed)
     api = crowd.api
-    await api.start()
-    tmp = tempfile.TemporaryDirectory(prefix="oogiri-tgflood-")
-    logs, data_dir = Path(tmp.name), Path(tmp.name) / "data"
-    # Telegram's documented budgets (the defaults), a short lease so that a killed bot's claims
-    # lapse within the run
-    outbox = {"outbox_lease_s": 5.0, "outbox_poll_s": 0.5}
-    settings = bot_settings(api, data_dir, outbox, {**FLOOD_LIMITS, "max_concurrency": 16})
-    store = f"sqlite+aiosqlite:///{data_dir / 'oogiri.sqlite3'}", data_dir / "images"
-    bots = [BotProcess(settings, logs / "bot.log", delay=args.engine_delay)]
     load0, killed_at, down_s = os.getloadavg()[0], 0.0, 0.0
-    try:
-        await bots[0].start()
-        until = time.monotonic() + duration
-        tasks = [asyncio.create_task(crowd.ordinary_user(u, until)) for u in crowd.users]
-        if flooder:
-            tasks.append(asyncio.create_task(crowd.flood(until)))
-        if kill_at is not None:
-            await asyncio.sleep(kill_at)
-            await bots[0].kill()
-            killed_at = time.monotonic()
-            await asyncio.sleep(2.0)
-            bots.append(BotProcess(settings, logs / "bot2.log", delay=args.engine_delay))
-            await bots[-1].start()
-            down_s = time.monotonic() - killed_at
-        await asyncio.gather(*tasks)
-        deadline = time.monotonic() + 60  # drain: until nothing is pending in the outbox
-        while time.monotonic() < deadline:
-            if not (await read_store(*store))["outbox"].get("pending"):
-                break
-            await asyncio.sleep(1.0)
-        for bot in reversed(bots):
-            await bot.stop()
-        state = await read_store(*store)
-    finally:
-        for bot in bots:
-            await bot.kill()
-        await api.stop()
-        tmp.cleanup()
+    async with fake_telegram(api) as tmp:
+        # Telegram's documented budgets (the defaults), a short lease so that a killed bot's
+        # claims lapse within the run
+        limits = {**FLOOD_LIMITS, "max_concurrency": 16}
+        settings = bot_settings(api, tmp / "data", limits, outbox_lease_s=5.0, outbox_poll_s=0.5)
+        bots = [BotProcess(settings, tmp / "bot.log", delay=args.engine_delay)]
+        try:
+            await bots[0].start()
+            until = time.monotonic() + duration
+            tasks = [asyncio.create_task(crowd.ordinary_user(u, until)) for u in crowd.users]
+            if flooder:
+                tasks.append(asyncio.create_task(crowd.flood(until)))
+            if kill_at is not None:
+                await asyncio.sleep(kill_at)
+                await bots[0].kill()
+                killed_at = time.monotonic()
+                await asyncio.sleep(2.0)
+                bots.append(BotProcess(settings, tmp / "bot2.log", delay=args.engine_delay))
+                await bots[-1].start()
+                down_s = time.monotonic() - killed_at
+            await asyncio.gather(*tasks)
+            deadline = time.monotonic() + 60  # drain: until nothing is pending in the outbox
+            while time.monotonic() < deadline:
+                if not (await read_store(settings))["outbox"].get("pending"):
+                    break
+                await asyncio.sleep(1.0)
+            for bot in reversed(bots):
+                await bot.stop()
+            state = await read_store(settings)
+        finally:
+            for bot in bots:
+                await bot.kill()
     asked, answered, ordinary = crowd.asked, crowd.answered, crowd.ordinary
     # photos sent while the bot was down or restarting are left out of the latency
     latencies = [
@@ -1060,8 +1019,31 @@ def write_docs(scenario: str) -> None:
 # =========================================================================== command line
 
 
+def _load_command(args: argparse.Namespace, mode: str, store: str) -> str:
+    """The command that repeats this run (flags at their defaults left out)."""
+    argv = ["--updates", str(args.updates), "--rate", f"{args.rate:g}", "--mode", mode]
+    argv += ["--store", store]
+    if args.users != 500:
+        argv += ["--users", str(args.users)]
+    if args.concurrency != 64:
+        argv += ["--concurrency", str(args.concurrency)]
+    if store == "postgresql" and args.pg_initdb:
+        argv += ["--pg-initdb"]
+    elif store == "postgresql" and args.pg_url != PG_DEFAULT:
+        argv += ["--pg-url", args.pg_url]
+    return COMMAND + shlex.join(argv)
+
+
+def _finish(result: dict[str, Any], args: argparse.Namespace, name: str, **more: Any) -> None:
+    """The result printed and (unless --no-docs) written as bench/results/<name>.json."""
+    result |= {"machine": common.machine(cpu_model=True), **more}
+    print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
+    if not args.no_docs:
+        common.write_json(RESULTS / f"{name}.json", result)
+
+
 def run_loads(args: argparse.Namespace) -> bool:
-    """Every asked mode × store: each result printed and (unless --no-docs) written. Any lost?"""
+    """Every asked mode × store, each result finished. Any lost?"""
     modes = ["polling", "webhook"] if args.mode == "both" else [args.mode]
     stores = ["sqlite", "postgresql"] if args.store == "both" else [args.store]
     failed = False
@@ -1070,41 +1052,24 @@ def run_loads(args: argparse.Namespace) -> bool:
             args.pg_url = stack.enter_context(private_postgres())
         for store, mode in ((s, m) for s in stores for m in modes):
             result = asyncio.run(run(args, mode, store))
-            argv = ["--updates", str(args.updates), "--rate", f"{args.rate:g}", "--mode", mode]
-            argv += ["--store", store]
-            if args.users != 500:
-                argv += ["--users", str(args.users)]
-            if args.concurrency != 64:
-                argv += ["--concurrency", str(args.concurrency)]
-            if store == "postgresql" and args.pg_initdb:
-                argv += ["--pg-initdb"]
-            elif store == "postgresql" and args.pg_url != PG_DEFAULT:
-                argv += ["--pg-url", args.pg_url]
-            result["command"] = COMMAND + shlex.join(argv)
-            result["machine"] = common.machine(cpu_model=True)
-            print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
+            result["command"] = _load_command(args, mode, store)
+            name = f"telegram-load-{mode}-{store}"
+            if (args.updates, args.rate) != (10_000, 200):
+                name += f"-{args.updates}at{args.rate:g}"
+            _finish(result, args, name)
             failed |= bool(result["lost_updates"] or result["lost_ratings"])
-            if not args.no_docs:
-                name = f"telegram-load-{mode}-{store}"
-                if (args.updates, args.rate) != (10_000, 200):
-                    name += f"-{args.updates}at{args.rate:g}"
-                common.write_json(RESULTS / f"{name}.json", result)
     return failed
 
 
 def run_flood(args: argparse.Namespace) -> bool:
-    """The flood runs: the result printed and (unless --no-docs) written. Any joke lost?"""
+    """The flood runs, their result finished. Any joke lost?"""
     if args.users == 500:  # the load's default: the flood has 50 ordinary users
         args.users = 50
     result = asyncio.run(flood_main(args))
     argv = ["--scenario", "flood", "--users", str(args.users), "--duration", f"{args.duration:g}"]
     result["command"] = COMMAND + shlex.join([*argv, "--repeats", str(args.repeats)])
-    result["machine"] = common.machine(cpu_model=True)
-    result["date"] = time.strftime("%Y-%m-%d", time.gmtime())
-    result["file"] = FLOOD_FILE
-    print(json.dumps(result, indent=2, ensure_ascii=False), flush=True)
-    if not args.no_docs:
-        common.write_json(RESULTS / FLOOD_FILE, result)
+    date = time.strftime("%Y-%m-%d", time.gmtime())
+    _finish(result, args, FLOOD_FILE.removesuffix(".json"), date=date, file=FLOOD_FILE)
     return any(p["silently_lost"] for p in result["phases"])
 
 
@@ -1143,7 +1108,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "_bot":
-        bot_main(sys.argv[2])
+    if sys.argv[1:2] == ["_bot"]:  # the child (BotProcess)
+        result = asyncio.run(_bot(json.loads(sys.argv[2])))
+        print("RESULT " + json.dumps(result), flush=True)
     else:
         main()
