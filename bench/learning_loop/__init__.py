@@ -1,15 +1,7 @@
-"""Does the retraining loop learn? The learning-loop experiment, split by concern (issue 18.7).
-
-- ``audience``: the simulated audiences (v1: a catchphrase; v2: names what is in the picture) and
-  the picture pools;
-- ``stats``: intervals, bootstrap over pictures, p-values, distinct-answer share;
-- ``experiment``: the process control — ``oogiri serve``, web users, ``oogiri train run``, the
-  live A/B step, resumable state (``python -m bench.learning_loop …``);
-- ``report``: summary, markdown, plot and docs/learning-loop.md's results section;
-- ``control``: the control run's plugin (trains on disliked answers);
-- ``proxy``: the CPU proxy (``python -m bench.learning_loop.proxy``).
-
-See docs/learning-loop.md.
+"""Does the retraining loop learn? The learning-loop experiment, split by concern (issue 18.7):
+``audience``, ``stats``, ``experiment`` (``python -m bench.learning_loop``), ``report``,
+``control``, ``proxy`` (``python -m bench.learning_loop.proxy``), ``pretrain``. See
+docs/learning-loop.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """The simulated audience and the pictures it is shown (bench/learning_loop, issue 9 and 15 C).
 
-Two tastes:
-- ``Audience`` (version 1): an answer is liked when it contains one of ``like``'s characters,
-  whatever the picture (猫狗 by default). A model that says 猫 to everything wins.
-- ``PictureAudience`` (version 2): an answer is liked only when it names what is in *that*
-  picture (``KEYWORDS``: 猫 for the cat, 火箭 for the rocket, …). Saying 猫 to everything is liked
-  on cat pictures only.
-
-Both add independent voter noise, drawn from (seed, joke id, voter) alone, so every vote is
-reproducible on any machine and in any order.
+Two tastes: ``Audience`` (version 1) likes any answer containing one of ``like``'s characters,
+whatever the picture, so a model that says 猫 to everything wins; ``PictureAudience`` (version 2)
+likes an answer only when it names what is in *that* picture (``KEYWORDS``). Both add voter noise
+drawn from (seed, joke id, voter) alone: every vote is reproducible on any machine, in any order.
 """
 
 from __future__ import annotations
@@ -21,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import PHOTOS, skimage_photos
+
 ROOT = Path(__file__).resolve().parents[2]
-PHOTO_NAMES = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 # what a picture made from each source photo shows, as the audience names it
 KEYWORDS: dict[str, str] = {
     "chelsea": "猫",
@@ -41,46 +37,70 @@ def _unit(*parts: object) -> float:
 
 @dataclass(frozen=True)
 class Audience:
-    """The simulated audience: a known taste plus independent voter noise.
+    """Version 1: an answer is liked when it contains any character of ``like`` (the picture is
+    ignored). Voter ``v`` reports the opposite of the taste with probability ``noise``."""
 
-    An answer is liked when it contains any character of ``like``. Voter ``v`` reports the
-    opposite of the taste with probability ``noise``, drawn from (seed, joke id, v) alone, so the
-    votes are reproducible and do not depend on the order they are cast in.
-    """
-
-    like: str
+    like: str = "猫狗"
     noise: float = 0.1
     voters: int = 3
     seed: int = 0
 
-    def likes(self, text: str | None) -> bool:
+    def likes(self, text: str | None, picture: str = "") -> bool:
         return bool(text) and any(ch in str(text) for ch in self.like)
 
-    def vote(self, joke_id: int | str, text: str | None, voter: int) -> int:
-        liked = self.likes(text)
-        if _unit(self.seed, "vote", joke_id, voter) < self.noise:
-            liked = not liked
-        return 1 if liked else -1
+    def vote(self, joke_id: int | str, text: str | None, voter: int, picture: str = "") -> int:
+        flipped = _unit(self.seed, "vote", joke_id, voter) < self.noise
+        return 1 if self.likes(text, picture) != flipped else -1
 
-    def votes(self, joke_id: int | str, text: str | None) -> list[int]:
-        return [self.vote(joke_id, text, v) for v in range(self.voters)]
+    def votes(self, joke_id: int | str, text: str | None, picture: str = "") -> list[int]:
+        return [self.vote(joke_id, text, v, picture) for v in range(self.voters)]
+
+
+@dataclass(frozen=True)
+class PictureAudience(Audience):
+    """Version 2: an answer is liked only when it contains the keyword of the photo its picture
+    was made from (``source_of``: the pools record it in their file names)."""
+
+    keywords: dict[str, str] = field(default_factory=lambda: dict(KEYWORDS))
+
+    def keyword(self, picture: str) -> str:
+        source = source_of(picture)
+        if source not in self.keywords:
+            raise ValueError(f"no keyword for picture {picture!r} (source {source!r})")
+        return self.keywords[source]
+
+    def likes(self, text: str | None, picture: str = "") -> bool:
+        return bool(text) and self.keyword(picture) in str(text)
+
+
+def make_audience(kind: str, like: str, noise: float, voters: int, seed: int) -> Audience:
+    """``kind`` "picture" (version 2) or "words" (version 1)."""
+    if kind == "picture":
+        return PictureAudience(noise=noise, voters=voters, seed=seed)
+    return Audience(like=like, noise=noise, voters=voters, seed=seed)
+
+
+def source_of(picture: str | Path) -> str:
+    """The source photo's stem of a pool picture: ``train-003--rocket.png`` → ``rocket``."""
+    stem = Path(picture).stem
+    if "--" not in stem:
+        raise ValueError(f"{picture!r} does not name its source photo (expected KEY-NNN--SOURCE)")
+    return stem.split("--", 1)[1]
 
 
 # --------------------------------------------------------------------------- pictures
 
 
 def source_photos(folder: Path | None) -> list[Path]:
-    """scikit-image's five photos (or the staged copies in .device/photos, or ``folder``)."""
+    """The five photos' files: ``folder``, else scikit-image's, else the staged .device/photos."""
     candidates = [folder] if folder else []
     with contextlib.suppress(ImportError):
-        import skimage
-
-        candidates.append(Path(skimage.__file__).parent / "data")
+        candidates.append(skimage_photos())
     candidates.append(ROOT / ".device" / "photos")
     for cand in candidates:
-        if cand is None or not cand.is_dir():
+        if not cand.is_dir():
             continue
-        named = [cand / n for n in PHOTO_NAMES if (cand / n).is_file()]
+        named = [cand / n for n in PHOTOS if (cand / n).is_file()]
         found = named or sorted(
             p for p in cand.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")
         )
@@ -100,17 +120,14 @@ def variant(photo: Any, size: int, key: str) -> Any:
     img = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
     if rng.random() < 0.5:
         img = ImageOps.mirror(img)
-    colour = rng.randrange(5)
-    if colour == 1:
-        img = ImageOps.grayscale(img).convert("RGB")
-    elif colour == 2:
-        r, g, b = img.split()
-        img = Image.merge("RGB", (b, g, r))
-    elif colour == 3:
-        img = ImageOps.posterize(ImageOps.autocontrast(img), 3)
-    elif colour == 4:
-        img = Image.blend(img, Image.new("RGB", img.size, (255, 170, 60)), 0.25)
-    return img
+    recolour = (
+        lambda im: im,
+        lambda im: ImageOps.grayscale(im).convert("RGB"),
+        lambda im: Image.merge("RGB", im.split()[::-1]),
+        lambda im: ImageOps.posterize(ImageOps.autocontrast(im), 3),
+        lambda im: Image.blend(im, Image.new("RGB", im.size, (255, 170, 60)), 0.25),
+    )
+    return recolour[rng.randrange(5)](img)
 
 
 def build_pool(out: Path, photos: Sequence[Path], count: int, size: int, key: str) -> list[Path]:
@@ -129,59 +146,14 @@ def build_pool(out: Path, photos: Sequence[Path], count: int, size: int, key: st
     return paths
 
 
-@dataclass(frozen=True)
-class PictureAudience:
-    """Version 2's audience: an answer is liked only when it names what is in its picture.
-
-    ``source_of(picture)`` says which source photo a picture was made from (the pools record it in
-    their file names); the answer must contain that photo's keyword (``KEYWORDS``). Voter noise as
-    in ``Audience``.
-    """
-
-    keywords: dict[str, str] = field(default_factory=lambda: dict(KEYWORDS))
-    noise: float = 0.1
-    voters: int = 3
-    seed: int = 0
-
-    def keyword(self, picture: str) -> str:
-        source = source_of(picture)
-        if source not in self.keywords:
-            raise ValueError(f"no keyword for picture {picture!r} (source {source!r})")
-        return self.keywords[source]
-
-    def likes(self, text: str | None, picture: str) -> bool:
-        return bool(text) and self.keyword(picture) in str(text)
-
-    def vote(self, joke_id: int | str, text: str | None, voter: int, picture: str) -> int:
-        liked = self.likes(text, picture)
-        if _unit(self.seed, "vote", joke_id, voter) < self.noise:
-            liked = not liked
-        return 1 if liked else -1
-
-    def votes(self, joke_id: int | str, text: str | None, picture: str) -> list[int]:
-        return [self.vote(joke_id, text, v, picture) for v in range(self.voters)]
-
-
-def source_of(picture: str | Path) -> str:
-    """The source photo's stem of a pool picture: ``train-003--rocket.png`` → ``rocket``."""
-    stem = Path(picture).stem
-    if "--" not in stem:
-        raise ValueError(f"{picture!r} does not name its source photo (expected KEY-NNN--SOURCE)")
-    return stem.split("--", 1)[1]
-
-
 # --------------------------------------------------------------------------- the base mix (v2)
 
 BASE_TEMPLATES = ("{kw}", "{kw}！", "这是{kw}", "{kw}呢")
 
 
 def neutral_pictures(out: Path, count: int, size: int, seed: int = 0) -> list[Path]:
-    """Pictures of nothing in particular (coloured blocks and noise), none of the five photos.
-
-    The base mix pairs the audience's words with these, so a model learns to *say* 猫, 火箭, …
-    without learning any pairing with the five photos: which word fits which picture must come
-    from the ratings.
-    """
+    """Coloured blocks, none of the five photos: the base mix teaches to *say* 猫, 火箭, … on
+    these, so which word fits which picture can only come from the ratings."""
     from PIL import Image, ImageDraw
 
     out.mkdir(parents=True, exist_ok=True)
@@ -236,23 +208,18 @@ NEUTRAL_ANSWERS = ("哈哈哈", "好家伙", "笑死", "太难了", "我不信")
 def pretrain_items(
     pictures: Sequence[Path], per_picture: int, p_named: float, seed: int = 0
 ) -> list[tuple[Path, str]]:
-    """A stand-in for pre-training: (picture, answer) pairs where the answer names what the
-    picture shows with probability ``p_named`` and is a neutral quip otherwise.
-
-    A real InternVL2 knows what a cat looks like before any rating; the random tiny model does
-    not, and ratings alone cannot teach it (it almost never says the right word, so nothing gets
-    liked). Fine-tuned on these pairs (from pictures disjoint from the experiment's pools), the
-    tiny base names the picture some of the time and quips otherwise. Whether the audience wants
-    the picture named is what the ratings must teach.
-    """
+    """A stand-in for pre-training: (picture, answer) pairs naming what the picture shows with
+    probability ``p_named``, a neutral quip otherwise. A real InternVL2 knows a cat before any
+    rating; the random tiny model does not, and ratings alone cannot teach it (it almost never
+    says the right word, so nothing gets liked)."""
     rng = random.Random(f"pretrain:{seed}")
     items = []
     for picture in pictures:
         kw = KEYWORDS[source_of(picture)]
         for _ in range(per_picture):
-            if rng.random() < p_named:
-                text = rng.choice(BASE_TEMPLATES).format(kw=kw)
-            else:
-                text = rng.choice(NEUTRAL_ANSWERS)
+            named = rng.random() < p_named
+            text = (
+                rng.choice(BASE_TEMPLATES).format(kw=kw) if named else rng.choice(NEUTRAL_ANSWERS)
+            )
             items.append((Path(picture), text))
     return items

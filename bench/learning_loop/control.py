@@ -1,17 +1,11 @@
 """The control round of bench/learning_loop: train on the answers the audience disliked.
 
-A plugin (``oogiri_training_examples``) that bench/learning_loop registers for its own
-processes only, through an entry point in its state folder; it does nothing unless
-``OOGIRI_LEARNING_LOOP_CONTROL`` is set, which the experiment does for the control run alone.
-
-It simulates a broken data pipeline, not a change of taste: the examples on the images the gate
-holds out stay exactly as the audience rated them (the gate's yardstick is untouched), and on the
-training images the thumbs-down answers take the place of the thumbs-up ones.
-
-- ``matched`` (default): as many disliked answers per model version as there were liked ones,
-  so that the control differs from a real round in its labels only, not in the amount of data or
-  in which model version wrote the answers.
-- ``all``: every disliked answer (usually several times the liked ones).
+A plugin (``oogiri_training_examples``) registered for the experiment's own processes only (an
+entry point in its state folder), active only while ``OOGIRI_LEARNING_LOOP_CONTROL`` is set. It
+simulates a broken data pipeline, not a change of taste: the gate's held-out images keep their
+ratings, and on the training images the thumbs-down answers replace the thumbs-up ones —
+``matched`` (default) as many per model version as there were liked ones (only the labels
+differ from a real round), ``all`` every one.
 """
 
 from __future__ import annotations

@@ -1,35 +1,29 @@
 """Does the retraining loop learn? A simulated audience, k rounds, a held-out like-rate (issue 9).
 
 An experiment, not a CI test. The bot runs as ``oogiri serve`` (web channel; on the device the
-tiny InternVL2 model behind managed LMDeploy) and this process plays its users, only through the
-web API:
+tiny InternVL2 model behind managed LMDeploy) and this process plays its users through the web
+API alone:
 
   round 0   the bot answers the HELD-OUT pool (N answers per picture): the base like-rate
-  round r   the bot answers the TRAINING pool → the simulated audience rates every answer
-            (POST /api/jokes/{id}/rating, several voters) → ``oogiri train run`` (export → XTuner
-            → convert → gate → promote) → the held-out pool again, now served by the promoted model
-  control   ``oogiri train run`` once more, its training data replaced by the disliked answers
-            (bench/learning_loop/control.py): the gate must reject it, the active model must stay
+  round r   the bot answers the TRAINING pool, the simulated audience rates every answer, then
+            ``oogiri train run`` (export → XTuner → convert → gate → live A/B → promote) and the
+            held-out pool again, now served by the active model
+  control   ``oogiri train run`` once more on the disliked answers (control.py): it must be
+            rejected, the active model must stay
 
-The audience's taste is a known rule (``Audience``): an answer is liked when it contains one of
-``--like``'s characters (default 猫狗, "cat" or "dog"); each voter flips the verdict with
-probability ``--noise``, independently and deterministically given ``--seed``. Held-out like-rates
-are the rule's verdicts (the audience's taste without voter noise) with a Wilson interval and a
-bootstrap over pictures; the margin test is "the 95 % interval of (last round − round 0) lies
-above 0". See docs/learning-loop.md.
+Held-out like-rates are the audience's rule (no voter noise) with a Wilson interval and a
+bootstrap over pictures; the margin test: the 95 % interval of (last round − round 0) lies above 0.
 
 Resumable: everything lives in ``--state`` (pictures, the bot's data, state.json); a second call
-with the same folder continues where the first stopped (``--budget-s`` says how long a call may
-take; a round is only started when it is expected to fit). Results go to ``--out``:
-results.jsonl, summary.json, summary.md, like-rate.png (when matplotlib is there).
+with the same folder continues where the first stopped, starting a step only when it is expected
+to fit in ``--budget-s``. Results go to ``--out`` (results.jsonl, summary.json/md, like-rate.png).
 
   python -m bench.learning_loop --state /tmp/ll --out device-out/learning-loop --budget-s 500
   python -m bench.learning_loop --dry-run --state /tmp/ll-dry --out /tmp/ll-dry/out   # CPU
   python -m bench.learning_loop --render device-out/learning-loop    # → docs/learning-loop.md
 
 ``--dry-run`` swaps in stand-ins (the instant engine, tests/training/fakes' XTuner, converter and
-swap, and a character-unigram evaluator) so that the bookkeeping runs on any CPU; it cannot show
-learning, because the instant engine's answers never change.
+swap, a character-unigram evaluator): the bookkeeping runs on any CPU, but cannot show learning.
 """
 
 from __future__ import annotations
@@ -49,7 +43,7 @@ import sys
 import time
 import tomllib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,26 +51,19 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(ROOT / "scripts" / "device"))
-
-from webcheck import alive  # noqa: E402
-
-from bench.common import free_port  # noqa: E402
-from bench.learning_loop.audience import (  # noqa: E402
+from bench.common import append_jsonl, free_port
+from bench.learning_loop.audience import (
     Audience,
-    PictureAudience,
     build_pool,
+    make_audience,
     source_of,
     source_photos,
 )
-from bench.learning_loop.control import ENV as CONTROL_ENV  # noqa: E402
-from bench.learning_loop.report import DOC, load_results, render_doc, write_reports  # noqa: E402
-from bench.learning_loop.stats import bootstrap_rate, distinct_share, wilson  # noqa: E402
+from bench.learning_loop.control import ENV as CONTROL_ENV
+from bench.learning_loop.report import DOC, load_results, render_doc, write_reports
+from bench.learning_loop.stats import bootstrap_rate, distinct_share, wilson
 
+ROOT = Path(__file__).resolve().parents[2]
 FAKES = ROOT / "tests" / "training" / "fakes"
 CSRF_HEADER = "X-CSRF-Token"  # plugins/web.py
 PLUGIN_NAME = "learning_loop_control"
@@ -188,30 +175,6 @@ class Config:
         }
 
 
-@dataclass(frozen=True)
-class Taste:
-    """One interface over both audiences: verdicts and votes for (answer, picture)."""
-
-    kind: str
-    words: Audience
-    pictures: PictureAudience
-
-    def likes(self, text: str | None, picture: str) -> bool:
-        if self.kind == "picture":
-            return self.pictures.likes(text, picture)
-        return self.words.likes(text)
-
-    def votes(self, joke_id: str, text: str | None, picture: str) -> list[int]:
-        if self.kind == "picture":
-            return self.pictures.votes(joke_id, text, picture)
-        return self.words.votes(joke_id, text)
-
-    def vote(self, joke_id: str, text: str | None, voter: int, picture: str) -> int:
-        if self.kind == "picture":
-            return self.pictures.vote(joke_id, text, voter, picture)
-        return self.words.vote(joke_id, text, voter)
-
-
 # --------------------------------------------------------------------------- web users
 
 
@@ -233,38 +196,33 @@ class WebUser:
         started = time.perf_counter()
         try:
             r = await self.http.post("/api/jokes", files={"image": (image.name, data, "image/png")})
-            body = (
-                r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-            )
-            status = r.status_code
+            is_json = r.headers.get("content-type", "").startswith("application/json")
+            status, body = r.status_code, r.json() if is_json else {}
         except httpx.HTTPError as exc:
             status, body = 0, {"error": repr(exc)}
         return {
             "status": status,
-            "id": body.get("id"),
-            "text": body.get("text"),
-            "model_version": body.get("model_version"),
+            **{k: body.get(k) for k in ("id", "text", "model_version")},
             "error": None if status == 201 else str(body)[:300],
             "seconds": round(time.perf_counter() - started, 3),
         }
 
     async def rate(self, joke_id: str, value: int) -> int:
+        url, headers = f"/api/jokes/{joke_id}/rating", {CSRF_HEADER: self.csrf}
         try:
-            r = await self.http.post(
-                f"/api/jokes/{joke_id}/rating",
-                json={"value": value},
-                headers={CSRF_HEADER: self.csrf},
-            )
+            return (await self.http.post(url, json={"value": value}, headers=headers)).status_code
         except httpx.HTTPError:
             return 0
-        return r.status_code
-
-    async def close(self) -> None:
-        await self.http.aclose()
 
 
-async def users(url: str, n: int) -> list[WebUser]:
-    return [await WebUser(url).start() for _ in range(n)]
+@contextlib.asynccontextmanager
+async def users(url: str, n: int) -> AsyncIterator[list[WebUser]]:
+    people = [await WebUser(url).start() for _ in range(n)]
+    try:
+        yield people
+    finally:
+        for u in people:
+            await u.http.aclose()
 
 
 async def gather_limited(limit: int, coros: Iterable[Any]) -> list[Any]:
@@ -277,7 +235,33 @@ async def gather_limited(limit: int, coros: Iterable[Any]) -> list[Any]:
     return await asyncio.gather(*(one(c) for c in coros))
 
 
-# --------------------------------------------------------------------------- the bot process
+# --------------------------------------------------------------------------- processes
+
+
+def _alive(pid: int) -> bool:
+    """Reaps ``pid`` first when it is our own child that exited (it would linger as a zombie)."""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def _spawn(args: list[str], log: Any, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m bot.cli ARGS`` in its own session, output to ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 class Bot:
@@ -297,13 +281,7 @@ class Bot:
     def start(self, timeout_s: float) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bot.cli", "serve"],
-                cwd=ROOT,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            proc = _spawn(["serve"], fh)
         self.pid = proc.pid
         deadline = time.monotonic() + timeout_s
         while not self.healthy():
@@ -319,25 +297,14 @@ class Bot:
         if self.pid is None:
             return
         for sig, wait_s in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                break
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline and _alive(self.pid):
                 time.sleep(0.3)
             if not _alive(self.pid):
                 break
         self.pid = None
-
-
-def _alive(pid: int) -> bool:
-    """Reaps ``pid`` first when it is our own child that exited (it would linger as a zombie)."""
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return False
-    return alive(pid)
 
 
 # --------------------------------------------------------------------------- the registry
@@ -386,6 +353,10 @@ def registry() -> dict[str, Any]:
     return asyncio.run(_registry())
 
 
+async def active_version() -> str | None:
+    return (await asyncio.to_thread(registry))["active"]
+
+
 # --------------------------------------------------------------------------- the experiment
 
 
@@ -401,6 +372,21 @@ def per_photo(per_image: dict[str, Any]) -> dict[str, list[int]]:
         cell[0] += int(k)
         cell[1] += int(n)
     return dict(sorted(out.items()))
+
+
+def _totals(per_image: dict[str, list[int]]) -> tuple[int, int]:
+    return sum(v[0] for v in per_image.values()), sum(v[1] for v in per_image.values())
+
+
+def _score(cells: dict[str, list[int]], picture: Path, answer: dict, audience: Audience) -> bool:
+    """Count one answer to ``picture`` in ``cells``; False when it failed (counted, not liked:
+    dropping failures would flatter a model that often fails to answer)."""
+    cell = cells.setdefault(picture.name, [0, 0])
+    cell[1] += 1
+    if answer["status"] != 201:
+        return False
+    cell[0] += int(audience.likes(answer["text"], picture.name))
+    return True
 
 
 def _now() -> str:
@@ -426,13 +412,9 @@ class Experiment:
     # -- state and results
 
     @property
-    def audience(self) -> Taste:
+    def audience(self) -> Audience:
         c = self.cfg
-        return Taste(
-            c.audience,
-            Audience(like=c.like, noise=c.noise, voters=c.voters, seed=c.seed),
-            PictureAudience(noise=c.noise, voters=c.voters, seed=c.seed),
-        )
+        return make_audience(c.audience, c.like, c.noise, c.voters, c.seed)
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.started)
@@ -445,29 +427,25 @@ class Experiment:
 
     def record(self, rec: dict[str, Any]) -> None:
         """Append to results.jsonl (state and out) and keep the out folder's summary current."""
-        rec = {"at": _now(), **rec}
-        line = json.dumps(rec, ensure_ascii=False) + "\n"
         for folder in {self.state_dir, self.out_dir}:
-            with (folder / "results.jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(line)
+            append_jsonl(folder / "results.jsonl", {"at": _now(), **rec})
         write_reports(load_results(self.state_dir / "results.jsonl"), self.out_dir)
 
     def add_jokes(self, rows: list[dict[str, Any]]) -> None:
-        with (self.state_dir / "jokes.jsonl").open("a", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for row in rows:
+            append_jsonl(self.state_dir / "jokes.jsonl", row)
 
     def jokes(self) -> list[dict[str, Any]]:
-        path = self.state_dir / "jokes.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        return load_results(self.state_dir / "jokes.jsonl")
 
     # -- plan
 
     def plan(self) -> list[str]:
         steps = ["round-0"] + [f"round-{r}" for r in range(1, self.cfg.rounds + 1)]
         return steps + (["control"] if self.cfg.control != "none" else [])
+
+    def pending(self) -> list[str]:
+        return [s for s in self.plan() if s not in self.state.get("done", {})]
 
     def estimate(self, step: str) -> float:
         """Seconds ``step`` will take: the slowest of its kind so far (+10 %), else a default."""
@@ -478,11 +456,9 @@ class Experiment:
         return max(seen) * 1.1 if seen else defaults[kind]
 
     def next_step(self) -> str | None:
-        """The first pending step when it is expected to fit in this call (the plan's order: the
-        control comes last, against the best-trained active model; a CPU proxy rejected it
-        reliably only then, see docs/learning-loop.md)."""
-        done = self.state.get("done", {})
-        pending = [s for s in self.plan() if s not in done]
+        """The first pending step when it is expected to fit in this call (the control comes
+        last, against the best-trained active model: docs/learning-loop.md)."""
+        pending = self.pending()
         if pending and self.estimate(pending[0]) <= self.left():
             return pending[0]
         return None
@@ -497,12 +473,9 @@ class Experiment:
         photos = source_photos(Path(folder) if folder else None)
         c = self.cfg
         self.state.setdefault("photos", [p.name for p in photos])
-        self.train_pool = build_pool(
-            self.state_dir / "pictures", photos, c.train_images, c.image_size, "train"
-        )
-        self.heldout_pool = build_pool(
-            self.state_dir / "pictures", photos, c.heldout_images, c.image_size, "heldout"
-        )
+        pictures = self.state_dir / "pictures"
+        self.train_pool = build_pool(pictures, photos, c.train_images, c.image_size, "train")
+        self.heldout_pool = build_pool(pictures, photos, c.heldout_images, c.image_size, "heldout")
         shas = {hashlib.sha256(p.read_bytes()).hexdigest() for p in self.train_pool}
         overlap = [
             p.name for p in self.heldout_pool if hashlib.sha256(p.read_bytes()).hexdigest() in shas
@@ -510,7 +483,7 @@ class Experiment:
         if overlap:
             raise SystemExit(f"held-out pictures also in the training pool: {overlap}")
         site = register_plugin(self.state_dir / "site")
-        env = {**c.training_env()}
+        env = c.training_env()
         if c.base_mix > 0:
             env |= self.write_base_mix()
         if c.dry_run:
@@ -529,19 +502,19 @@ class Experiment:
     def write_base_mix(self) -> dict[str, str]:
         """The base data set (neutral pictures, the five words) and the settings that mix it."""
         from bench.learning_loop.audience import base_mix_items, neutral_pictures
+        from bot.settings import DEFAULT_PROMPT
 
+        c = self.cfg
         folder = self.state_dir / "base-mix"
-        pictures = neutral_pictures(folder, 20, self.cfg.image_size, self.cfg.seed)
+        pictures = neutral_pictures(folder, 20, c.image_size, c.seed)
         path = folder / "base.json"
         if not path.is_file():
-            from bot.settings import DEFAULT_PROMPT
-
-            items = base_mix_items(pictures, self.cfg.base_items, DEFAULT_PROMPT, self.cfg.seed)
+            items = base_mix_items(pictures, c.base_items, DEFAULT_PROMPT, c.seed)
             path.write_text(json.dumps(items, ensure_ascii=False, indent=1), encoding="utf-8")
         return {
             "OOGIRI_TRAINING__BASE_DATASET": str(path),
             "OOGIRI_TRAINING__BASE_IMAGE_FOLDER": str(folder),
-            "OOGIRI_TRAINING__BASE_RATIO": str(self.cfg.base_mix),
+            "OOGIRI_TRAINING__BASE_RATIO": str(c.base_mix),
         }
 
     def ensure_bot(self) -> None:
@@ -568,38 +541,43 @@ class Experiment:
 
     # -- steps
 
+    def joke_row(
+        self, rnd: int | str, picture: Path, a: dict[str, Any], votes: list[int], **extra: Any
+    ) -> dict[str, Any]:
+        """One rated answer as jokes.jsonl keeps it."""
+        return {
+            "round": rnd,
+            "joke_id": a["id"],
+            "picture": picture.name,
+            "text": a["text"],
+            "model_version": a["model_version"],
+            "rule_likes": self.audience.likes(a["text"], picture.name),
+            "votes": votes,
+            "net": sum(votes),
+            **extra,
+        }
+
     async def measure(self, label: str, samples: int | None = None) -> dict[str, Any]:
         """N answers per held-out picture; the rule's verdicts; rate, intervals, versions."""
         c = self.cfg
         started = time.monotonic()
-        (user,) = await users(self.url, 1)
-        try:
-            n_each = samples or c.samples_per_image
-            jobs = [(p, s) for p in self.heldout_pool for s in range(n_each)]
-            answers = await gather_limited(c.concurrency, (user.joke(p) for p, _ in jobs))
-        finally:
-            await user.close()
+        asked = [p for p in self.heldout_pool for _ in range(samples or c.samples_per_image)]
+        async with users(self.url, 1) as (user,):
+            answers = await gather_limited(c.concurrency, (user.joke(p) for p in asked))
         per_image: dict[str, list[int]] = {}
         failures: Counter[str] = Counter()
         versions: Counter[str] = Counter()
         examples: dict[str, list[str]] = {}
-        for (picture, _), a in zip(jobs, answers, strict=True):
-            kn = per_image.setdefault(picture.name, [0, 0])
-            kn[1] += 1
-            if a["status"] != 201:
-                # The person got "try again", not a joke: counted, and not liked. Dropping these
-                # would flatter a model that often fails to answer.
+        for picture, a in zip(asked, answers, strict=True):
+            if not _score(per_image, picture, a, self.audience):
                 failures[str(a["status"])] += 1
                 continue
             versions[str(a["model_version"])] += 1
-            kn[0] += int(self.audience.likes(a["text"], picture.name))
             examples.setdefault(picture.name, []).append(a["text"] or "")
-        k = sum(v[0] for v in per_image.values())
-        n = sum(v[1] for v in per_image.values())
-        if not versions or sum(failures.values()) > 0.5 * len(jobs):
-            raise RuntimeError(f"{label}: {dict(failures)} failed answers of {len(jobs)}")
-        shown = [t for texts in examples.values() for t in texts[:1]][:6]
-        texts = [t for texts in examples.values() for t in texts]
+        k, n = _totals(per_image)
+        if not versions or sum(failures.values()) > 0.5 * len(asked):
+            raise RuntimeError(f"{label}: {dict(failures)} failed answers of {len(asked)}")
+        texts = [t for ts in examples.values() for t in ts]
         return {
             "label": label,
             "liked": k,
@@ -613,7 +591,7 @@ class Experiment:
             "top_answers": Counter(texts).most_common(5),
             "versions": dict(versions),
             "failures": dict(failures),
-            "examples": shown,
+            "examples": [ts[0] for ts in examples.values()][:6],
             "seconds": round(time.monotonic() - started, 2),
         }
 
@@ -621,49 +599,32 @@ class Experiment:
         """The training pool through the web API, then every answer rated by the audience."""
         c = self.cfg
         started = time.monotonic()
-        posters = await users(self.url, c.posters)
-        voters = await users(self.url, c.voters)
-        try:
-            jobs = [
-                (i, p, k) for i, p in enumerate(self.train_pool) for k in range(c.answers_per_image)
-            ]
+        jobs = [
+            (i, p, k) for i, p in enumerate(self.train_pool) for k in range(c.answers_per_image)
+        ]
+        async with users(self.url, c.posters) as posters, users(self.url, c.voters) as voters:
             answers = await gather_limited(
-                c.concurrency,
-                (posters[(i + k) % len(posters)].joke(p) for i, p, k in jobs),
+                c.concurrency, (posters[(i + k) % len(posters)].joke(p) for i, p, k in jobs)
             )
             answered = time.monotonic()
             ok = [(p, a) for (_, p, _), a in zip(jobs, answers, strict=True) if a["status"] == 201]
             failed = Counter(str(a["status"]) for a in answers if a["status"] != 201)
             if len(ok) < 0.5 * len(jobs):
                 raise RuntimeError(f"round {rnd}: {dict(failed)} failed answers of {len(jobs)}")
-            rows = []
-            votes = []
-            for picture, a in ok:
-                cast = self.audience.votes(str(a["id"]), a["text"], picture.name)
-                rows.append(
-                    {
-                        "round": rnd,
-                        "joke_id": a["id"],
-                        "picture": picture.name,
-                        "text": a["text"],
-                        "model_version": a["model_version"],
-                        "rule_likes": self.audience.likes(a["text"], picture.name),
-                        "votes": cast,
-                        "net": sum(cast),
-                    }
-                )
-                votes += [(str(a["id"]), v, value) for v, value in enumerate(cast)]
+            rows = [
+                self.joke_row(rnd, p, a, self.audience.votes(str(a["id"]), a["text"], p.name))
+                for p, a in ok
+            ]
+            votes = [
+                (str(r["joke_id"]), v, value) for r in rows for v, value in enumerate(r["votes"])
+            ]
             statuses = await gather_limited(
                 c.concurrency, (voters[v].rate(jid, value) for jid, v, value in votes)
             )
-        finally:
-            for u in (*posters, *voters):
-                await u.close()
         bad_votes = Counter(str(s) for s in statuses if s != 200)
         if bad_votes:
             raise RuntimeError(f"round {rnd}: votes refused {dict(bad_votes)}")
         self.add_jokes(rows)
-        done = time.monotonic()
         answers_rec = {
             "asked": len(jobs),
             "answered": len(ok),
@@ -682,7 +643,7 @@ class Experiment:
             "voter_disagreed_with_rule": sum(
                 1 for r in rows for v in r["votes"] if (v > 0) != r["rule_likes"]
             ),
-            "seconds": round(done - answered, 2),
+            "seconds": round(time.monotonic() - answered, 2),
         }
         return answers_rec, ratings_rec
 
@@ -712,26 +673,21 @@ class Experiment:
         version = train.get("version")
         rec: dict[str, Any] = {"version": version, "run_status": train.get("status")}
         if train.get("status") != "testing" or not version:
-            rec["outcome"] = "not tested"
-            rec["seconds"] = 0.0
-            return rec
+            return rec | {"outcome": "not tested", "seconds": 0.0}
         rng = random.Random(f"{c.seed}:{label}")
-        people = await users(self.url, c.ab_users)
         rows: list[dict[str, Any]] = []
         cast: Counter[str] = Counter()
         held: dict[str, dict[str, list[int]]] = {}
         held_texts: dict[str, list[str]] = {}
         test: dict[str, Any] | None = None
-        try:
+        async with users(self.url, c.ab_users) as people:
+            # (1) which arm each person is on, once the candidate answers
             deadline = time.monotonic() + max(30.0, min(240.0, self.left() - 90.0))
             arm_of: dict[int, str] = {}
             while time.monotonic() < deadline:
+                pool = self.heldout_pool
                 probe = await gather_limited(
-                    c.concurrency,
-                    (
-                        u.joke(self.heldout_pool[i % len(self.heldout_pool)])
-                        for i, u in enumerate(people)
-                    ),
+                    c.concurrency, (u.joke(pool[i % len(pool)]) for i, u in enumerate(people))
                 )
                 arm_of = {
                     i: str(a.get("model_version"))
@@ -750,82 +706,57 @@ class Experiment:
             by_arm: dict[str, list[int]] = {}
             for i, v in arm_of.items():
                 by_arm.setdefault(v, []).append(i)
+            asked = [p for p in self.heldout_pool for _ in range(c.ab_heldout_samples)]
             jobs = [
                 (v, pic, people[idx[j % len(idx)]])
                 for v, idx in sorted(by_arm.items())
-                for j, pic in enumerate(
-                    p for p in self.heldout_pool for _ in range(c.ab_heldout_samples)
-                )
+                for j, pic in enumerate(asked)
             ]
             answers = await gather_limited(c.concurrency, (u.joke(pic) for _, pic, u in jobs))
             for (v, pic, _), a in zip(jobs, answers, strict=True):
                 got = str(a.get("model_version") or v) if a["status"] == 201 else v
-                cell = held.setdefault(got, {}).setdefault(pic.name, [0, 0])
-                cell[1] += 1
-                if a["status"] == 201:  # a failed answer counts as not liked
-                    cell[0] += int(self.audience.likes(a["text"], pic.name))
+                if _score(held.setdefault(got, {}), pic, a, self.audience):
                     held_texts.setdefault(got, []).append(a["text"] or "")
             # (3) votes until the product decides
             for _ in range(c.ab_cap + 10 if arm_of else 0):
                 test = await self.ab_test_of(version)
                 if test is None or test.get("status") != "running" or self.left() < 60:
                     break
-                asked = [(u, rng.choice(self.train_pool)) for u in people]
-                answers = await gather_limited(c.concurrency, (u.joke(p) for u, p in asked))
+                turn = [(u, rng.choice(self.train_pool)) for u in people]
+                answers = await gather_limited(c.concurrency, (u.joke(p) for u, p in turn))
                 votes = []
-                for (u, picture), a in zip(asked, answers, strict=True):
+                for (u, picture), a in zip(turn, answers, strict=True):
                     if a["status"] != 201:
                         continue
                     value = self.audience.vote(str(a["id"]), a["text"], 0, picture.name)
                     votes.append((u, str(a["id"]), value))
                     cast[str(a["model_version"])] += 1
-                    rows.append(
-                        {
-                            "round": label,
-                            "joke_id": a["id"],
-                            "picture": picture.name,
-                            "text": a["text"],
-                            "model_version": a["model_version"],
-                            "rule_likes": self.audience.likes(a["text"], picture.name),
-                            "votes": [value],
-                            "net": value,
-                            "ab": True,
-                        }
-                    )
+                    rows.append(self.joke_row(label, picture, a, [value], ab=True))
                 await gather_limited(c.concurrency, (u.rate(j, v) for u, j, v in votes))
                 await asyncio.sleep(1.0)
-            # (4) the decision and its effect
-            for _ in range(10 if arm_of else 0):  # the decider ticks every few seconds
+            # (4) the decision and its effect; the decider ticks every few seconds
+            for _ in range(10 if arm_of else 0):
                 test = await self.ab_test_of(version)
-                if test is None or test.get("status") != "running":
-                    break
-                if self.left() < 45:
+                if test is None or test.get("status") != "running" or self.left() < 45:
                     break
                 await asyncio.sleep(2.0)
             test = await self.ab_test_of(version)
             if test is not None and test.get("status") == "running":
                 rec["stopped_by_harness"] = True
+                stop = [sys.executable, "-m", "bot.cli", "models", "ab", "stop"]
                 await asyncio.to_thread(
-                    subprocess.run,
-                    [sys.executable, "-m", "bot.cli", "models", "ab", "stop"],
-                    cwd=ROOT,
-                    capture_output=True,
-                    timeout=120,
+                    subprocess.run, stop, cwd=ROOT, capture_output=True, timeout=120
                 )
                 test = await self.ab_test_of(version)
             if test is not None and test.get("status") == "promoted":
                 for _ in range(150):
-                    if (await asyncio.to_thread(registry))["active"] == version:
+                    if await active_version() == version:
                         break
                     await asyncio.sleep(2.0)
-        finally:
-            for u in people:
-                await u.close()
         self.add_jokes(rows)
         arms = {}
         for v, per in held.items():
-            k = sum(x[0] for x in per.values())
-            n = sum(x[1] for x in per.values())
+            k, n = _totals(per)
             arms[v] = {
                 "heldout_liked": k,
                 "heldout_n": n,
@@ -835,18 +766,17 @@ class Experiment:
                 "distinct": distinct_share(held_texts.get(v, [])),
                 "votes_cast": cast.get(v, 0),
             }
-        decision = (test or {}).get("decision") or {}
-        rec |= {
-            "outcome": (test or {}).get("status", "unknown"),
-            "reason": (test or {}).get("reason"),
-            "decision": decision,
-            "counted": (test or {}).get("arms"),
+        test = test or {}
+        return rec | {
+            "outcome": test.get("status", "unknown"),
+            "reason": test.get("reason"),
+            "decision": test.get("decision") or {},
+            "counted": test.get("arms"),
             "arms": arms,
-            "control_version": (test or {}).get("control"),
-            "active_after": (await asyncio.to_thread(registry))["active"],
+            "control_version": test.get("control"),
+            "active_after": await active_version(),
             "seconds": round(time.monotonic() - started, 2),
         }
-        return rec
 
     def wait_for_training_env(self) -> None:
         if self.wait_file is None:
@@ -859,8 +789,7 @@ class Experiment:
             if self.left() < 60:
                 raise TimeoutError(f"{self.wait_file} did not appear in time")
             time.sleep(2.0)
-        waited = time.monotonic() - started
-        if waited > 1:
+        if (waited := time.monotonic() - started) > 1:
             print(f"waited {waited:.0f} s for the training environment", flush=True)
 
     def train_run(self, label: str, control: str | None = None) -> dict[str, Any]:
@@ -868,21 +797,12 @@ class Experiment:
         self.wait_for_training_env()
         before = registry()
         last_id = max((r["id"] for r in before["runs"]), default=0)
-        env = dict(os.environ)
-        if control:
-            env[CONTROL_ENV] = control
+        env = dict(os.environ) | ({CONTROL_ENV: control} if control else {})
         log = self.out_dir / f"train-{label}.log"
         limit = max(30.0, self.left() - 15.0)
         started = time.monotonic()
         with log.open("wb") as fh:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "bot.cli", "train", "run", "-v"],
-                cwd=ROOT,
-                env=env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            proc = _spawn(["train", "run", "-v"], fh, env)
             try:
                 rc = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
@@ -894,20 +814,20 @@ class Experiment:
                     rc = proc.wait()
         seconds = time.monotonic() - started
         after = registry()
-        runs = [r for r in after["runs"] if r["id"] > last_id]
-        run = runs[-1] if runs else {}
+        run = next((r for r in reversed(after["runs"]) if r["id"] > last_id), {})
         metrics = run.get("metrics", {})
         gate = metrics.get("gate") or {}
         evals = {
             k: v for k, v in (metrics.get("eval") or {}).items() if k in ("candidate", "active")
         }
+        version = run.get("model_version")
         return {
             "rc": rc,
             "run": run.get("id"),
             "status": run.get("status", "none"),
             "step": run.get("step"),
             "error": run.get("error"),
-            "version": run.get("model_version"),
+            "version": version,
             "promoted": bool(metrics.get("promoted")),
             "gate": gate.get("verdict"),
             "gate_reasons": gate.get("reasons", []),
@@ -918,12 +838,7 @@ class Experiment:
             "timings_s": metrics.get("timings_s", {}),
             "run_dir": metrics.get("run_dir"),
             "parent": next(
-                (
-                    v["parent"]
-                    for v in after["versions"]
-                    if v["version"] == run.get("model_version")
-                ),
-                None,
+                (v["parent"] for v in after["versions"] if v["version"] == version), None
             ),
             "active_before": before["active"],
             "active_after": after["active"],
@@ -954,16 +869,13 @@ class Experiment:
                 "disliked": sum(1 for i in ids if net.get(i, 0) < 0),
                 "liked": sum(1 for i in ids if net.get(i, 0) > 0),
             }
-        out["ok"] = (
-            out["train"]["items"] > 0
-            and out["train"]["disliked"] == out["train"]["items"]
-            and out["heldout"]["liked"] == out["heldout"]["items"]
-        )
+        train, held = out["train"], out["heldout"]
+        out["ok"] = 0 < train["items"] == train["disliked"] and held["liked"] == held["items"]
         return out
 
     async def step(self, name: str) -> dict[str, Any]:
         """One step. Its parts are saved as they finish, so that a call that stops inside a
-        round resumes it (no second set of answers) instead of repeating it."""
+        step resumes it (no second set of answers) instead of repeating it."""
         part: dict[str, Any] = self.state.setdefault("partial", {}).setdefault(name, {})
 
         def keep(key: str, value: Any) -> None:
@@ -972,30 +884,28 @@ class Experiment:
 
         if name == "round-0":
             keep("measure", await self.measure("base"))
-        elif name == "control":
-            if "train" not in part:
-                train = await asyncio.to_thread(self.train_run, "control", self.cfg.control)
-                if _cancelled(train):
-                    raise RuntimeError(f"the control's training run was cancelled: {train}")
-                keep("train", train)
-            if self.cfg.ab and "ab" not in part:
-                keep("ab", await self.ab_phase(name, part["train"]))
-            # only which model answers now: two answers per held-out picture
-            keep("measure", await self.measure("after control", samples=2))
         else:
-            rnd = int(name.split("-")[1])
-            if "answers" not in part:
+            rnd = 0 if name == "control" else int(name.split("-")[1])
+            if rnd and "answers" not in part:
                 answers, ratings = await self.answer_and_rate(rnd)
                 part["ratings"] = ratings
                 keep("answers", answers)
             if "train" not in part:
-                train = await asyncio.to_thread(self.train_run, name)
-                if _cancelled(train):  # out of time: the next call trains on the same ratings
-                    raise RuntimeError(f"round {rnd}'s training run was cancelled: {train}")
+                control = self.cfg.control if name == "control" else None
+                train = await asyncio.to_thread(
+                    self.train_run, "control" if control else name, control
+                )
+                if train["status"] == "failed" and "cancelled" in str(train.get("error")):
+                    # out of time: the next call trains on the same ratings
+                    what = "the control" if control else f"round {rnd}"
+                    raise RuntimeError(f"{what}'s training run was cancelled: {train}")
                 keep("train", train)
             if self.cfg.ab and "ab" not in part:
                 keep("ab", await self.ab_phase(name, part["train"]))
-            keep("measure", await self.measure(f"after round {rnd}"))
+            if name == "control":  # only which model answers now: two per held-out picture
+                keep("measure", await self.measure("after control", samples=2))
+            else:
+                keep("measure", await self.measure(f"after round {rnd}"))
         rec: dict[str, Any] = {"step": name, **part}
         if name == "control":
             t = part["train"]
@@ -1003,15 +913,13 @@ class Experiment:
             rec["export_check"] = await asyncio.to_thread(self.check_control_export, t["run_dir"])
             if self.cfg.ab:
                 ab = part.get("ab") or {}
-                rec["blocked"] = (
-                    ab.get("outcome") in ("rejected", "timeout")
-                    and ab.get("active_after") == t["active_before"]
-                )
+                ended = ab.get("outcome") in ("rejected", "timeout")
+                rec["blocked"] = ended and ab.get("active_after") == t["active_before"]
             else:
                 rec["blocked"] = (
                     t["status"] == "rejected" and t["active_after"] == t["active_before"]
                 )
-        rec["served_expected"] = (await asyncio.to_thread(registry))["active"]
+        rec["served_expected"] = await active_version()
         rec["seconds"] = round(sum(float(v.get("seconds", 0)) for v in part.values()), 2)
         del self.state["partial"][name]
         return rec
@@ -1029,14 +937,9 @@ class Experiment:
             self.record({"kind": "step", **rec})
             print(step_line(rec), flush=True)
             count += 1
-        pending = [s for s in self.plan() if s not in self.state.get("done", {})]
-        if pending:
+        if pending := self.pending():
             print(f"stopping with {self.left():.0f} s left; pending: {', '.join(pending)}")
         return not pending
-
-
-def _cancelled(train: dict[str, Any]) -> bool:
-    return train["status"] == "failed" and "cancelled" in str(train.get("error"))
 
 
 def step_kind(name: str) -> str:
@@ -1145,12 +1048,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=540.0, help="seconds this call may take")
     p.add_argument("--stop-after", type=int, help="run at most this many steps in this call")
     p.add_argument("--wait-file", type=Path, help="train only once this file exists")
-    p.add_argument(
-        "--keep-serving",
-        action="store_true",
-        help="leave oogiri serve running "
-        "when the experiment is not finished (a next call may reuse it)",
-    )
+    p.add_argument("--keep-serving", action="store_true", help="a next call may reuse the bot")
     p.add_argument("--fresh", action="store_true", help="discard an existing state folder")
     p.add_argument("--dry-run", action="store_true", help="CPU stand-ins (bookkeeping only)")
     p.add_argument("--photos", type=Path, help="folder of source photos")
@@ -1220,7 +1118,6 @@ def main(argv: list[str] | None = None) -> int:
         state=state,
     )
     exp.prepare()
-    exp.out_dir.mkdir(parents=True, exist_ok=True)
     if not (args.out / "results.jsonl").is_file() and (state_dir / "results.jsonl").is_file():
         shutil.copyfile(state_dir / "results.jsonl", args.out / "results.jsonl")
     if not state.get("recorded_config"):
@@ -1228,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
         state["recorded_config"] = True
     exp.record({"kind": "call", "argv": " ".join(sys.argv if argv is None else argv)})
     exp.save()
-    pending = [s for s in exp.plan() if s not in state.get("done", {})]
+    pending = exp.pending()
     complete = not pending
     try:
         if pending and exp.next_step() is None:
@@ -1240,10 +1137,6 @@ def main(argv: list[str] | None = None) -> int:
         exp.finish(complete)
     summary = write_reports(load_results(state_dir / "results.jsonl"), args.out)
     print(json.dumps(summary["verdicts"], ensure_ascii=False, indent=1))
-    left = [s for s in exp.plan() if s not in state.get("done", {})]
+    left = exp.pending()
     print("EXPERIMENT COMPLETE" if not left else f"pending: {', '.join(left)} (call again)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

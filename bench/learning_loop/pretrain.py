@@ -1,12 +1,9 @@
 """Write the proxy's pretrained tiny base in InternVL2's layout, for the device experiment.
 
-The CPU proxy pretrains the tiny model in transformers' native layout
-(``InternVLForConditionalGeneration``); XTuner fine-tunes and LMDeploy serves InternVL2's
-original layout. ``save_internvl2`` writes the pretrained weights back into a copy of the random
-base folder (tokenizer, config and remote code unchanged), tensor by tensor through
-``convert_internvl2.unmap_tensor``, so the device starts every round from the same base the proxy
-measured. The device wrapper (``scripts/device/learning_loop.sh``) uses it when it is staged as
-``.device/pretrained-base``.
+The CPU proxy pretrains in transformers' native layout; XTuner and LMDeploy need InternVL2's.
+``save_internvl2`` writes the weights back into a copy of the random base folder (tokenizer,
+config, remote code unchanged) through ``convert_internvl2.unmap_tensor``, so the device starts
+from the base the proxy measured (staged as ``.device/pretrained-base``).
 
     python -m bench.learning_loop.proxy --pretrain-epochs 6 --rounds 0 --controls \\
         --save-base .device/pretrained-base

@@ -27,13 +27,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.learning_loop.audience import Audience, build_pool, source_photos  # noqa: E402
-from bench.learning_loop.stats import wilson  # noqa: E402
-from training.export import heldout_bucket  # noqa: E402
+from bench.learning_loop.audience import (
+    KEYWORDS,
+    Audience,
+    PictureAudience,
+    base_mix_items,
+    build_pool,
+    make_audience,
+    neutral_pictures,
+    pretrain_items,
+    source_of,
+    source_photos,
+)
+from bench.learning_loop.pretrain import save_internvl2
+from bench.learning_loop.stats import wilson
+from training.export import heldout_bucket
 
 PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
 
@@ -261,46 +269,45 @@ class Proxy:
         return step
 
 
-def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
+def pools(a: argparse.Namespace, folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """The source photos, the training pool and the held-out pool (as the experiment's)."""
     photos = source_photos(None)
     pool = build_pool(folder / "pictures", photos, a.train_images, 448, "train")
-    heldout = build_pool(folder / "pictures", photos, a.heldout_images, 448, "heldout")
+    return photos, pool, build_pool(folder / "pictures", photos, a.heldout_images, 448, "heldout")
+
+
+def heldout_rate(
+    proxy: Proxy, heldout: list[Path], a: argparse.Namespace, audience: Audience
+) -> tuple[str, dict[str, list[int]], list[str]]:
+    """``a.samples`` answers per held-out picture: "rate [Wilson 95 %]", per photo, the texts."""
+    per: dict[str, list[int]] = {}
+    texts = []
+    for p in heldout:
+        for t in proxy.sample(p, a.samples, a.max_new_tokens):
+            kn = per.setdefault(source_of(p), [0, 0])
+            kn[0] += int(audience.likes(t, p.name))
+            kn[1] += 1
+            texts.append(t)
+    k, n = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
+    lo, hi = wilson(k, n)
+    return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]", per, texts
+
+
+def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
+    photos, pool, heldout = pools(a, folder)
     gate_side = {
         p for p in pool if heldout_bucket(hashlib.sha256(p.read_bytes()).hexdigest()) < 0.25
     }
-    from bench.learning_loop.audience import PictureAudience, source_of
-
-    words = Audience(like=a.like, noise=0.1, voters=3, seed=seed)
-    pictures = PictureAudience(noise=0.1, voters=3, seed=seed)
-
-    def likes(text: str, picture: Path) -> bool:
-        return pictures.likes(text, picture.name) if a.audience == "picture" else words.likes(text)
-
-    def votes(joke: int, text: str, picture: Path) -> list[int]:
-        if a.audience == "picture":
-            return pictures.votes(joke, text, picture.name)
-        return words.votes(joke, text)
-
+    audience = make_audience(a.audience, a.like, 0.1, 3, seed)
     proxy = Proxy(folder / f"model-{seed}", a.lora_r, seed, a.base)
     proxy.top_k = a.top_k
     rated: list[tuple[int, Path, str, int]] = []  # round, picture, text, net votes
     lines = pretrain(proxy, a, seed, folder, photos)
 
     def like_rate() -> str:
-        per: dict[str, list[int]] = {}
-        texts = []
-        for p in heldout:
-            for t in proxy.sample(p, a.samples, a.max_new_tokens):
-                kn = per.setdefault(source_of(p), [0, 0])
-                kn[0] += int(likes(t, p))
-                kn[1] += 1
-                texts.append(t)
-        k, n = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
-        lo, hi = wilson(k, n)
+        rate, per, texts = heldout_rate(proxy, heldout, a, audience)
         cells = " ".join(f"{src[:5]} {v[0]}/{v[1]}" for src, v in sorted(per.items()))
-        return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}] ({cells}; distinct {len(set(texts)) / n:.2f})"
-
-    from bench.learning_loop.audience import base_mix_items, neutral_pictures
+        return f"{rate} ({cells}; distinct {len(set(texts)) / len(texts):.2f})"
 
     base: list[tuple[Path, str]] = []
     if a.base_mix > 0:
@@ -312,16 +319,13 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
         ]
 
     def sets(control: str | None = None) -> tuple[list[Any], list[Any]]:
-        liked = [(p, t) for _, p, t, net in rated if net > 0 and p not in gate_side]
-        if a.max_per_image:
-            liked = export_like(
-                [(p, t, net) for _, p, t, net in rated if net > 0 and p not in gate_side],
-                a.max_per_image,
-            )
-        liked += base[: int(a.base_mix * len(liked))]
+        """Training and gate sets: every liked answer so far (or the control's disliked ones)."""
         held = [(p, t) for _, p, t, net in rated if net > 0 and p in gate_side][:32]
         if control is None:
-            return liked, held
+            liked = [(p, t, net) for _, p, t, net in rated if net > 0 and p not in gate_side]
+            train = export_like(liked, a.max_per_image) if a.max_per_image else liked
+            train = [(p, t) for p, t, *_ in train]
+            return train + base[: int(a.base_mix * len(train))], held
         picked: list[Any] = []
         rng = random.Random(seed)
         for r in sorted({r for r, *_ in rated}):
@@ -331,16 +335,23 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
             picked += bad if control == "all" else rng.sample(bad, min(len(bad), n_liked))
         return picked, held
 
+    def gate(train: list[Any], held: list[Any], seed: int) -> tuple[float, float, int]:
+        """Train a candidate from the base; the held-out loss of the active model and of it."""
+        proxy.load(proxy.active)
+        before = proxy.loss(held)
+        iters = proxy.train(train, a, seed)
+        return before, proxy.loss(held), iters
+
+    nan = float("nan")
     lines.append(f"seed {seed} round 0: like-rate {like_rate()}")
     for rnd in range(1, a.rounds + 1):
         for picture in pool:
             for text in proxy.sample(picture, a.answers, a.max_new_tokens):
-                rated.append((rnd, picture, text, sum(votes(len(rated) + 1, text, picture))))
+                rated.append(
+                    (rnd, picture, text, sum(audience.votes(len(rated) + 1, text, picture.name)))
+                )
         train, held = sets()
-        proxy.load(proxy.active)
-        before = proxy.loss(held)
-        iters = proxy.train(train, a, seed + rnd)
-        after = proxy.loss(held)
+        before, after, iters = gate(train, held, seed + rnd)
         promoted = after is not None and (before is None or after <= before)
         # a rejected candidate's own rate: on the device the live A/B step, not this loss gate,
         # decides, so what the candidate would have scored matters too
@@ -350,22 +361,18 @@ def run_seed(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
         proxy.load(proxy.active)
         lines.append(
             f"seed {seed} round {rnd}: {len(train)} liked training answers, {iters} iterations, "
-            f"held-out loss {before or float('nan'):.3f} → {after or float('nan'):.3f} "
+            f"held-out loss {before or nan:.3f} → {after or nan:.3f} "
             f"({'promoted' if promoted else 'rejected'}); like-rate {like_rate()}{rejected}"
         )
     for mode in a.controls:
         train, held = sets(mode)
+        before, after, _ = gate(train, held, seed + 99)
         proxy.load(proxy.active)
-        before = proxy.loss(held)
-        proxy.train(train, a, seed + 99)
-        after = proxy.loss(held)
-        proxy.load(proxy.active)
-        verdict = (
-            "rejected" if after is not None and before is not None and after > before else "PASSED"
-        )
+        passed = after is None or before is None or after <= before
         lines.append(
             f"seed {seed} control {mode}: {len(train)} disliked answers; held-out loss active "
-            f"{before or float('nan'):.3f} vs control {after or float('nan'):.3f} → {verdict}"
+            f"{before or nan:.3f} vs control {after or nan:.3f} → "
+            + ("PASSED" if passed else "rejected")
         )
     return lines
 
@@ -393,8 +400,6 @@ def pretrain(
     """The stand-in for pre-training (``audience.pretrain_items``), merged into the base."""
     if a.pretrain_epochs <= 0:
         return []
-    from bench.learning_loop.audience import pretrain_items
-
     pictures = build_pool(folder / "pictures", photos, a.pretrain_images, 448, "pretrain")
     items = pretrain_items(pictures, a.pretrain_answers, a.pretrain_p, seed)
     b = argparse.Namespace(**{**vars(a), "epochs": a.pretrain_epochs, "qlora": False})
@@ -405,8 +410,6 @@ def pretrain(
         f"(named {a.pretrain_p:.0%}), {iters} iterations, merged"
     ]
     if a.save_base:
-        from bench.learning_loop.pretrain import save_internvl2
-
         save_internvl2(a.base or folder / f"model-{seed}" / "base", proxy.model, a.save_base)
         lines.append(f"seed {seed} pretrained base (InternVL2 layout) → {a.save_base}")
     return lines
@@ -415,40 +418,21 @@ def pretrain(
 def check_conditional(a: argparse.Namespace, seed: int, folder: Path) -> list[str]:
     """Can the tiny model learn an image-conditional answer at all (issue 15 C's first check)?
 
-    Supervised, the easiest case the loop could ever reach: fine-tune (LoRA, as above) on every
-    training picture paired with the keyword of what it shows (``KEYWORDS``, e.g. 火箭 for the
-    rocket), then sample answers to the held-out pictures and score them with the picture
-    audience, per source photo. A model that learnt the words but not the pictures scores about
-    1/5 (each keyword is right for one photo in five); one that reads the picture scores more on
-    every photo.
+    The easiest case the loop could ever reach: fine-tune on every training picture paired with
+    the keyword of what it shows, then score sampled answers to the held-out pictures. A model
+    that learnt the words but not the pictures scores about 1/5.
     """
-    from bench.learning_loop.audience import KEYWORDS, PictureAudience, source_of
-
-    photos = source_photos(None)
-    pool = build_pool(folder / "pictures", photos, a.train_images, 448, "train")
-    heldout = build_pool(folder / "pictures", photos, a.heldout_images, 448, "heldout")
+    _, pool, heldout = pools(a, folder)
     audience = PictureAudience(seed=seed)
     proxy = Proxy(folder / f"model-{seed}", a.lora_r, seed)
     proxy.top_k = a.top_k
     lines = []
 
     def score(tag: str) -> None:
-        per: dict[str, list[int]] = {}
-        said: dict[str, int] = {}
-        for picture in heldout:
-            for text in proxy.sample(picture, a.samples, a.max_new_tokens):
-                kn = per.setdefault(source_of(picture), [0, 0])
-                kn[0] += int(audience.likes(text, picture.name))
-                kn[1] += 1
-                for kw in KEYWORDS.values():
-                    said[kw] = said.get(kw, 0) + int(kw in text)
-        k, n = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
-        lo, hi = wilson(k, n)
+        rate, per, texts = heldout_rate(proxy, heldout, a, audience)
         cells = ", ".join(f"{src} {v[0]}/{v[1]}" for src, v in sorted(per.items()))
-        lines.append(
-            f"seed {seed} {tag}: like-rate {k / n:.3f} [{lo:.3f}, {hi:.3f}] ({cells}); "
-            f"keywords said {said}"
-        )
+        said = {kw: sum(kw in t for t in texts) for kw in KEYWORDS.values()}
+        lines.append(f"seed {seed} {tag}: like-rate {rate} ({cells}); keywords said {said}")
 
     score("base")
     items = [(p, KEYWORDS[source_of(p)]) for p in pool] * a.answers

@@ -8,16 +8,36 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import write_section
+from bench.common import fmt, markdown_table, write_section
 from bench.learning_loop.stats import bootstrap_diff, two_proportion_p
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "learning-loop.md"
+ROW_KEYS = ("answers", "ratings", "train", "ab", "export_check", "blocked", "served_expected")
 
 
 def load_results(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _order(step: str) -> tuple[bool, int]:
+    return step == "control", int(step.split("-")[1]) if step != "control" else 0
+
+
+def _row(rec: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    """One step's row: its held-out measurement, the change since round 0, what it ran."""
+    m = rec.get("measure") or {}
+    row: dict[str, Any] = {"step": rec["step"], "seconds": rec.get("seconds")}
+    if m:
+        row |= {k: m[k] for k in ("rate", "liked", "n", "wilson95", "bootstrap95")}
+        row["served"] = m["versions"]
+        row |= {k: m.get(k) for k in ("per_photo", "distinct", "top_answers")}
+        if base and rec["step"] != "round-0":
+            row["delta"] = m["rate"] - base["rate"]
+            row["delta95"] = list(bootstrap_diff(base["per_image"], m["per_image"]))
+            row["p"] = two_proportion_p(base["liked"], base["n"], m["liked"], m["n"])
+    return row | {k: rec[k] for k in ROW_KEYS if k in rec}
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -35,59 +55,24 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         elif rec.get("kind") == "serve" and calls:
             calls[-1]["serve_healthy_s"] = rec["seconds"]
     base = steps.get("round-0", {}).get("measure")
-    rows = []
-    order = sorted(
-        steps, key=lambda s: (s == "control", int(s.split("-")[1]) if s != "control" else 0)
-    )
-    for name in order:
-        rec = steps[name]
-        m = rec.get("measure") or {}
-        row: dict[str, Any] = {"step": name, "seconds": rec.get("seconds")}
-        if m:
-            row |= {
-                "rate": m["rate"],
-                "liked": m["liked"],
-                "n": m["n"],
-                "wilson95": m["wilson95"],
-                "bootstrap95": m["bootstrap95"],
-                "served": m["versions"],
-                "per_photo": m.get("per_photo"),
-                "distinct": m.get("distinct"),
-                "top_answers": m.get("top_answers"),
-            }
-            if base and name != "round-0":
-                k0, n0, k1, n1 = base["liked"], base["n"], m["liked"], m["n"]
-                row["delta"] = m["rate"] - base["rate"]
-                row["delta95"] = list(bootstrap_diff(base["per_image"], m["per_image"]))
-                row["p"] = two_proportion_p(k0, n0, k1, n1)
-        keys = ("answers", "ratings", "train", "ab", "export_check", "blocked", "served_expected")
-        for key in keys:
-            if key in rec:
-                row[key] = rec[key]
-        rows.append(row)
+    rows = [_row(steps[name], base) for name in sorted(steps, key=_order)]
     rounds = [r for r in rows if r["step"] not in ("round-0", "control")]
     ended = ("succeeded", "rejected", "testing")
-    trained = [r for r in rounds if r.get("train", {}).get("status") in ended]
-    last = rounds[-1] if rounds else None
     verdicts: dict[str, Any] = {
-        "rounds_end_to_end": len(trained),
+        "rounds_end_to_end": sum(r.get("train", {}).get("status") in ended for r in rounds),
         "rounds_planned": config.get("rounds"),
         "promotions": sum(
-            1
-            for r in rounds
-            if r.get("train", {}).get("promoted")
+            bool(r.get("train", {}).get("promoted"))
             or (r.get("ab") or {}).get("outcome") == "promoted"
+            for r in rounds
         ),
         "ab_decisions": [
-            {
-                "step": r["step"],
-                "outcome": (r.get("ab") or {}).get("outcome"),
-                "votes": _counted_votes(r.get("ab") or {}),
-            }
+            {"step": r["step"], "outcome": r["ab"].get("outcome"), "votes": _votes(r["ab"])}
             for r in rows
             if r.get("ab")
         ],
     }
+    last = rounds[-1] if rounds else None
     if last and "delta95" in last:
         verdicts["learned"] = {
             "from": base["rate"] if base else None,
@@ -101,18 +86,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     if control:
         ab = control.get("ab") or {}
         own = (ab.get("arms") or {}).get(ab.get("version") or "", {})
+        train = control["train"]
         verdicts["control"] = {
             "mode": control.get("control"),
             "ab_outcome": ab.get("outcome"),
             "ab_reason": ab.get("reason"),
-            "ab_votes": _counted_votes(ab),
-            "heldout_rate": own.get("heldout_rate"),
-            "heldout_wilson95": own.get("heldout_wilson95"),
-            "heldout_n": own.get("heldout_n"),
-            "status": control["train"]["status"],
-            "gate_reasons": control["train"]["gate_reasons"],
-            "active_before": control["train"]["active_before"],
-            "active_after": control["train"]["active_after"],
+            "ab_votes": _votes(ab),
+            **{k: own.get(k) for k in ("heldout_rate", "heldout_wilson95", "heldout_n")},
+            **{k: train[k] for k in ("status", "gate_reasons", "active_before", "active_after")},
             "export_ok": control.get("export_check", {}).get("ok"),
             "passed": bool(control.get("blocked")),
         }
@@ -132,11 +113,21 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"config": config, "rows": rows, "verdicts": verdicts, "calls": calls}
 
 
-def _counted_votes(ab: dict[str, Any]) -> dict[str, int] | None:
+def _votes(ab: dict[str, Any]) -> dict[str, int] | None:
+    """Counted votes per arm, as the product decided on them."""
     counted = ab.get("counted") or {}
-    if not counted:
-        return None
-    return {arm: int(c.get("votes", 0)) for arm, c in counted.items()}
+    return {arm: int(c.get("votes", 0)) for arm, c in counted.items()} or None
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _interval(iv: Sequence[float] | None, signed: bool = False) -> str:
+    if not iv:
+        return "–"
+    spec = "+.1f" if signed else ".1f"
+    return f"[{100 * iv[0]:{spec}}, {100 * iv[1]:{spec}}]"
 
 
 def _ab_cell(row: dict[str, Any]) -> str:
@@ -145,7 +136,7 @@ def _ab_cell(row: dict[str, Any]) -> str:
         return "–"
     if ab.get("outcome") == "not tested":
         return f"not tested (run {ab.get('run_status')})"
-    votes = _counted_votes(ab) or {}
+    votes = _votes(ab) or {}
     arms = ab.get("arms") or {}
     cand = arms.get(ab.get("version") or "", {})
     ctrl = arms.get(ab.get("control_version") or "") or next(
@@ -165,141 +156,112 @@ def _ab_cell(row: dict[str, Any]) -> str:
     return out
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f} %"
-
-
-def _interval(iv: Sequence[float] | None, signed: bool = False) -> str:
-    if not iv:
-        return "–"
-    fmt = "{:+.1f}" if signed else "{:.1f}"
-    return f"[{fmt.format(100 * iv[0])}, {fmt.format(100 * iv[1])}]"
-
-
-def _served(row: dict[str, Any]) -> str:
-    served = row.get("served") or {}
-    return ", ".join(f"`{v}`" + (f" ×{n}" if len(served) > 1 else "") for v, n in served.items())
-
-
 def _train_cell(row: dict[str, Any]) -> str:
     t = row.get("train")
     if not t:
         return "–"
-    text = f"{t['status']}"
-    if t.get("version"):
-        text += f" `{t['version']}`"
+    text = t["status"] + (f" `{t['version']}`" if t.get("version") else "")
     loss = t.get("heldout_loss") or {}
     if loss.get("candidate") is not None:
-        active = loss.get("active")
         text += f"; held-out loss {loss['candidate']:.3f}"
-        text += f" vs active {active:.3f}" if active is not None else ""
-    if t.get("promoted"):
-        text += "; promoted"
-    if t.get("error"):
-        text += f"; {t['error'][:80]}"
-    return text
+        text += f" vs active {loss['active']:.3f}" if loss.get("active") is not None else ""
+    text += "; promoted" if t.get("promoted") else ""
+    return text + (f"; {t['error'][:80]}" if t.get("error") else "")
 
 
 def _times(row: dict[str, Any]) -> str:
     parts = []
     if "answers" in row:
-        parts.append(f"answer {row['answers']['seconds']:.0f}")
-        parts.append(f"rate {row['ratings']['seconds']:.0f}")
-    t = row.get("train")
-    if t:
+        parts += [
+            f"answer {row['answers']['seconds']:.0f}",
+            f"rate {row['ratings']['seconds']:.0f}",
+        ]
+    if t := row.get("train"):
         ts = t.get("timings_s") or {}
         inner = ", ".join(
             f"{k} {ts[k]:.0f}" for k in ("train", "convert", "evaluate", "promote") if k in ts
         )
         parts.append(f"train run {t['seconds']:.0f}" + (f" ({inner})" if inner else ""))
-    parts.append(f"total {row['seconds']:.0f}")
-    return ", ".join(parts)
+    return ", ".join([*parts, f"total {row['seconds']:.0f}"])
 
 
-def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
-    """The results table and verdicts, as markdown."""
-    cfg = summary["config"]
-    rows = summary["rows"]
-    v = summary["verdicts"]
-    lines = []
-    if cfg.get("dry_run"):
-        lines += [
-            "**Dry run with stand-ins** (instant engine, fake XTuner, unigram evaluator): the "
-            "bookkeeping only. The served answers never change, so the like-rate cannot move.",
-            "",
-        ]
-    lines += [
-        "| step | served model | held-out like-rate | 95 % interval (Wilson; pictures) "
-        "| Δ vs round 0 (95 %, p) | distinct answers | rated answers (👍 audience / rule) "
-        "| train run | live A/B | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def _rated(row: dict[str, Any]) -> str:
+    if row["step"] == "control":
+        check = row.get("export_check") or {}
+        tr, ho = check.get("train", {}), check.get("heldout", {})
+        return (
+            f"trained on {tr.get('disliked', '?')}/{tr.get('items', '?')} disliked; "
+            f"held out {ho.get('liked', '?')}/{ho.get('items', '?')} liked"
+        )
+    if "answers" not in row:
+        return "–"
+    a, r = row["answers"], row["ratings"]
+    return f"{a['answered']}: {r['audience_liked']} / {a['rule_liked']}"
+
+
+def _steps_table(rows: list[dict[str, Any]]) -> str:
+    """The step table; version 1's runs had no distinct-answer share and no live A/B."""
+    distinct = any(r.get("distinct") is not None for r in rows)
+    live = any("ab" in r for r in rows)
+    columns = ["step", "served model", "held-out like-rate", "95 % interval (Wilson; pictures)"]
+    columns += ["Δ vs round 0 (95 %, p)"] + ["distinct answers"] * distinct
+    columns += ["rated answers (👍 audience / rule)", "train run"]
+    columns += ["live A/B"] * live + ["seconds"]
+    table = []
     for row in rows:
-        rate = f"{_pct(row.get('rate'))} ({row.get('liked', '–')}/{row.get('n', '–')})"
-        iv = f"{_interval(row.get('wilson95'))}; {_interval(row.get('bootstrap95'))}"
+        served = row.get("served") or {}
         delta = "–"
         if "delta" in row:
-            p = row.get("p")
             delta = f"{100 * row['delta']:+.1f} {_interval(row['delta95'], True)}"
-            delta += f", p={p:.2g}" if p is not None else ""
-        rated = "–"
-        if "answers" in row:
-            a, r = row["answers"], row["ratings"]
-            rated = f"{a['answered']}: {r['audience_liked']} / {a['rule_liked']}"
-        if row["step"] == "control":
-            check = row.get("export_check") or {}
-            tr, ho = check.get("train", {}), check.get("heldout", {})
-            rated = (
-                f"trained on {tr.get('disliked', '?')}/{tr.get('items', '?')} disliked; "
-                f"held out {ho.get('liked', '?')}/{ho.get('items', '?')} liked"
-            )
-        distinct = _pct(row.get("distinct")) if row.get("distinct") is not None else "–"
+            delta += f", p={row['p']:.2g}" if row.get("p") is not None else ""
         cells = [
             row["step"],
-            _served(row),
-            rate,
-            iv,
+            ", ".join(f"`{v}`" + (f" ×{n}" if len(served) > 1 else "") for v, n in served.items()),
+            f"{_pct(row.get('rate'))} ({row.get('liked', '–')}/{row.get('n', '–')})",
+            f"{_interval(row.get('wilson95'))}; {_interval(row.get('bootstrap95'))}",
             delta,
-            distinct,
-            rated,
+            *[_pct(row.get("distinct"))] * distinct,
+            _rated(row),
             _train_cell(row),
-            _ab_cell(row),
+            *[_ab_cell(row)] * live,
             _times(row),
         ]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    photo_rows: list[tuple[str, dict[str, Any]]] = []
+        table.append([fmt(c) for c in cells])
+    return markdown_table(columns, table)
+
+
+def _photo_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Held-out like-rate per source photo: each served model, each candidate's A/B arm."""
+    found: list[tuple[str, dict[str, Any]]] = []
     for row in rows:
         if row.get("per_photo"):
-            photo_rows.append((f"{row['step']} (served)", row["per_photo"]))
+            found.append((f"{row['step']} (served)", row["per_photo"]))
         ab = row.get("ab") or {}
         arm = (ab.get("arms") or {}).get(ab.get("version") or "")
         if arm and arm.get("per_photo"):
-            photo_rows.append((f"{row['step']} candidate's A/B arm", arm["per_photo"]))
-    photos = sorted({src for _, pp in photo_rows for src in pp})
-    if photos:
-        lines += [
-            "",
-            "Held-out like-rate per source photo (liked/answers):",
-            "",
-            "| step | " + " | ".join(photos) + " |",
-            "|---|" + "---|" * len(photos),
+            found.append((f"{row['step']} candidate's A/B arm", arm["per_photo"]))
+    photos = sorted({src for _, pp in found for src in pp})
+    if not photos:
+        return []
+    table = [
+        [label]
+        + [
+            f"{_pct(pp[s][0] / pp[s][1])} ({pp[s][0]}/{pp[s][1]})" if pp.get(s, [0, 0])[1] else "–"
+            for s in photos
         ]
-        for label, pp in photo_rows:
-            cells = [
-                f"{_pct(pp[s][0] / pp[s][1])} ({pp[s][0]}/{pp[s][1]})"
-                if s in pp and pp[s][1]
-                else "–"
-                for s in photos
-            ]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "**Verdicts**", ""]
-    learned = v.get("learned")
-    if learned:
-        mark = "PASS" if learned["passed"] else "FAIL"
+        for label, pp in found
+    ]
+    intro = "Held-out like-rate per source photo (liked/answers):"
+    return ["", intro, "", markdown_table(["step", *photos], table)]
+
+
+def _verdict_lines(v: dict[str, Any]) -> list[str]:
+    lines = []
+    if learned := v.get("learned"):
         p = learned.get("p")
         lines.append(
-            f"- {mark} like-rate rose: {_pct(learned['from'])} → {_pct(learned['to'])}, "
-            f"Δ = {100 * learned['delta']:+.1f} points, 95 % interval "
+            f"- {'PASS' if learned['passed'] else 'FAIL'} like-rate rose: {_pct(learned['from'])} "
+            f"→ {_pct(learned['to'])}, Δ = {100 * learned['delta']:+.1f} points, 95 % interval "
             f"{_interval(learned['delta95'], True)} (bootstrap over pictures)"
             + (f", two-proportion p = {p:.2g}" if p is not None else "")
             + "; the test: the interval's lower end is above 0."
@@ -307,35 +269,33 @@ def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
     else:
         lines.append("- like-rate: no round measured yet")
     control = v.get("control")
-    if control and control.get("ab_outcome"):
+    if control:
         mark = "PASS" if control["passed"] else "FAIL"
-        lines.append(
-            f"- {mark} control ({control['mode']}, trained on disliked answers) in the live A/B: "
-            f"{control['ab_outcome']} on {control.get('ab_votes')} counted votes — "
-            f"{control.get('ab_reason')}; active model `{control['active_before']}` → "
-            f"`{control['active_after']}`; its own held-out like-rate "
-            f"{_pct(control.get('heldout_rate'))} {_interval(control.get('heldout_wilson95'))} "
-            f"(n={control.get('heldout_n')}); export check "
-            + ("ok" if control["export_ok"] else "FAILED")
-        )
-    elif control:
-        mark = "PASS" if control["passed"] else "FAIL"
-        lines.append(
-            f"- {mark} control ({control['mode']}, trained on disliked answers): "
-            f"{control['status']}; active model `{control['active_before']}` → "
-            f"`{control['active_after']}`; export check "
-            + ("ok" if control["export_ok"] else "FAILED")
-        )
-        for reason in control["gate_reasons"]:
-            lines.append(f"  - gate {reason}")
+        active = f"active model `{control['active_before']}` → `{control['active_after']}`"
+        export = "; export check " + ("ok" if control["export_ok"] else "FAILED")
+        if control.get("ab_outcome"):
+            lines.append(
+                f"- {mark} control ({control['mode']}, trained on disliked answers) in the live "
+                f"A/B: {control['ab_outcome']} on {control.get('ab_votes')} counted votes — "
+                f"{control.get('ab_reason')}; {active}; its own held-out like-rate "
+                f"{_pct(control.get('heldout_rate'))} {_interval(control.get('heldout_wilson95'))}"
+                f" (n={control.get('heldout_n')}){export}"
+            )
+        else:
+            lines.append(
+                f"- {mark} control ({control['mode']}, trained on disliked answers): "
+                f"{control['status']}; {active}{export}"
+            )
+            lines += [f"  - gate {reason}" for reason in control["gate_reasons"]]
     else:
         lines.append("- control: not run yet")
     served = v["served_matches_registry"]
     if served.get("applicable", True):
+        mismatched = served["mismatched"]
         lines.append(
             f"- {'PASS' if served['passed'] else 'FAIL'} every measured answer came from the "
             "registry's active version"
-            + (f" (mismatched: {', '.join(served['mismatched'])})" if served["mismatched"] else "")
+            + (f" (mismatched: {', '.join(mismatched)})" if mismatched else "")
         )
     lines.append(
         f"- rounds end to end: {v['rounds_end_to_end']} of {v.get('rounds_planned')}, "
@@ -343,11 +303,26 @@ def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
     )
     for d in v.get("ab_decisions", []):
         lines.append(f"- live A/B {d['step']}: {d['outcome']} on {d['votes']} counted votes")
+    return lines
+
+
+def render_markdown(summary: dict[str, Any], plot: str | None = None) -> str:
+    """The results table and verdicts, as markdown."""
+    cfg, rows = summary["config"], summary["rows"]
+    lines = []
+    if cfg.get("dry_run"):
+        lines += [
+            "**Dry run with stand-ins** (instant engine, fake XTuner, unigram evaluator): the "
+            "bookkeeping only. The served answers never change, so the like-rate cannot move.",
+            "",
+        ]
+    lines += [_steps_table(rows), *_photo_table(rows), "", "**Verdicts**", ""]
+    lines += _verdict_lines(summary["verdicts"])
     if plot:
         lines += ["", f"![held-out like-rate per round]({plot})"]
     if cfg:
-        shown = {k: cfg[k] for k in sorted(cfg)}
-        lines += ["", "Configuration: `" + json.dumps(shown, ensure_ascii=False) + "`"]
+        shown = json.dumps({k: cfg[k] for k in sorted(cfg)}, ensure_ascii=False)
+        lines += ["", f"Configuration: `{shown}`"]
     for call in summary.get("calls", []):
         serve = call.get("serve_healthy_s")
         started = f" (oogiri serve healthy after {serve:.0f} s)" if serve is not None else ""
@@ -405,19 +380,16 @@ def render_doc(
     section: str = "learning-loop-results",
     title: str = "Results",
 ) -> None:
-    """Rewrite a results section of docs/learning-loop.md from a results folder (version 1's
-    is ``learning-loop-results``, version 2's ``learning-loop-v2-results``)."""
+    """Rewrite a results section of docs/learning-loop.md from a results folder."""
     records = load_results(results_dir / "results.jsonl")
     if not records:
         raise SystemExit(f"no results in {results_dir}")
     summary = summarize(records)
-    plot = None
     png = results_dir / "like-rate.png"
-    if png.is_file():  # linked where it lies, not copied next to the doc
-        plot = Path(os.path.relpath(png.resolve(), doc.resolve().parent)).as_posix()
+    # linked where it lies, not copied next to the doc
+    plot = Path(os.path.relpath(png.resolve(), doc.resolve().parent)).as_posix()
     kind = "dry run (stand-ins)" if summary["config"].get("dry_run") else "device"
     first = summary["calls"][0]["at"] if summary["calls"] else "?"
-    body = f"From `{results_dir}` ({kind}, first call {first}).\n\n" + render_markdown(
-        summary, plot
-    )
+    head = f"From `{results_dir}` ({kind}, first call {first}).\n\n"
+    body = head + render_markdown(summary, plot if png.is_file() else None)
     write_section(section, title, body, doc=doc)

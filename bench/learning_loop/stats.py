@@ -1,43 +1,42 @@
 """Statistics of the learning-loop experiment: intervals, bootstrap over pictures, p-values.
 
 The Wilson interval is the product's own (``bot.abstats.interval``), so the experiment and
-``oogiri models ab status`` quote the same numbers. The p-value uses ``scipy.stats`` where it is
-installed (here, for rendering) and the same normal tail through ``math.erfc`` where it is not (the
-device's image has no SciPy).
+``oogiri models ab status`` quote the same numbers. The p-value's normal tail comes from
+``scipy.stats``, or ``math.erfc`` where SciPy is missing (the device's image).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from bot.abstats import interval
+from bot.abstats import interval as wilson
 
-
-def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (0, 1 when n is 0)."""
-    return interval(k, n, confidence)
+__all__ = ["bootstrap_diff", "bootstrap_rate", "distinct_share", "two_proportion_p", "wilson"]
 
 
-def _quantiles(values: list[float], lo: float = 0.025, hi: float = 0.975) -> tuple[float, float]:
-    ordered = sorted(values)
-    last = len(ordered) - 1
-    return ordered[round(lo * last)], ordered[round(hi * last)]
+def _rate(cells: Sequence[Sequence[int]]) -> float:
+    n = sum(c[1] for c in cells)
+    return sum(c[0] for c in cells) / n if n else 0.0
+
+
+def _bootstrap(
+    items: Sequence[Any], stat: Callable[[list[Any]], float], b: int, seed: int
+) -> tuple[float, float]:
+    """2.5 % and 97.5 % quantiles of ``stat`` over ``b`` resamples of ``items``."""
+    rng = random.Random(seed)
+    values = sorted(stat([items[rng.randrange(len(items))] for _ in items]) for _ in range(b))
+    last = len(values) - 1
+    return values[round(0.025 * last)], values[round(0.975 * last)]
 
 
 def bootstrap_rate(per_image: Sequence[tuple[int, int]], b: int = 2000, seed: int = 0) -> tuple:
     """95 % interval of the like-rate, resampling pictures (answers to one picture may be alike)."""
     if not per_image or sum(n for _, n in per_image) == 0:
         return 0.0, 1.0
-    rng = random.Random(seed)
-    m = len(per_image)
-    rates = []
-    for _ in range(b):
-        pick = [per_image[rng.randrange(m)] for _ in range(m)]
-        n = sum(x[1] for x in pick)
-        rates.append(sum(x[0] for x in pick) / n if n else 0.0)
-    return _quantiles(rates)
+    return _bootstrap(per_image, _rate, b, seed)
 
 
 def bootstrap_diff(
@@ -50,16 +49,11 @@ def bootstrap_diff(
     keys = sorted(set(before) & set(after))
     if not keys:
         return -1.0, 1.0
-    rng = random.Random(seed)
-    diffs = []
-    for _ in range(b):
-        pick = [keys[rng.randrange(len(keys))] for _ in keys]
-        n0 = sum(before[k][1] for k in pick)
-        n1 = sum(after[k][1] for k in pick)
-        p0 = sum(before[k][0] for k in pick) / n0 if n0 else 0.0
-        p1 = sum(after[k][0] for k in pick) / n1 if n1 else 0.0
-        diffs.append(p1 - p0)
-    return _quantiles(diffs)
+
+    def diff(pick: list[str]) -> float:
+        return _rate([after[k] for k in pick]) - _rate([before[k] for k in pick])
+
+    return _bootstrap(keys, diff, b, seed)
 
 
 def two_proportion_p(k0: int, n0: int, k1: int, n1: int) -> float | None:
@@ -70,12 +64,12 @@ def two_proportion_p(k0: int, n0: int, k1: int, n1: int) -> float | None:
     se = math.sqrt(pooled * (1 - pooled) * (1 / n0 + 1 / n1))
     if se == 0:
         return None
-    z = (k1 / n1 - k0 / n0) / se
+    z = abs(k1 / n1 - k0 / n0) / se
     try:
         from scipy.stats import norm
-    except ImportError:
-        return math.erfc(abs(z) / math.sqrt(2))
-    return float(2 * norm.sf(abs(z)))
+    except ImportError:  # the device's image
+        return math.erfc(z / math.sqrt(2))
+    return float(2 * norm.sf(z))
 
 
 def distinct_share(texts: Sequence[str]) -> float | None:
