@@ -1,33 +1,25 @@
 """Serving benchmark: jokes/s and latency through the bot, and straight to LMDeploy's api_server.
 
-A closed loop keeps N requests in flight for ``warmup_s`` + ``measure_s`` seconds per cell;
-requests that finish inside the measuring window count. Every answer is forced to
-``max_new_tokens`` tokens (``ignore_eos`` + ``min_new_tokens``), so cells differ only in what is
-measured. Paths (one per cell):
+A closed loop keeps N requests in flight per cell for ``warmup_s`` + ``measure_s``; requests
+finishing in the measuring window count. Every answer is forced to ``max_new_tokens`` tokens
+(``ignore_eos`` + ``min_new_tokens``), so cells differ only in what is measured. Paths: ``raw``
+(pre-built bodies from a bare httpx client: the server alone; one in flight, photos as they are,
+is "the seed's way"), ``engine`` (``OpenAIHTTPEngine.generate``), ``service``
+(``JokeService.tell`` in this process: validation, limits, hooks, engine, SQLite store) and
+``web`` (``bots`` real ``oogiri serve`` processes, the load POSTed to ``/api/jokes``).
 
-* ``raw``: pre-built request bodies POSTed by a bare httpx client: the server alone;
-* ``engine``: ``OpenAIHTTPEngine.generate`` (pre-sizing, data URL, retries, breaker …);
-* ``service``: ``JokeService.tell`` — the bot's real path (validation, limits, hooks, engine,
-  SQLite store) — in the benchmark's own process;
-* ``web``: ``bots`` real ``oogiri serve`` processes (web channel, own SQLite each), the load
-  POSTed to their ``/api/jokes`` round-robin: what a web user gets.
-
-"The seed's way" is ``raw``, one in flight, phone photos sent as they are (no pre-sizing).
-
-A ``--plan FILE`` (the ``Plan`` model; bench/plans/serve-*.json) runs several server
-configurations and cell sweeps in one process: one device call should do everything. A config's
-``launch`` (the ``Launch`` model) starts api_servers on consecutive ports with the managed mode's
-own code (logs under OUT/logs; ``--launch MODEL`` overrides the plan's model); a config without
-one uses its ``base_urls`` or ``--base-url`` (repeatable: the engine round-robins)::
+A ``--plan FILE`` (``Plan``; bench/plans/serve-*.json) runs several server configurations and
+cell sweeps in one device call. A config's ``launch`` (``Launch``) starts api_servers on
+consecutive ports with the managed mode's code (logs under OUT/logs; ``--launch MODEL``
+overrides the plan's model); without one, its ``base_urls`` or ``--base-url`` (repeatable)::
 
     {"model": "/path/model", "warmup_s": 5, "measure_s": 20, "max_new_tokens": 64,
      "configs": [{"name": "OMP=2", "launch": {"servers": 1, "server_threads": 2},
                   "cells": [{"path": ["raw", "service"], "inflight": [1, 64], "mdp": 6}]}]}
 
 Results: OUT/serve-results.jsonl (a line per cell as it finishes), OUT/serve-results.json and
-OUT/serve.md; ``--write-docs`` puts the table in docs/benchmarks.md; ``--render RESULTS.json``
-rebuilds the markdown. bench/goodput.py shares this module's launching of api_servers and bots,
-engine settings and requests.
+OUT/serve.md; ``--write-docs`` updates docs/benchmarks.md; ``--render RESULTS.json`` rebuilds
+the markdown. bench/goodput.py shares the launching, engine settings and requests below.
 """
 
 from __future__ import annotations
@@ -328,18 +320,6 @@ class Bench:
         self.out = out
         self._bodies: dict[tuple[int, bool, int], bytes] = {}
 
-    def engine_settings(self, urls: list[str], cell: Cell, api_key: str | None) -> EngineSettings:
-        return engine_settings(
-            urls,
-            self.args.max_new_tokens,
-            cell.mdp,
-            presize=cell.presize,
-            max_in_flight=cell.inflight + 8,
-            timeout_s=self.args.request_timeout_s,
-            api_key=api_key,
-            model_name=self.args.model_name,
-        )
-
     def raw_body(self, index: int, cell: Cell) -> bytes:
         key = (index, cell.presize, cell.mdp)
         if key not in self._bodies:
@@ -356,6 +336,9 @@ class Bench:
         """The cell's path, ready to run: one request per call (what it needs closed after goes
         into ``cleanup``)."""
         photos, n = self.photos, self.args.max_new_tokens
+        es = engine_settings(urls, n, cell.mdp, presize=cell.presize, api_key=api_key,
+                             max_in_flight=cell.inflight + 8, timeout_s=self.args.request_timeout_s,
+                             model_name=self.args.model_name)  # fmt: skip
         if cell.path in ("raw", "web"):
             limits = httpx.Limits(max_connections=cell.inflight + 8)
             timeout = self.args.request_timeout_s
@@ -369,7 +352,7 @@ class Bench:
             )
         if cell.path == "web":
             bots = await BotProcesses.launch(
-                self.engine_settings(urls, cell, api_key),
+                es,
                 self.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}",
                 port=self.args.port + 200,
                 count=cell.bots,
@@ -381,7 +364,7 @@ class Bench:
                 client, bots.urls[i % len(bots.urls)], photos[i % len(photos)], n
             )
         if cell.path == "engine":
-            engine = OpenAIHTTPEngine(self.engine_settings(urls, cell, api_key))
+            engine = OpenAIHTTPEngine(es)
             cleanup.append(engine.close)
             images = [as_normalized(p) for p in photos]
             params = GenerationParams(max_new_tokens=n, max_dynamic_patch=cell.mdp)
@@ -391,9 +374,22 @@ class Bench:
                 return usage_tokens(gen.usage)
 
             return through_engine
-        app, tap = await self.make_app(urls, cell, api_key)
-        cleanup.append(app.close)
+        # the bot in this process: no plugins, no per-user limits, its own SQLite
+        from bot.app import App
         from bot.models import JokeRequest
+        from bot.plugins import make_manager
+
+        limits = {"per_user_per_minute": 0, "per_chat_per_minute": 0}
+        settings = Settings(
+            _env_file=None,
+            data_dir=Path(tempfile.mkdtemp(prefix="oogiri-bench-")),
+            plugins=[],
+            engine=es.model_dump(),
+            limits={**limits, "max_concurrency": cell.inflight, "queue_timeout_s": 3600},
+        )
+        tap = UsageTap(settings)
+        app = await App.create(settings, pm=make_manager([]), engine=tap)
+        cleanup.append(app.close)
 
         async def service(i: int) -> dict[str, int]:
             request = JokeRequest(
@@ -405,7 +401,7 @@ class Bench:
             try:
                 await app.service.tell(request)
             finally:
-                usage = tap.pop(asyncio.current_task(), None)
+                usage = tap.usage.pop(asyncio.current_task(), None)
             return usage_tokens(usage)
 
         return service
@@ -454,26 +450,6 @@ class Bench:
             "gpu_util_pct": round(statistics.fmean(u for _, u in gpu), 1) if gpu else None,
         }
 
-    async def make_app(
-        self, urls: list[str], cell: Cell, api_key: str | None
-    ) -> tuple[Any, dict[Any, Any]]:
-        """The bot in this process (no plugins, no per-user limits, its own SQLite) and the tap
-        its engine leaves each request's token usage in."""
-        from bot.app import App
-        from bot.plugins import make_manager
-
-        limits = {"per_user_per_minute": 0, "per_chat_per_minute": 0}
-        settings = Settings(
-            _env_file=None,
-            data_dir=Path(tempfile.mkdtemp(prefix="oogiri-bench-")),
-            plugins=[],
-            engine=self.engine_settings(urls, cell, api_key).model_dump(),
-            limits={**limits, "max_concurrency": cell.inflight, "queue_timeout_s": 3600},
-        )
-        engine = UsageTap(settings)
-        app = await App.create(settings, pm=make_manager([]), engine=engine)
-        return app, engine.tap
-
 
 def usage_tokens(usage: Any) -> dict[str, int]:
     return {
@@ -488,11 +464,11 @@ class UsageTap(OpenAIHTTPEngine):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings.engine)
-        self.tap: dict[Any, Any] = {}
+        self.usage: dict[Any, Any] = {}
 
     async def generate(self, image: NormalizedImage, prompt: str, params: GenerationParams) -> Any:
         gen = await super().generate(image, prompt, params)
-        self.tap[asyncio.current_task()] = gen.usage
+        self.usage[asyncio.current_task()] = gen.usage
         return gen
 
 
