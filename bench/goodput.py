@@ -1,20 +1,15 @@
 """Goodput: the highest Poisson arrival rate at which p95 latency stays within the SLO (2 s).
 
-Not a test: it measures. Users arrive at random, whatever the server is doing, so the load is
-**open loop** (``bench.common.open_loop``): requests start at Poisson times at a fixed rate, and
-every arrival after the warm-up counts, however late its answer. For each rate a row gives
-p50/p95/p99 of the jokes answered, the share of *all* arrivals answered with a joke within the
-SLO, "busy" answers and errors. **Goodput** = the highest rate whose share within the SLO is
-≥ 95 % (p95 ≤ SLO, a busy answer or a failure counting as over it).
+Users arrive whatever the server is doing, so the load is **open loop**
+(``bench.common.open_loop``): every arrival after the warm-up counts, however late its answer.
+Per rate a row gives p50/p95/p99 of the jokes answered, the share of *all* arrivals answered
+with a joke within the SLO, "busy" answers and errors. **Goodput** = the highest rate whose
+share within the SLO is ≥ 95 % (a busy answer or a failure counting as over it).
 
-Paths: ``raw`` POSTs pre-built chat requests to the api_servers (the engine alone); ``bot``
-POSTs the picture to real ``oogiri serve`` processes' ``/api/jokes`` (the web channel, as
-users reach it), with the bot's admission control on (a bounded queue, ``limits.max_queue``
-and ``limits.queue_timeout_s``) or off (no bound, no practical wait limit).
-
-Workloads: ``unique`` (every request a different picture: nothing can be cached) or ``zipf``
-(``zipf_items`` pictures, rank k drawn with probability ∝ 1/k^``zipf_s``; s = 1 by default,
-the classic heavy tail of shared media: at 200 pictures the top one is ~17 % of requests).
+Paths: ``raw`` POSTs pre-built chat requests to the api_servers; ``bot`` POSTs the picture to
+real ``oogiri serve`` processes' ``/api/jokes``, with the bot's admission control on (a bounded
+queue) or off. Workloads: ``unique`` (every request a different picture) or ``zipf``
+(``zipf_items`` pictures, rank k drawn with probability ∝ 1/k^``zipf_s``).
 
 A plan (JSON, validated by ``Plan``) names server groups and steps; all groups start first
 (their start-up dominates a device call), then the steps run one after another::
@@ -22,55 +17,63 @@ A plan (JSON, validated by ``Plan``) names server groups and steps; all groups s
     python -m bench.goodput --plan bench/plans/goodput-cpu.json --out /tmp/goodput
     python -m bench.goodput --render bench/results/goodput-….json   # markdown only
 
-Server groups: ``launch`` (api_servers started with the managed mode's code; ``launch`` takes
-``bench.serve.Launch``'s keys) or ``fake`` (tests/fakes/fake_lmdeploy.py as the executable with
-a service time and a capacity: the CPU proof of the bench and of admission control; it proves
-nothing about a GPU) or ``base_urls``.
+Server groups: ``launch`` (``bench.serve.Launch``'s keys), ``fake`` (tests/fakes/fake_lmdeploy.py
+with a service time and a capacity: the CPU proof of the bench; nothing about a GPU) or
+``base_urls``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import contextlib
 import json
 import os
 import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from bench.common import (
     DOC,
     ROOT,
     Sample,
+    append_jsonl,
     fmt,
+    git_commit,
     latency_summary,
     machine,
     markdown_table,
     open_loop,
     photo_jpegs,
+    timed,
     utc_now,
     write_json,
     write_section,
     zipf_indices,
 )
-from bench.serve import SERVED_NAME, BotProcesses, Launch, launch_servers
-from bot.engines.openai_http import body_error
-from bot.settings import DEFAULT_PROMPT, EngineSettings
+from bench.serve import (
+    SERVED_NAME,
+    BotProcesses,
+    Launch,
+    Strict,
+    engine_settings,
+    launch_servers,
+    post_chat,
+    post_joke,
+    raw_body,
+    stop_servers,
+)
+
+FAKE_SERVER = [sys.executable, str(ROOT / "tests/fakes/fake_lmdeploy.py")]
 
 # --------------------------------------------------------------------------- plan
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class FakeServers(Strict):
@@ -103,19 +106,14 @@ ADMISSION_OFF = {"max_concurrency": 4096, "max_queue": 0, "queue_timeout_s": 360
 
 
 class Step(Strict):
-    """One step of a plan. ``kind``: ``load`` (measured rows), ``warmup`` (the same open loop on
-    the group's servers, raw, reported apart: first load on fresh servers compiles kernels and
-    would be charged to the first measured rate) or ``prefix_cache_check``
+    """One step of a plan. ``kind``: ``load`` (measured rows), ``warmup`` (the same open loop,
+    raw, reported apart: first load on fresh servers compiles kernels) or ``prefix_cache_check``
     (tests/gpu/test_prefix_caching.py's check against the group's first server)."""
 
     name: str
     group: str
     kind: Literal["load", "warmup", "prefix_cache_check"] = "load"
-    with_next: bool = Field(
-        False,
-        description="run at the same time as the next step (a check or warm-up only: "
-        "measured steps never overlap)",
-    )
+    with_next: bool = Field(False, description="run beside the next step (checks, warm-ups)")
     servers_used: int | None = Field(None, ge=1, description="only the group's first N servers")
     path: Literal["raw", "bot"] = "raw"
     bots: int = Field(1, ge=1)
@@ -155,35 +153,42 @@ class Plan(Strict):
             raise ValueError("step names must be unique (rows and bots' folders are keyed on them)")
         if self.profile_step is not None and self.profile_step not in names:
             raise ValueError(f"profile_step {self.profile_step!r} names no step")
-        for i, step in enumerate(self.steps):
+        for step, after in zip(self.steps, [*self.steps[1:], None], strict=True):
             group = self.groups.get(step.group)
             if group is None:
                 raise ValueError(f"step {step.name!r}: no group {step.group!r}")
-            if step.kind == "prefix_cache_check" and group.launch is not None:
-                # LMDeploy 0.18 answers 400 to a request with logprobs unless the server was
-                # started with a logprobs mode (serve/openai/chat_completions/validation.py)
-                if "--logprobs-mode" not in group.launch.extra_args:
-                    raise ValueError(
-                        f"step {step.name!r}: group {step.group!r} needs "
-                        '"--logprobs-mode", "raw_logprobs" in launch.extra_args (the check asks '
-                        "for logprobs; LMDeploy 0.18 answers 400 without it)"
-                    )
+            # LMDeploy 0.18 answers 400 to a request with logprobs unless the server was started
+            # with a logprobs mode (serve/openai/chat_completions/validation.py)
+            launch = group.launch
+            if (
+                step.kind == "prefix_cache_check"
+                and launch
+                and "--logprobs-mode" not in launch.extra_args
+            ):
+                raise ValueError(
+                    f'step {step.name!r}: group {step.group!r} needs "--logprobs-mode", '
+                    '"raw_logprobs" in launch.extra_args (the check asks for logprobs)'
+                )
             if step.kind != "load" and step.path != "raw":
                 raise ValueError(f"step {step.name!r}: a {step.kind} step is raw")
-            bad = [k for k in step.bot_env if not k.startswith("OOGIRI_")]
-            if bad:
+            if bad := [k for k in step.bot_env if not k.startswith("OOGIRI_")]:
                 raise ValueError(f"step {step.name!r}: bot_env keys are OOGIRI_ settings: {bad}")
-            if step.with_next:
-                after = self.steps[i + 1] if i + 1 < len(self.steps) else None
-                if after is None or step.kind == "load" or after.kind == "load":
-                    raise ValueError(
-                        f"step {step.name!r}: with_next pairs a check or warm-up with the next "
-                        "step, which must not be a load step either"
-                    )
+            if step.with_next and "load" in (step.kind, after.kind if after else "load"):
+                raise ValueError(
+                    f"step {step.name!r}: with_next pairs a check or warm-up with the next "
+                    "step, which must not be a load step either"
+                )
         return self
 
 
 # --------------------------------------------------------------------------- servers
+
+
+def fake_model() -> Path:
+    """A model folder the fake api_server accepts."""
+    model = Path(tempfile.mkdtemp(prefix="goodput-fake-model-"))
+    (model / "config.json").write_text("{}")
+    return model
 
 
 class Servers:
@@ -191,70 +196,54 @@ class Servers:
 
     def __init__(self) -> None:
         self.urls: dict[str, list[str]] = {}
-        self._stops: list[Any] = []
         self.errors: dict[str, str] = {}
+        self.started: list[Any] = []
 
     async def start(self, plan: Plan, out: Path, port: int, startup_timeout_s: float) -> None:
-        async def one(i: int, name: str, group: ServerGroup) -> None:
-            base = port + 20 * i
-            # launch_servers copies os.environ before its first await: set exactly this group's
-            for key, value in base_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            os.environ.update({k: expand(v) for k, v in group.env.items()})
-            try:
-                if group.base_urls:
-                    self.urls[name] = list(group.base_urls)
-                    return
-                if group.fake is not None:
-                    launch = Launch(
-                        servers=group.servers,
-                        server_threads=1,
-                        server_command=[sys.executable, str(ROOT / "tests/fakes/fake_lmdeploy.py")],
-                    )
-                    os.environ["FAKE_LMDEPLOY_DELAY_S"] = str(group.fake.delay_s)
-                    os.environ["FAKE_LMDEPLOY_CAPACITY"] = str(group.fake.capacity)
-                    model = Path(tempfile.mkdtemp(prefix="goodput-fake-model-"))
-                    (model / "config.json").write_text("{}")
-                else:
-                    if group.launch is None or not plan.model:
-                        raise ValueError(f"group {name}: needs launch + the plan's model, or fake")
-                    launch, model = group.launch, Path(plan.model)
-                servers, proxy = await launch_servers(
-                    launch, model, base, out / "logs" / name, startup_timeout_s
-                )
-                self._stops.append(lambda: asyncio.gather(*(s.stop(grace_s=10) for s in servers)))
-                if proxy is not None:
-                    self._stops.append(lambda: asyncio.to_thread(proxy.stop))
-                    self.urls[name] = [proxy.url]
-                else:
-                    self.urls[name] = [f"http://127.0.0.1:{base + j}" for j in range(len(servers))]
-            except Exception as exc:  # one group failing must not lose the others' steps
-                self.errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-
-        base_env = {k: os.environ.get(k) for g in plan.groups.values() for k in g.env}
-
-        def expand(value: str) -> str:
-            """{out}, {root} and {PYTHONPATH} (as the bench process has it) in env values."""
-            return (
-                value.replace("{out}", str(out))
-                .replace("{root}", str(ROOT))
-                .replace("{PYTHONPATH}", base_env.get("PYTHONPATH") or "")
+        await asyncio.gather(
+            *(
+                self.start_group(name, group, plan, out, port + 20 * i, startup_timeout_s)
+                for i, (name, group) in enumerate(plan.groups.items())
             )
+        )
 
-        await asyncio.gather(*(one(i, n, g) for i, (n, g) in enumerate(plan.groups.items())))
-        for key, value in base_env.items():
-            if value is None:
-                os.environ.pop(key, None)
+    async def start_group(
+        self, name: str, group: ServerGroup, plan: Plan, out: Path, port: int, startup_s: float
+    ) -> None:
+        # {out}, {root} and {PYTHONPATH} (as the bench process has it) in env values
+        paths = {
+            "{out}": str(out),
+            "{root}": str(ROOT),
+            "{PYTHONPATH}": os.getenv("PYTHONPATH", ""),
+        }
+        env = {
+            k: re.sub("|".join(map(re.escape, paths)), lambda m: paths[m[0]], v)
+            for k, v in group.env.items()
+        }
+        try:
+            if group.base_urls:
+                self.urls[name] = list(group.base_urls)
+                return
+            if group.fake is not None:
+                launch = Launch(servers=group.servers, server_threads=1, server_command=FAKE_SERVER)
+                env["FAKE_LMDEPLOY_DELAY_S"] = str(group.fake.delay_s)
+                env["FAKE_LMDEPLOY_CAPACITY"] = str(group.fake.capacity)
+                model = fake_model()
+            elif group.launch is None or not plan.model:
+                raise ValueError(f"group {name}: needs launch + the plan's model, or fake")
             else:
-                os.environ[key] = value
+                launch, model = group.launch, Path(plan.model)
+            servers, proxy = await launch_servers(
+                launch, model, port, out / "logs" / name, startup_s, env
+            )
+            self.started.append((servers, proxy))
+            self.urls[name] = [proxy.url] if proxy is not None else [s.url for s in servers]
+        except Exception as exc:  # one group failing must not lose the others' steps
+            self.errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
 
     async def stop(self) -> None:
-        for stop in reversed(self._stops):
-            with contextlib.suppress(Exception):
-                await stop()
+        for servers, proxy in reversed(self.started):
+            await stop_servers(servers, proxy, grace_s=10)
 
 
 # --------------------------------------------------------------------------- requests
@@ -282,28 +271,6 @@ def pictures_for(step: Step, plan: Plan) -> tuple[list[bytes], Callable[[float],
     return pictures, order
 
 
-def chat_body(plan: Plan, jpeg: bytes) -> bytes:
-    n = plan.max_new_tokens
-    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
-    content = [
-        {
-            "type": "image_url",
-            "image_url": {"url": url, "max_dynamic_patch": plan.max_dynamic_patch},
-        },
-        {"type": "text", "text": DEFAULT_PROMPT},
-    ]
-    body = {
-        "model": SERVED_NAME,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": n,
-        "temperature": 0.8,
-        "top_p": 0.9,
-        "ignore_eos": True,
-        "min_new_tokens": n,
-    }
-    return json.dumps(body).encode()
-
-
 class NewVisitors(httpx.AsyncHTTPTransport):
     """Drops Set-Cookie: every upload comes from a new visitor, as when many people send one
     meme (one cookie jar would make the whole load a single web user)."""
@@ -315,100 +282,50 @@ class NewVisitors(httpx.AsyncHTTPTransport):
         return response
 
 
-def engine_settings(plan: Plan, urls: list[str]) -> EngineSettings:
-    n = plan.max_new_tokens
-    return EngineSettings(
-        name="lmdeploy",
-        base_urls=urls,
-        served_model_name=SERVED_NAME,
-        max_new_tokens=n,
-        max_dynamic_patch=plan.max_dynamic_patch,
-        presize_to_tiles=True,
-        max_in_flight=4096,
-        retries=0,
-        breaker_failures=1_000_000,
-        timeout_s=300,
-        request_extra={"ignore_eos": True, "min_new_tokens": n},
-    )
-
-
 async def run_step(
     step: Step, plan: Plan, urls: list[str], out: Path, port: int, deadline: float
 ) -> list[dict[str, Any]]:
     pictures, order_for = await asyncio.to_thread(pictures_for, step, plan)
     order: list[int] = []
-    loop = asyncio.get_running_loop()
+    n, mdp = plan.max_new_tokens, plan.max_dynamic_patch
     limits = httpx.Limits(max_connections=4096)
-    client = httpx.AsyncClient(
-        timeout=300,
-        transport=NewVisitors(limits=limits) if step.path == "bot" else None,
-        limits=limits,
-        trust_env=False,
-    )
+    transport = NewVisitors(limits=limits) if step.path == "bot" else None
+    client = httpx.AsyncClient(timeout=300, transport=transport, limits=limits, trust_env=False)
     bots: BotProcesses | None = None
     try:
         if step.path == "bot":
-            bot_limits = step.admission.model_dump() if step.admission else dict(ADMISSION_OFF)
             bots = await BotProcesses.launch(
-                engine_settings(plan, urls),
+                engine_settings(urls, n, mdp),
                 out / "bots" / step.name.replace(" ", "_"),
                 port=port,
                 count=step.bots,
                 startup_timeout_s=120,
-                limits=bot_limits,
+                limits=step.admission.model_dump() if step.admission else ADMISSION_OFF,
                 env_extra=step.bot_env,
             )
-            targets = bots.urls
-        else:
-            targets = urls
 
         async def one(i: int) -> Sample:
             jpeg = pictures[order[i % len(order)]]
-            target = targets[i % len(targets)]
-            t0 = loop.time()
-            try:
-                if step.path == "raw":
-                    r = await client.post(
-                        target + "/v1/chat/completions",
-                        content=chat_body(plan, jpeg),
-                        headers={"content-type": "application/json"},
-                    )
-                else:
-                    files = {"image": ("photo.jpg", jpeg, "image/jpeg")}
-                    r = await client.post(target + "/api/jokes", files=files)
-                data = r.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                return Sample(t0, loop.time(), False, error=type(exc).__name__)
-            t1 = loop.time()
-            if step.path == "bot":
-                if r.status_code == 201:
-                    return Sample(t0, t1, True, completion_tokens=plan.max_new_tokens)
-                key = data.get("error") if isinstance(data, dict) else None
-                return Sample(t0, t1, False, error=str(key or r.status_code))
-            if r.status_code != 200 or body_error(data):
-                return Sample(t0, t1, False, error=f"http {r.status_code}")
-            usage = data.get("usage") or {}
-            details = usage.get("prompt_tokens_details") or {}
-            return Sample(
-                t0,
-                t1,
-                True,
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                cached_tokens=int(details.get("cached_tokens") or 0),
+            if bots is not None:
+                return await timed(
+                    lambda: post_joke(client, bots.urls[i % len(bots.urls)], jpeg, n)
+                )
+            return await timed(
+                lambda: post_chat(client, urls[i % len(urls)], raw_body(jpeg, mdp, n))
             )
 
         rows: list[dict[str, Any]] = []
         misses = 0
         for rate in sorted(step.rates):
+            row = {**step_meta(step), "rate": rate}
             if time.monotonic() + step.warmup_s + step.duration_s + 10 > deadline:
-                rows.append({**step_meta(step), "rate": rate, "skipped": "deadline"})
+                rows.append({**row, "skipped": "deadline"})
                 continue
             if step.stop_after_misses and misses >= step.stop_after_misses:
-                rows.append({**step_meta(step), "rate": rate, "skipped": "above the knee"})
+                rows.append({**row, "skipped": "above the knee"})
                 continue
             order[:] = order_for(rate)
-            before = await pool_answers(client, targets) if bots is not None else None
+            before = await pool_answers(client, bots.urls) if bots is not None else None
             samples, achieved = await open_loop(
                 one,
                 rate,
@@ -417,12 +334,14 @@ async def run_step(
                 seed=plan.seed + int(rate * 1000),
                 drain_s=max(30.0, 4 * plan.slo_s),
             )
-            row = {**step_meta(step), "rate": rate, **summarize(samples, achieved, step, plan)}
-            if before is not None:
-                after = await pool_answers(client, targets)
+            row |= summarize(samples, achieved, step, plan)
+            if before is not None and bots is not None:
+                after = await pool_answers(client, bots.urls)
                 if after is not None:
-                    pool = after["pool"] - before["pool"]
-                    engine = after["engine"] - before["engine"]
+                    pool, engine = (
+                        after["pool"] - before["pool"],
+                        after["engine"] - before["engine"],
+                    )
                     # the cell's warm-up arrivals included: the bot cannot tell them apart
                     row["pool_answers"] = int(pool)
                     row["pool_share"] = round(pool / (pool + engine), 4) if pool + engine else None
@@ -457,6 +376,7 @@ async def pool_answers(client: httpx.AsyncClient, bots: list[str]) -> dict[str, 
 
 
 def step_meta(step: Step) -> dict[str, Any]:
+    zipf = step.workload == "zipf"
     return {
         "step": step.name,
         "group": step.group,
@@ -465,38 +385,37 @@ def step_meta(step: Step) -> dict[str, Any]:
         "admission": step.admission.model_dump() if step.admission else None,
         "bot_env": step.bot_env or None,
         "workload": step.workload,
-        "zipf_s": step.zipf_s if step.workload == "zipf" else None,
-        "zipf_items": step.zipf_items if step.workload == "zipf" else None,
+        "zipf_s": step.zipf_s if zipf else None,
+        "zipf_items": step.zipf_items if zipf else None,
     }
 
 
 def summarize(samples: list[Sample], achieved: float, step: Step, plan: Plan) -> dict[str, Any]:
     ok = [s for s in samples if s.ok]
-    errors: dict[str, int] = {}
-    for s in samples:
-        if not s.ok:
-            errors[s.error] = errors.get(s.error, 0) + 1
+    errors = Counter(s.error for s in samples if not s.ok)
     busy = errors.pop("busy", 0)
     good = sum(1 for s in ok if s.latency <= plan.slo_s)
     n = len(samples)
     jokes = latency_summary([s.latency for s in ok])
     busy_lat = [s.latency for s in samples if not s.ok and s.error == "busy"]
     within = good / n if n else None
+
+    def mean(key: str) -> float | None:
+        return round(sum(getattr(s, key) for s in ok) / len(ok), 1) if ok else None
+
     return {
         "arrivals": n,
         "achieved_rate": round(achieved, 2),
         "ok": len(ok),
         "busy": busy,
-        "errors": errors,
-        "p50_s": jokes["p50_s"],
-        "p95_s": jokes["p95_s"],
-        "p99_s": jokes["p99_s"],
+        "errors": dict(errors),
+        **{k: jokes[k] for k in ("p50_s", "p95_s", "p99_s")},
         "busy_p95_s": latency_summary(busy_lat)["p95_s"],
         "within_slo": round(within, 4) if within is not None else None,
         "good_per_s": round(good / step.duration_s, 2),
         "meets_slo": bool(n and within is not None and within >= 0.95),
-        "cached_tokens": round(sum(s.cached_tokens for s in ok) / len(ok), 1) if ok else None,
-        "prompt_tokens": round(sum(s.prompt_tokens for s in ok) / len(ok), 1) if ok else None,
+        "cached_tokens": mean("cached_tokens"),
+        "prompt_tokens": mean("prompt_tokens"),
     }
 
 
@@ -522,6 +441,10 @@ def admission_text(row: dict[str, Any]) -> str:
     return f"queue {a['max_queue']}, wait {a['queue_timeout_s']:g} s, {a['max_concurrency']}/bot"
 
 
+def percent(share: float | None, digits: int) -> str:
+    return "–" if share is None else f"{100 * share:.{digits}f} %"
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     meta, rows = doc["meta"], doc["rows"]
     slo = meta["slo_s"]
@@ -533,59 +456,40 @@ def render_markdown(doc: dict[str, Any]) -> str:
     )
     table_rows = []
     for r in rows:
-        workload = r["workload"] + (
-            f" (s={r['zipf_s']:g}, {r['zipf_items']})" if r["workload"] == "zipf" else ""
-        )
-        servers = f"{r['servers']} srv" if r.get("servers") else ""
-        bots = f", {r['bots']} bots" if r["path"] == "bot" else ""
-        path = f"{r['path']} ({servers}{bots})" if servers else r["path"]
+        workload = r["workload"]
+        if workload == "zipf":
+            workload += f" (s={r['zipf_s']:g}, {r['zipf_items']})"
+        path = r["path"]
+        if r.get("servers"):
+            path += f" ({r['servers']} srv" + (f", {r['bots']} bots)" if path == "bot" else ")")
         if (r.get("bot_env") or {}).get("OOGIRI_POOL__ENABLED") == "true":
             path += ", joke pool"
+        cells = [r["step"], path, admission_text(r), workload]
         if r.get("skipped"):
-            skipped = f"skipped: {r['skipped']}"
-            table_rows.append(
-                [r["step"], path, admission_text(r), workload, r["rate"], skipped] + [""] * 10
-            )
+            table_rows.append([*cells, r["rate"], f"skipped: {r['skipped']}"] + [""] * 10)
             continue
-        errors = sum(r["errors"].values())
         table_rows.append(
             [
-                r["step"],
-                path,
-                admission_text(r),
-                workload,
+                *cells,
                 fmt(r["rate"], 1),
                 fmt(r["achieved_rate"], 1),
                 fmt(r["p50_s"]),
                 fmt(r["p95_s"]),
                 fmt(r["p99_s"]),
-                f"{100 * r['within_slo']:.1f} %" if r["within_slo"] is not None else "–",
+                percent(r["within_slo"], 1),
                 fmt(r["good_per_s"], 1),
                 f"{r['busy']} ({fmt(r['busy_p95_s'])} s)" if r["busy"] else "0",
-                str(errors),
+                str(sum(r["errors"].values())),
                 fmt(r.get("cached_tokens"), 0),
-                f"{100 * r['pool_share']:.0f} %" if r.get("pool_share") is not None else "–",
+                percent(r.get("pool_share"), 0),
                 "**yes**" if r["meets_slo"] else "no",
             ]
         )
-    columns = [
-        "step",
-        "path",
-        "admission",
-        "workload",
-        "rate /s",
-        "arrived /s",
-        "p50 s",
-        "p95 s",
-        "p99 s",
-        f"within {slo:g} s",
-        "jokes within SLO /s",
-        "busy (p95)",
-        "errors",
-        "cached tok",
-        "from pool",
-        "p95 ≤ SLO",
-    ]
+    columns = (
+        "step | path | admission | workload | rate /s | arrived /s | p50 s | p95 s | p99 s | "
+        f"within {slo:g} s | jokes within SLO /s | busy (p95) | errors | cached tok | from pool | "
+        "p95 ≤ SLO"
+    ).split(" | ")
     lines = [head, "", markdown_table(columns, table_rows), ""]
     for step, rate in goodput(rows).items():
         lines.append(f"- **{step}**: goodput {fmt(rate, 1) if rate else 'below the lowest rate'}")
@@ -604,45 +508,54 @@ def render_markdown(doc: dict[str, Any]) -> str:
     for name, error in (meta.get("group_errors") or {}).items():
         lines.append(f"- group {name} did not start: {error}")
     for name, check in (meta.get("checks") or {}).items():
-        verdict = {True: "**passed**", False: "**FAILED**", None: "did not run"}[check.get("ok")]
-        lines.append(f"- {name}: {verdict}")
-        for what, ok in (check.get("checks") or {}).items():
-            lines.append(f"  - {what}: {'yes' if ok else 'NO'}")
-        if check.get("error"):
-            lines.append(f"  - error: {check['error'].splitlines()[0]}")
-        if check.get("drifted_from_own_reference") is not None:
-            lines.append(
-                f"  - burst: {check['drifted_from_own_reference']} of {check['burst_requests']} "
-                "answers drifted from their own picture's batch-of-one greedy answer (numerics, "
-                "reported, not failed); borrowed from another picture: "
-                f"{len(check.get('borrowed') or [])}"
-            )
-        if check.get("lmdeploy_disabled_caching"):
-            lines.append("  - LMDeploy logged that it switched prefix caching off for this model")
-        if "cached_tokens_a_again" in check:
-            lines.append(
-                f"  - cached prompt tokens reported: repeated picture "
-                f"{check['cached_tokens_a_again']} of {check['prompt_tokens']}, burst max "
-                f"{check['cached_tokens_burst_max']}"
-            )
-    prof = meta.get("profile")
-    if prof and not prof.get("error"):
-        share = prof["kernel_share"]
+        lines += check_lines(name, check)
+    return "\n".join(lines + profile_lines(meta.get("profile")))
+
+
+def check_lines(name: str, check: dict[str, Any]) -> list[str]:
+    """The prefix-cache check's verdict and what it saw."""
+    verdict = {True: "**passed**", False: "**FAILED**", None: "did not run"}[check.get("ok")]
+    lines = [f"- {name}: {verdict}"]
+    for what, ok in (check.get("checks") or {}).items():
+        lines.append(f"  - {what}: {'yes' if ok else 'NO'}")
+    if check.get("error"):
+        lines.append(f"  - error: {check['error'].splitlines()[0]}")
+    if check.get("drifted_from_own_reference") is not None:
         lines.append(
-            f"- profile ({prof['step']}, {prof['window_s']:.1f} s window, "
-            f"{prof.get('jokes') or '?'} jokes): GPU idle {100 * prof['idle_share']:.1f} %; "
-            "kernel time " + ", ".join(f"{p} {100 * (share[p] or 0):.1f} %" for p in share)
+            f"  - burst: {check['drifted_from_own_reference']} of {check['burst_requests']} "
+            "answers drifted from their own picture's batch-of-one greedy answer (numerics, "
+            "reported, not failed); borrowed from another picture: "
+            f"{len(check.get('borrowed') or [])}"
         )
-        if prof.get("per_joke_ms"):
-            lines.append(
-                "  - per joke (ms): "
-                + ", ".join(f"{k} {v:.1f}" for k, v in prof["per_joke_ms"].items())
-            )
-        for k in prof["top_kernels"][:8]:
-            lines.append(f"  - {k['phase']}: `{k['name'][:90]}` {k['s']:.3f} s, {k['calls']} calls")
-    elif prof:
-        lines.append(f"- profile: {prof['error']}")
-    return "\n".join(lines)
+    if check.get("lmdeploy_disabled_caching"):
+        lines.append("  - LMDeploy logged that it switched prefix caching off for this model")
+    if "cached_tokens_a_again" in check:
+        lines.append(
+            f"  - cached prompt tokens reported: repeated picture "
+            f"{check['cached_tokens_a_again']} of {check['prompt_tokens']}, burst max "
+            f"{check['cached_tokens_burst_max']}"
+        )
+    return lines
+
+
+def profile_lines(prof: dict[str, Any] | None) -> list[str]:
+    """bench/profile_trace's split of the profiled server's GPU time."""
+    if not prof:
+        return []
+    if prof.get("error"):
+        return [f"- profile: {prof['error']}"]
+    share = prof["kernel_share"]
+    lines = [
+        f"- profile ({prof['step']}, {prof['window_s']:.1f} s window, "
+        f"{prof.get('jokes') or '?'} jokes): GPU idle {100 * prof['idle_share']:.1f} %; "
+        "kernel time " + ", ".join(f"{p} {100 * (share[p] or 0):.1f} %" for p in share)
+    ]
+    if prof.get("per_joke_ms"):
+        per_joke = ", ".join(f"{k} {v:.1f}" for k, v in prof["per_joke_ms"].items())
+        lines.append(f"  - per joke (ms): {per_joke}")
+    for k in prof["top_kernels"][:8]:
+        lines.append(f"  - {k['phase']}: `{k['name'][:90]}` {k['s']:.3f} s, {k['calls']} calls")
+    return lines
 
 
 # --------------------------------------------------------------------------- main
@@ -662,19 +575,17 @@ async def profile_summary(plan: Plan, out: Path, rows: list[dict[str, Any]]) -> 
     from bench.profile_trace import analyse, load
 
     step = next((r for r in rows if r.get("step") == plan.profile_step and r.get("ok")), None)
-    # the trace's last burst is the whole step, warm-up included
     jokes = None
-    if step:
+    if step:  # the trace's last burst is the whole step, warm-up included
         spec = next(s for s in plan.steps if s.name == plan.profile_step)
         jokes = round(step["ok"] * (spec.warmup_s + spec.duration_s) / spec.duration_s)
+    trace = traces[-1]
     try:
-        summary = await asyncio.to_thread(lambda: analyse(load(traces[-1]), jokes))
+        summary = await asyncio.to_thread(lambda: analyse(load(trace), jokes))
     except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "trace": traces[-1].name}
-    summary["trace"] = traces[-1].name
-    summary["trace_mb"] = round(traces[-1].stat().st_size / 2**20, 1)
-    summary["step"] = plan.profile_step
-    return summary
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "trace": trace.name}
+    size_mb = round(trace.stat().st_size / 2**20, 1)
+    return summary | {"trace": trace.name, "trace_mb": size_mb, "step": plan.profile_step}
 
 
 async def prefix_cache_check(plan: Plan, urls: list[str], log_dir: Path) -> dict[str, Any]:
@@ -687,28 +598,18 @@ async def prefix_cache_check(plan: Plan, urls: list[str], log_dir: Path) -> dict
     except Exception as exc:
         return {"ok": None, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     # LMDeploy 0.18 switches caching off for InternVL's path and logs it: say whether it did
-
-    def disabled() -> bool:
-        return any(
-            "Prefix caching is disabled" in p.read_text(errors="replace")
-            for p in log_dir.glob("*.log")
-        )
-
-    result["lmdeploy_disabled_caching"] = await asyncio.to_thread(disabled)
+    logs = await asyncio.to_thread(
+        lambda: [p.read_text(errors="replace") for p in log_dir.glob("*.log")]
+    )
+    result["lmdeploy_disabled_caching"] = any("Prefix caching is disabled" in t for t in logs)
     return result
 
 
 def commit() -> str:
     """HEAD's short hash; a snapshot without .git (git archive) carries it in a COMMIT file."""
-    import subprocess
-
     if (ROOT / "COMMIT").is_file():
         return (ROOT / "COMMIT").read_text().strip()
-    with contextlib.suppress(Exception):
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
-    return "?"
+    return git_commit() or "?"
 
 
 async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: float) -> dict:
@@ -728,37 +629,30 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
     servers = Servers()
     rows: list[dict[str, Any]] = []
     (out / "profile").mkdir(parents=True, exist_ok=True)  # LMDeploy's profiler will not make it
-    jsonl = out / "goodput-results.jsonl"
     try:
         t0 = time.monotonic()
         await servers.start(plan, out, port, startup_s)
         meta["startup_s"] = round(time.monotonic() - t0, 1)
         meta["group_errors"] = servers.errors
 
-        def save() -> None:  # after every step: a call killed at its limit keeps what ran
-            write_json(
-                out / "goodput-results.json", {"meta": {**meta, "partial": True}, "rows": rows}
-            )
-
         async def do(i: int, step: Step) -> None:
-            if step.group not in servers.urls:
-                if step.kind == "prefix_cache_check":
-                    error = f"group {step.group} did not start"
-                    meta.setdefault("checks", {})[step.name] = {"ok": None, "error": error}
-                elif step.kind == "warmup":
-                    skipped = {"rate": min(step.rates), "skipped": "no servers"}
-                    meta.setdefault("warmups", {})[step.name] = [skipped]
-                else:
-                    skipped = {**step_meta(step), "rate": min(step.rates), "skipped": "no servers"}
-                    rows.append(skipped)
-                return
-            urls = servers.urls[step.group][: step.servers_used]
+            urls = servers.urls.get(step.group, [])[: step.servers_used]
             if step.kind == "prefix_cache_check":
                 t = time.monotonic()
-                check = await prefix_cache_check(plan, urls, out / "logs" / step.group)
-                check["seconds"] = round(time.monotonic() - t, 1)
+                if urls:
+                    check = await prefix_cache_check(plan, urls, out / "logs" / step.group)
+                    check["seconds"] = round(time.monotonic() - t, 1)
+                    print(json.dumps(check), flush=True)
+                else:
+                    check = {"ok": None, "error": f"group {step.group} did not start"}
                 meta.setdefault("checks", {})[step.name] = check
-                print(json.dumps(check), flush=True)
+                return
+            if not urls:
+                skipped = {"rate": min(step.rates), "skipped": "no servers"}
+                if step.kind == "warmup":
+                    meta.setdefault("warmups", {})[step.name] = [skipped]
+                else:
+                    rows.append(step_meta(step) | skipped)
                 return
             step_rows = await run_step(step, plan, urls, out, port + 500 + 10 * i, deadline)
             for row in step_rows:
@@ -767,9 +661,8 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
                 meta.setdefault("warmups", {})[step.name] = step_rows
                 return
             rows.extend(step_rows)
-            with jsonl.open("a") as f:
-                for row in step_rows:
-                    f.write(json.dumps(row) + "\n")
+            for row in step_rows:
+                append_jsonl(out / "goodput-results.jsonl", row)
 
         background: list[asyncio.Task[None]] = []
         for i, step in enumerate(plan.steps):
@@ -778,14 +671,14 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
                 background.append(task)
                 continue
             await task
-            if background:
-                await asyncio.gather(*background)
-                background.clear()
-            meta["step_end_s"] = {
-                **meta.get("step_end_s", {}),
-                step.name: round(time.monotonic() - t0, 1),
+            await asyncio.gather(*background)
+            background.clear()
+            meta["step_end_s"] = meta.get("step_end_s", {}) | {
+                step.name: round(time.monotonic() - t0, 1)
             }
-            save()
+            # after every step: a call killed at its limit keeps what ran
+            partial = {"meta": {**meta, "partial": True}, "rows": rows}
+            write_json(out / "goodput-results.json", partial)
         meta["profile"] = await profile_summary(plan, out, rows)
     finally:
         await servers.stop()
@@ -797,31 +690,28 @@ async def run(plan: Plan, out: Path, port: int, deadline_s: float, startup_s: fl
 
 def as_cpu_dry_run(plan: Plan, scale: float, delay_s: float = 0.6, capacity: int = 2) -> Plan:
     """A device plan with every ``launch`` group's api_servers replaced by the fake api_server
-    (tests/fakes/fake_lmdeploy.py, which accepts and ignores LMDeploy's flags): same groups,
-    server counts, flags, steps, windows and bots; rates × ``scale``, small pictures, short
-    answers, so a CPU machine runs every step of the plan before the device call does. It proves
-    the plan and the scripts, nothing about a GPU (the fake ignores the picture, so the
-    prefix-cache check fails there by design)."""
-    model = Path(tempfile.mkdtemp(prefix="goodput-dry-model-"))
-    (model / "config.json").write_text("{}")
-    fake = [sys.executable, str(ROOT / "tests/fakes/fake_lmdeploy.py")]
-    groups = {}
-    for name, group in plan.groups.items():
-        if group.launch is not None:
-            launch = group.launch.model_copy(update={"server_command": fake})
-            env = {
-                **group.env,
-                "FAKE_LMDEPLOY_DELAY_S": str(delay_s),
-                "FAKE_LMDEPLOY_CAPACITY": str(capacity),
+    (which accepts and ignores LMDeploy's flags): same groups, servers, flags, steps, windows and
+    bots; rates × ``scale``, small pictures, short answers, so a CPU machine runs every step
+    before the device call does. It proves the plan and the scripts, nothing about a GPU (the
+    fake ignores the picture, so the prefix-cache check fails there by design)."""
+    fake_env = {"FAKE_LMDEPLOY_DELAY_S": str(delay_s), "FAKE_LMDEPLOY_CAPACITY": str(capacity)}
+    groups = {
+        name: group.model_copy(
+            update={
+                "launch": group.launch.model_copy(update={"server_command": FAKE_SERVER}),
+                "env": group.env | fake_env,
             }
-            group = group.model_copy(update={"launch": launch, "env": env})
-        groups[name] = group
+        )
+        if group.launch is not None
+        else group
+        for name, group in plan.groups.items()
+    }
     steps = [
         s.model_copy(update={"rates": [round(r * scale, 2) for r in s.rates]}) for s in plan.steps
     ]
     return plan.model_copy(
         update={
-            "model": str(model),
+            "model": str(fake_model()),
             "groups": groups,
             "steps": steps,
             "image_size": (448, 448),
@@ -862,9 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-docs", action="store_true", help="the table into docs/benchmarks.md")
     ap.add_argument("--results", type=Path, help="also write the results JSON here")
     ap.add_argument(
-        "--into-doc",
-        metavar="BLOCK",
-        help="with --render: the table into its own marked block of docs/benchmarks.md",
+        "--into-doc", metavar="BLOCK", help="with --render: the table into its own marked block"
     )
     ap.add_argument(
         "--dry-run-fake",
@@ -890,9 +778,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = as_cpu_dry_run(plan, args.dry_run_fake)
     args.out.mkdir(parents=True, exist_ok=True)
     doc = asyncio.run(run(plan, args.out, args.port, args.deadline_s, args.startup_timeout_s))
-    write_json(args.out / "goodput-results.json", doc)
-    if args.results:
-        write_json(args.results, doc)
+    for path in (args.out / "goodput-results.json", args.results):
+        if path:
+            write_json(path, doc)
     text = render_markdown(doc)
     (args.out / "goodput.md").write_text(text + "\n")
     print(text)

@@ -1,34 +1,25 @@
 """Serving benchmark: jokes/s and latency through the bot, and straight to LMDeploy's api_server.
 
-Not a test: it measures. A closed loop keeps N requests in flight for ``warmup_s`` + ``measure_s``
-seconds per cell; requests that finish inside the measuring window count. Every answer is forced
-to ``max_new_tokens`` tokens (``ignore_eos`` + ``min_new_tokens``, both accepted by LMDeploy's
-chat endpoint), so cells differ only in what is measured. Paths (one per cell):
+A closed loop keeps N requests in flight per cell for ``warmup_s`` + ``measure_s``; requests
+finishing in the measuring window count. Every answer is forced to ``max_new_tokens`` tokens
+(``ignore_eos`` + ``min_new_tokens``), so cells differ only in what is measured. Paths: ``raw``
+(pre-built bodies from a bare httpx client: the server alone; one in flight, photos as they are,
+is "the seed's way"), ``engine`` (``OpenAIHTTPEngine.generate``), ``service``
+(``JokeService.tell`` in this process: validation, limits, hooks, engine, SQLite store) and
+``web`` (``bots`` real ``oogiri serve`` processes, the load POSTed to ``/api/jokes``).
 
-* ``raw``: pre-built request bodies POSTed by a bare httpx client: the server alone;
-* ``engine``: ``OpenAIHTTPEngine.generate`` (pre-sizing, data URL, retries, breaker …);
-* ``service``: ``JokeService.tell`` — the bot's real path (validation and normalisation of the
-  upload, limits, hooks, engine, SQLite store) — in the benchmark's own process;
-* ``web``: ``bots`` real ``oogiri serve`` processes (web channel, own SQLite each), the load
-  POSTed to their ``/api/jokes`` round-robin — what a web user gets, and how the bot scales past
-  one process.
-
-"The seed's way" is ``raw``, one in flight, phone photos sent as they are (no pre-sizing).
-
-A ``--plan FILE`` (JSON, the ``Plan`` model; the device's are bench/plans/serve-*.json) names what
-runs: several server configurations and cell sweeps in one process — the device machine stays
-warm only between calls, so one command should do everything. A config's ``launch`` (the
-``Launch`` model) starts api_servers on consecutive ports with the managed mode's own code (logs
-under OUT/logs; ``--launch MODEL`` overrides the plan's model); a config without one uses its
-``base_urls`` or ``--base-url`` (repeatable: the engine round-robins over several)::
+A ``--plan FILE`` (``Plan``; bench/plans/serve-*.json) runs several server configurations and
+cell sweeps in one device call. A config's ``launch`` (``Launch``) starts api_servers on
+consecutive ports with the managed mode's code (logs under OUT/logs; ``--launch MODEL``
+overrides the plan's model); without one, its ``base_urls`` or ``--base-url`` (repeatable)::
 
     {"model": "/path/model", "warmup_s": 5, "measure_s": 20, "max_new_tokens": 64,
      "configs": [{"name": "OMP=2", "launch": {"servers": 1, "server_threads": 2},
                   "cells": [{"path": ["raw", "service"], "inflight": [1, 64], "mdp": 6}]}]}
 
-Results: OUT/serve-results.jsonl (one line per cell, written as it finishes), OUT/serve-results.json
-and OUT/serve.md; ``--write-docs`` puts the table in docs/benchmarks.md; ``--render RESULTS.json``
-rebuilds the markdown from saved results.
+Results: OUT/serve-results.jsonl (a line per cell as it finishes), OUT/serve-results.json and
+OUT/serve.md; ``--write-docs`` updates docs/benchmarks.md; ``--render RESULTS.json`` rebuilds
+the markdown. bench/goodput.py shares the launching, engine settings and requests below.
 """
 
 from __future__ import annotations
@@ -83,7 +74,6 @@ from bot.models import GenerationParams, NormalizedImage
 from bot.settings import DEFAULT_PROMPT, Settings
 
 SERVED_NAME = "oogiri-bench"
-GPU_QUERY = "--query-gpu=memory.used,utilization.gpu"
 #: A request of one cell, given its index: the token counts it reports (see ``common.timed``).
 Call = Callable[[int], Awaitable[dict[str, int]]]
 Cleanup = list[Callable[[], Awaitable[Any]]]
@@ -99,9 +89,9 @@ class Strict(BaseModel):
 
 
 class Cell(Strict):
-    path: Literal["raw", "engine", "service", "web"]
-    inflight: int = Field(ge=1)
-    mdp: int = Field(ge=1)
+    path: Literal["raw", "engine", "service", "web"] = "raw"
+    inflight: int = Field(1, ge=1)
+    mdp: int = Field(6, ge=1)
     presize: bool = True
     baseline: bool = False
     warmup_s: float | None = None
@@ -109,6 +99,8 @@ class Cell(Strict):
     bots: int = Field(1, ge=1, description='path "web": this many `oogiri serve` processes')
 
 
+#: Cell keys a plan may give as a list: the config runs every combination.
+SWEPT = ("path", "inflight", "mdp", "presize", "bots")
 #: Launch keys that are the managed server's own settings (validated by EngineSettings).
 SERVER_FIELDS = ("backend", "tp", "session_len", "cache_max_entry_count", "max_batch_size",
                  "max_prefill_token_num", "api_key", "extra_args", "server_command")  # fmt: skip
@@ -137,28 +129,6 @@ class Launch(Strict):
         return EngineSettings.model_validate({**self.model_dump(include=set(SERVER_FIELDS)), **own})
 
 
-class CellSpec(Strict):
-    """Cells as a plan writes them: each of path/inflight/mdp/presize/bots a value or a list."""
-
-    path: str | list[str] = "raw"
-    inflight: int | list[int] = 1
-    mdp: int | list[int] = 6
-    presize: bool | list[bool] = True
-    bots: int | list[int] = 1
-    baseline: bool = False
-    warmup_s: float | None = None
-    measure_s: float | None = None
-
-    def cells(self) -> list[Cell]:
-        """Every combination of the swept values, in plan order."""
-        swept = ("path", "inflight", "mdp", "presize", "bots")
-        values = [v if isinstance(v, list) else [v] for v in (getattr(self, k) for k in swept)]
-        fixed = self.model_dump(exclude=set(swept))
-        return [
-            Cell(**fixed, **dict(zip(swept, c, strict=True))) for c in itertools.product(*values)
-        ]
-
-
 class Config(Strict):
     """One server configuration and its cells (a plan's sweeps, expanded on validation)."""
 
@@ -172,7 +142,15 @@ class Config(Strict):
     @field_validator("cells", mode="before")
     @classmethod
     def _expand(cls, specs: list[Any]) -> list[Any]:
-        return [c for s in specs for c in ([s] if isinstance(s, Cell) else CellSpec(**s).cells())]
+        cells = []
+        for spec in specs:
+            swept = {
+                k: spec[k] for k in SWEPT if isinstance(spec, dict) and spec.get(k) is not None
+            }
+            lists = [v if isinstance(v, list) else [v] for v in swept.values()]
+            for values in itertools.product(*lists):
+                cells.append({**spec, **dict(zip(swept, values, strict=True))})
+        return cells
 
 
 class Plan(Strict):
@@ -186,6 +164,80 @@ class Plan(Strict):
     port: int | None = None
     deadline_s: float | None = None
     about: str | list[str] | None = Field(None, alias="_about", description="a note for readers")
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def engine_settings(
+    urls: list[str],
+    max_new_tokens: int,
+    mdp: int,
+    *,
+    presize: bool = True,
+    max_in_flight: int = 4096,
+    timeout_s: float = 300,
+    api_key: str | None = None,
+    model_name: str = SERVED_NAME,
+) -> EngineSettings:
+    """The bot's engine as the benches run it: every answer forced to ``max_new_tokens`` tokens,
+    no retries and no breaker (a failure is counted, never avoided)."""
+    return EngineSettings(
+        name="lmdeploy",
+        base_urls=urls,
+        api_key=api_key,
+        served_model_name=model_name,
+        max_new_tokens=max_new_tokens,
+        max_dynamic_patch=mdp,
+        presize_to_tiles=presize,
+        max_in_flight=max_in_flight,
+        retries=0,
+        breaker_failures=1_000_000,
+        timeout_s=timeout_s,
+        request_extra={"ignore_eos": True, "min_new_tokens": max_new_tokens},
+    )
+
+
+def raw_body(jpeg: bytes, mdp: int, max_new_tokens: int, model_name: str = SERVED_NAME) -> bytes:
+    """A chat request for api_server, forced to ``max_new_tokens`` output tokens."""
+    n = max_new_tokens
+    return json.dumps(
+        chat_body(model_name, jpeg, mdp, n, ignore_eos=True, min_new_tokens=n)
+    ).encode()
+
+
+async def post_chat(
+    client: httpx.AsyncClient, url: str, body: bytes, api_key: str | None = None
+) -> dict[str, int]:
+    """One raw request to api_server; its token counts (a failure is named by its status)."""
+    headers = {"content-type": "application/json"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    r = await client.post(url + "/v1/chat/completions", content=body, headers=headers)
+    data = r.json()
+    if r.status_code != 200 or body_error(data):
+        raise Failed(str(r.status_code))
+    usage = data.get("usage") or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    return {
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "completion_tokens": int(usage.get("completion_tokens") or 0),
+        "cached_tokens": int(cached or 0),
+    }
+
+
+async def post_joke(
+    client: httpx.AsyncClient, url: str, jpeg: bytes, max_new_tokens: int
+) -> dict[str, int]:
+    """One upload to a bot's ``/api/jokes``; a failure is named by the bot's error key ("busy")
+    or the status. The web API reports no token counts: the forced count stands in."""
+    r = await client.post(url + "/api/jokes", files={"image": ("photo.jpg", jpeg, "image/jpeg")})
+    if r.status_code != 201:
+        error = None
+        with contextlib.suppress(ValueError, AttributeError):
+            error = r.json().get("error")
+        raise Failed(str(error or r.status_code))
+    return {"completion_tokens": max_new_tokens}
 
 
 # --------------------------------------------------------------------------- pictures and GPU
@@ -215,21 +267,22 @@ def as_normalized(jpeg: bytes) -> NormalizedImage:
     from PIL import Image
 
     with Image.open(io.BytesIO(jpeg)) as im:
-        width, height = im.size
-    return NormalizedImage.of(jpeg, width, height, "JPEG")
+        return NormalizedImage.of(jpeg, im.width, im.height, "JPEG")
 
 
-def _stdout(cmd: list[str], timeout_s: float) -> str:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
+def nvidia_smi(query: str, timeout_s: float) -> list[list[str]]:
+    """nvidia-smi's CSV answer to ``--query-gpu=QUERY``, a row per GPU ([] without one)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    argv = [exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=True)
+    return [[c.strip() for c in ln.split(",")] for ln in out.stdout.splitlines() if ln.strip()]
 
 
 def gpu_now() -> tuple[float, float] | None:
-    """nvidia-smi's memory used (MiB, all GPUs) and mean utilisation (%); None without a GPU."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return None
-    out = _stdout([exe, GPU_QUERY, "--format=csv,noheader,nounits"], 5)
-    rows = [line.split(",") for line in out.strip().splitlines() if line.strip()]
+    """Memory used (MiB, all GPUs) and mean utilisation (%); None without a GPU."""
+    rows = nvidia_smi("memory.used,utilization.gpu", 5)
     if not rows:
         return None
     return sum(float(r[0]) for r in rows), sum(float(r[1]) for r in rows) / len(rows)
@@ -238,17 +291,20 @@ def gpu_now() -> tuple[float, float] | None:
 def device_info() -> dict[str, Any]:
     """The results' header: machine, date, commit, GPUs and LMDeploy's version."""
     info: dict[str, Any] = {
-        "host": platform.node(), "python": platform.python_version(), "cpus": os.cpu_count(),
-        "date": utc_now(), "commit": git_commit(),
-    }  # fmt: skip
-    exe = shutil.which("nvidia-smi")
-    if exe:
-        with contextlib.suppress(Exception):
-            query = [exe, "--query-gpu=name,memory.total", "--format=csv,noheader"]
-            info["gpu"] = _stdout(query, 10).strip().splitlines()
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "date": utc_now(),
+        "commit": git_commit(),
+    }
+    with contextlib.suppress(Exception):
+        if gpus := nvidia_smi("name,memory.total", 10):
+            info["gpu"] = [f"{name}, {mib} MiB" for name, mib in gpus]
     with contextlib.suppress(Exception):
         version = [sys.executable, "-c", "import lmdeploy; print(lmdeploy.__version__)"]
-        info["lmdeploy"] = _stdout(version, 120).strip()
+        info["lmdeploy"] = subprocess.run(
+            version, capture_output=True, text=True, timeout=120, check=True
+        ).stdout.strip()
     return info
 
 
@@ -256,22 +312,13 @@ def device_info() -> dict[str, Any]:
 
 
 class Bench:
+    """What a plan's cells share: the arguments, the photos and their pre-built bodies."""
+
     def __init__(self, args: argparse.Namespace, photos: list[bytes], out: Path) -> None:
         self.args = args
         self.photos = photos
         self.out = out
-        self.prompt = DEFAULT_PROMPT
         self._bodies: dict[tuple[int, bool, int], bytes] = {}
-
-    def engine_settings(self, urls: list[str], cell: Cell, api_key: str | None) -> EngineSettings:
-        n = self.args.max_new_tokens
-        return EngineSettings(
-            name="lmdeploy", base_urls=urls, api_key=api_key,
-            served_model_name=self.args.model_name, max_new_tokens=n, max_dynamic_patch=cell.mdp,
-            presize_to_tiles=cell.presize, max_in_flight=max(cell.inflight, 1) + 8, retries=0,
-            breaker_failures=1_000_000, timeout_s=self.args.request_timeout_s,
-            request_extra={"ignore_eos": True, "min_new_tokens": n},
-        )  # fmt: skip
 
     def raw_body(self, index: int, cell: Cell) -> bytes:
         key = (index, cell.presize, cell.mdp)
@@ -279,99 +326,85 @@ class Bench:
             image = as_normalized(self.photos[index])
             if cell.presize:
                 image = tiling.presize(image, cell.mdp)
-            n = self.args.max_new_tokens
-            body = chat_body(
-                self.args.model_name, image.jpeg, cell.mdp, n, self.prompt,
-                ignore_eos=True, min_new_tokens=n,
-            )  # fmt: skip
-            self._bodies[key] = json.dumps(body).encode()
+            n, name = self.args.max_new_tokens, self.args.model_name
+            self._bodies[key] = raw_body(image.jpeg, cell.mdp, n, name)
         return self._bodies[key]
-
-    def client(self, cell: Cell, cleanup: Cleanup) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=cell.inflight + 8)
-        client = httpx.AsyncClient(
-            timeout=self.args.request_timeout_s, limits=limits, trust_env=False
-        )
-        cleanup.append(client.aclose)
-        return client
 
     async def caller(
         self, cell: Cell, urls: list[str], api_key: str | None, cleanup: Cleanup
     ) -> Call:
         """The cell's path, ready to run: one request per call (what it needs closed after goes
         into ``cleanup``)."""
-        photos = self.photos
+        photos, n = self.photos, self.args.max_new_tokens
+        es = engine_settings(urls, n, cell.mdp, presize=cell.presize, api_key=api_key,
+                             max_in_flight=cell.inflight + 8, timeout_s=self.args.request_timeout_s,
+                             model_name=self.args.model_name)  # fmt: skip
+        if cell.path in ("raw", "web"):
+            limits = httpx.Limits(max_connections=cell.inflight + 8)
+            timeout = self.args.request_timeout_s
+            client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+            cleanup.append(client.aclose)
         if cell.path == "raw":
-            client = self.client(cell, cleanup)
-            headers = {"content-type": "application/json"}
-            if api_key:
-                headers["authorization"] = f"Bearer {api_key}"
             for i in range(len(photos)):  # build bodies before the clock starts
                 await asyncio.to_thread(self.raw_body, i, cell)
-
-            async def raw(i: int) -> dict[str, int]:
-                body = self.raw_body(i % len(photos), cell)
-                url = urls[i % len(urls)] + "/v1/chat/completions"
-                r = await client.post(url, content=body, headers=headers)
-                data = r.json()
-                if r.status_code != 200 or body_error(data):
-                    raise Failed(str(r.status_code))
-                usage = data.get("usage") or {}
-                return {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
-
-            return raw
-        if cell.path == "engine":
-            engine = OpenAIHTTPEngine(self.engine_settings(urls, cell, api_key))
-            cleanup.append(engine.close)
-            images = [as_normalized(p) for p in photos]
-            params = GenerationParams(
-                max_new_tokens=self.args.max_new_tokens, max_dynamic_patch=cell.mdp
+            return lambda i: post_chat(
+                client, urls[i % len(urls)], self.raw_body(i % len(photos), cell), api_key
             )
-
-            async def through_engine(i: int) -> dict[str, int]:
-                gen = await engine.generate(images[i % len(images)], self.prompt, params)
-                u = gen.usage
-                return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens}
-
-            return through_engine
-        if cell.path == "service":
-            app, tap = await self.make_app(urls, cell, api_key)
-            cleanup.append(app.close)
-            from bot.models import JokeRequest
-
-            async def service(i: int) -> dict[str, int]:
-                request = JokeRequest(image_bytes=photos[i % len(photos)], channel="bench",
-                                      user_id=f"bench:{i}", filename="photo.jpg")  # fmt: skip
-                try:
-                    await app.service.tell(request)
-                finally:
-                    u = tap.pop(asyncio.current_task(), None)
-                return {"prompt_tokens": u.prompt_tokens if u else 0,
-                        "completion_tokens": u.completion_tokens if u else 0}  # fmt: skip
-
-            return service
         if cell.path == "web":
             bots = await BotProcesses.launch(
-                self.engine_settings(urls, cell, api_key),
+                es,
                 self.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}",
-                port=self.args.port + 200, count=cell.bots,
+                port=self.args.port + 200,
+                count=cell.bots,
                 startup_timeout_s=self.args.startup_timeout_s,
                 limits={"max_concurrency": cell.inflight + 8},
-            )  # fmt: skip
-            cleanup.append(bots.stop)
-            client = self.client(cell, cleanup)
+            )
+            cleanup.insert(0, bots.stop)
+            return lambda i: post_joke(
+                client, bots.urls[i % len(bots.urls)], photos[i % len(photos)], n
+            )
+        if cell.path == "engine":
+            engine = OpenAIHTTPEngine(es)
+            cleanup.append(engine.close)
+            images = [as_normalized(p) for p in photos]
+            params = GenerationParams(max_new_tokens=n, max_dynamic_patch=cell.mdp)
 
-            async def web(i: int) -> dict[str, int]:
-                url = bots.urls[i % len(bots.urls)] + "/api/jokes"
-                files = {"image": ("photo.jpg", photos[i % len(photos)], "image/jpeg")}
-                r = await client.post(url, files=files)
-                if r.status_code != 201:
-                    raise Failed(str(r.status_code))
-                # the web API does not report token counts; the engine paths measure them
-                return {"completion_tokens": self.args.max_new_tokens}
+            async def through_engine(i: int) -> dict[str, int]:
+                gen = await engine.generate(images[i % len(images)], DEFAULT_PROMPT, params)
+                return usage_tokens(gen.usage)
 
-            return web
-        raise ValueError(f"unknown path {cell.path!r}")
+            return through_engine
+        # the bot in this process: no plugins, no per-user limits, its own SQLite
+        from bot.app import App
+        from bot.models import JokeRequest
+        from bot.plugins import make_manager
+
+        limits = {"per_user_per_minute": 0, "per_chat_per_minute": 0}
+        settings = Settings(
+            _env_file=None,
+            data_dir=Path(tempfile.mkdtemp(prefix="oogiri-bench-")),
+            plugins=[],
+            engine=es.model_dump(),
+            limits={**limits, "max_concurrency": cell.inflight, "queue_timeout_s": 3600},
+        )
+        tap = UsageTap(settings)
+        app = await App.create(settings, pm=make_manager([]), engine=tap)
+        cleanup.append(app.close)
+
+        async def service(i: int) -> dict[str, int]:
+            request = JokeRequest(
+                image_bytes=photos[i % len(photos)],
+                channel="bench",
+                user_id=f"bench:{i}",
+                filename="photo.jpg",
+            )
+            try:
+                await app.service.tell(request)
+            finally:
+                usage = tap.usage.pop(asyncio.current_task(), None)
+            return usage_tokens(usage)
+
+        return service
 
     async def run_cell(
         self, config: Config, cell: Cell, urls: list[str], api_key: str | None
@@ -380,32 +413,20 @@ class Bench:
         measure = cell.measure_s if cell.measure_s is not None else self.args.measure_s
         cleanup: Cleanup = []
         sampler = Sampler(gpu_now, every_s=1.0)
-
-        async def sample_gpu() -> None:  # only while the window measures
-            await asyncio.sleep(warmup)
-            sampler.start()
-            try:
-                await asyncio.sleep(measure)
-            finally:
-                await sampler.stop()
-
         try:
             call = await self.caller(cell, urls, api_key, cleanup)
-            sampling = asyncio.create_task(sample_gpu())
-            try:
-                window, _, _ = await closed_loop(
-                    lambda i: timed(lambda: call(i)), cell.inflight, warmup, measure
-                )
-                await sampling
-            finally:
-                sampling.cancel()
+            sampler.start()
+            window, w0, w1 = await closed_loop(
+                lambda i: timed(lambda: call(i)), cell.inflight, warmup, measure
+            )
         finally:
+            await sampler.stop()
             for close in cleanup:
                 with contextlib.suppress(Exception):
                     await close()
         ok = [s for s in window if s.ok]
         lat = latency_summary([s.latency for s in ok])
-        gpu = sampler.values()
+        gpu = sampler.values(w0, w1)  # only while the window measures
         launch = config.launch
         return {
             "config": config.name,
@@ -422,32 +443,19 @@ class Bench:
             "jokes_per_s": round(len(ok) / measure, 3),
             **{k: lat[k] for k in ("p50_s", "p95_s", "p99_s")},
             **{
-                k: round(sum(getattr(s, k) for s in ok) / len(ok), 1) if ok else None
+                k: round(statistics.fmean(getattr(s, k) for s in ok), 1) if ok else None
                 for k in ("prompt_tokens", "completion_tokens")
             },
             "gpu_mem_mib": max((mem for mem, _ in gpu), default=None),
             "gpu_util_pct": round(statistics.fmean(u for _, u in gpu), 1) if gpu else None,
         }
 
-    async def make_app(
-        self, urls: list[str], cell: Cell, api_key: str | None
-    ) -> tuple[Any, dict[Any, Any]]:
-        """The bot in this process (no plugins, no per-user limits, its own SQLite) and the tap
-        its engine leaves each request's token usage in."""
-        from bot.app import App
-        from bot.plugins import make_manager
 
-        settings = Settings(
-            _env_file=None,
-            data_dir=Path(tempfile.mkdtemp(prefix="oogiri-bench-")),
-            plugins=[],
-            engine=self.engine_settings(urls, cell, api_key).model_dump(),
-            limits={"per_user_per_minute": 0, "per_chat_per_minute": 0,
-                    "max_concurrency": cell.inflight, "queue_timeout_s": 3600},
-        )  # fmt: skip
-        engine = UsageTap(settings)
-        app = await App.create(settings, pm=make_manager([]), engine=engine)
-        return app, engine.tap
+def usage_tokens(usage: Any) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens if usage else 0,
+        "completion_tokens": usage.completion_tokens if usage else 0,
+    }
 
 
 class UsageTap(OpenAIHTTPEngine):
@@ -456,26 +464,96 @@ class UsageTap(OpenAIHTTPEngine):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings.engine)
-        self.tap: dict[Any, Any] = {}
+        self.usage: dict[Any, Any] = {}
 
     async def generate(self, image: NormalizedImage, prompt: str, params: GenerationParams) -> Any:
         gen = await super().generate(image, prompt, params)
-        self.tap[asyncio.current_task()] = gen.usage
+        self.usage[asyncio.current_task()] = gen.usage
         return gen
 
 
+# --------------------------------------------------------------------------- processes
+
+
+class Child:
+    """A process the bench starts (``oogiri serve``, LMDeploy's proxy) at ``url``: its own
+    session (a stop reaches its workers) and log."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    async def wait_ready(
+        self, path: str, timeout_s: float, ready: Callable[[httpx.Response], bool]
+    ) -> None:
+        """Until GET ``path`` answers as ``ready`` wants; fails when the process exits."""
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+            while self.proc.poll() is None:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    if ready(await http.get(self.url + path)):
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} not ready in {timeout_s:.0f} s")
+                await asyncio.sleep(0.3)
+        raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 15) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, 15)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 9)
+
+
+#: The engine settings a bot process gets from the bench's (the rest are the bot's defaults).
+BOT_ENGINE_FIELDS = {
+    "base_urls",
+    "max_new_tokens",
+    "max_dynamic_patch",
+    "presize_to_tiles",
+    "max_in_flight",
+    "retries",
+    "breaker_failures",
+    "timeout_s",
+    "request_extra",
+}
+
+
 class BotProcesses:
-    """``oogiri serve`` processes (web channel) for the ``web`` path: the bot as users reach it.
+    """``oogiri serve`` processes (web channel) for serve's ``web`` path and goodput's ``bot``
+    steps: the bot as users reach it. Each has its own SQLite store (they stand for replicas),
+    the engine pointed at the servers (or proxy) and no per-user limits."""
 
-    One process per ``cell.bots`` (goodput's bot steps start them too), each with its own SQLite
-    store (they stand for replicas; on one PostgreSQL they would share it), the engine pointed at
-    the cell's servers (or proxy), no per-user limits, and the same engine settings as the
-    in-process ``service`` path.
-    """
-
-    def __init__(self, procs: list[subprocess.Popen[bytes]], urls: list[str]) -> None:
-        self.procs = procs
-        self.urls = urls
+    def __init__(self, children: list[Child]) -> None:
+        self.children = children
+        self.urls = [c.url for c in children]
 
     @classmethod
     async def launch(
@@ -492,167 +570,110 @@ class BotProcesses:
         """Start ``count`` bots on ports port, port+1, …; ``limits`` set ``OOGIRI_LIMITS__*``,
         ``env_extra`` any other setting (``OOGIRI_POOL__ENABLED``…)."""
         engine = {
-            "name": "lmdeploy", "manage": "false", "base_urls": json.dumps(list(es.base_urls)),
-            "max_new_tokens": es.max_new_tokens, "max_dynamic_patch": es.max_dynamic_patch,
-            "presize_to_tiles": str(es.presize_to_tiles).lower(),
-            "max_in_flight": es.max_in_flight, "retries": 0,
-            "breaker_failures": es.breaker_failures, "timeout_s": es.timeout_s,
-            "request_extra": json.dumps(es.request_extra),
-        }  # fmt: skip
-        named = {"served_model_name": es.served_model_name or None,
-                 "api_key": es.api_key.get_secret_value() if es.api_key else None}  # fmt: skip
-        procs, urls = [], []
+            "name": "lmdeploy",
+            "manage": False,
+            **es.model_dump(include=BOT_ENGINE_FIELDS),
+            "served_model_name": es.served_model_name,
+            "api_key": es.api_key.get_secret_value() if es.api_key else None,
+        }
+        limits = {"per_user_per_minute": 0, "per_chat_per_minute": 0, **(limits or {})}
+        env = {
+            **os.environ,
+            "OOGIRI_CHANNELS": "web",
+            "OOGIRI_WEB__HOST": "127.0.0.1",
+            **{
+                f"OOGIRI_ENGINE__{k.upper()}": env_value(v)
+                for k, v in engine.items()
+                if v not in (None, "")
+            },
+            **LOOPBACK_WEB_ENV,
+            **{f"OOGIRI_LIMITS__{k.upper()}": str(v) for k, v in limits.items()},
+            **(env_extra or {}),
+        }
+        children = []
         for i in range(count):
-            env = {
-                **os.environ,
-                "OOGIRI_DATA_DIR": str(root / f"bot-{i}"),
-                "OOGIRI_CHANNELS": "web",
-                "OOGIRI_WEB__HOST": "127.0.0.1",
-                "OOGIRI_WEB__PORT": str(port + i),
-                **{f"OOGIRI_ENGINE__{k.upper()}": str(v) for k, v in engine.items()},
-                "OOGIRI_LIMITS__PER_USER_PER_MINUTE": "0",
-                "OOGIRI_LIMITS__PER_CHAT_PER_MINUTE": "0",
-                **LOOPBACK_WEB_ENV,
-                **{f"OOGIRI_LIMITS__{k.upper()}": str(v) for k, v in (limits or {}).items()},
-                **(env_extra or {}),
-                **{f"OOGIRI_ENGINE__{k.upper()}": v for k, v in named.items() if v},
-            }
-            procs.append(await asyncio.to_thread(cls._spawn, env, root, i))
-            urls.append(f"http://127.0.0.1:{port + i}")
-        bots = cls(procs, urls)
+            (root / f"bot-{i}").mkdir(parents=True, exist_ok=True)
+            own = {"OOGIRI_DATA_DIR": str(root / f"bot-{i}"), "OOGIRI_WEB__PORT": str(port + i)}
+            argv = [sys.executable, "-m", "bot.cli", "serve"]
+            url = f"http://127.0.0.1:{port + i}"
+            children.append(
+                Child(f"oogiri serve #{i}", url, argv, root / f"bot-{i}.log", env | own)
+            )
+        bots = cls(children)
         try:
-            await bots.wait_healthy(startup_timeout_s, root)
+            for child in children:
+                await child.wait_ready(
+                    "/healthz", startup_timeout_s, lambda r: r.status_code == 200
+                )
         except BaseException:
             await bots.stop()
             raise
         return bots
 
-    @staticmethod
-    def _spawn(env: dict[str, str], root: Path, i: int) -> subprocess.Popen[bytes]:
-        (root / f"bot-{i}").mkdir(parents=True, exist_ok=True)
-        with open(root / f"bot-{i}.log", "ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "bot.cli", "serve"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-            )  # fmt: skip
-
-    async def wait_healthy(self, timeout_s: float, root: Path) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
-            for i, url in enumerate(self.urls):
-                while True:
-                    if self.procs[i].poll() is not None:
-                        tail = (root / f"bot-{i}.log").read_text(errors="replace")[-1500:]
-                        raise RuntimeError(f"oogiri serve #{i} exited:\n{tail}")
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await http.get(url + "/healthz")).status_code == 200:
-                            break
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"oogiri serve #{i} not healthy in {timeout_s:.0f} s")
-                    await asyncio.sleep(0.3)
-
     async def stop(self) -> None:
-        await asyncio.to_thread(self._stop)
-
-    def _stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 15)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
+        await asyncio.gather(*(asyncio.to_thread(c.stop) for c in self.children))
 
 
-# --------------------------------------------------------------------------- servers
-
-
-class Proxy:
-    """``lmdeploy serve proxy``: LMDeploy's own router over several api_servers (issue 7)."""
-
-    def __init__(self, settings: EngineSettings, port: int, log_dir: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.command = [
-            *launcher(settings), "serve", "proxy", "--server-name", "127.0.0.1",
-            "--server-port", str(port), "--routing-strategy", "min_expected_latency",
-        ]  # fmt: skip
-        self.log_path = log_dir / f"proxy-{port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    async def wait_nodes(self, n: int, timeout_s: float) -> None:
-        """Until the proxy lists n healthy nodes (the servers register themselves)."""
-        deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
-            while time.monotonic() < deadline:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"the proxy exited: {self.log_tail()}")
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    r = await http.get(self.url + "/nodes/status")
-                    if r.status_code == 200 and len(r.json()) >= n:
-                        return
-                await asyncio.sleep(1.0)
-        raise TimeoutError(f"the proxy saw fewer than {n} nodes in {timeout_s:.0f} s")
-
-    def log_tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, 15)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10)
+def env_value(value: Any) -> str:
+    """A setting as the bot reads it from its environment (lists, dicts, booleans as JSON)."""
+    return json.dumps(value) if isinstance(value, list | dict | bool) else str(value)
 
 
 async def launch_servers(
-    launch: Launch, model: Path, port: int, log_dir: Path, startup_timeout_s: float
-) -> tuple[list[ServerProcess], Proxy | None]:
-    """``launch.servers`` api_servers on port, port+1, … (the proxy on port+100), healthy. The
-    environment is read before the first await (goodput sets it per server group)."""
+    launch: Launch,
+    model: Path,
+    port: int,
+    log_dir: Path,
+    startup_timeout_s: float,
+    env: dict[str, str] | None = None,
+) -> tuple[list[ServerProcess], Child | None]:
+    """``launch.servers`` api_servers on port, port+1, … (``launch.proxy``: LMDeploy's router,
+    ``lmdeploy serve proxy``, on port+100), healthy; ``env`` adds to their environment."""
     settings = launch.engine_settings(startup_timeout_s)
-    proxy = Proxy(settings, port + 100, log_dir) if launch.proxy else None
-    if proxy is not None:
+    proxy = None
+    if launch.proxy:
+        argv = [
+            *launcher(settings),
+            *("serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(port + 100)),
+            *("--routing-strategy", "min_expected_latency"),
+        ]
+        url = f"http://127.0.0.1:{port + 100}"
+        proxy = Child("the proxy", url, argv, log_dir / f"proxy-{port + 100}.log")
         extra_args = [*launch.extra_args, "--proxy-url", proxy.url]
         settings = settings.model_copy(update={"extra_args": extra_args})
-        proxy.start()
     if launch.server_threads is None:  # LMDeploy's defaults: leave OMP/MKL unset
         unset = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        env = {k: v for k, v in os.environ.items() if k not in unset} | {"PYTHONUNBUFFERED": "1"}
+        base = {k: v for k, v in os.environ.items() if k not in unset} | {"PYTHONUNBUFFERED": "1"}
     else:
-        env = build_env(settings)
+        base = build_env(settings)
+    base |= env or {}
     gpus = launch.gpus
-
-    def env_of(i: int) -> dict[str, str]:
-        return {**env, "CUDA_VISIBLE_DEVICES": str(gpus[i % len(gpus)])} if gpus else env
-
-    servers = [
-        ServerProcess(settings, model, port + i, SERVED_NAME, f"bench-{i}", log_dir, env=env_of(i))
-        for i in range(launch.servers)
-    ]
+    servers = []
+    for i in range(launch.servers):
+        own = base | {"CUDA_VISIBLE_DEVICES": str(gpus[i % len(gpus)])} if gpus else base
+        servers.append(
+            ServerProcess(settings, model, port + i, SERVED_NAME, f"bench-{i}", log_dir, env=own)
+        )
     try:
         for server in servers:
             await server.start()
         await asyncio.gather(*(s.wait_healthy() for s in servers))
-        if proxy is not None:
-            await proxy.wait_nodes(len(servers), 60)
+        if proxy is not None:  # until it lists every server (they register themselves)
+            await proxy.wait_ready(
+                "/nodes/status",
+                60,
+                lambda r: r.status_code == 200 and len(r.json()) >= len(servers),
+            )
     except BaseException:
-        await asyncio.gather(*(s.stop(grace_s=10) for s in servers), return_exceptions=True)
-        if proxy is not None:
-            proxy.stop()
+        await stop_servers(servers, proxy, grace_s=10)
         raise
     return servers, proxy
+
+
+async def stop_servers(servers: list[ServerProcess], proxy: Child | None, grace_s: float) -> None:
+    await asyncio.gather(*(s.stop(grace_s=grace_s) for s in servers), return_exceptions=True)
+    if proxy is not None:
+        await asyncio.to_thread(proxy.stop, 10)
 
 
 # --------------------------------------------------------------------------- report
@@ -668,14 +689,11 @@ def failure_summary(exc: BaseException, limit: int = 300) -> str:
     head, tail = lines[0], [ln for ln in lines[1:] if not ln[0].isspace()]
     raised = [ln for ln in tail if re.match(r"[\w.]*(Error|Exception)\b", ln)]
     why = (raised or tail or [""])[-1]
-    text = f"{head} … {why}" if why and why != head else head
+    return clip(f"{head} … {why}" if why and why != head else head, limit)
+
+
+def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def table_text(text: str, limit: int = 240) -> str:
-    """One markdown table cell: one line, no column breaks."""
-    flat = " ".join(str(text).split()).replace("|", "\\|")
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def table_row(cells: list[str]) -> str:
@@ -684,7 +702,7 @@ def table_row(cells: list[str]) -> str:
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
-    meta = doc.get("meta", {})
+    meta, rows = doc.get("meta", {}), doc.get("rows", [])
     gpu = "; ".join(meta.get("gpu") or []) or "no GPU"
     lines = [
         f"Device: {gpu}, {meta.get('cpus')} CPUs · LMDeploy {meta.get('lmdeploy') or '?'} · "
@@ -699,23 +717,26 @@ def render_markdown(doc: dict[str, Any]) -> str:
         table_row(list(COLUMNS)),
         "|" + "---|" * len(COLUMNS),
     ]
-    for r in doc.get("rows", []):
+    for r in rows:
         if r.get("skipped"):
             where = [
                 str(r[k]) if r.get(k) is not None else "–" for k in ("path", "inflight", "mdp")
             ]
-            skipped = f"skipped: {table_text(r['skipped'])}"
-            lines.append(table_row([r["config"], "", "", *where, "", skipped, *[""] * 7]))
+            # one line, no column breaks
+            skipped = clip(" ".join(str(r["skipped"]).split()).replace("|", "\\|"), 240)
+            lines.append(
+                table_row([r["config"], "", "", *where, "", f"skipped: {skipped}", *[""] * 7])
+            )
             continue
         errors = ", ".join(f"{k}×{v}" for k, v in (r.get("errors") or {}).items()) or "0"
+        threads = str(r["server_threads"] or "default")
         lines.append(table_row([
-            r["config"], servers_text(r), str(r["server_threads"] or "default"), path_text(r),
-            str(r["inflight"]), str(r["mdp"]), "yes" if r["presize"] else "no",
-            f"{r['jokes_per_s']:.2f}", fmt(r["p50_s"]), fmt(r["p95_s"]), fmt(r["p99_s"]),
-            fmt(r["prompt_tokens"], 0), fmt(r["gpu_mem_mib"], 0), fmt(r["gpu_util_pct"], 0),
-            errors,
+            r["config"], servers_text(r), threads, path_text(r), str(r["inflight"]), str(r["mdp"]),
+            fmt(r["presize"]), f"{r['jokes_per_s']:.2f}", fmt(r["p50_s"]), fmt(r["p95_s"]),
+            fmt(r["p99_s"]), fmt(r["prompt_tokens"], 0), fmt(r["gpu_mem_mib"], 0),
+            fmt(r["gpu_util_pct"], 0), errors,
         ]))  # fmt: skip
-    summary = goals(doc.get("rows", []))
+    summary = goals(rows)
     return "\n".join([*lines, "", *summary] if summary else lines)
 
 
@@ -787,8 +808,8 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
     images = Path(args.images) if args.images else None
     photos = await asyncio.to_thread(phone_photos, images, not args.no_phone_size)
     meta = await asyncio.to_thread(device_info)
-    meta.update({"model": str(model) if model else None, "max_new_tokens": args.max_new_tokens,
-                 "photos": len(photos)})  # fmt: skip
+    meta |= {"model": str(model) if model else None, "max_new_tokens": args.max_new_tokens}
+    meta["photos"] = len(photos)
     doc: dict[str, Any] = {"meta": meta, "rows": []}
     bench = Bench(args, photos, out)
 
@@ -802,8 +823,10 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
 
     for config in configs:
         servers: list[ServerProcess] = []
-        proxy: Proxy | None = None
+        proxy: Child | None = None
         try:
+            urls = config.base_urls or list(args.base_url)
+            api_key = config.api_key or args.api_key
             if config.launch is not None:
                 served = Path(config.model) if config.model else model
                 if served is None:
@@ -817,13 +840,12 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
                 servers, proxy = await launch_servers(
                     config.launch, served, args.port, out / "logs", startup_s
                 )
-                print(f"# {config.name}: {len(servers)} server(s) healthy in "
-                      f"{time.monotonic() - t0:.0f} s", flush=True)  # fmt: skip
+                took = time.monotonic() - t0
+                print(
+                    f"# {config.name}: {len(servers)} server(s) healthy in {took:.0f} s", flush=True
+                )
                 urls = [proxy.url] if proxy is not None else [s.url for s in servers]
                 api_key = config.launch.api_key
-            else:
-                urls = config.base_urls or list(args.base_url)
-                api_key = config.api_key or args.api_key
             for cell in config.cells:
                 need = (cell.warmup_s or args.warmup_s) + (cell.measure_s or args.measure_s) + 5
                 if remaining() < need:
@@ -838,9 +860,7 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
                 print(proxy.log_tail(), flush=True)
             emit({"config": config.name, "skipped": f"failed: {failure_summary(exc)}"})
         finally:
-            await asyncio.gather(*(s.stop(grace_s=20) for s in servers), return_exceptions=True)
-            if proxy is not None:
-                proxy.stop()
+            await stop_servers(servers, proxy, grace_s=20)
     write_json(out / "serve-results.json", doc)
     (out / "serve.md").write_text(render_markdown(doc) + "\n", encoding="utf-8")
     return doc
@@ -865,9 +885,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-phone-size", action="store_true", help="send photos at their own size")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve"))
     p.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
-    p.add_argument(
-        "--render", nargs="+", default=None, help="only re-render saved serve-results.json file(s)"
-    )
+    p.add_argument("--render", nargs="+", help="only re-render saved serve-results.json file(s)")
     args = p.parse_args(argv)
     if not (args.plan or args.render):
         p.error("give --plan FILE (or --render RESULTS)")
