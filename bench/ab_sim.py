@@ -38,6 +38,8 @@ import json
 import math
 import platform
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,15 +81,13 @@ class Result:
 
 def _rate_per_minute(rng: np.random.Generator, minutes: int, t: Traffic) -> np.ndarray:
     """Session arrival rate per minute: day/night cycle times random bursts."""
-    m = np.arange(minutes)
-    day = (m % MINUTES_PER_DAY) / MINUTES_PER_DAY
+    day = (np.arange(minutes) % MINUTES_PER_DAY) / MINUTES_PER_DAY
     diurnal = 1.0 - 0.8 * np.cos(2 * math.pi * (day - 0.15))  # low at night, peak in the evening
     diurnal /= diurnal.mean()
     rate = np.full(minutes, t.votes_per_day / t.votes_per_session / MINUTES_PER_DAY) * diurnal
     n_bursts = rng.poisson(minutes / MINUTES_PER_DAY / t.burst_every_days)
     for start in rng.integers(0, minutes, size=n_bursts):
-        length = int(rng.exponential(t.burst_minutes)) + 1
-        rate[start : start + length] *= t.burst_factor
+        rate[start : start + int(rng.exponential(t.burst_minutes)) + 1] *= t.burst_factor
     return rate
 
 
@@ -125,17 +125,14 @@ def simulate_votes(rng: np.random.Generator, effect: float, t: Traffic, minutes:
     like = (rng.random(voter.size) < p).astype(np.int64)
     # each vote's rank within its voter and the voter's likes before it (votes are in time order)
     order = np.argsort(voter, kind="stable")
-    sorted_voter = voter[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_voter)) + 1]
-    sizes = np.diff(np.r_[starts, voter.size])
-    rank_sorted = np.arange(voter.size) - np.repeat(starts, sizes)
-    cum_like = like[order].cumsum()
-    before_sorted = cum_like - like[order] - np.repeat(np.r_[0, cum_like][starts], sizes)
-    rank = np.empty_like(rank_sorted)
-    rank[order] = rank_sorted
-    y_before = np.empty_like(before_sorted)
-    y_before[order] = before_sorted
-    keep = rank < t.per_voter_cap if t.per_voter_cap is not None else np.ones(voter.size, bool)
+    by_voter = voter[order]
+    first = np.r_[True, by_voter[1:] != by_voter[:-1]]
+    start = np.maximum.accumulate(np.where(first, np.arange(voter.size), 0))
+    cum_like = np.r_[0, like[order].cumsum()]
+    rank, y_before = np.empty_like(like), np.empty_like(like)
+    rank[order] = np.arange(voter.size) - start
+    y_before[order] = cum_like[:-1] - cum_like[start]
+    keep = rank < (np.inf if t.per_voter_cap is None else t.per_voter_cap)
     # increments of the per-voter sums when a voter's (likes y, votes n) gain one vote l
     incs = [
         like,
@@ -145,20 +142,13 @@ def simulate_votes(rng: np.random.Generator, effect: float, t: Traffic, minutes:
         y_before + like * rank + like,
         2 * rank + 1,
     ]
-    checks = np.arange(t.check_minutes, minutes + 1, t.check_minutes)
-    arms = []
-    for arm in (False, True):
-        sel = keep & (cand == arm)
-        arms.append(
-            [
-                np.bincount(minute[sel], weights=inc[sel], minlength=minutes)
-                .cumsum()[checks - 1]
-                .round()
-                .astype(np.int64)
-                for inc in incs
-            ]
-        )
-    return Counts(arms[0], arms[1])
+    checks = np.arange(t.check_minutes, minutes + 1, t.check_minutes) - 1
+
+    def cumulative(sel: np.ndarray) -> list[np.ndarray]:
+        sums = [np.bincount(minute[sel], weights=i[sel], minlength=minutes) for i in incs]
+        return [s.cumsum()[checks].round().astype(np.int64) for s in sums]
+
+    return Counts(cumulative(keep & ~cand), cumulative(keep & cand))
 
 
 def _variance(c: list[np.ndarray], per_voter: bool) -> np.ndarray:
@@ -176,6 +166,11 @@ def _variance(c: list[np.ndarray], per_voter: bool) -> np.ndarray:
     return np.maximum(binomial, clustered)
 
 
+def _first(hit: np.ndarray) -> int:
+    idx = np.flatnonzero(hit)
+    return int(idx[0]) if idx.size else -1
+
+
 def _first_decision(c: Counts, rule: AbRule, per_voter: bool) -> int:
     """Index of the first check where the rule promotes or rejects (numpy copy), -1 if none."""
     va, vb = c.a[1], c.b[1]
@@ -186,22 +181,18 @@ def _first_decision(c: Counts, rule: AbRule, per_voter: bool) -> int:
     v = _variance(c.a, per_voter) + _variance(c.b, per_voter)
     t2 = rule.tau**2
     r = np.sqrt(2 * v * (v + t2) / t2 * (math.log(1 / rule.alpha) + 0.5 * np.log((v + t2) / v)))
-    hit = ok & (((d - r > 0) & (d >= rule.min_effect)) | (d + r < rule.min_effect))
-    idx = np.flatnonzero(hit)
-    return int(idx[0]) if idx.size else -1
+    return _first(ok & (((d - r > 0) & (d >= rule.min_effect)) | (d + r < rule.min_effect)))
 
 
 def _first_naive(c: Counts, rule: AbRule) -> int:
     """A one-sided z-test at level alpha read at every check: index of the first 'promote'."""
     (la, va), (lb, vb) = c.a[:2], c.b[:2]
-    ok = np.minimum(va, vb) >= rule.min_votes
     va1, vb1 = np.maximum(va, 1), np.maximum(vb, 1)
     d = lb / vb1 - la / va1
     pool = (la + lb) / (va1 + vb1)
     se = np.sqrt(np.maximum(pool * (1 - pool), 1e-12) * (1 / va1 + 1 / vb1))
-    z_alpha = float(norm.isf(rule.alpha))
-    idx = np.flatnonzero(ok & (d / se > z_alpha) & (d >= rule.min_effect))
-    return int(idx[0]) if idx.size else -1
+    ok = np.minimum(va, vb) >= rule.min_votes
+    return _first(ok & (d / se > float(norm.isf(rule.alpha))) & (d >= rule.min_effect))
 
 
 def run_one(
@@ -222,46 +213,37 @@ def run_one(
     i = _first_naive(c, rule) if naive else _first_decision(c, rule, per_voter)
     if i < 0:
         return Result("timeout", minutes, int(c.a[1][-1] + c.b[1][-1]))
-    votes = int(c.a[1][i] + c.b[1][i])
+    result = Result("promote", (i + 1) * t.check_minutes, int(c.a[1][i] + c.b[1][i]))
     if naive:
-        return Result("promote", (i + 1) * t.check_minutes, votes)
-    elapsed = float((i + 1) * t.check_minutes * 60)
+        return result
+    elapsed = float(result.minutes * 60)
     verdict = decide(c.arm("a", i, per_voter), c.arm("b", i, per_voter), rule, elapsed)
     if verdict.outcome not in ("promote", "reject"):
         raise AssertionError(f"numpy scan and bot.abstats disagree at check {i}: {verdict}")
     if i > 0:
         before = decide(c.arm("a", i - 1, per_voter), c.arm("b", i - 1, per_voter), rule, 0.0)
         if before.outcome != "wait":
-            raise AssertionError(
-                f"numpy scan missed an earlier decision at check {i - 1}: {before}"
-            )
-    return Result(verdict.outcome, (i + 1) * t.check_minutes, votes)
+            raise AssertionError(f"numpy scan missed an earlier decision at {i - 1}: {before}")
+    return replace(result, outcome=verdict.outcome)
+
+
+def _median(values: Sequence[float], per: float = 1.0) -> float | None:
+    return float(np.median(values)) / per if values else None
 
 
 def summarise(results: list[Result], minutes_max: int) -> dict[str, Any]:
     n = len(results)
-    count = {o: sum(r.outcome == o for r in results) for o in ("promote", "reject", "timeout")}
+    count = Counter(r.outcome for r in results)
     decided = [r for r in results if r.outcome != "timeout"]
-    promoted = count["promote"]
-    lo, hi = share_ci(promoted, n) or (0.0, 1.0)  # Wilson interval on the promote rate
+    lo, hi = share_ci(count["promote"], n) or (0.0, 1.0)  # Wilson interval on the promote rate
     return {
         "sims": n,
-        "promote": promoted,
-        "reject": count["reject"],
-        "timeout": count["timeout"],
-        "promote_rate": promoted / n,
+        **{o: count[o] for o in ("promote", "reject", "timeout")},
+        "promote_rate": count["promote"] / n,
         "promote_rate_95": [lo, hi],
-        "median_votes_to_decision": float(np.median([r.votes for r in decided]))
-        if decided
-        else None,
-        "median_days_to_decision": float(np.median([r.minutes for r in decided]) / MINUTES_PER_DAY)
-        if decided
-        else None,
-        "median_votes_at_timeout": float(
-            np.median([r.votes for r in results if r.outcome == "timeout"])
-        )
-        if count["timeout"]
-        else None,
+        "median_votes_to_decision": _median([r.votes for r in decided]),
+        "median_days_to_decision": _median([r.minutes for r in decided], MINUTES_PER_DAY),
+        "median_votes_at_timeout": _median([r.votes for r in results if r.outcome == "timeout"]),
         "max_days": minutes_max / MINUTES_PER_DAY,
     }
 
@@ -274,26 +256,20 @@ def run_grid(
         t = replace(Traffic(), **sc.get("traffic", {}))
         rng = np.random.default_rng([seed, k])
         t0 = time.perf_counter()
-        kw = {"naive": sc.get("naive", False), "per_voter": sc.get("per_voter", True)}
-        res = [run_one(rng, sc["effect"], rule, t, **kw) for _ in range(sims)]
+        naive, per_voter = sc.get("naive", False), sc.get("per_voter", True)
+        res = [run_one(rng, sc["effect"], rule, t, naive, per_voter) for _ in range(sims)]
         row = {
             "name": sc["name"],
             "effect": sc["effect"],
-            "naive_z": sc.get("naive", False),
-            "per_voter_sums": sc.get("per_voter", True),
+            "naive_z": naive,
+            "per_voter_sums": per_voter,
             "traffic": asdict(t),
             **summarise(res, int(rule.max_duration_s // 60)),
             "seconds": round(time.perf_counter() - t0, 2),
         }
         rows.append(row)
-        print(
-            json.dumps(
-                {
-                    k2: row[k2]
-                    for k2 in ("name", "promote", "reject", "timeout", "median_votes_to_decision")
-                }
-            )
-        )
+        shown = ("name", "promote", "reject", "timeout", "median_votes_to_decision")
+        print(json.dumps({key: row[key] for key in shown}))
     return rows
 
 
@@ -303,19 +279,15 @@ def projection_check(
     """How well a waiting test's "about N counted votes would decide" (``votes_to_decide``, read at
     the first check with ``at_votes`` counted votes) foretells the votes at which the rule really
     decided. None for a test that decided before (or never reached) that check."""
-    minutes = int(rule.max_duration_s // 60)
-    c = simulate_votes(rng, effect, t, minutes)
+    c = simulate_votes(rng, effect, t, int(rule.max_duration_s // 60))
     total = c.a[1] + c.b[1]
-    reached = np.flatnonzero(total >= at_votes)
+    j = _first(total >= at_votes)
     i = _first_decision(c, rule, True)
-    if not reached.size or 0 <= i <= reached[0]:
+    if j < 0 or 0 <= i <= j:
         return None
-    j = int(reached[0])
-    projected = votes_to_decide(c.arm("a", j), c.arm("b", j), rule)
-    decided = i >= 0
     return {
-        "projected": projected,
-        "decided_at": int(total[i]) if decided else None,  # None: timed out (censored)
+        "projected": votes_to_decide(c.arm("a", j), c.arm("b", j), rule),
+        "decided_at": int(total[i]) if i >= 0 else None,  # None: timed out (censored)
         "votes_at_end": int(total[-1]),
     }
 
@@ -326,7 +298,6 @@ def summarise_projection(checks: list[dict[str, Any]]) -> dict[str, Any]:
     decided = [c for c in checks if c["decided_at"] is not None and c["projected"]]
     ratio = np.array([c["decided_at"] / c["projected"] for c in decided])
     timed_out = [c for c in checks if c["decided_at"] is None and c["projected"]]
-    warned = sum(c["projected"] > c["votes_at_end"] for c in timed_out)
     some = bool(ratio.size)
     return {
         "tests": len(checks),
@@ -335,7 +306,9 @@ def summarise_projection(checks: list[dict[str, Any]]) -> dict[str, Any]:
         "ratio_10_90": [float(v) for v in np.quantile(ratio, [0.1, 0.9])] if some else None,
         "within_half_to_double": float(np.mean((ratio >= 0.5) & (ratio <= 2))) if some else None,
         "timed_out": len(timed_out),
-        "timed_out_projected_beyond_votes_got": warned,
+        "timed_out_projected_beyond_votes_got": sum(
+            c["projected"] > c["votes_at_end"] for c in timed_out
+        ),
     }
 
 
@@ -344,14 +317,9 @@ def run_projection(sims: int, seed: int, rule: AbRule, at_votes: int) -> list[di
     for k, (name, effect) in enumerate(PROJECTION_SCENARIOS):
         rng = np.random.default_rng([seed, 100 + k])
         checks = [projection_check(rng, effect, rule, Traffic(), at_votes) for _ in range(sims)]
-        row = {
-            "name": name,
-            "effect": effect,
-            "at_votes": at_votes,
-            **summarise_projection([c for c in checks if c]),
-        }
-        rows.append(row)
-        print(json.dumps(row))
+        row = {"name": name, "effect": effect, "at_votes": at_votes}
+        rows.append(row | summarise_projection([c for c in checks if c]))
+        print(json.dumps(rows[-1]))
     return rows
 
 
@@ -405,19 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "bench": "ab_sim",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "rule": {
-            **asdict(rule),
-            "tau": rule.tau,
-            "test": "mSPRT confidence sequence (bot/abstats.py)",
-        },
+        "rule": asdict(rule)
+        | {"tau": rule.tau, "test": "mSPRT confidence sequence (bot/abstats.py)"},
         "sims_per_scenario": args.sims,
         "seed": args.seed,
         "python": platform.python_version(),
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
     }
-    out = write_json(args.out or RESULTS / name, doc)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out or RESULTS / name, doc)}")
     return 0
 
 

@@ -94,6 +94,19 @@ async def upload(
     return await c.post("/api/jokes", files=files, data=form or None)
 
 
+async def vote(
+    c: httpx.AsyncClient, joke: str, value: int, headers: dict[str, str]
+) -> httpx.Response:
+    """👍 (1) or 👎 (-1) on a web joke; ``headers`` carry the session's CSRF token."""
+    return await c.post(f"/api/jokes/{joke}/rating", json={"value": value}, headers=headers)
+
+
+async def new_session(c: httpx.AsyncClient) -> httpx.Response:
+    """A fresh identity: no cookie sent, so the web channel signs a new one (and its token)."""
+    c.cookies.clear()
+    return await c.get("/api/session")
+
+
 def memory_mib(pid: int, key: str = "VmRSS") -> float:
     """A process's VmRSS (MiB); ``VmHWM`` is the kernel's exact high-water mark."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -119,11 +132,8 @@ async def ordinary_user(
             latencies.append(time.perf_counter() - started)
             outcomes[str(r.status_code)] += 1
             if r.status_code == 201:
-                await c.post(
-                    f"/api/jokes/{r.json()['id']}/rating",
-                    json={"value": 1 if i % 3 else -1},
-                    headers={CSRF_HEADER: r.headers[CSRF_HEADER]},
-                )
+                csrf = {CSRF_HEADER: r.headers[CSRF_HEADER]}
+                await vote(c, r.json()["id"], 1 if i % 3 else -1, csrf)
             i += 1
             await asyncio.sleep(PAUSE_S)
     return outcomes
@@ -161,15 +171,11 @@ async def sybil_votes(url: str, joke_id: str, n: int = 500) -> Counter[str]:
     outcomes: Counter[str] = Counter()
     async with client(url, MINTER, timeout=10) as c:
         for _ in range(n):
-            c.cookies.clear()
-            session = await c.get("/api/session")
+            session = await new_session(c)
             if session.status_code != 200:
                 outcomes[f"session {session.status_code}"] += 1
                 continue
-            token = session.json()["csrf_token"]
-            r = await c.post(
-                f"/api/jokes/{joke_id}/rating", json={"value": 1}, headers={CSRF_HEADER: token}
-            )
+            r = await vote(c, joke_id, 1, {CSRF_HEADER: session.json()["csrf_token"]})
             outcomes[f"vote {r.status_code}"] += 1
     return outcomes
 

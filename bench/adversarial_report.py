@@ -23,6 +23,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,8 @@ def run_suites(extra: list[str]) -> tuple[list[dict[str, Any]], dict[str, str], 
             junit = Path(tmp) / f"junit-{i}.xml"
             env = {**os.environ, **({"OOGIRI_RELIABILITY_JSON": str(out)} if i == 0 else {})}
             print("+ pytest", " ".join(args), flush=True)
-            argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-            code = subprocess.run(
-                [*argv, f"--junitxml={junit}", *args], cwd=ROOT, env=env
-            ).returncode
+            argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+            code = subprocess.run([*argv, f"--junitxml={junit}"], cwd=ROOT, env=env).returncode
             if code not in (0, 1):
                 raise SystemExit(f"pytest failed to run (exit {code}): {' '.join(args)}")
             found, took = junit_outcomes(junit)
@@ -121,21 +120,17 @@ def run_suites(extra: list[str]) -> tuple[list[dict[str, Any]], dict[str, str], 
 
 def junit_outcomes(path: Path) -> tuple[dict[str, str], float]:
     """node-id prefix → passed/failed/skipped (parametrized tests: the worst of their cases)."""
-    if not path.exists():
-        return {}, 0.0
-    rank = ["passed", "skipped", "failed"]
     found: dict[str, str] = {}
     total = 0.0
-    for case in ET.parse(path).iter("testcase"):
+    for case in ET.parse(path).iter("testcase") if path.exists() else ():
         total += float(case.get("time", 0))
         module = (case.get("classname") or "").replace(".", "/") + ".py"
         key = f"{module}::{(case.get('name') or '').split('[', 1)[0]}"
-        outcome = "passed"
-        if case.find("failure") is not None or case.find("error") is not None:
-            outcome = "failed"
-        elif case.find("skipped") is not None:
-            outcome = "skipped"
-        found[key] = max(outcome, found.get(key, "passed"), key=rank.index)
+        tags = {child.tag for child in case}
+        outcome = (
+            "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else ""
+        )
+        found[key] = max(outcome or "passed", found.get(key, "passed"), key=RANK.index)
     return found, total
 
 
@@ -158,6 +153,7 @@ def _cell(text: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+RANK = ["passed", "skipped", "failed"]
 MARK = {"passed": "✅ pass", "failed": "❌ FAIL", "skipped": "⏭ skipped", "not run": "–"}
 SUITE_ORDER = [
     "hostile input (web)", "hostile input (web, PostgreSQL)", "hostile input (telegram)",
@@ -197,23 +193,22 @@ def render_referenced(outcomes: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _tally(counts: Counter[str]) -> str:
-    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+def _tally(outcomes: Iterable[str]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(Counter(outcomes).items()))
 
 
 def render_summary(records: list[dict[str, Any]], outcomes: dict[str, str], seconds: float) -> str:
-    counts = Counter(r["outcome"] for r in records)
-    ref = Counter(outcomes.get(node, "not run") for _, node, _ in REFERENCED)
-    peaks = [r["peak_mb"] for r in records if r.get("peak_mb") is not None]
-    slow = max(records, key=lambda r: r.get("seconds") or 0) if records else None
+    referenced = (outcomes.get(node, "not run") for _, node, _ in REFERENCED)
     kinds = len({(r["suite"], r["kind"]) for r in records})
+    cases = _tally(r["outcome"] for r in records)
     parts = [
-        f"- **{len(records)} recorded cases** in {kinds} kinds: {_tally(counts)}",
-        f"- **{len(REFERENCED)} referenced tests**: {_tally(ref)}",
+        f"- **{len(records)} recorded cases** in {kinds} kinds: {cases}",
+        f"- **{len(REFERENCED)} referenced tests**: {_tally(referenced)}",
     ]
-    if peaks:
+    if peaks := [r["peak_mb"] for r in records if r.get("peak_mb") is not None]:
         parts.append(f"- highest peak RSS of any case: **{max(peaks):.0f} MB** (limit 1024 MB)")
-    if slow:
+    if records:
+        slow = max(records, key=lambda r: r.get("seconds") or 0)
         parts.append(f"- slowest case: `{slow['case']}` {_fmt_s(slow['seconds'])}")
     parts.append(
         f"- whole run: {seconds:.0f} s of test time on {os.cpu_count()} CPUs "
@@ -236,15 +231,14 @@ def main() -> None:
         write_json(CASES, saved, indent=1)
     if args.no_docs:
         return
+    summary = render_summary(records, outcomes, seconds)
+    write_section("reliability-summary", "Summary of the last run", summary, doc=DOC)
     cases = render_cases(records)
-    sections = [("summary", "Summary of the last run", render_summary(records, outcomes, seconds))]
     for suite in sorted(cases, key=lambda s: [*SUITE_ORDER, s].index(s)):
         key = "-".join("".join(c if c.isalnum() else " " for c in suite).split())
-        sections.append((key, f"Cases: {suite}", cases[suite]))
-    referenced = render_referenced(outcomes)
-    sections.append(("referenced", "Referenced tests (security, training crashes)", referenced))
-    for key, title, body in sections:
-        write_section(f"reliability-{key}", title, body, doc=DOC)
+        write_section(f"reliability-{key}", f"Cases: {suite}", cases[suite], doc=DOC)
+    title = "Referenced tests (security, training crashes)"
+    write_section("reliability-referenced", title, render_referenced(outcomes), doc=DOC)
     failed = [r["case"] for r in records if r["outcome"] == "failed"]
     print(f"{len(records)} cases, failed: {failed or 'none'}; wrote {DOC.relative_to(ROOT)}")
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, jpeg_bytes, skimage_photos
+from bench.common import ROOT, jpeg_bytes, skimage_photos, write_json
 from bench.common import chat_body as common_chat_body
 from bot.engines.openai_http import to_data_url
 from bot.settings import DEFAULT_PROMPT
@@ -84,10 +84,10 @@ def chat_body(
 
 
 class Capturer:
-    def __init__(self, out: Path, version: str | None, dry: bool = False) -> None:
-        self.out = out
-        self.version = version
-        self.dry = dry
+    """Writes the exchanges that are what their names promise; notes the others."""
+
+    def __init__(self, out: Path, version: str | None) -> None:
+        self.out, self.version = out, version
         self.kept: list[str] = []
         self.skipped: list[str] = []
 
@@ -124,10 +124,7 @@ class Capturer:
             "response": resp,
         }
         self.kept.append(name)
-        if not self.dry:
-            self.out.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
-            (self.out / f"{name}.json").write_text(text, encoding="utf-8")
+        write_json(self.out / f"{name}.json", doc)
 
 
 def status_is(*codes: int) -> Want:
@@ -150,7 +147,7 @@ def has_error_code(code: int) -> Want:
 
 
 def capture(args: argparse.Namespace) -> Capturer:
-    cap = Capturer(Path(args.out), args.lmdeploy_version, dry=args.dry_run)
+    cap = Capturer(Path(args.out), args.lmdeploy_version)
     good = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     wrong = {"Authorization": "Bearer wrong-key"}
     base = args.base_url.rstrip("/")
@@ -227,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lmdeploy-version", default=None)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "lmdeploy"))
-    parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     if args.lmdeploy_version is None:
         with contextlib.suppress(Exception):

@@ -47,13 +47,16 @@ async def run(n_images: int, concurrency: int, store_url: str | None, phone: boo
         queue = list(reversed(payloads))
         latencies: list[float] = []
 
+        async def tell(data: bytes, user: str) -> None:
+            await app.service.tell(JokeRequest(image_bytes=data, channel="bench", user_id=user))
+
         async def worker(w: str) -> None:
             while queue:
                 data, t0 = queue.pop(), time.perf_counter()
-                await app.service.tell(JokeRequest(image_bytes=data, channel="bench", user_id=w))
+                await tell(data, w)
                 latencies.append(time.perf_counter() - t0)
 
-        await app.service.tell(JokeRequest(image_bytes=payloads[0], channel="bench", user_id="w"))
+        await tell(payloads[0], "w")
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(f"bench:{w}") for w in range(concurrency)))
         elapsed = time.perf_counter() - t0
@@ -67,7 +70,8 @@ async def run(n_images: int, concurrency: int, store_url: str | None, phone: boo
         "photo": "phone" if phone else "1mp",
         "seconds": round(elapsed, 3),
         "images_per_s": round(n_images / elapsed, 1),
-        **{k: lat[k] for k in ("p50_ms", "p95_ms")},
+        "p50_ms": lat["p50_ms"],
+        "p95_ms": lat["p95_ms"],
         "peak_rss_mb": rusage_self()["peak_rss_mb"],
         "outcomes": outcomes,
         "image_bytes_mean": int(statistics.mean(len(p) for p in payloads)),
@@ -76,18 +80,14 @@ async def run(n_images: int, concurrency: int, store_url: str | None, phone: boo
 
 def render(results: list[dict[str, Any]]) -> str:
     """The section: every result's row (images/s in bold)."""
-    rows = [
-        "| store | photos | JPEG draft floor | images | in flight | images/s | p50 ms | p95 ms "
-        "| peak RSS MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    columns = "store|photos|JPEG draft floor|images|in flight|images/s|p50 ms|p95 ms|peak RSS MB"
+    rows = [columns.split("|"), ["---"] * 9]
     for r in results:
         phone = r.get("photo") == "phone"
-        rows.append(
-            f"| {r['store']} | {'12 MP phone' if phone else '1 MP'} | "
-            f"{r.get('draft_floor', '–') if phone else '–'} | {r['images']} | {r['concurrency']} "
-            f"| **{r['images_per_s']}** | {r['p50_ms']} | {r['p95_ms']} | {r['peak_rss_mb']} |"
-        )
+        floor = r.get("draft_floor", "–") if phone else "–"
+        cells = [r["store"], "12 MP phone" if phone else "1 MP", floor, r["images"]]
+        cells += [r["concurrency"], f"**{r['images_per_s']}**", r["p50_ms"], r["p95_ms"]]
+        rows.append([str(c) for c in [*cells, r["peak_rss_mb"]]])
     machines = ", ".join(sorted({r["machine"] for r in results}))
     return (
         "JokeService with the instant engine on distinct JPEGs (validate + normalise + store). "
@@ -96,7 +96,7 @@ def render(results: list[dict[str, Any]]) -> str:
         "(decode whole, LANCZOS to 2048), 0.75 the current one (libjpeg halves to 2016×1512 while "
         "decoding). Commands: `python -m bench.core --images 1000 --concurrency 8\n[--store URL]`; "
         "phone rows `python -m bench.core --phone --images 200 --draft-floor 0.75` (or 1.0).\n\n"
-        + "\n".join(rows)
+        + "\n".join("| " + " | ".join(row) + " |" for row in rows)
     )
 
 
@@ -107,16 +107,12 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="SQLAlchemy async URL (default: temp SQLite)")
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--phone", action="store_true", help="12 MP phone photos instead of 1 MP")
-    ap.add_argument(
-        "--draft-floor", type=float, default=None,
-        help="override bot.images.DRAFT_FLOOR (1.0 = the exact-size drafting used before)",
-    )  # fmt: skip
+    ap.add_argument("--draft-floor", type=float, help="bot.images.DRAFT_FLOOR (1.0: as before)")
     args = ap.parse_args()
     if args.draft_floor is not None:
         bot.images.DRAFT_FLOOR = args.draft_floor
     result = asyncio.run(run(args.images, args.concurrency, args.store, args.phone))
-    result["draft_floor"] = bot.images.DRAFT_FLOOR
-    result["machine"] = machine()
+    result |= {"draft_floor": bot.images.DRAFT_FLOOR, "machine": machine()}
     name = f"core-{result['store']}"
     if args.phone:
         name += f"-phone-floor{result['draft_floor']:g}"

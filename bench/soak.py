@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from bench.abuse import upload, vote
 from bench.common import (
     LOOPBACK_WEB_ENV,
     RESULTS,
@@ -115,25 +116,23 @@ async def web_user(
             op = ledger.op("web", kind)
             with contextlib.suppress(httpx.HTTPError):
                 r = await request
-                ok = r.status_code < 300
-                op.answered("ok" if ok else r.json().get("error", str(r.status_code)))
+                op.answered(
+                    "ok" if r.status_code < 300 else r.json().get("error", str(r.status_code))
+                )
                 return r
             return None
 
         while time.monotonic() < stop:
             if not mine or rng.random() < 0.5:
-                files = {"image": ("p.jpg", rng.choice(pics), "image/jpeg")}
-                r = await call("picture", client.post("/api/jokes", files=files))
+                r = await call("picture", upload(client, rng.choice(pics)))
                 if r is not None and r.status_code == 201:
                     mine.append(r.json()["id"])
                     ledger.jokes.add(mine[-1])
             else:
                 key, value = (rng.choice(mine[-5:]), me), rng.choice((1, -1))
                 ledger.vote_sent(key, value)
-                vote = client.post(
-                    f"/api/jokes/{key[0]}/rating", json={"value": value}, headers=headers
-                )
-                if (r := await call("vote", vote)) is not None and r.status_code == 200:
+                r = await call("vote", vote(client, key[0], value, headers))
+                if r is not None and r.status_code == 200:
                     ledger.vote_acked(key, value)
             await asyncio.sleep(rng.expovariate(rate))
 
@@ -391,16 +390,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 async def _throwaway_postgres() -> ThrowawayPostgres | None:
     """A PostgreSQL cluster of the soak's own, so that its restart drops nobody else's
     connections (issue 19); None (SQLite then) where it cannot be had."""
-    try:
+    pg = None
+    try:  # no binaries; as root, no "postgres" user; or it does not start
         pg = ThrowawayPostgres()
-    except (FileNotFoundError, KeyError) as exc:  # no binaries; as root, no "postgres" user
-        print(f"no throwaway PostgreSQL ({exc}); soak on SQLite", file=sys.stderr)
-        return None
-    try:
         return await asyncio.to_thread(pg.start)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        await asyncio.to_thread(pg.stop)
-        print(f"throwaway PostgreSQL did not start ({exc}); soak on SQLite", file=sys.stderr)
+    except (OSError, KeyError, RuntimeError, subprocess.SubprocessError) as exc:
+        if pg is not None:
+            await asyncio.to_thread(pg.stop)
+        print(f"no throwaway PostgreSQL ({exc}); soak on SQLite", file=sys.stderr)
         return None
 
 

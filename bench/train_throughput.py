@@ -110,11 +110,9 @@ def run_one(
         try:
             for line in proc.stdout:
                 log.write(line)
-                p = parse_progress(line)
-                if p is None or p.time_s is None:
+                if (p := parse_progress(line)) is None or p.time_s is None:
                     continue
-                if first_iter_s is None:
-                    first_iter_s = time.monotonic() - started
+                first_iter_s = first_iter_s or round(time.monotonic() - started, 1)
                 progress.append(p)
                 print(f"   iter {p.iteration}/{p.total} {p.time_s:.3f} s", flush=True)
             rc = proc.wait(timeout=args.timeout)
@@ -135,8 +133,8 @@ def run_one(
         "samples_per_s": round(values["batch_size"] * world / s_per_iter, 2)
         if s_per_iter
         else None,
-        "peak_memory_mb": max(memory) if memory else None,
-        "first_iteration_after_s": None if first_iter_s is None else round(first_iter_s, 1),
+        "peak_memory_mb": max(memory, default=None),
+        "first_iteration_after_s": first_iter_s,
         "wall_s": round(time.monotonic() - started, 1),
         "loss_first_last": [losses[0], losses[-1]] if losses else None,
         "rc": rc,
@@ -231,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {**versions(args.xtuner_python), "date": time.strftime("%Y-%m-%d")}
     results = args.out / "results.jsonl"
-    with results.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(meta) + "\n")
+    results.write_text(json.dumps(meta) + "\n", encoding="utf-8")
     names = [n for n in (args.only.split(",") if args.only else SETTINGS) if n]
     for name in names:
         append_jsonl(results, run_one(name, SETTINGS[name], args, env))
