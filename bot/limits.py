@@ -28,11 +28,23 @@ class MemoryLimiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._events: dict[str, deque[float]] = {}
         self._now = clock
+        self._longest_window = 0.0
+        self._swept = float("-inf")
+
+    def _sweep(self, now: float) -> None:
+        """Forget keys with no event inside the longest window in use (every user, chat and
+        network ever seen would otherwise stay for the life of the process)."""
+        horizon = now - self._longest_window
+        self._events = {k: e for k, e in self._events.items() if e and e[-1] > horizon}
+        self._swept = now
 
     async def hit(self, key: str, limit: int, window_s: float) -> float | None:
         if limit <= 0:
             return None
         now = self._now()
+        self._longest_window = max(self._longest_window, window_s)
+        if now - self._swept >= self._longest_window:  # at most once per window: O(1) amortised
+            self._sweep(now)
         events = self._events.setdefault(key, deque())
         while events and events[0] <= now - window_s:
             events.popleft()

@@ -275,7 +275,8 @@ class JokeService:
         rating = await self.store.rate(
             joke_id, user_id, value, channel, chat_id=chat_id, network=network
         )
-        self.metrics.ratings.labels(channel, "up" if value > 0 else "down").inc()
+        if rating.previous != value:  # the same vote again (a retry, a double click) is not new
+            self.metrics.ratings.labels(channel, "up" if value > 0 else "down").inc()
         await notify(self.pm, "oogiri_on_rating", rating=rating)  # the vote is already stored
         return rating
 

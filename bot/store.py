@@ -606,7 +606,9 @@ class Store:
         if value not in (1, -1):
             raise OogiriError("bad_vote")
         async with self.session(write=True) as s:
-            joke = await s.get(JokeRow, joke_id)
+            # the joke's row lock (FOR NO KEY UPDATE) orders concurrent votes on it (PostgreSQL;
+            # SQLite's writes are serial already): else two presses at once both read "no vote"
+            joke = await s.get(JokeRow, joke_id, with_for_update={"key_share": True})
             if joke is None or (chat_id is not None and joke.chat_id != chat_id):
                 raise NotFound()
             previous = await s.scalar(

@@ -55,7 +55,7 @@ from bot.models import (
     Usage,
     showable,
 )
-from bot.settings import EngineSettings, Settings
+from bot.settings import EngineSettings, Settings, mask_url_credentials
 
 log = logging.getLogger(__name__)
 
@@ -523,9 +523,11 @@ class OpenAIHTTPEngine:
         for url in upstream.base_urls:
             try:
                 response = await self._client.get(url + HEALTH_PATH, timeout=5.0)
-                urls[url] = response.status_code == 200
+                reachable = response.status_code == 200
             except httpx.HTTPError:
-                urls[url] = False
+                reachable = False
+            # health is shown on the public /healthz page: a password in a URL must not be
+            urls[mask_url_credentials(url)] = reachable
         ok = any(urls.values()) and self.breaker.state != "open"
         return EngineHealth(
             ok=ok,

@@ -205,7 +205,10 @@ def create_api(app: App) -> FastAPI:
         if raw_length is not None and declared is None:
             return refuse(request, 400, "bad_request", lang)  # cannot drain what is unframed
         if declared is not None and declared > body_limit:
-            return await _too_large(request, lang, who, declared - body_limit)
+            # refused before a session slot was paid for: no new identity with this answer
+            return await _too_large(
+                request, lang, None if who.is_new else who, declared - body_limit
+            )
         network = guard.network(request)
         try:
             await admit_identity(request, who, network)
@@ -286,14 +289,18 @@ def create_api(app: App) -> FastAPI:
         )
         return remember(response, who)
 
-    async def _too_large(request: Request, lang: str, who: Visitor, excess: int | None) -> Response:
+    async def _too_large(
+        request: Request, lang: str, who: Visitor | None, excess: int | None
+    ) -> Response:
         """413; the rest of a body declared slightly too large is read so the client sees the
-        answer (``excess`` None: a chunked body of unknown size, never drained)."""
+        answer (``excess`` None: a chunked body of unknown size, never drained; ``who`` None:
+        no identity to remember)."""
         state.metrics.refused.labels("too_large").inc()
         response = error_response(
             413, "too_large", message("too_large", lang, limit_mb=limit_mb(max_bytes))
         )
-        response = remember(response, who)
+        if who is not None:
+            response = remember(response, who)
         if excess is None or excess > DRAIN_MAX_BYTES:
             response.headers["Connection"] = "close"  # not worth reading: close honestly
             return response
@@ -321,7 +328,13 @@ def create_api(app: App) -> FastAPI:
             return await refuse_unread(request, refuse(request, 415, "json_required", lang), 4096)
         if who.is_new or not identities.csrf_ok(who.user_id, request.headers.get(CSRF_HEADER)):
             # A new identity cannot carry a valid token: the cookie was missing or forged.
-            response = remember(refuse(request, 403, "csrf", lang), who)
+            response = refuse(request, 403, "csrf", lang)
+            try:  # the fresh identity handed back costs a session slot, as everywhere else
+                await admit_identity(request, who, guard.network(request))
+            except OogiriError:
+                pass  # none left for this network: refused without an identity
+            else:
+                response = remember(response, who)
             return await refuse_unread(request, response, 4096)
         network = guard.network(request)
         try:

@@ -97,7 +97,9 @@ class Identities:
         return hmac.new(self._csrf_key, user_id.encode(), hashlib.sha256).hexdigest()
 
     def csrf_ok(self, user_id: str, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(self.csrf_token(user_id), token or "")
+        # bytes: compare_digest refuses a str with non-ASCII characters (a header may carry any)
+        given = (token or "").encode()
+        return bool(token) and hmac.compare_digest(self.csrf_token(user_id).encode(), given)
 
     def visitor(self, request: Request) -> Visitor:
         """Who is asking: the id in a valid cookie, else a new one (not yet remembered)."""
@@ -167,7 +169,10 @@ def same_origin(request: Request) -> bool:
         return True
     if source == "null":
         return False
-    parts = urlsplit(source)
+    try:
+        parts = urlsplit(source)
+    except ValueError:  # e.g. "http://[::1": not a URL, so not our origin
+        return False
     if not parts.netloc:
         return False
     return _normalise_host(parts.netloc) in hosts
