@@ -696,11 +696,12 @@ class DiscordChannel:
         await interaction.response.send_message(body, ephemeral=True)
 
     def _precheck(self, source: _Source, lang: str) -> str | None:
-        """What can be refused from the interaction payload alone, before any download."""
-        if source.size is not None and source.size > self.max_bytes:
-            return message("too_large", lang, limit_mb=format_mb(self.max_bytes))
+        """What can be refused from the interaction payload alone, before any download. The type
+        first: a huge video is "not a picture", not "too big" (shrinking it would not help)."""
         if not source.embedded and not looks_like_image(source.content_type, source.filename):
             return message("not_image", lang)
+        if source.size is not None and source.size > self.max_bytes:
+            return message("too_large", lang, limit_mb=format_mb(self.max_bytes))
         return None
 
     async def _tell(

@@ -769,9 +769,7 @@ class TelegramChannel:
                     bot, asking, self._too_large(lang) if too_big else text("download_failed", lang)
                 )
                 return
-            except RetryAfter:
-                raise
-            except TelegramError as exc:
+            except TelegramError as exc:  # a 429 on getFile too: never silence
                 log.warning("telegram: download failed: %s", exc)
                 await self._reply(bot, asking, text("download_failed", lang))
                 return
@@ -995,10 +993,11 @@ class TelegramChannel:
                 toast = text("vote_same", lang)
             else:
                 toast = text("vote_changed_up" if value > 0 else "vote_changed_down", lang)
+            if rating.previous != value:  # the same vote again changes no count: no edit
+                # scheduled before the toast: a failed answer must not leave stale counts
+                self._schedule_refresh(context.bot, joke_id, chat_id, query.message.message_id)
             answered = True
             await query.answer(toast)
-            if rating.previous != value:  # the same vote again changes no count: no edit
-                self._schedule_refresh(context.bot, joke_id, chat_id, query.message.message_id)
         finally:
             if not answered:  # whatever failed, the user's spinner must stop
                 with contextlib.suppress(Exception):
@@ -1167,7 +1166,7 @@ class TelegramChannel:
                 if sent and sent.get("message_id"):
                     target = (int(sent["chat_id"]), int(sent["message_id"]))
         except NotFound:
-            await self._reply(bot, message, text("bad_button", lang))
+            await self._reply(bot, message, text("no_such_joke", lang, joke_id=joke_id))
             return
         except OogiriError as exc:
             await self._reply(bot, message, exc.user_message(lang))
@@ -1245,7 +1244,14 @@ def oogiri_register_commands(cli: Any) -> None:
             async with _bot(settings) as bot:
                 return await work(bot, settings)
 
-        return asyncio.run(main())
+        try:
+            return asyncio.run(main())
+        except InvalidToken:
+            # PTB's message quotes the token: never let it reach a deploy job's output
+            typer.echo(
+                "error: Telegram rejected the bot token: check OOGIRI_TELEGRAM__TOKEN", err=True
+            )
+            raise typer.Exit(2) from None
 
     @group.command("set-webhook")
     def set_webhook(

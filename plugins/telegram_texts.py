@@ -114,6 +114,7 @@ TEXTS: dict[str, dict[str, str]] = {
     },
     **MODERATION_TEXTS,
     "mod_error": {"en": "Not changed: {error}", "zh": "未更改：{error}"},
+    "no_such_joke": {"en": "There is no joke {joke_id}.", "zh": "没有编号为 {joke_id} 的笑话。"},
     "delete_usage": {
         "en": "Reply to one of my jokes with /delete (or /delete <joke id>).",
         "zh": "回复我的某个笑话发送 /delete（或 /delete <笑话 id>）。",
