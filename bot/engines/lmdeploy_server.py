@@ -196,6 +196,8 @@ def redact(cmd: list[str]) -> list[str]:
             out.append("**********")
             continue
         hide = arg == "--api-keys"
+        if arg.startswith("--api-keys="):  # the one-argument form, e.g. from extra_args
+            arg = "--api-keys=**********"
         out.append(arg)
     return out
 
@@ -250,6 +252,27 @@ def warm_up_jpeg(images_dir: Path | None = None) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     return buf.getvalue()
+
+
+def end_stale_server(pid_path: Path, port: int) -> None:
+    """A server left behind by a bot that was killed (pid file + our command line) is ended."""
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        cmdline = ""
+    if "api_server" in cmdline and f"--server-port {port}" in cmdline:
+        log.warning("ending stale lmdeploy api_server pid %d on port %d", pid, port)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    with contextlib.suppress(OSError):
+        pid_path.unlink()
 
 
 # --------------------------------------------------------------------------- one server process
@@ -391,8 +414,9 @@ class ServerProcess:
             try:
                 await self.start()
                 await self.wait_healthy()
-            except ServerFailed as exc:
-                log.error("restart of lmdeploy api_server failed: %s", exc.detail.splitlines()[0])
+            except (ServerFailed, OSError) as exc:  # e.g. a full disk: keep trying, with backoff
+                reason = exc.detail if isinstance(exc, ServerFailed) else f"{exc!r}"
+                log.error("restart of lmdeploy api_server failed: %s", reason.splitlines()[0])
                 await self._terminate(grace_s=5)
                 continue
             log.warning("lmdeploy api_server for %s is back (restart %d)", self.label,
@@ -449,24 +473,7 @@ class ServerProcess:
     # ------------------------------------------------------------------ helpers
 
     def _kill_stale(self) -> None:
-        """A server left behind by a bot that was killed (pid file + our command line) is ended."""
-        try:
-            pid = int(self.pid_path.read_text().strip())
-        except (OSError, ValueError):
-            return
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            cmdline = ""
-        if "api_server" in cmdline and f"--server-port {self.port}" in cmdline:
-            log.warning("ending stale lmdeploy api_server pid %d on port %d", pid, self.port)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
-        with contextlib.suppress(OSError):
-            self.pid_path.unlink()
+        end_stale_server(self.pid_path, self.port)
 
     def _open_log(self, header: str) -> BinaryIO:
         logf = open(self.log_path, "ab")  # handed to the child; the caller closes it
@@ -537,6 +544,7 @@ class ManagedLMDeploy:
         self.active: ServerProcess | None = None
         self.history: list[dict[str, Any]] = []
         self._pending: set[ServerProcess] = set()
+        self._retiring: set[ServerProcess] = set()  # the old server of a swap, while it drains
         self._start_lock = asyncio.Lock()
         self._swap_lock = asyncio.Lock()
         self._closed = False
@@ -580,6 +588,10 @@ class ManagedLMDeploy:
                 return
             if self._closed:
                 raise EngineError(detail="engine is closed")
+            # a killed bot may have left its server on any swap port, not only on engine.port
+            base = self.engine_settings.port
+            for port in range(base, base + self.PORT_CANDIDATES):
+                end_stale_server(self.log_dir / f"lmdeploy-{port}.pid", port)
             server = self._server(self.model_dir, self.engine_settings.port, self.label)
             self._pending.add(server)
             try:
@@ -613,7 +625,7 @@ class ManagedLMDeploy:
 
     async def close(self) -> None:
         self._closed = True
-        servers = [s for s in (self.active, *self._pending) if s is not None]
+        servers = [s for s in (self.active, *self._pending, *self._retiring) if s is not None]
         for server in servers:
             await server.stop()
         self.active = None
@@ -678,17 +690,24 @@ class ManagedLMDeploy:
             previous = self.http.switch(Upstream.of([new.url], new.served_name, new.label))
             self.active, self.model_dir, self.label = new, new_dir, label
             self.served_name = new.served_name
-            self._save_state()
-            waiting = self.http.in_flight_to(previous.base_urls)
-            say(f"switched new requests to {label}; draining {waiting} request(s) on {old.label}")
-            limit = self.engine_settings.drain_timeout_s
-            drained = await self.http.drain(previous.base_urls, limit)
-            if not drained:
+            self._retiring.add(old)  # close() stops it too, should the bot stop mid-drain
+            try:
+                self._save_state()
+                waiting = self.http.in_flight_to(previous.base_urls)
                 say(
-                    f"{self.http.in_flight_to(previous.base_urls)} request(s) still running on "
-                    f"{old.label} after {self.engine_settings.drain_timeout_s:g} s; stopping anyway"
+                    f"switched new requests to {label}; draining {waiting} request(s) on "
+                    f"{old.label}"
                 )
-            await old.stop()
+                limit = self.engine_settings.drain_timeout_s
+                drained = await self.http.drain(previous.base_urls, limit)
+                if not drained:
+                    say(
+                        f"{self.http.in_flight_to(previous.base_urls)} request(s) still running "
+                        f"on {old.label} after {limit:g} s; stopping anyway"
+                    )
+            finally:  # cancelled or failed after the switch: the old server must not run on
+                await old.stop()
+                self._retiring.discard(old)
             say(f"stopped {old.label} (port {old.port})")
             return self._record(old, new, began, ok=True, drained=drained)
 

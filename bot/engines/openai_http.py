@@ -435,11 +435,13 @@ class OpenAIHTTPEngine:
         start = next(self._rr)
         attempt = 0
         while attempt < attempts:
-            upstream = self._upstream  # read per attempt: a retry after a swap goes to the new one
-            url = self._pick(upstream, start, attempt)
             if attempt:
                 self.stats.retries += 1
                 await asyncio.sleep(self._backoff(attempt))
+            # read per attempt, after the backoff: a retry after a swap goes to the new one (a
+            # request sleeping here is out to no server, so the swap's drain does not wait for it)
+            upstream = self._upstream
+            url = self._pick(upstream, start, attempt)
             self.url_in_flight[url] += 1
             try:
                 model = await self._model_for(upstream, url)
@@ -528,7 +530,10 @@ class OpenAIHTTPEngine:
                 reachable = False
             # health is shown on the public /healthz page: a password in a URL must not be
             urls[mask_url_credentials(url)] = reachable
-        ok = any(urls.values()) and self.breaker.state != "open"
+        # an open breaker past breaker_reset_s lets the next request probe: not a reason to be
+        # unready (behind a readiness check no request would come, and it would never close)
+        failing_fast = self.breaker.state == "open" and self.breaker.retry_after() > 0
+        ok = any(urls.values()) and not failing_fast
         return EngineHealth(
             ok=ok,
             model=upstream.label or upstream.model or self._discovered_name(upstream) or "",
