@@ -33,6 +33,7 @@ that is still running, so two processes deciding at once cannot both act.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import sys
@@ -225,11 +226,17 @@ async def _act_ab(
     if status == "promoted":
         try:
             _, previous = await promote_version(store, pm, promoter, test.candidate)
-        except Exception as exc:  # whatever broke, the old model still serves: say so
-            why = f"promotion failed: {exc}; {test.control} stays active"
+        except BaseException as exc:  # whatever broke (a shutdown too), the old model still serves
+            why = f"promotion failed: {_what(exc)}; {test.control} stays active"
             log.error("A/B test #%d: %s", test.id, why)
-            await store.update_ab_test(test.id, status="failed", reason=why)
-            await store.set_model_status(test.candidate, "candidate")
+
+            async def undo() -> None:
+                await store.update_ab_test(test.id, status="failed", reason=why)
+                await store.set_model_status(test.candidate, "candidate")
+
+            await asyncio.shield(undo())
+            if not isinstance(exc, Exception):  # cancelled: recorded, now go
+                raise
             return Outcome(test.id, test.kind, "failed", why, doc)
         log.warning("A/B test #%d: promoted %s over %s: %s", test.id, test.candidate, previous,
                     reason)  # fmt: skip
@@ -272,14 +279,23 @@ async def _act_watch(
         return Outcome(test.id, test.kind, status, reason, doc)
     try:
         await rollback(store, pm, promoter, to=test.candidate)
-    except Exception as exc:  # whatever broke, the new model still serves: say so
-        why = f"rollback to {test.candidate} failed: {exc}; {test.control} stays active"
+    except BaseException as exc:  # whatever broke (a shutdown too), the new model still serves
+        why = f"rollback to {test.candidate} failed: {_what(exc)}; {test.control} stays active"
         log.error("watch #%d: %s", test.id, why)
-        await store.update_ab_test(test.id, status="failed", reason=why)
+        await asyncio.shield(store.update_ab_test(test.id, status="failed", reason=why))
+        if not isinstance(exc, Exception):  # cancelled: recorded, now go
+            raise
         return Outcome(test.id, test.kind, "failed", why, doc)
     log.warning("AUTO-ROLLBACK (watch #%d): %s → %s: %s", test.id, test.control, test.candidate,
                 reason)  # fmt: skip
     return Outcome(test.id, test.kind, "rolled_back", reason, doc)
+
+
+def _what(exc: BaseException) -> str:
+    """An exception as the reason's words (a cancellation has no message of its own)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return str(exc) or type(exc).__name__
 
 
 async def decide_tests(

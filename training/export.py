@@ -146,7 +146,8 @@ def split_images(hashes: Iterable[str], fraction: float) -> set[str]:
 
 
 def _rank_key(ex: dict[str, Any]) -> tuple[Any, ...]:
-    return (-int(ex.get("net", 0)), -int(ex.get("up", 0)), str(ex.get("id")))
+    # float: web votes at a fractional weight make scores like 1.5 (int() would tie them with 1)
+    return (-float(ex.get("net", 0)), -float(ex.get("up", 0)), str(ex.get("id")))
 
 
 @dataclass
@@ -454,10 +455,10 @@ class ExportResult:
 
 
 def _like_rate(examples: Iterable[dict[str, Any]]) -> float | None:
-    up = down = 0
+    up = down = 0.0
     for ex in examples:
-        up += int(ex.get("up", 0))
-        down += int(ex.get("down", 0))
+        up += float(ex.get("up", 0))
+        down += float(ex.get("down", 0))
     return round(up / (up + down), 4) if up + down else None
 
 

@@ -215,6 +215,8 @@ def promote(args: argparse.Namespace, kube: Kubernetes | None = None) -> None:
         say(f"FAILED ({exc}); going back")
         if previous is not None:
             repoint(link, previous)
+        elif link.is_symlink():  # there was none: a link left here would serve the failed model
+            link.unlink()
         if args.kubernetes and kube is not None:
             try:  # the previous pod template again: the old pods come back
                 kube.roll(args.kubernetes, old_version or "previous")

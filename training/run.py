@@ -730,22 +730,29 @@ class TrainingPipeline:
             self._say(f"FAILED at {step}: {message}")
             result.status, result.step = "failed", step
             result.error = f"{step}: {message}"
-            if result.version and not registered:
-                # an unregistered model folder is of no use to anyone: don't leave gigabytes behind
-                shutil.rmtree(self.models_dir / f".{result.version}.partial", ignore_errors=True)
-                if result.model_dir is not None:
-                    shutil.rmtree(result.model_dir, ignore_errors=True)
-                    self._say(f"removed unregistered {result.model_dir}")
-                    result.model_dir = None
+            if not registered:
+                self._remove_unregistered(result)
         except BaseException:  # cancelled (Ctrl-C, shutdown): record it, then go
             timings[step] = round(time.perf_counter() - t0, 3)
             result.status, result.step, result.error = "failed", step, f"{step}: cancelled"
+            if not registered:
+                self._remove_unregistered(result)
             metrics["total_s"] = round(time.perf_counter() - started, 3)
             await asyncio.shield(self._finish(result, metrics))
             raise
         metrics["total_s"] = round(time.perf_counter() - started, 3)
         await self._finish(result, metrics)
         return result
+
+    def _remove_unregistered(self, result: RunResult) -> None:
+        """An unregistered model folder is of no use to anyone: don't leave gigabytes behind."""
+        if not result.version:
+            return
+        shutil.rmtree(self.models_dir / f".{result.version}.partial", ignore_errors=True)
+        if result.model_dir is not None:
+            shutil.rmtree(result.model_dir, ignore_errors=True)
+            self._say(f"removed unregistered {result.model_dir}")
+            result.model_dir = None
 
     async def _start_ab_test(
         self, version: str, parent: str | None, run_id: int, metrics: dict[str, Any]
