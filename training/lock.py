@@ -12,6 +12,7 @@ multi-hour training.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -95,9 +96,12 @@ async def pg_advisory_lock(engine: Any, name: str = LOCK_NAME) -> AsyncIterator[
             try:
                 await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 await conn.commit()
-            except Exception:
-                # A dead connection has already released the lock; make sure it is not reused.
-                await conn.invalidate()
+            except BaseException as exc:
+                # A dead connection has already released the lock, and closing one that was
+                # cancelled mid-unlock releases it: either way it must not go back to the pool.
+                await asyncio.shield(conn.invalidate())
+                if not isinstance(exc, Exception):
+                    raise
     finally:
         await conn.close()
 

@@ -227,3 +227,59 @@ def test_a_failed_first_rollout_leaves_no_link_behind(tmp_path: Path) -> None:
     argv = [str(model), "ft-2", "--link", str(link), "--url", "http://127.0.0.1:9"]
     assert rollout.main([*argv, "--timeout", "0", "--poll", "0"]) == 1
     assert not link.is_symlink() and not link.exists()
+
+
+async def test_a_cancellation_during_the_advisory_unlock_does_not_keep_the_lock(
+    pg_database: str,
+) -> None:
+    """A shutdown landing while ``pg_advisory_unlock`` is awaited returned the connection to the
+    pool with the session lock still held: no training could run again in this process's
+    lifetime, nor on any other replica."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from training.lock import LockBusy, pg_advisory_lock
+
+    engine = create_async_engine(pg_database)
+    unlocking = asyncio.Event()
+
+    class SlowUnlock:
+        """The pooled connection, but its unlock takes long enough to be cancelled."""
+
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._conn, name)
+
+        async def execute(self, statement: Any, *args: Any) -> Any:
+            if "unlock" in str(statement):
+                unlocking.set()
+                await asyncio.sleep(30)
+            return await self._conn.execute(statement, *args)
+
+    class Engine:
+        async def connect(self) -> SlowUnlock:
+            return SlowUnlock(await engine.connect())
+
+    async def hold() -> None:
+        async with pg_advisory_lock(Engine()):
+            pass
+
+    try:
+        task = asyncio.create_task(hold())
+        await asyncio.wait_for(unlocking.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # another replica's session (the pool would hand back the holder's, where the lock
+        # is re-entrant): LockBusy while the cancelled holder's session keeps it
+        other = create_async_engine(pg_database)
+        try:
+            async with pg_advisory_lock(other):
+                pass
+        finally:
+            await other.dispose()
+    except LockBusy:
+        pytest.fail("the advisory lock outlived a cancelled unlock")
+    finally:
+        await engine.dispose()
