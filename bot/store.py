@@ -274,6 +274,17 @@ class JokeRemovalRow(Base):
     removed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ChatMoveRow(Base):
+    """A chat that became another (a Telegram group upgraded to a supergroup; migration
+    0002_chat_moves): votes pressed in ``new_chat`` count on jokes told in ``old_chat``. Both are
+    chat ids as ``JokeRow.chat_id`` holds them (``tg:-123``)."""
+
+    __tablename__ = "chat_moves"
+    old_chat: Mapped[str] = mapped_column(String(128), primary_key=True)
+    new_chat: Mapped[str] = mapped_column(String(128))
+    moved_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 GROUP_COMMIT_MAX = 64  # jokes per SQLite transaction at most
 
 
@@ -600,8 +611,9 @@ class Store:
     ) -> Rating:
         """One vote per user per joke; a second vote replaces the first.
 
-        With ``chat_id`` the joke must belong to that chat, so a forged button from another chat
-        cannot vote on it. ``network``: a keyed hash of where an anonymous vote came from.
+        With ``chat_id`` the joke must belong to that chat (or to a chat that became it, see
+        ``move_chat``), so a forged button from another chat cannot vote on it. ``network``: a
+        keyed hash of where an anonymous vote came from.
         """
         if value not in (1, -1):
             raise OogiriError("bad_vote")
@@ -609,8 +621,14 @@ class Store:
             # the joke's row lock (FOR NO KEY UPDATE) orders concurrent votes on it (PostgreSQL;
             # SQLite's writes are serial already): else two presses at once both read "no vote"
             joke = await s.get(JokeRow, joke_id, with_for_update={"key_share": True})
-            if joke is None or (chat_id is not None and joke.chat_id != chat_id):
+            if joke is None:
                 raise NotFound()
+            if chat_id is not None and joke.chat_id != chat_id:
+                moved_to = joke.chat_id and await s.scalar(
+                    select(ChatMoveRow.new_chat).where(ChatMoveRow.old_chat == joke.chat_id)
+                )
+                if moved_to != chat_id:
+                    raise NotFound()
             previous = await s.scalar(
                 select(RatingRow.value).where(
                     RatingRow.joke_id == joke_id, RatingRow.user_id == user_id
@@ -641,6 +659,16 @@ class Store:
             down=down,
             channel=channel,
         )
+
+    async def move_chat(self, old_chat: str, new_chat: str) -> None:
+        """Remember that chat ``old_chat`` became ``new_chat`` (idempotent)."""
+        now = utcnow()
+        stmt = self._insert(ChatMoveRow).values(old_chat=old_chat, new_chat=new_chat, moved_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["old_chat"], set_={"new_chat": new_chat, "moved_at": now}
+        )
+        async with self.session(write=True) as s:
+            await s.execute(stmt)
 
     async def ratings_for(self, joke_id: int) -> list[tuple[str, int]]:
         async with self.session() as s:

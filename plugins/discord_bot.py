@@ -856,12 +856,27 @@ class DiscordChannel:
         log.error("discord: command failed", exc_info=error)
         reason = text("failed", language_of(interaction))
         try:
-            if interaction.response.is_done():
-                await interaction.followup.send(reason, ephemeral=True)
-            else:
+            if not interaction.response.is_done():
                 await interaction.response.send_message(reason, ephemeral=True)
+            elif await self._thinking_in_public(interaction):
+                # The first follow-up would fill the public "thinking…" message (its flag ignored)
+                # for the whole channel to see: remove that message, then tell the user alone.
+                await self._fail(interaction, reason)
+            else:
+                await interaction.followup.send(reason, ephemeral=True)
         except discord.HTTPException:
             log.debug("discord: could not report the failure", exc_info=True)
+
+    async def _thinking_in_public(self, interaction: Any) -> bool:
+        """Whether the response is still a public "thinking…" (a deferral nothing filled in)."""
+        if interaction.response.type != discord.InteractionResponseType.deferred_channel_message:
+            return False
+        try:
+            original = await interaction.original_response()
+        except discord.DiscordException:  # unknown: never delete what may already be the joke
+            log.debug("discord: could not read the deferred response", exc_info=True)
+            return False
+        return bool(original.flags.loading and not original.flags.ephemeral)
 
     # ------------------------------------------------------------------ votes
 

@@ -28,7 +28,7 @@ from pydantic import Field, SecretStr
 
 from bot.images import accepted_type
 from bot.logs import RedactingFilter
-from bot.models import JokeRequest, NotFound, OogiriError, RateLimited, Rejected
+from bot.models import JokeRequest, NotFound, OogiriError, RateLimited, Rejected, showable
 from bot.models import message as core_message
 from bot.moderation import moderation_for
 from bot.moderation_settings import check_subject
@@ -514,6 +514,7 @@ class TelegramChannel:
         self._last_edit: dict[tuple[int, int], float] = {}
         self._refreshing: dict[tuple[int, int], bool] = {}  # message → "counts changed again"
         self._tasks: set[asyncio.Task[None]] = set()
+        self._moved: dict[int, int] = {}  # groups upgraded to supergroups: old id → new id
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -550,6 +551,9 @@ class TelegramChannel:
         application.add_handler(CommandHandler("block", self.on_block, message_only))
         application.add_handler(CommandHandler("unblock", self.on_unblock, message_only))
         application.add_handler(CommandHandler("delete", self.on_delete, message_only))
+        application.add_handler(
+            MessageHandler(message_only & filters.StatusUpdate.MIGRATE, self.on_migrate)
+        )
         application.add_handler(
             MessageHandler(message_only & filters.COMMAND & filters.ChatType.PRIVATE, self.on_help)
         )
@@ -674,18 +678,43 @@ class TelegramChannel:
         markup: InlineKeyboardMarkup | None = None,
     ) -> Message | None:
         try:
-            return await bot.send_message(
-                chat_id=to.chat.id,
-                text=body[: MessageLimit.MAX_TEXT_LENGTH],
-                reply_parameters=ReplyParameters(
-                    message_id=to.message_id, allow_sending_without_reply=True
-                ),
-                reply_markup=markup,
-                message_thread_id=to.message_thread_id if to.is_topic_message else None,
-            )
+            try:
+                return await bot.send_message(
+                    chat_id=to.chat.id,
+                    text=body[: MessageLimit.MAX_TEXT_LENGTH],
+                    reply_parameters=ReplyParameters(
+                        message_id=to.message_id, allow_sending_without_reply=True
+                    ),
+                    reply_markup=markup,
+                    message_thread_id=to.message_thread_id if to.is_topic_message else None,
+                )
+            except ChatMigrated as exc:  # the group is a supergroup now: say it there
+                new_chat_id = int(exc.new_chat_id)
+                await self._chat_moved(to.chat.id, new_chat_id)
+                # (its message ids are its own: the old message cannot be quoted)
+                return await bot.send_message(
+                    chat_id=new_chat_id,
+                    text=body[: MessageLimit.MAX_TEXT_LENGTH],
+                    reply_markup=markup,
+                )
         except TelegramError as exc:
             log.warning("telegram: could not reply in a chat: %s", exc)
             return None
+
+    async def _chat_moved(self, old_chat_id: int, new_chat_id: int) -> None:
+        """Remember that group ``old_chat_id`` became supergroup ``new_chat_id``: its pending
+        replies go there, and votes from there count on the jokes told in the group."""
+        if self._moved.get(old_chat_id) == new_chat_id:
+            return
+        if len(self._moved) > SHOWN_MAX:  # bounded; a forgotten move costs one refused send
+            self._moved.clear()
+        self._moved[old_chat_id] = new_chat_id
+        log.info("telegram: chat %s became supergroup %s", old_chat_id, new_chat_id)
+        try:
+            await self.app.store.move_chat(f"tg:{old_chat_id}", f"tg:{new_chat_id}")
+        except OogiriError as exc:  # the database is down: Telegram's next refusal tells again
+            self._moved.pop(old_chat_id, None)
+            log.warning("telegram: could not record that chat %s moved: %s", old_chat_id, exc)
 
     @contextlib.asynccontextmanager
     async def _typing(self, bot: Bot, message: Message) -> AsyncIterator[None]:
@@ -729,6 +758,11 @@ class TelegramChannel:
         limit = self.download_limit
         if picture.file_size and picture.file_size > limit:
             await self._reply(bot, asking, self._too_large(lang))
+            return
+        max_hint = self.settings.limits.max_hint_chars
+        if hint and len(showable(hint)) > max_hint:  # the core's own test, before the download
+            refusal = Rejected(key="hint_too_long", limit=max_hint)
+            await self._reply(bot, asking, refusal.user_message(lang))
             return
         sender = _sender_id(asking)
         request = JokeRequest(
@@ -827,18 +861,18 @@ class TelegramChannel:
         if item.joke_id in await moderation_for(self.app).removed_jokes_cached():
             raise Undeliverable(f"joke {item.joke_id} was removed by an admin")
         chat_id = int(payload["chat_id"])
+        reply_to, thread = payload.get("reply_to"), payload.get("thread_id")
+        if chat_id in self._moved:  # the group became a supergroup, whose message ids differ
+            chat_id, reply_to, thread = self._moved[chat_id], None, None
         try:
-            sent = await application.bot.send_message(
-                chat_id=chat_id,
-                text=joke.text[: MessageLimit.MAX_TEXT_LENGTH],
-                reply_parameters=ReplyParameters(
-                    message_id=int(payload["reply_to"]), allow_sending_without_reply=True
+            try:
+                sent = await self._send_joke_message(
+                    application.bot, chat_id, joke, reply_to, thread
                 )
-                if payload.get("reply_to")
-                else None,
-                reply_markup=vote_keyboard(joke.id, joke.up, joke.down),
-                message_thread_id=payload.get("thread_id"),
-            )
+            except ChatMigrated as exc:  # found out now: the reply goes to the supergroup
+                await self._chat_moved(chat_id, int(exc.new_chat_id))
+                chat_id = int(exc.new_chat_id)
+                sent = await self._send_joke_message(application.bot, chat_id, joke, None, None)
         except RetryAfter as exc:
             raise RetryLater(f"flood control: {exc}", retry_seconds(exc) + 0.1) from None
         except (Forbidden, ChatMigrated) as exc:
@@ -849,6 +883,21 @@ class TelegramChannel:
             raise RetryLater(f"{type(exc).__name__}: {exc}") from None
         self._remember_shown((chat_id, sent.message_id), (joke.up, joke.down))
         return {"chat_id": chat_id, "message_id": sent.message_id}
+
+    async def _send_joke_message(
+        self, bot: Bot, chat_id: int, joke: Any, reply_to: Any, thread: Any
+    ) -> Message:
+        return await bot.send_message(
+            chat_id=chat_id,
+            text=joke.text[: MessageLimit.MAX_TEXT_LENGTH],
+            reply_parameters=ReplyParameters(
+                message_id=int(reply_to), allow_sending_without_reply=True
+            )
+            if reply_to
+            else None,
+            reply_markup=vote_keyboard(joke.id, joke.up, joke.down),
+            message_thread_id=thread,
+        )
 
     async def _joke_on_reply(
         self, bot: Bot, message: Message, hint: str | None, private: bool
@@ -954,6 +1003,17 @@ class TelegramChannel:
             await self._joke_on_reply(
                 bot, message, clean_hint(message.text, bot.username), private=False
             )
+
+    async def on_migrate(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Telegram's service messages of a group upgraded to a supergroup: one in the old group
+        (``migrate_to_chat_id``), one in the new supergroup (``migrate_from_chat_id``)."""
+        message = update.effective_message
+        if message is None:
+            return
+        if message.migrate_to_chat_id:
+            await self._chat_moved(message.chat.id, message.migrate_to_chat_id)
+        elif message.migrate_from_chat_id:
+            await self._chat_moved(message.migrate_from_chat_id, message.chat.id)
 
     async def on_callback(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query
@@ -1074,16 +1134,21 @@ class TelegramChannel:
             and user.id in self.settings.telegram.admin_ids
         )
 
-    def _subject(self, message: Message, args: list[str]) -> str | None:
-        """Whom ``/block``/``/unblock`` means: the replied-to sender, or an id or subject."""
+    def _subject(self, message: Message, args: list[str], lang: str) -> str | None:
+        """Whom ``/block``/``/unblock`` means: the replied-to sender, or an id or subject.
+
+        Raises ValueError with a reason in ``lang`` (shown to the admin) for anything else."""
         if args:
             value = args[0].strip()
             if ":" in value:
-                return check_subject(value)
+                try:
+                    return check_subject(value)
+                except ValueError:
+                    raise ValueError(text("mod_bad_subject", lang, value=value[:60])) from None
             if re.fullmatch(r"-?[0-9]{1,20}", value):
                 kind = "chat" if value.startswith("-") else "user"
                 return f"{CHANNEL}:{kind}:{value}"
-            raise ValueError(f"not a Telegram id: {value[:40]}")
+            raise ValueError(text("mod_not_an_id", lang, value=value[:40]))
         original = message.reply_to_message
         if original is None:
             return None
@@ -1105,10 +1170,14 @@ class TelegramChannel:
             return
         moderation = moderation_for(self.app)
         try:
-            subject = self._subject(message, list(context.args or ()))
-            if subject is None:
-                await self._reply(context.bot, message, text("mod_usage", lang, command=command))
-                return
+            subject = self._subject(message, list(context.args or ()), lang)
+        except ValueError as exc:
+            await self._reply(context.bot, message, text("mod_error", lang, error=str(exc)))
+            return
+        if subject is None:
+            await self._reply(context.bot, message, text("mod_usage", lang, command=command))
+            return
+        try:
             by = f"{CHANNEL}:user:{update.effective_user.id}"  # type: ignore[union-attr]
             if command == "block":
                 done = await moderation.block(subject, by=by)
@@ -1116,8 +1185,13 @@ class TelegramChannel:
             else:
                 done = await moderation.unblock(subject)
                 key = "unblocked" if done else "not_blocked"
-        except ValueError as exc:
-            await self._reply(context.bot, message, text("mod_error", lang, error=str(exc)))
+        except ValueError:
+            # the subject is valid (checked above): what moderation refuses is taking a subject
+            # of the settings' block list off it; its own message is English, so say it here
+            if command != "unblock" or subject not in moderation.settings.block:
+                raise
+            error = text("mod_in_settings", lang, subject=subject)
+            await self._reply(context.bot, message, text("mod_error", lang, error=error))
             return
         except OogiriError as exc:
             await self._reply(context.bot, message, exc.user_message(lang))

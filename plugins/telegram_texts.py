@@ -114,6 +114,30 @@ TEXTS: dict[str, dict[str, str]] = {
     },
     **MODERATION_TEXTS,
     "mod_error": {"en": "Not changed: {error}", "zh": "未更改：{error}"},
+    # the {error} of mod_error
+    "mod_not_an_id": {
+        "en": (
+            "{value} is not a Telegram id. Use the numeric id of a user or a group, or send the "
+            "command as a reply to their message (bots can't look up @usernames)."
+        ),
+        "zh": "{value} 不是 Telegram id。请使用用户或群的数字 id，或者回复对方的消息发送这个命令"
+        "（机器人无法按 @用户名 查找）。",
+    },
+    "mod_bad_subject": {
+        "en": (
+            "{value} is not a moderation subject: write telegram:user:<id>, "
+            "telegram:chat:<id> (or discord:user:<id>, discord:guild:<id>)."
+        ),
+        "zh": "{value} 不是有效的对象：请写 telegram:user:<id>、telegram:chat:<id>"
+        "（或 discord:user:<id>、discord:guild:<id>）。",
+    },
+    "mod_in_settings": {
+        "en": (
+            "{subject} is blocked in the bot's settings (moderation.block); only the operator "
+            "can remove it there."
+        ),
+        "zh": "{subject} 是在机器人的配置（moderation.block）里屏蔽的，只能由运营者在配置里移除。",
+    },
     "no_such_joke": {"en": "There is no joke {joke_id}.", "zh": "没有编号为 {joke_id} 的笑话。"},
     "delete_usage": {
         "en": "Reply to one of my jokes with /delete (or /delete <joke id>).",

@@ -850,9 +850,11 @@ class FakeDiscord:
             return web.Response(status=500)
         original = self.messages.get(interaction.original_id or "")
         if original is not None and original["flags"] & LOADING:
-            # the first follow-up after a deferral fills in the "thinking…" message
+            # the first follow-up after a deferral fills in the "thinking…" message, which stays
+            # as ephemeral (or public) as the deferral made it: the follow-up's flag is ignored
+            ephemeral = original["flags"] & EPHEMERAL
             self._apply_edit(original, body, files)
-            original["flags"] &= ~LOADING
+            original["flags"] = (original["flags"] & ~(LOADING | EPHEMERAL)) | ephemeral
             msg = original
         else:
             msg = self._message(interaction.channel_id, body, files=files, interaction=interaction)

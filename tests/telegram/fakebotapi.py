@@ -7,8 +7,9 @@ behaviours a bot depends on: long-polling ``getUpdates`` with offsets, 409 while
 "message is not modified" on identical edits, callback queries answerable once, 429 with
 ``retry_after``. Failures are injected as Telegram answers them: ``fail_chat`` refuses one chat
 (429, after which that chat stays refused for ``retry_after`` seconds, or a 5xx) and ``chaos``
-refuses a random share of all chat sends. Every call is recorded so a test can see exactly what
-the bot sent.
+refuses a random share of all chat sends; ``migrate_chat`` upgrades a group to a supergroup, after
+which every call naming the old chat gets Telegram's 400 with ``parameters.migrate_to_chat_id``.
+Every call is recorded so a test can see exactly what the bot sent.
 
 The other half plays the users: ``push_*`` helpers build real update JSON (``anonymous_message``:
 posts with ``sender_chat``, as anonymous admins and "send as channel" produce) and queue it
@@ -108,6 +109,7 @@ class FakeBotAPI:
         self.failures: dict[str, list[int]] = {}
         self.chat_failures: dict[tuple[str, int], list[tuple[int, int]]] = {}
         self.flood_until: dict[int, float] = {}  # chat → its 429 holds until then
+        self.migrated: dict[int, int] = {}  # a group → the supergroup it was upgraded to
         self.chaos_rates: tuple[float, float] = (0.0, 0.0)
         self.chaos_retry_after = 1
         self._chaos = random.Random(0)
@@ -174,6 +176,25 @@ class FakeBotAPI:
         """Fail the next ``times`` ``method`` calls into ``chat_id`` only: 429 (flood control:
         the chat then stays refused for ``retry_after`` seconds, as Telegram does) or a 5xx."""
         self.chat_failures.setdefault((method, chat_id), []).extend([(status, retry_after)] * times)
+
+    def migrate_chat(self, old_id: int, new_id: int, title: str = "Memes") -> dict[str, Any]:
+        """Upgrade group ``old_id`` to supergroup ``new_id`` (returned): from now on every call
+        naming the old chat is answered as Telegram does, 400 with ``migrate_to_chat_id``."""
+        self.migrated[old_id] = new_id
+        return self.group_chat(new_id, title)
+
+    def _migration(self, params: dict[str, Any]) -> web.Response | None:
+        try:
+            new_id = self.migrated.get(int(params.get("chat_id")))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None
+        if new_id is None:
+            return None
+        return _error(
+            400,
+            "Bad Request: group chat was upgraded to a supergroup chat",
+            {"migrate_to_chat_id": new_id},
+        )
 
     def chaos(self, rate_429: float, rate_5xx: float, retry_after: int = 1, seed: int = 0) -> None:
         """Refuse a share of chat sends at random: 429 for that chat, or a 5xx (benchmarks)."""
@@ -466,7 +487,7 @@ class FakeBotAPI:
         if request.match_info["token"] != self.token:
             return _error(401, "Unauthorized")
         params = await self._params(request)
-        refused = self._chat_failure(method, params)
+        refused = self._migration(params) or self._chat_failure(method, params)
         if refused is not None:
             await self._record(method, params, refused.status)
             return refused
