@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fakebotapi import BOT_ID, BOT_USERNAME, FakeBotAPI, keyboard_counts
-from tgsupport import ADMIN_ID, StartBot
+from tgsupport import ADMIN_ID, StartBot, jokes_in
 
 import plugins.telegram as tg
 from bot.outbox import Outbox
@@ -32,18 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:telegram")
 
 def replies_to(msg: dict[str, Any]):
     return lambda p: (p.get("reply_parameters") or {}).get("message_id") == msg["message_id"]
-
-
-def jokes_in(api: FakeBotAPI, chat_id: int) -> list[dict[str, Any]]:
-    """Joke replies (with a vote keyboard) the bot delivered into ``chat_id``, in order."""
-    return [
-        c.params
-        for c in api.calls
-        if c.method == "sendMessage"
-        and c.status == 200
-        and int(c.params["chat_id"]) == chat_id
-        and "reply_markup" in c.params
-    ]
 
 
 async def outbox_counts(app: Any) -> dict[str, int]:

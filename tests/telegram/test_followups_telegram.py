@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fakebotapi import BOT_ID, BOT_USERNAME, FakeBotAPI, keyboard_counts
 from sqlalchemy import select
-from tgsupport import ADMIN_ID, StartBot
+from tgsupport import ADMIN_ID, StartBot, jokes_in
 
 import plugins.telegram as tg
 from bot.app import App
@@ -39,18 +39,6 @@ def basic_group(api: FakeBotAPI, chat_id: int = OLD_GROUP) -> dict[str, Any]:
     chat = {"id": chat_id, "type": "group", "title": "Memes"}
     api.chats[chat_id] = chat
     return chat
-
-
-def jokes_in(api: FakeBotAPI, chat_id: int) -> list[dict[str, Any]]:
-    """Joke replies (with a vote keyboard) the bot delivered into ``chat_id``, in order."""
-    return [
-        c.params
-        for c in api.calls
-        if c.method == "sendMessage"
-        and c.status == 200
-        and int(c.params["chat_id"]) == chat_id
-        and "reply_markup" in c.params
-    ]
 
 
 def joke_id_of(params: dict[str, Any]) -> int:

@@ -24,6 +24,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def jokes_in(api: FakeBotAPI, chat_id: int) -> list[dict[str, Any]]:
+    """Joke replies (with a vote keyboard) the bot delivered into ``chat_id``, in order."""
+    return [
+        c.params
+        for c in api.calls
+        if c.method == "sendMessage"
+        and c.status == 200
+        and int(c.params["chat_id"]) == chat_id
+        and "reply_markup" in c.params
+    ]
+
+
 def make_settings(tmp_path: Path, api: FakeBotAPI, **overrides: Any) -> Settings:
     telegram = {
         "token": TOKEN,
