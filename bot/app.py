@@ -13,7 +13,7 @@ import pluggy
 from bot.engines.base import Engine
 from bot.limits import Limiter, make_limiter
 from bot.metrics import Metrics
-from bot.plugins import Registry, call_hook, collect, make_manager
+from bot.plugins import Registry, call_hook, collect, make_manager, notify
 from bot.service import JokeService
 from bot.settings import Settings, mask_url
 from bot.store import Store
@@ -66,15 +66,30 @@ class App:
         pm = pm or make_manager(settings.plugins, extra=plugins)
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private when new
         store = Store(settings.database_url, settings.images_dir, echo=settings.store.echo)
-        log.info("store: %s", mask_url(settings.database_url))
-        await store.upgrade()
-        if engine is None:
-            engines = collect(pm, "oogiri_register_engines", "engine", settings)
-            factory = engines.get(settings.engine.name)
-            made: Engine = await asyncio.to_thread(factory, settings)
-            engine = made
-        app = cls(settings, pm, store, engine, make_limiter(settings.limits.backend), Metrics())
-        await call_hook(pm, "oogiri_startup", app=app)
+        made: Engine | None = None
+        try:
+            log.info("store: %s", mask_url(settings.database_url))
+            await store.upgrade()
+            if engine is None:
+                engines = collect(pm, "oogiri_register_engines", "engine", settings)
+                factory = engines.get(settings.engine.name)
+                built: Engine = await asyncio.to_thread(factory, settings)
+                made = engine = built
+            serving: Engine = engine
+            limiter = make_limiter(settings.limits.backend)
+        except BaseException:
+            if made is not None:
+                await made.close()
+            await store.close()
+            raise
+        app = cls(settings, pm, store, serving, limiter, Metrics())
+        try:
+            await call_hook(pm, "oogiri_startup", app=app)
+        except BaseException:
+            # a start-up hook failed or Ctrl-C came: what started (a managed LMDeploy server, a
+            # plugin's task) is stopped here, since the caller gets no app to close
+            await app.close()
+            raise
         return app
 
     def swap_engine(self, engine: Engine) -> Engine:
@@ -83,9 +98,16 @@ class App:
         return old
 
     async def start_channels(self, names: Iterable[str] | None = None) -> None:
-        for name in names if names is not None else self.settings.channels:
-            channel = self.channel_registry.get(name)(self)
-            await channel.start()
+        names = list(names if names is not None else self.settings.channels)
+        # every name first: a misspelt channel starts nothing (and nothing has to be stopped)
+        factories = [(name, self.channel_registry.get(name)) for name in names]
+        for name, factory in factories:
+            try:
+                channel = factory(self)
+                await channel.start()
+            except Exception:
+                log.error("channel %s failed to start", name)
+                raise
             self.channels.append(channel)
             log.info("channel %s started", name)
 
@@ -97,8 +119,22 @@ class App:
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):
                 pass
-        await self.start_channels()
-        await stop.wait()
+        # A stop signal while the channels start (a gateway that does not answer) ends the start
+        # too: the handlers above replaced Ctrl-C's usual KeyboardInterrupt.
+        starting = asyncio.ensure_future(self.start_channels())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("stop requested while the channels were starting")
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+            else:
+                starting.result()  # a channel that failed to start
+                await stopping
+        finally:
+            starting.cancel()
+            stopping.cancel()
         log.info("shutting down")
 
     async def close(self) -> None:
@@ -108,7 +144,13 @@ class App:
             except Exception:
                 log.exception("channel %s failed to stop cleanly", channel.name)
         self.channels.clear()
-        await call_hook(self.pm, "oogiri_shutdown", app=self)
-        await self.engine.close()
-        await self.limiter.close()
-        await self.store.close()
+        try:
+            await notify(self.pm, "oogiri_shutdown", app=self)  # one failing plugin stops no other
+        finally:
+            try:
+                await self.engine.close()
+            finally:
+                try:
+                    await self.limiter.close()
+                finally:
+                    await self.store.close()

@@ -13,13 +13,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from bot.logs import configure_logging
 from bot.plugins import describe, make_manager
-from bot.settings import Settings
+from bot.settings import Settings, UnknownSettingsError, settings_error_message
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _tidy_help() -> None:
@@ -74,6 +76,23 @@ cli.add_typer(db_cli, name="db")
 console = Console(stderr=True)
 
 
+def settings_error(exc: BaseException) -> None:
+    """Say which setting is wrong (its OOGIRI_ variable) on stderr, without a traceback."""
+    console.print(f"[red]settings error:[/red] {escape(settings_error_message(exc))}")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """``Settings(**overrides)``, or exit 2 with a message naming each invalid variable."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        return Settings(**overrides)
+    except (ValidationError, SettingsError, UnknownSettingsError) as exc:
+        settings_error(exc)
+        raise typer.Exit(code=2) from None
+
+
 def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
@@ -120,17 +139,29 @@ def serve(
     overrides: dict[str, Any] = {}
     if channels:
         overrides["channels"] = channels
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
     configure_logging(settings)
     check_unknown_settings(settings, strict)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # 7 lines of "context impl" noise
+
+    from bot.plugins import collect
+
+    pm = make_manager(settings.plugins)
+    known = collect(pm, "oogiri_register_channels", "channel", settings).names()
+    unknown = [name for name in settings.channels if name not in known]
+    if unknown:  # before the engine loads (minutes for a large model), not after
+        names, installed = ", ".join(map(repr, unknown)), ", ".join(known)
+        console.print(
+            f"[red]error:[/red] no channel named {escape(names)} (installed: {installed})"
+        )
+        raise typer.Exit(code=1)
 
     async def main() -> None:
         from bot.cli_joke import write_serve_marker
 
         with spinner() as progress:
             progress.add_task(f"loading engine {settings.engine.name!r} …", total=None)
-            app = await App.create(settings)
+            app = await App.create(settings, pm=pm)
         marker = write_serve_marker(settings)  # `oogiri joke` finds this serve without probing
         try:
             await app.serve_forever()
@@ -139,7 +170,12 @@ def serve(
                 marker.unlink(missing_ok=True)
             await app.close()
 
-    run(main())
+    try:
+        run(main())
+    except Exception as exc:  # a channel that cannot start: its reason, through the redacting log
+        log.error("oogiri serve stopped: %s", exc)
+        log.debug("what stopped oogiri serve", exc_info=True)
+        raise typer.Exit(code=1) from None
 
 
 @cli.command(no_args_is_help=True)
@@ -179,13 +215,13 @@ def joke(
     # The core's settings (no plugin imported) serve the checks and a running serve; the full
     # settings are built only to find a serve at the web address or to load the model here.
     core = cj.core_settings()
-    settings = core or Settings()
+    settings = core or load_settings()
     quiet_logs(settings, verbose)
 
     def full_settings() -> Settings:
         if settings is not core:
             return settings
-        complete = Settings()
+        complete = load_settings()
         quiet_logs(complete, verbose)  # every plugin's secrets redacted too
         return complete
 
@@ -258,7 +294,7 @@ def plugins_cmd() -> None:
     import shutil
     import textwrap
 
-    settings = Settings()
+    settings = load_settings()
     # Names are never cut or split: each plugin on a line, its hooks wrapped below at commas
     # (any terminal width; 80 columns when piped).
     width = max(40, shutil.get_terminal_size((80, 24)).columns)
@@ -285,7 +321,7 @@ def config_show(
     ] = False,
 ) -> None:
     """Print the effective settings as JSON, secrets masked; unknown keys warned on stderr."""
-    settings = Settings()
+    settings = load_settings()
     print(json.dumps(settings.masked(), indent=2, ensure_ascii=False))
     check_unknown_settings(settings, strict)
 
@@ -304,7 +340,7 @@ def db_upgrade(revision: str = "heads") -> None:
     """Create or migrate the database schema."""
     from bot.store import Store
 
-    settings = Settings()
+    settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     async def main() -> None:
@@ -322,7 +358,7 @@ def build_cli() -> typer.Typer:
     try:
         pm = make_manager(Settings().plugins)
     except Exception as exc:  # bad settings still deserve a readable message
-        console.print(f"[red]settings error:[/red] {exc}")
+        settings_error(exc)
         raise SystemExit(2) from exc
     pm.hook.oogiri_register_commands(cli=cli)
     return cli

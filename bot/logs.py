@@ -21,14 +21,23 @@ TOKEN_PATTERNS = (
 
 def secret_values(model: BaseModel) -> list[str]:
     found: list[str] = []
-    for name in type(model).model_fields:
-        value = getattr(model, name)
+
+    def collect(value: Any) -> None:
         if isinstance(value, SecretStr):
             raw = value.get_secret_value()
             if len(raw) >= 4:
                 found.append(raw)
         elif isinstance(value, BaseModel):
-            found.extend(secret_values(value))
+            for name in type(value).model_fields:
+                collect(getattr(value, name))
+        elif isinstance(value, dict):  # a plugin's ``dict[str, SecretStr]``, ``list[…]``
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                collect(item)
+
+    collect(model)
     return found
 
 

@@ -26,7 +26,7 @@ from sqlalchemy import delete, select
 from bot.metrics import Metrics
 from bot.models import JokeRequest, NotFound, Rejected
 from bot.moderation_settings import ModerationSettings, check_subject
-from bot.store import JokeRemovalRow, JokeRow, ModerationRow, Store, utcnow
+from bot.store import ChatMoveRow, JokeRemovalRow, JokeRow, ModerationRow, Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,15 @@ MODERATION_TEXTS: dict[str, dict[str, str]] = {
     "joke_deleted": {
         "en": "Joke {joke_id} removed; it will never be used for training.",
         "zh": "笑话 {joke_id} 已删除，不会再用于训练。",
+    },
+    "mod_error": {"en": "Not changed: {error}", "zh": "未更改：{error}"},
+    # the {error} of mod_error when an admin unblocks a subject the settings block
+    "mod_in_settings": {
+        "en": (
+            "{subject} is blocked in the bot's settings (moderation.block); only the operator "
+            "can remove it there."
+        ),
+        "zh": "{subject} 是在机器人的配置（moderation.block）里屏蔽的，只能由运营者在配置里移除。",
     },
 }
 BLOCK, ALLOW = "block", "allow"
@@ -102,6 +111,7 @@ class Moderation:
         self.settings = settings
         self.metrics = metrics
         self._cache: tuple[float, frozenset[str], frozenset[str]] | None = None
+        self._moved_from: dict[str, list[str]] = {}  # chat id → the chats that became it
         self._removed: tuple[float, set[int]] | None = None
 
     # ------------------------------------------------------------------ lists
@@ -112,6 +122,10 @@ class Moderation:
             return self._cache[1], self._cache[2]
         async with self.store.session() as s:
             rows = (await s.execute(select(ModerationRow.list, ModerationRow.subject))).all()
+            moves = (await s.execute(select(ChatMoveRow.old_chat, ChatMoveRow.new_chat))).all()
+        self._moved_from = {}
+        for old, new in moves:
+            self._moved_from.setdefault(new, []).append(old)
         block = frozenset({sub for lst, sub in rows if lst == BLOCK} | set(self.settings.block))
         allow = frozenset({sub for lst, sub in rows if lst == ALLOW} | set(self.settings.allow))
         self._cache = (now, block, allow)
@@ -131,9 +145,26 @@ class Moderation:
             return "not_allowed"
         return None
 
+    async def earlier_chats(self, chat_id: str) -> list[str]:
+        """The chats that became ``chat_id`` (a Telegram group upgraded to a supergroup gets a new
+        id, ``Store.move_chat``), oldest last: a block or allow of the group holds for it."""
+        await self._lists()
+        found: list[str] = []
+        pending = [chat_id]
+        while pending and len(found) < 100:
+            for old in self._moved_from.get(pending.pop(), []):
+                if old not in found and old != chat_id:
+                    found.append(old)
+                    pending.append(old)
+        return found
+
     async def check(self, request: JokeRequest) -> None:
         """Raise ``Rejected`` (key ``blocked`` / ``not_allowed``) for a refused request."""
-        verdict = await self.verdict(request_subjects(request))
+        subjects = request_subjects(request)
+        if request.chat_id:
+            earlier = await self.earlier_chats(request.chat_id)
+            subjects += [chat_subject(request.channel, old) for old in earlier]
+        verdict = await self.verdict(subjects)
         if verdict is not None:
             if self.metrics is not None:
                 self.metrics.moderated.labels(request.channel, verdict).inc()

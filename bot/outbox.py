@@ -387,6 +387,7 @@ class OutboxWorker:
         self._waiting_chats: set[str] = set()  # chats with a reply queued behind another
         self._inflight: set[int] = set()  # rows this process is sending right now
         self._expired_at = 0.0
+        self._last_delivered = 0  # of the last round (run_once)
 
     def _wait_behind(self, chat_key: str) -> None:
         """Remember that a reply of ``chat_key`` waits for the one being sent (bounded: a
@@ -464,11 +465,11 @@ class OutboxWorker:
         for item in items:  # delivered by the loop: the chat's next row comes on the next round
             self._wait_behind(item.chat_key)
 
-        async def one(item: OutboxItem) -> None:
+        async def one(item: OutboxItem) -> bool:
             async with self._slots:
-                await self._attempt(item)
+                return await self._attempt(item)
 
-        await asyncio.gather(*(one(i) for i in items))
+        self._last_delivered = sum(await asyncio.gather(*(one(i) for i in items)))
         return len(items)
 
     def start(self) -> None:
@@ -497,8 +498,10 @@ class OutboxWorker:
             except Exception:
                 log.warning("outbox: a delivery round failed", exc_info=True)
                 attempted = 0
-            if attempted:
+            if attempted and self._last_delivered:
                 continue
+            if attempted:  # every send failed (a retry "after 0 s" is due at once): no spinning
+                self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             except TimeoutError:

@@ -388,6 +388,81 @@ def _unknown_in_toml(model: type[BaseModel], data: dict[str, Any], where: str) -
     return out
 
 
+def _setting_name(loc: tuple[Any, ...]) -> str:
+    """``OOGIRI_ENGINE__MAX_NEW_TOKENS (engine.max_new_tokens)`` for an error's location."""
+    model: type[BaseModel] | None = settings_class()
+    parts: list[str] = []
+    for part in loc:
+        field = model.model_fields.get(part) if model and isinstance(part, str) else None
+        if field is None:
+            break
+        parts.append(part)
+        model = _field_model(field.annotation)
+    if not parts:
+        return "settings"
+    return f"OOGIRI_{'__'.join(parts).upper()} ({'.'.join(parts)})"
+
+
+def _decoded_as_json(name: str) -> bool:
+    """Whether pydantic-settings reads the variable ``name`` as JSON (a list, table or model)."""
+    model: type[BaseModel] | None = settings_class()
+    field = None
+    for part in name.lower().removeprefix("oogiri_").split("__"):
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return False
+        model = _field_model(field.annotation)
+    if field is None or any(isinstance(m, NoDecode) or m is NoDecode for m in field.metadata):
+        return False
+    kinds = (field.annotation, *get_args(field.annotation))
+    return any(
+        (get_origin(k) or k) in (list, dict, set, tuple, frozenset)
+        or (isinstance(k, type) and issubclass(k, BaseModel))
+        for k in kinds
+    )
+
+
+def _not_json(value: str | None) -> bool:
+    try:
+        json.loads(value or "")
+    except ValueError:
+        return True
+    return False
+
+
+def settings_error_message(exc: BaseException) -> str:
+    """What is wrong with the settings, by the names an operator writes: the OOGIRI_ variable
+    (and the TOML key) of each invalid value, and why; never the value (it may be a secret)."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    if isinstance(exc, ValidationError):
+        lines = [
+            f"  {_setting_name(tuple(error['loc']))}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+        return "invalid settings:\n" + "\n".join(lines)
+    found = re.search(r'field "(\w+)" from source "(\w+)"', str(exc))
+    if isinstance(exc, SettingsError) and found is not None:
+        field, source = found.groups()
+        if source == "DotEnvSettingsSource":
+            from dotenv import dotenv_values
+
+            where, values = ".env", dotenv_values(".env")
+        else:
+            where, values = "the environment", dict(os.environ)
+        prefix = f"OOGIRI_{field}".upper()
+        named = [n for n in values if n.upper() == prefix or n.upper().startswith(prefix + "__")]
+        culprits = [n for n in named if _decoded_as_json(n) and _not_json(values[n])]
+        cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+        return (
+            f"{', '.join(sorted(culprits or named)) or prefix} (from {where}): not valid JSON"
+            f"{cause}; a list or table setting is written as JSON, e.g. [1, 2] or "
+            '{"key": "value"}'
+        )
+    return str(exc)
+
+
 _pending_unknown: ContextVar[list[str] | None] = ContextVar("oogiri_unknown", default=None)
 
 
@@ -428,8 +503,30 @@ class _UnknownKeys(PydanticBaseSettingsSource):
         return {}
 
 
-#: ``scheme://user:password@`` (or ``scheme://password@`` / ``scheme://:password@``) in any text.
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s@:]*:)?([^/\s@]+)@")
+#: Where a URL starts, and where the word it is part of ends (white space, quotes, brackets).
+_URL_START = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://")
+_URL_END = re.compile(r"[\s\"'<>]")
+
+
+def _credentials_end(rest: str) -> int | None:
+    """Where the ``user:password@`` of a URL (``rest``: what follows ``scheme://``) ends: the
+    index of its ``@``, or None when it has none.
+
+    Parsers disagree on passwords that are not percent-encoded: urlsplit (redis-py, httpx) takes
+    the *last* ``@`` before the first ``/``, ``?`` or ``#`` (``p@ss``), SQLAlchemy the first ``@``
+    after ``user:`` even across a ``/`` (``ab/cd``). Both readings are masked.
+    """
+    host_end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    at = rest.rfind("@", 0, host_end)
+    if at != -1:
+        return at
+    _user, colon, after = rest[:host_end].partition(":")
+    if colon and not rest.startswith("[") and not after.isdigit():  # not a port: a password
+        at = rest.find("@", host_end)
+        next_url = _URL_START.search(rest, host_end)
+        if at != -1 and (next_url is None or at < next_url.start()):
+            return at
+    return None
 
 
 def mask_url_credentials(text: str) -> str:
@@ -438,7 +535,21 @@ def mask_url_credentials(text: str) -> str:
     A lone ``user@`` counts as a credential only with a password; ``scheme://token@host`` (as
     Redis and some APIs take it) is masked whole.
     """
-    return _URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}**********@", text)
+    out: list[str] = []
+    pos = 0
+    while (start := _URL_START.search(text, pos)) is not None:
+        begin = start.end()
+        end = _URL_END.search(text, begin)
+        rest = text[begin : end.start() if end else len(text)]
+        at = _credentials_end(rest)
+        out.append(text[pos:begin])
+        pos = begin
+        if at is not None:
+            user, colon, _password = rest[:at].partition(":")
+            out.append(f"{user}:**********@" if colon else "**********@")
+            pos = begin + at + 1
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _mask_url_values(value: Any) -> Any:

@@ -618,8 +618,13 @@ class DiscordChannel:
                 done = await moderation.unblock(subject)
                 key = "unblocked" if done else "not_blocked"
             reply = text(key, lang, subject=subject)
-        except ValueError as exc:
-            reply = str(exc)
+        except ValueError:
+            # the subject is a Discord user's (always valid): what moderation refuses is taking a
+            # subject of the settings' block list off it, in English; say it in the admin's language
+            if action != "unblock" or subject not in moderation.settings.block:
+                raise
+            error = text("mod_in_settings", lang, subject=subject)
+            reply = text("mod_error", lang, error=error)
         except OogiriError as exc:
             reply = exc.user_message(lang)
         await interaction.followup.send(reply, ephemeral=True)

@@ -715,6 +715,8 @@ class TelegramChannel:
         except OogiriError as exc:  # the database is down: Telegram's next refusal tells again
             self._moved.pop(old_chat_id, None)
             log.warning("telegram: could not record that chat %s moved: %s", old_chat_id, exc)
+            return
+        moderation_for(self.app).invalidate()  # a block of the group holds for it at once
 
     @contextlib.asynccontextmanager
     async def _typing(self, bot: Bot, message: Message) -> AsyncIterator[None]:

@@ -112,8 +112,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "zh": "回复某人的消息发送 /{command}，或 /{command} <用户 id>、/{command} <群 id>、"
         "/{command} telegram:user:<id>。",
     },
-    **MODERATION_TEXTS,
-    "mod_error": {"en": "Not changed: {error}", "zh": "未更改：{error}"},
+    **MODERATION_TEXTS,  # with mod_error and mod_in_settings
     # the {error} of mod_error
     "mod_not_an_id": {
         "en": (
@@ -130,13 +129,6 @@ TEXTS: dict[str, dict[str, str]] = {
         ),
         "zh": "{value} 不是有效的对象：请写 telegram:user:<id>、telegram:chat:<id>"
         "（或 discord:user:<id>、discord:guild:<id>）。",
-    },
-    "mod_in_settings": {
-        "en": (
-            "{subject} is blocked in the bot's settings (moderation.block); only the operator "
-            "can remove it there."
-        ),
-        "zh": "{subject} 是在机器人的配置（moderation.block）里屏蔽的，只能由运营者在配置里移除。",
     },
     "no_such_joke": {"en": "There is no joke {joke_id}.", "zh": "没有编号为 {joke_id} 的笑话。"},
     "delete_usage": {
