@@ -90,11 +90,44 @@ class BootstrapResult:
 
 
 class BootstrapEvents(RunEvents):
-    """Observer: the phase, data-building progress, plus the training run's own events."""
+    """Observer: the phase, download and data-building progress, plus the training run's own
+    events."""
 
     def phase(self, name: str, state: str, detail: str = "") -> None: ...
 
-    def build_progress(self, done: int, total: int | None, what: str) -> None: ...
+    def build_progress(self, done: int, total: int | None, what: str) -> None:
+        """``what``: ``download OWNER/NAME`` (bytes) or ``pictures`` (checked)."""
+
+
+# The sanity gate's language for each Oogiri-GO file (it has no Japanese check).
+GATE_LANGUAGE_OF = {"cn": "zh", "en": "en", "jp": None}
+
+
+def check_options(settings: Settings, opts: BootstrapOptions) -> None:
+    """Bad input, found before gigabytes are downloaded and hours trained."""
+    try:
+        oogiri_go.check_params(opts.lang, opts.n)
+    except oogiri_go.DataError as exc:
+        raise BootstrapError(str(exc)) from None
+    if opts.epochs is not None and opts.epochs < 1:
+        raise BootstrapError("--epochs must be at least 1")
+    if settings.training.gate_language is not None:
+        return  # the operator chose the gate's language
+    gate = settings.language
+    wanted = GATE_LANGUAGE_OF.get(opts.lang)
+    if gate == wanted:
+        return
+    if wanted is None:
+        raise BootstrapError(
+            f"--lang {opts.lang}: the sanity gate has no check for that language and would "
+            "reject every joke after training; set OOGIRI_TRAINING__GATE_LANGUAGE=any"
+        )
+    raise BootstrapError(
+        f"--lang {opts.lang} trains on {wanted} jokes but the bot's language is {gate} "
+        f"(OOGIRI_LANGUAGE): the sanity gate would reject them after training; set "
+        f"OOGIRI_LANGUAGE={wanted} (and OOGIRI_PROMPT in that language) or use the --lang of "
+        "the bot's language"
+    )
 
 
 # --------------------------------------------------------------------------- state
@@ -291,6 +324,11 @@ async def bootstrap(
 ) -> BootstrapResult:
     """Run (or finish) the bootstrap; the caller holds the training lock."""
     events = events or BootstrapEvents()
+    try:
+        check_options(settings, opts)
+    except BootstrapError as exc:
+        events.phase("options", "failed", str(exc))
+        return BootstrapResult(status="failed", error=str(exc))
     state = State(bootstrap_dir(settings) / STATE_FILE)
     if opts.restart:
         state.clear()
@@ -316,6 +354,7 @@ async def bootstrap(
                 revision=opts.revision,
                 offline=opts.offline,
                 progress=opts.progress,
+                on_progress=events.build_progress,
             )
             result.steps["pull"] = "done"
         base_version, _ = await hub.register_model(store, snap)
@@ -465,6 +504,7 @@ async def fetch_and_build(
 ) -> oogiri_go.BuildResult:
     """Download the language's jsonl and the pictures, then build the training set."""
     events = events or BootstrapEvents()
+    oogiri_go.check_params(opts.lang, opts.n)  # before 1.37 GB of pictures
     events.phase("data", "running", f"{opts.dataset} ({opts.lang}) → {raw}")
     snap = await asyncio.to_thread(
         hub.pull,
@@ -475,6 +515,7 @@ async def fetch_and_build(
         patterns=[f"{opts.lang}.jsonl", oogiri_go.IMAGES_ZIP],
         offline=opts.offline,
         progress=opts.progress,
+        on_progress=events.build_progress,
     )
     source = {"repo": snap.repo, "commit": snap.commit, "endpoint": snap.endpoint}
     return await asyncio.to_thread(
@@ -547,6 +588,7 @@ __all__ = [
     "BootstrapResult",
     "apply_defaults",
     "bootstrap",
+    "check_options",
     "fetch_and_build",
     "summary",
 ]

@@ -144,11 +144,11 @@ def _build_progress() -> Progress:
 
 
 class _BuildEvents:
-    """Phases as lines, picture checking as a bar (download bars are huggingface_hub's)."""
+    """Phases as lines, downloads (bytes) and picture checking as bars."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.task: Any = None
+        self.tasks: dict[str, Any] = {}  # one bar per download, one for the pictures
 
     def phase(self, name: str, state: str, detail: str = "") -> None:
         colour = {"failed": "red", "rejected": "yellow", "done": "green"}.get(state, "bold")
@@ -157,9 +157,10 @@ class _BuildEvents:
         )
 
     def build_progress(self, done: int, total: int | None, what: str) -> None:
-        if self.task is None:
-            self.task = self.progress.add_task(what, total=total, loss="-", eta="-")
-        self.progress.update(self.task, completed=done, total=total)
+        task = self.tasks.get(what)
+        if task is None:
+            task = self.tasks[what] = self.progress.add_task(what, total=total, loss="-", eta="-")
+        self.progress.update(task, completed=done, total=total)
 
 
 @train_cli.command("bootstrap")
@@ -202,6 +203,10 @@ def bootstrap_cmd(
         offline=_offline(offline),
         restart=restart,
     )
+    try:
+        bootstrap.check_options(settings, opts)
+    except bootstrap.BootstrapError as exc:
+        _fail(str(exc))
 
     async def main() -> bootstrap.BootstrapResult:
         async with open_store(settings) as store:

@@ -403,6 +403,7 @@ def setup_cmd(
     ] = False,
 ) -> None:
     """Create the training venv (training/requirements-xtuner.txt) and check it."""
+    import shutil
     import subprocess
 
     from training.bootstrap import apply_defaults
@@ -421,6 +422,17 @@ def setup_cmd(
             print(step.shell())
         return
     target = Path(venv or settings.training.venv or settings.data_dir / "xtuner-venv")
+    # --print only names the folder (another machine may have it), unless it must read it
+    needs_wheels = not check_only and (reuse_system or not print_only)
+    if wheels is not None and needs_wheels and not Path(wheels).is_dir():
+        console.print(f"[red]--wheels {wheels}: no such folder[/red]", highlight=False)
+        raise typer.Exit(EXIT_FAILED)
+    if not check_only and not print_only and shutil.which(python) is None:
+        console.print(
+            f"[red]--python {python}: not found (a Python < 3.13 with CUDA torch)[/red]",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_FAILED)
     steps = setup_steps(
         target, python, wheels, system_site_packages, tuple(extra or ()), reuse_system
     )
@@ -431,13 +443,17 @@ def setup_cmd(
     if not check_only:
         for step in steps[:-1]:
             console.print(f"[bold]{step.description}[/bold]: {step.shell()}", highlight=False)
-            if step.action is not None:
-                step.action()
-                continue
-            assert step.argv is not None
-            # no PYTHONPATH: pip would count the bot's own packages as installed in the venv
-            env = {**clean_env(), **step.env}
-            rc = subprocess.run(step.argv, env=env, check=False).returncode
+            try:
+                if step.action is not None:
+                    step.action()
+                    continue
+                assert step.argv is not None
+                # no PYTHONPATH: pip would count the bot's own packages as installed in the venv
+                env = {**clean_env(), **step.env}
+                rc = subprocess.run(step.argv, env=env, check=False).returncode
+            except (OSError, subprocess.CalledProcessError) as exc:
+                console.print(f"[red]failed[/red]: {step.description}: {exc}", highlight=False)
+                raise typer.Exit(EXIT_FAILED) from None
             if rc != 0:
                 console.print(f"[red]failed ({rc})[/red]: {step.description}")
                 raise typer.Exit(EXIT_FAILED)

@@ -24,7 +24,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,7 +85,14 @@ def endpoint() -> str:
 
 
 def token() -> str | None:
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+    # a token read from a secrets file keeps its newline: never part of the token, and an
+    # illegal header value (which HTTP libraries quote back in their errors)
+    raw = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or ""
+    return raw.strip() or None
+
+
+def _raw_tokens() -> list[str]:
+    return [t for t in (os.environ.get(v) for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")) if t]
 
 
 def offline_env() -> bool:
@@ -92,9 +100,15 @@ def offline_env() -> bool:
 
 
 def redact(text: str, secret: str | None = None) -> str:
-    """``text`` without the token (errors of HTTP libraries may quote request headers)."""
-    secret = secret if secret is not None else token()
-    return text.replace(secret, "***") if secret else text
+    """``text`` without the token (errors of HTTP libraries may quote request headers, escaped:
+    ``b'Bearer hf_…\\n'``), as given or as in the environment."""
+    secrets = [secret] if secret is not None else _raw_tokens()
+    forms: set[str] = set()
+    for s in secrets:
+        forms |= {s, s.strip(), repr(s)[1:-1], repr(s.encode("utf-8"))[2:-1]}
+    for form in sorted((f for f in forms if f), key=len, reverse=True):
+        text = text.replace(form, "***")
+    return text
 
 
 def default_dest(root: Path, repo: str) -> Path:
@@ -102,8 +116,63 @@ def default_dest(root: Path, repo: str) -> Path:
     return Path(root) / repo.replace("/", "--")
 
 
+def _inside(path: str) -> bool:
+    """A listed name that stays inside the download folder (no ``..``, not absolute)."""
+    parts = path.replace("\\", "/").split("/")
+    return bool(path) and not path.startswith(("/", "\\")) and ".." not in parts
+
+
 def _matches(path: str, patterns: Sequence[str] | None) -> bool:
     return patterns is None or any(fnmatch.fnmatch(path, p) for p in patterns)
+
+
+ProgressSink = Callable[[int, int | None, str], None]
+
+
+def _reporting_bar(sink: ProgressSink, what: str) -> type:
+    """A stand-in for tqdm that ``snapshot_download`` updates: the bytes go to ``sink`` (a
+    command's own progress display) instead of a tqdm bar, which inside rich's live display
+    showed nothing until the download ended (rich holds a line until its newline)."""
+    lock = threading.Lock()
+    seen = [0, 0]  # bytes done, bytes in all
+
+    class Bar:
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            self.n = int(kw.get("initial") or 0)
+            self.total = kw.get("total")
+            self.counts_bytes = kw.get("unit") == "B"
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.close()
+
+        def update(self, n: float | None = 1) -> None:
+            self.n += int(n or 0)
+            if not self.counts_bytes:
+                return
+            with lock:
+                seen[0] = max(seen[0], self.n)
+                seen[1] = max(seen[1], int(self.total or 0), seen[0])
+                done, total = seen
+            sink(done, total or None, what)
+
+        def refresh(self, *args: Any, **kw: Any) -> None: ...
+
+        def close(self) -> None: ...
+
+        def set_description(self, *args: Any, **kw: Any) -> None: ...
+
+        def set_description_str(self, *args: Any, **kw: Any) -> None: ...
+
+        def set_postfix_str(self, *args: Any, **kw: Any) -> None: ...
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            return {"rate": None}
+
+    return Bar
 
 
 def file_digest(path: Path, algo: str, prefix: bytes = b"") -> str:
@@ -218,7 +287,9 @@ def _friendly(exc: Exception, repo: str, repo_type: str, revision: str, where: s
         msg = f"{where} answered with an error for {repo}: {exc}"
     else:
         msg = f"download of {repo} from {where} failed: {type(exc).__name__}: {exc}"
-    return HubError(redact(msg.splitlines()[0] if msg else str(exc)))
+    # redacted before it is cut to one line: a token with a line break would be cut in two
+    lines = redact(msg or str(exc)).splitlines()
+    return HubError(lines[0] if lines else type(exc).__name__)
 
 
 def pull(
@@ -231,10 +302,12 @@ def pull(
     offline: bool | None = None,
     progress: bool = True,
     max_workers: int = 8,
+    on_progress: ProgressSink | None = None,
 ) -> Snapshot:
     """Download (or complete) ``repo`` at ``revision`` into ``dest`` and check every file.
 
     A folder already holding this commit is only checked; an interrupted pull resumes.
+    ``on_progress(done, total, what)`` gets the bytes instead of huggingface_hub's tqdm bars.
     """
     if repo_type not in REPO_TYPES:
         raise HubError(f"repo_type must be one of {REPO_TYPES}, not {repo_type!r}")
@@ -278,11 +351,23 @@ def pull(
         for f in listing
         if _matches(f.path, patterns)
     ]
+    outside = [f.path for f in files if not _inside(f.path)]
+    if outside:
+        # refused here, not left to huggingface_hub (only recent versions check, file by file)
+        raise HubError(
+            f"{repo}@{commit[:8]} lists file names that point outside its folder, refused: "
+            + ", ".join(repr(p) for p in outside[:5])
+        )
     if patterns is not None:
         missing = [p for p in patterns if not any(fnmatch.fnmatch(f.path, p) for f in files)]
         if missing:
             raise HubError(f"{repo}@{commit[:8]} has no file matching {', '.join(missing)}")
     dest.mkdir(parents=True, exist_ok=True)
+    old = read_marker(dest)
+    if old is not None and (old.get("commit"), old.get("repo")) != (commit, repo):
+        # the download replaces files of the recorded copy one by one: until it has finished
+        # and checked out, the folder is no complete copy of anything
+        (dest / PULL_MARKER).unlink(missing_ok=True)
     if not progress:
         disable_progress_bars()
     try:
@@ -295,6 +380,11 @@ def pull(
             token=token(),
             allow_patterns=list(patterns) if patterns is not None else None,
             max_workers=max_workers,
+            tqdm_class=(
+                _reporting_bar(on_progress, f"download {repo}")
+                if progress and on_progress is not None
+                else None
+            ),
         )
     except Exception as exc:
         raise _friendly(exc, repo, repo_type, rev, where) from None

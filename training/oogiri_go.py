@@ -32,6 +32,7 @@ import json
 import shutil
 import unicodedata
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ def read_records(
     types: Counter[str] = Counter()
     out: list[Record] = []
     try:
-        fh = Path(path).open(encoding="utf-8")
+        fh = Path(path).open("rb")  # decoded line by line: one bad byte spoils one line only
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     with fh:
@@ -123,8 +124,8 @@ def read_records(
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
-            except ValueError as exc:
+                row = json.loads(raw.decode("utf-8"))
+            except ValueError as exc:  # UnicodeDecodeError included
                 drops.add("bad_line", n, str(exc))
                 continue
             if not isinstance(row, dict):
@@ -187,6 +188,14 @@ class ImageIndex:
         return None
 
 
+def check_params(lang: str, n: int) -> None:
+    """Bad parameters, found before anything is downloaded."""
+    if lang not in LANGS:
+        raise DataError(f"--lang must be one of {', '.join(LANGS)}, not {lang!r}")
+    if n < 1:
+        raise DataError("--n must be at least 1")
+
+
 def build(
     raw_dir: Path,
     out_dir: Path,
@@ -208,10 +217,7 @@ def build(
     from bot.images import load
     from bot.models import ImageRejected
 
-    if lang not in LANGS:
-        raise DataError(f"--lang must be one of {', '.join(LANGS)}, not {lang!r}")
-    if n < 1:
-        raise DataError("--n must be at least 1")
+    check_params(lang, n)
     images = images or ImageSettings.model_validate({})
     held_target = heldout if heldout is not None else min(64, max(1, n // 20))
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -266,7 +272,16 @@ def build(
                 continue
             try:
                 data = zf.read(info)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            # zlib.error: damaged deflated data; RuntimeError: encrypted; NotImplementedError:
+            # a compression method zipfile lacks. One picture lost, not the build.
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                EOFError,
+                zlib.error,
+                RuntimeError,
+                NotImplementedError,
+            ) as exc:
                 drops.add("image_unreadable", r.line, f"{r.image}: {exc}")
                 continue
             raw_sha = hashlib.sha256(data).hexdigest()

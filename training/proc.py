@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 LineSink = Callable[[str], None]
+LEFTOVER_OUTPUT_S = 2.0  # output still read after the command ends, before its leftovers end
 
 
 class StepTimeout(RuntimeError):
@@ -35,7 +36,7 @@ async def run_command(
     """Run ``cmd``; every output line (stdout and stderr merged) goes to ``log`` and ``on_line``.
 
     Returns the exit code. On timeout or cancellation the process group gets SIGTERM, then
-    SIGKILL after 10 s.
+    SIGKILL after 10 s; so does whatever the command left running in it when it ended.
     """
     if log is not None:
         log.write("$ " + " ".join(str(c) for c in cmd) + "\n")
@@ -66,9 +67,31 @@ async def run_command(
             if log is not None:
                 log.flush()
 
+    async def finish() -> int:
+        reader = asyncio.create_task(pump())
+        try:
+            # proc.wait() also waits for the end of output, which a leftover child may hold
+            while proc.returncode is None and not reader.done():
+                await asyncio.wait({reader}, timeout=0.1)
+            if reader.done():
+                await proc.wait()  # the output ended first: the command still runs its course
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(reader), LEFTOVER_OUTPUT_S)
+            # The command has ended; what it started may not have (torchrun's workers when
+            # torchrun itself was killed). Their output is read for a moment, then they end too:
+            # they would hold the GPUs, and the step's end of output, for ever.
+            await _end_group(proc.pid, reader)
+            await reader
+            return await proc.wait()
+        finally:
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
     try:
-        await asyncio.wait_for(pump(), timeout_s)
-        return await proc.wait()
+        return await asyncio.wait_for(finish(), timeout_s)
     except TimeoutError:
         _kill_group(proc)
         await _reap(proc)
@@ -77,6 +100,30 @@ async def run_command(
         _kill_group(proc)
         await _reap(proc)
         raise
+
+
+async def _end_group(pgid: int, reader: asyncio.Task[None], grace_s: float = 10.0) -> None:
+    """SIGTERM to what is left of the process group, SIGKILL after ``grace_s``."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return  # nothing left
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while loop.time() < deadline:
+        await asyncio.sleep(0.05)
+        if reader.done() and not _group_alive(pgid):
+            return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 async def _reap(proc: asyncio.subprocess.Process) -> None:

@@ -11,67 +11,24 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
+from fake_hub import FakeHub  # pyright: ignore[reportMissingImports]  # tests/fakes, on sys.path by conftest.py
 from PIL import Image
-from trainhelp import FAKES, fake_eval_python, fake_venv
-from typer.testing import CliRunner
+from trainhelp import FAKES, MODEL, SECRET, fake_eval_python, fake_venv, invoke
 
-import training.cli as tcli
 from bot.images import load
 from bot.settings import DEFAULT_PROMPT, ImageSettings, Settings
 from training import hub, oogiri_go
 from training.bootstrap import apply_defaults, read_state
 
-HUB_FAKES = Path(__file__).resolve().parents[1] / "fakes"
-if str(HUB_FAKES) not in sys.path:
-    sys.path.insert(0, str(HUB_FAKES))
-from fake_hub import FakeHub, make_oogiri_go  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = "OpenGVLab/InternVL2-2B"
-DATA = "zhongshsh/CLoT-Oogiri-GO"
-SECRET = "hf_s3cret_token_for_tests"
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bot.engines.internvl.tinymodel import make_tiny_model
-
-    return Path(make_tiny_model(tmp_path_factory.mktemp("src") / "tiny", layout="internvl2"))
-
-
-@pytest.fixture(scope="module")
-def oogo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    folder = tmp_path_factory.mktemp("oogiri-go")
-    return folder, make_oogiri_go(folder)
-
-
-@pytest.fixture
-def fake_hub(
-    tiny_model: Path,
-    oogo: tuple[Path, dict[str, Any]],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[FakeHub]:
-    h = FakeHub()
-    h.add_model(MODEL, tiny_model)
-    h.add_dataset(DATA, oogo[0])
-    h.add_model("acme/private", tiny_model, token=SECRET)
-    h.start()
-    monkeypatch.setenv("HF_ENDPOINT", h.url)
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    yield h
-    h.stop()
 
 
 # --------------------------------------------------------------------------- model pull
@@ -254,23 +211,6 @@ def test_a_picture_the_bot_refuses_is_never_trained_on(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the commands
-
-
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """oogiri (test)"""
-
-    tcli.oogiri_register_commands(cli=app)
-    return app
-
-
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(
-        make_app(), list(args), catch_exceptions=False, env={"COLUMNS": "200"}
-    )
 
 
 @pytest.fixture

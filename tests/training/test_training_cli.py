@@ -14,9 +14,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import typer
-from trainhelp import FAKES, fake_base_model, fake_eval_python, fake_venv, seed_ratings
-from typer.testing import CliRunner
+from trainhelp import (
+    FAKES,
+    fake_base_model,
+    fake_eval_python,
+    fake_venv,
+    invoke,
+    seed_ratings,
+)
 
 import training.cli as tcli
 from bot.settings import Settings
@@ -32,17 +37,6 @@ from training.environment import (
     setup_steps,
     write_torchrun_shim,
 )
-
-
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """oogiri (test)"""
-
-    tcli.oogiri_register_commands(cli=app)
-    return app
 
 
 @pytest.fixture
@@ -88,13 +82,6 @@ def seed(env: dict[str, Any], n: int = 8) -> None:
         await store.close()
 
     asyncio.run(main())
-
-
-def invoke(*args: str) -> Any:
-    result = CliRunner().invoke(
-        make_app(), list(args), catch_exceptions=False, env={"COLUMNS": "200"}
-    )
-    return result
 
 
 def test_the_plugin_is_registered_through_its_entry_point() -> None:

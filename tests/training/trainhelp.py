@@ -6,14 +6,21 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import typer
 from PIL import Image
+from typer.testing import CliRunner, Result
 
+import training.cli as tcli
 from bot.models import Joke, NormalizedImage
 from bot.settings import DEFAULT_PROMPT
 from bot.store import Store
 
 PHOTOS = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
 FAKES = Path(__file__).parent / "fakes"
+# what the fake Hugging Face Hub (conftest.py's ``fake_hub``) serves
+MODEL = "OpenGVLab/InternVL2-2B"
+DATA = "zhongshsh/CLoT-Oogiri-GO"
+SECRET = "hf_s3cret_token_for_tests"
 
 
 def skimage_dir() -> Path:
@@ -68,6 +75,10 @@ async def vote(store: Store, joke_id: int, up: int = 0, down: int = 0, prefix: s
 # --------------------------------------------------------------------------- a training rig
 
 FAKES = Path(__file__).parent / "fakes"
+# what the fake Hugging Face Hub (conftest.py's ``fake_hub``) serves
+MODEL = "OpenGVLab/InternVL2-2B"
+DATA = "zhongshsh/CLoT-Oogiri-GO"
+SECRET = "hf_s3cret_token_for_tests"
 
 
 def fake_base_model(path: Path, max_dynamic_patch: int = 1) -> Path:
@@ -136,3 +147,21 @@ def fake_eval_python(path: Path) -> Path:
     )
     path.chmod(0o755)
     return path
+
+
+def training_cli() -> typer.Typer:
+    """The training plugin's commands on an app of their own, as ``oogiri`` registers them."""
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """oogiri (test)"""
+
+    tcli.oogiri_register_commands(cli=app)
+    return app
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(
+        training_cli(), list(args), catch_exceptions=False, env={"COLUMNS": "200"}
+    )
