@@ -12,11 +12,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import hypothesis
 import pytest
-from browser_support import CHROMIUM
+from browser_support import CHROMIUM, CHROMIUM_ARGS
 from PIL import Image
 
 from bot.settings import Settings
@@ -147,6 +148,31 @@ def chromium() -> Path:
             pytest.fail(f"{CHROMIUM} is required in CI (apt-get install chromium)")
         pytest.skip(f"{CHROMIUM} is not installed")
     return CHROMIUM
+
+
+@pytest.fixture
+async def page(chromium: Path) -> AsyncIterator[Any]:
+    """A phone's browser page; console errors (a CSP violation shows up there) and page errors
+    are collected in ``page.problems``."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844},
+            device_scale_factor=2,
+            is_mobile=True,
+            has_touch=True,
+            locale="en-US",
+        )
+        p: Any = await context.new_page()
+        p.problems = []
+        p.on("console", lambda msg: p.problems.append(msg.text) if msg.type == "error" else None)
+        p.on("pageerror", lambda exc: p.problems.append(str(exc)))
+        try:
+            yield p
+        finally:
+            await browser.close()
 
 
 @pytest.fixture

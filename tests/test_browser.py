@@ -46,32 +46,6 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[App, WebChannel]]:
         await app.close()
 
 
-@pytest.fixture
-async def page(chromium: Path) -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-        context = await browser.new_context(
-            viewport={"width": 390, "height": 844},  # a phone
-            device_scale_factor=2,
-            is_mobile=True,
-            has_touch=True,
-            locale="en-US",
-        )
-        p = await context.new_page()
-        p.problems = []  # console errors (a CSP violation shows up here) and page errors
-        p.on(
-            "console",
-            lambda msg: p.problems.append(msg.text) if msg.type == "error" else None,
-        )
-        p.on("pageerror", lambda exc: p.problems.append(str(exc)))
-        try:
-            yield p
-        finally:
-            await browser.close()
-
-
 async def test_upload_vote_and_change_vote(
     served: tuple[App, WebChannel], page: Any, tmp_path: Path
 ) -> None:

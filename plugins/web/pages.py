@@ -183,6 +183,7 @@ def add_page_routes(api: FastAPI, app: App, state: WebState) -> None:
         }
         i18n["too_large"] = message("too_large", lang, limit_mb=limit_mb(max_bytes))
         i18n["no_image"] = web_message("no_image", lang)
+        i18n["internal"] = web_message("internal", lang)
         values = {
             **{f"t.{k}": v for k, v in texts.items()},
             "lang": lang,
@@ -229,7 +230,12 @@ def add_page_routes(api: FastAPI, app: App, state: WebState) -> None:
             values,
             {
                 "rows": table,
-                "chart": stats_svg(rows, texts) if rows else "",
+                # no card at all without data (an empty framed box otherwise)
+                "chart": (
+                    f'<section class="card chart-card">{stats_svg(rows, texts)}</section>'
+                    if rows
+                    else ""
+                ),
                 "sections": await plugin_sections(app, lang),
             },
         )

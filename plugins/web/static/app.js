@@ -6,6 +6,9 @@
   const i18n = JSON.parse($("oogiri-i18n").textContent);
   const maxBytes = Number(document.body.dataset.maxBytes) || Infinity;
   let csrf = document.querySelector('meta[name="csrf-token"]').content;
+  // The page's language (it may come from ?lang=) is the language of its answers and jokes too.
+  const lang = document.documentElement.lang;
+  const api = (path) => path + "?lang=" + encodeURIComponent(lang);
 
   const form = $("upload");
   const input = $("file");
@@ -31,6 +34,7 @@
   let jokeId = null;
   let myVote = 0;
   let busy = false;
+  let voting = false;
   const REFRESH_MS = 15000;
 
   function takeToken(response) {
@@ -49,6 +53,19 @@
     } catch (_) {
       return {};
     }
+  }
+
+  // What to say for an error answer: ours carry a message; one without (a proxy's HTML page,
+  // uvicorn's plain-text 503) still came from a server, so it is no connection problem.
+  function failure(response, data) {
+    if (data.message) return data.message;
+    return response.status === 413 ? i18n.too_large : i18n.internal;
+  }
+
+  // Busy buttons stay focusable (aria-disabled, not disabled): disabling the focused button
+  // would throw a keyboard user's focus back to the top of the page.
+  function hold(button, value) {
+    button.setAttribute("aria-disabled", value ? "true" : "false");
   }
 
   function setFile(candidate) {
@@ -111,7 +128,8 @@
 
   function setBusy(value) {
     busy = value;
-    submit.disabled = value || !file;
+    submit.disabled = !file;
+    hold(submit, value);
     form.setAttribute("aria-busy", value ? "true" : "false");
   }
 
@@ -127,7 +145,7 @@
   window.setInterval(async () => {
     if (jokeId === null || document.visibilityState !== "visible") return;
     try {
-      const response = await fetch("/api/jokes/" + encodeURIComponent(jokeId), {
+      const response = await fetch(api("/api/jokes/" + encodeURIComponent(jokeId)), {
         credentials: "same-origin",
         headers: { Accept: "application/json" },
       });
@@ -150,11 +168,13 @@
     showError("");
     setBusy(true);
     statusLine.textContent = i18n.thinking;
+    let spoken = "";
+    const sent = file;
     const body = new FormData();
     body.append("image", file, file.name || "image");
     if (hint.value.trim()) body.append("hint", hint.value.trim());
     try {
-      const response = await fetch("/api/jokes", {
+      const response = await fetch(api("/api/jokes"), {
         method: "POST",
         body,
         credentials: "same-origin",
@@ -162,8 +182,10 @@
       });
       takeToken(response);
       const data = await readJson(response);
+      // Another picture was picked meanwhile: this answer is not about the one on screen.
+      if (file !== sent) return;
       if (!response.ok) {
-        showError(data.message || i18n.network);
+        showError(failure(response, data));
         return;
       }
       jokeId = data.id;
@@ -178,16 +200,25 @@
       result.hidden = false;
       result.dataset.jokeId = String(data.id);
       result.scrollIntoView({ behavior: "smooth", block: "nearest" });
+      spoken = data.text;
     } catch (_) {
-      showError(i18n.network);
+      if (file === sent) showError(i18n.network);
     } finally {
+      // The status line is a live region from the start (the result card appears with its
+      // content, which screen readers do not reliably read out): it reads the joke out.
       statusLine.textContent = "";
+      if (spoken) {
+        const line = document.createElement("span");
+        line.className = "visually-hidden";
+        line.textContent = spoken;
+        statusLine.append(line);
+      }
       setBusy(false);
     }
   });
 
   async function sendVote(value, retried) {
-    const response = await fetch("/api/jokes/" + encodeURIComponent(jokeId) + "/rating", {
+    const response = await fetch(api("/api/jokes/" + encodeURIComponent(jokeId) + "/rating"), {
       method: "POST",
       credentials: "same-origin",
       headers: {
@@ -207,12 +238,14 @@
   }
 
   async function vote(value) {
-    if (jokeId === null) return;
-    upButton.disabled = downButton.disabled = true;
+    if (jokeId === null || voting) return;
+    voting = true;
+    hold(upButton, true);
+    hold(downButton, true);
     try {
       const { response, data } = await sendVote(value, false);
       if (!response.ok) {
-        showError(data.message || i18n.network);
+        showError(failure(response, data));
         return;
       }
       showError("");
@@ -221,7 +254,9 @@
     } catch (_) {
       showError(i18n.network);
     } finally {
-      upButton.disabled = downButton.disabled = false;
+      voting = false;
+      hold(upButton, false);
+      hold(downButton, false);
     }
   }
 
