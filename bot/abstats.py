@@ -307,6 +307,11 @@ def _pp(x: float) -> str:
     return f"{100.0 * x:+.1f} pp"
 
 
+def _votes(n: int) -> str:
+    """'1 vote', '2 votes': operators read these reasons (English only)."""
+    return f"{n:,} vote" if n == 1 else f"{n:,} votes"
+
+
 def _base(
     control: Arm, candidate: Arm
 ) -> tuple[float | None, float | None, tuple[float, float] | None, tuple[float, float] | None]:
@@ -340,7 +345,7 @@ def decide(control: Arm, candidate: Arm, rule: AbRule, elapsed_s: float) -> AbDe
     if fewest < rule.min_votes:
         timed_out = elapsed_s >= rule.max_duration_s
         reason = (
-            f"only {fewest} votes on the smaller arm (need {rule.min_votes}) after the maximum "
+            f"only {_votes(fewest)} on the smaller arm (need {rule.min_votes}) after the maximum "
             "duration: keeping the active model"
             if timed_out
             else f"waiting for votes: {control.votes} control, {candidate.votes} candidate "
@@ -394,7 +399,7 @@ def decide(control: Arm, candidate: Arm, rule: AbRule, elapsed_s: float) -> AbDe
     return AbDecision(
         "wait",
         f"candidate {_pct(k_rate)} vs control {_pct(c_rate)}, "
-        f"{control.votes + candidate.votes} votes: {seq}, not yet decisive{outlook}",
+        f"{_votes(control.votes + candidate.votes)}: {seq}, not yet decisive{outlook}",
         *common,
         votes_to_decide=needed,
     )
@@ -419,10 +424,10 @@ def rollback_check(
     if fewest < rule.min_votes:
         timed_out = elapsed_s >= rule.max_duration_s
         reason = (
-            f"only {fewest} votes on the smaller side after the maximum duration: "
+            f"only {_votes(fewest)} on the smaller side after the maximum duration: "
             "keeping the current model"
             if timed_out
-            else f"watching the promotion: {previous.votes} votes before, {current.votes} after "
+            else f"watching the promotion: {_votes(previous.votes)} before, {current.votes} after "
             f"(need {rule.min_votes} each)"
         )
         return AbDecision(

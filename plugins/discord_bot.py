@@ -141,7 +141,7 @@ TEXTS: dict[str, dict[str, str]] = {
             "• On any message with a picture: *Apps → {menu}*.\n"
             "• Vote with 👍 / 👎 under a joke; press the other one to change your vote. "
             "Votes teach me better jokes.\n"
-            "Limits: pictures up to {limit_mb} MB; {per_minute} jokes per minute per person."
+            "Limits: pictures up to {limit_mb} MB; jokes per person per minute: {per_minute}."
         ),
         "zh": (
             "**讲梗机器人 · 用法**\n"

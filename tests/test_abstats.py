@@ -309,3 +309,18 @@ def test_the_projection_foretells_the_votes_to_a_decision_in_simulated_traffic()
     s = summarise_projection([c for c in checks if c])
     assert s["decided"] >= 15
     assert 0.6 <= s["ratio_median"] <= 1.4 and s["within_half_to_double"] >= 0.75
+
+
+def test_reasons_say_1_vote_not_1_votes() -> None:
+    """Operators read these reasons: a count of one takes the singular."""
+    rule = AbRule(min_votes=5, max_duration_s=100.0)
+    one, many = Arm(likes=1, votes=1), Arm(likes=3, votes=1200)
+    reasons = [
+        decide(one, many, rule, elapsed_s=1.0).reason,
+        decide(one, many, rule, elapsed_s=500.0).reason,
+        rollback_check(one, many, 0.05, rule, elapsed_s=1.0).reason,
+        rollback_check(one, many, 0.05, rule, elapsed_s=500.0).reason,
+    ]
+    assert all("1 votes" not in r for r in reasons), reasons
+    assert "only 1 vote on the smaller arm" in reasons[1]
+    assert "watching the promotion: 1 vote before, 1200 after" in reasons[2]

@@ -171,6 +171,66 @@ async def test_an_answer_for_a_picture_replaced_meanwhile_is_not_shown(
     assert page.problems == []
 
 
+#: The vote endpoint of any joke, whatever its query string.
+RATINGS = re.compile(r"/api/jokes/[^/?]+/rating(\?.*)?$")
+
+
+async def test_a_late_vote_answer_does_not_change_the_newer_joke(
+    served: tuple[App, WebChannel],
+    page: Any,
+) -> None:
+    """Vote on one joke, get a joke for another picture before the vote is answered: the late
+    answer wrote the first joke's counts (and 'your vote is saved', and the pressed button) onto
+    the second joke's card."""
+    from playwright.async_api import expect
+
+    app, channel = served
+    await page.goto(channel.url + "/")
+    await page.set_input_files("#file", str(SAMPLES / "chelsea.png"))  # 451×300
+    await page.click("#submit")
+    await expect(page.locator("#joke-text")).to_contain_text("451×300")
+    first = await page.locator("#result").get_attribute("data-joke-id")
+    release = asyncio.Event()
+    held: asyncio.Queue[str] = asyncio.Queue()
+
+    async def hold_vote(route: Any) -> None:
+        held.put_nowait(route.request.url)
+        await release.wait()
+        await route.continue_()
+
+    await page.route(RATINGS, hold_vote)
+    await page.click("#vote-up")
+    assert f"/api/jokes/{first}/rating" in await asyncio.wait_for(held.get(), 10)
+
+    await page.set_input_files("#file", str(SAMPLES / "astronaut.png"))  # 512×512
+    await page.click("#submit")
+    await expect(page.locator("#joke-text")).to_contain_text("512×512")
+    second = await page.locator("#result").get_attribute("data-joke-id")
+    assert second != first
+    release.set()
+    # the vote is answered (the buttons are released) ...
+    await expect(page.locator("#vote-up")).to_have_attribute("aria-disabled", "false")
+    # ... and it was stored for the first joke ...
+    stored = await app.service.get_joke_by_public_id(first)
+    assert [v for _, v in await app.store.ratings_for(stored.id)] == [1]
+    # ... but the card shows the second joke, which nobody has voted on
+    await expect(page.locator("#count-up")).to_have_text("0")
+    await expect(page.locator("#count-down")).to_have_text("0")
+    await expect(page.locator("#vote-up")).to_have_attribute("aria-pressed", "false")
+    await expect(page.locator("#vote-status")).to_be_empty()
+    await expect(page.locator("#error")).to_be_hidden()
+
+    # and a vote on the second joke goes to the second joke
+    await page.unroute(RATINGS)
+    await page.click("#vote-down")
+    await expect(page.locator("#count-down")).to_have_text("1")
+    await expect(page.locator("#vote-down")).to_have_attribute("aria-pressed", "true")
+    await expect(page.locator("#count-up")).to_have_text("0")
+    shown = await app.service.get_joke_by_public_id(second)
+    assert [v for _, v in await app.store.ratings_for(shown.id)] == [-1]
+    assert page.problems == []
+
+
 @pytest.mark.parametrize(
     ("status", "content_type", "body", "expected"),
     [

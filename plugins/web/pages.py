@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from bot.models import RateLimited, message
 from plugins.web.errors import limit_mb
-from plugins.web.texts import PAGE_TEXTS, request_language, web_message
+from plugins.web.texts import PAGE_TEXTS, counted, request_language, web_message
 
 if TYPE_CHECKING:
     from bot.app import App
@@ -52,8 +52,9 @@ def fmt_rate(rate: float | None) -> str:
 CHART_W, CHART_PAD, LABEL_H, BAR_H, ROW_GAP = 420, 8, 22, 26, 14
 
 
-def stats_svg(rows: list[dict[str, Any]], texts: dict[str, str]) -> str:
+def stats_svg(rows: list[dict[str, Any]], lang: str) -> str:
     """An accessible bar chart of like rate per model version, as inline SVG (phone first)."""
+    texts = PAGE_TEXTS[lang]
     bar_w = CHART_W - 2 * CHART_PAD
     row_h = LABEL_H + BAR_H + ROW_GAP
     top = CHART_PAD + 22  # the 0–100 % scale
@@ -91,12 +92,12 @@ def stats_svg(rows: list[dict[str, Any]], texts: dict[str, str]) -> str:
                 f'fill="#eef0f3" rx="4"/><text class="muted" x="{x0 + 8}" '
                 f'y="{bar_y + BAR_H * 0.7:.1f}" font-size="15" fill="#5b6470">'
                 f"{esc(texts['no_votes'])} · "
-                f"{esc(texts['n_jokes'].format(n=row['jokes']))}</text>"
+                f"{esc(counted('jokes', row['jokes'], lang))}</text>"
             )
             continue
         w = max(3.0, bar_w * rate)
         tip = f"{version}: {fmt_rate(rate)} ({row['up']} 👍 / {row['down']} 👎)"
-        value = f"{fmt_rate(rate)} · {votes} {texts['votes']}"
+        value = f"{fmt_rate(rate)} · {counted('votes', votes, lang)}"
         inside = w > bar_w * 0.55  # the value goes inside a long bar, after a short one
         tx = x0 + w - 8 if inside else x0 + w + 8
         parts.append(
@@ -232,7 +233,7 @@ def add_page_routes(api: FastAPI, app: App, state: WebState) -> None:
                 "rows": table,
                 # no card at all without data (an empty framed box otherwise)
                 "chart": (
-                    f'<section class="card chart-card">{stats_svg(rows, texts)}</section>'
+                    f'<section class="card chart-card">{stats_svg(rows, lang)}</section>'
                     if rows
                     else ""
                 ),

@@ -85,7 +85,6 @@ PAGE_TEXTS: dict[str, dict[str, str]] = {
         "down": "👎",
         "like_rate": "Like rate",
         "no_votes": "no votes yet",
-        "n_jokes": "{n} jokes",
         "no_jokes": "No jokes yet.",
         "back": "Back to the upload page",
         "chart_label": "Like rate per model version",
@@ -94,7 +93,6 @@ PAGE_TEXTS: dict[str, dict[str, str]] = {
             "Demo mode: this server runs the tiny built-in test model; these figures rate "
             "random noise, not jokes."
         ),
-        "votes": "votes",
     },
     "zh": {
         "title": "oogiri — 给图片讲个梗",
@@ -125,7 +123,6 @@ PAGE_TEXTS: dict[str, dict[str, str]] = {
         "down": "👎",
         "like_rate": "好评率",
         "no_votes": "还没有投票",
-        "n_jokes": "{n} 个梗",
         "no_jokes": "还没有梗。",
         "back": "返回上传页面",
         "chart_label": "各模型版本的好评率",
@@ -133,9 +130,27 @@ PAGE_TEXTS: dict[str, dict[str, str]] = {
         "demo_stats": (
             "演示模式：当前使用的是内置的微型测试模型，这些数字评价的是随机噪声，不是笑话。"
         ),
-        "votes": "票",
     },
 }
+
+#: Texts with a count ``{n}``: one form per plural category the language has (CLDR): English
+#: "one" (exactly 1) and "other"; Chinese has no plural, so only "other".
+COUNT_TEXTS: dict[str, dict[str, dict[str, str]]] = {
+    "en": {
+        "jokes": {"one": "{n} joke", "other": "{n} jokes"},
+        "votes": {"one": "{n} vote", "other": "{n} votes"},
+    },
+    "zh": {
+        "jokes": {"other": "{n} 个梗"},
+        "votes": {"other": "{n} 票"},
+    },
+}
+
+
+def counted(key: str, n: int, lang: str) -> str:
+    """``n`` with its noun in ``lang``: "1 vote", "2 votes"; "1 票", "2 票"."""
+    forms = (COUNT_TEXTS.get(lang) or COUNT_TEXTS["en"])[key]
+    return forms.get("one" if n == 1 else "other", forms["other"]).format(n=n)
 
 
 def web_message(key: str, lang: str, **params: Any) -> str:

@@ -217,8 +217,10 @@
     }
   });
 
-  async function sendVote(value, retried) {
-    const response = await fetch(api("/api/jokes/" + encodeURIComponent(jokeId) + "/rating"), {
+  // ``id``: the joke voted on, fixed when the vote is clicked (the retry too goes to it, even
+  // if another joke is on screen by then).
+  async function sendVote(id, value, retried) {
+    const response = await fetch(api("/api/jokes/" + encodeURIComponent(id) + "/rating"), {
       method: "POST",
       credentials: "same-origin",
       headers: {
@@ -232,18 +234,22 @@
     const data = await readJson(response);
     // A stale token (cookie replaced meanwhile) is refreshed by the answer: try once more.
     if (response.status === 403 && data.error === "csrf" && !retried) {
-      return sendVote(value, true);
+      return sendVote(id, value, true);
     }
     return { response, data };
   }
 
   async function vote(value) {
     if (jokeId === null || voting) return;
+    const voted = jokeId;
     voting = true;
     hold(upButton, true);
     hold(downButton, true);
     try {
-      const { response, data } = await sendVote(value, false);
+      const { response, data } = await sendVote(voted, value, false);
+      // Another joke was shown meanwhile: this answer (counts, "saved", an error) is not
+      // about the one on screen.
+      if (jokeId !== voted) return;
       if (!response.ok) {
         showError(failure(response, data));
         return;
@@ -252,7 +258,7 @@
       showCounts(data);
       voteStatus.textContent = i18n.vote_saved;
     } catch (_) {
-      showError(i18n.network);
+      if (jokeId === voted) showError(i18n.network);
     } finally {
       voting = false;
       hold(upButton, false);
