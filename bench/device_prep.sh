@@ -114,9 +114,10 @@ fi
 
 # The learning loop's pretrained tiny base (docs/learning-loop.md, "A pretrained base"): ~10 min of
 # one CPU core, once. PRETRAINED=0 skips it (scripts/device/learning_loop.sh then needs RANDOM_BASE=1).
+# SEED (default 0) picks the proxy seed whose base is built; give the experiment the same --seed.
 if [ "${PRETRAINED:-$TRAIN_DEFAULT}" = 1 ] && [ ! -f "$OUT/pretrained-base/oogiri-model.json" ]; then
-  echo "pretraining the tiny base for the learning loop (about 10 minutes) ..."
-  "$PY" -m bench.learning_loop.proxy --seeds 0 --lr 5e-4 --pretrain-epochs 12 --pretrain-images 80 \
+  echo "pretraining the tiny base (seed ${SEED:-0}) for the learning loop (about 10 minutes) ..."
+  "$PY" -m bench.learning_loop.proxy --seeds "${SEED:-0}" --lr 5e-4 --pretrain-epochs 12 --pretrain-images 80 \
     --pretrain-answers 2 --pretrain-p 0.5 --rounds 0 --controls --save-base "$OUT/pretrained-base" \
     || echo "!! the pretrained base failed: see the output above" >&2
 fi
