@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from bot.logs import configure_logging
+from bot.logs import RedactingFilter, configure_logging, secret_values
 from bot.plugins import describe, make_manager
 from bot.settings import Settings, UnknownSettingsError, settings_error_message
 
@@ -178,13 +178,45 @@ def serve(
         raise typer.Exit(code=1) from None
 
 
-@cli.command(no_args_is_help=True)
+#: `oogiri joke --help`. Typer 0.29 keeps a docstring's line breaks inside a paragraph, so each
+#: paragraph is one line here and the terminal wraps it.
+JOKE_HELP = (
+    "Tell one joke per image (the CLI channel).\n\n"
+    "Images are checked first; a running `oogiri serve` (its web address from the settings, or "
+    "--server) answers without loading a model here; otherwise the model is loaded once.\n\n"
+    "Like `cat a b`: an image that is missing, unreadable or not a picture gets one line on "
+    "stderr (FILE: why) and the other images are still answered; with --json its stdout line "
+    'is {"image", "error", "message"}.\n\n'
+    "Exit status: 0 every image answered, 1 any image failed, 2 bad usage, 3 no serve answers "
+    "at --server or the engine cannot be loaded."
+)
+
+
+class _EngineUnavailable(Exception):
+    """`oogiri joke` could not load the engine here: the --local twin of ``ServerDown``."""
+
+
+@cli.command(no_args_is_help=True, help=JOKE_HELP)
 def joke(
     images: Annotated[
         list[Path],
-        typer.Argument(help="image files", exists=True, dir_okay=False, show_default=False),
+        # No existence/readability checks here: click would refuse the whole batch for one
+        # missing file. ``cli_joke.validate`` reports each bad file and the others go on.
+        typer.Argument(
+            help="image files; one that is missing, unreadable or not a picture is reported on "
+            "stderr and the others still get their jokes",
+            readable=False,
+            show_default=False,
+        ),
     ],
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="one JSON object per image on stdout, in argument order; a failed image's has "
+            "image, error and message",
+        ),
+    ] = False,
     hint: Annotated[str | None, typer.Option(help="a nudge for the joke")] = None,
     server: Annotated[
         str | None,
@@ -200,12 +232,8 @@ def joke(
         ),
     ] = 0,
 ) -> None:
-    """Tell one joke per image (the CLI channel).
-
-    Images are checked first; a running `oogiri serve` (its web address from the settings, or
-    --server) answers without loading a model here; otherwise the model is loaded once.
-    """
-    from contextlib import contextmanager
+    """Tell one joke per image (the CLI channel); the help text is ``JOKE_HELP``."""
+    from contextlib import contextmanager, nullcontext
 
     from bot import cli_joke as cj
 
@@ -227,24 +255,31 @@ def joke(
 
     lang = cj.cli_language(settings)
     checked = cj.validate(images, settings, lang)
-    failures = 0
+    refused = [item.failure for item in checked if item.failure is not None]
+    # Each bad file is said on stderr now, before a serve is asked or a model loads (a typo
+    # should not cost a minute of loading); its --json line still comes in argument order.
+    for failure in refused:
+        cj.stderr(cj.render(failure, lang, as_json=False))
+    failures = len(refused)
     demo = False
 
     def emit(outcome: cj.Outcome) -> None:
+        """Print one image's outcome: a joke on stdout; a failure on stderr, and with --json
+        also as its stdout line, so every argument has exactly one line there."""
         nonlocal failures, demo
         if outcome.joke is None:
-            failures += 1
+            if not any(outcome is failure for failure in refused):  # not already said
+                failures += 1
+                cj.stderr(cj.render(outcome, lang, as_json=False))
             if not as_json:
-                cj.stderr(cj.render(outcome, lang, as_json))
                 return
         else:
             demo = demo or bool(outcome.joke["demo"])
         print(cj.render(outcome, lang, as_json), flush=True)
 
-    if all(item.failure is not None for item in checked):
-        for item in checked:  # nothing to ask a model about: load nothing
-            assert item.failure is not None
-            emit(item.failure)
+    if len(refused) == len(checked):
+        for failure in refused:  # nothing to ask a model about: load nothing
+            emit(failure)
         raise typer.Exit(code=1)
 
     url = server
@@ -277,11 +312,24 @@ def joke(
 
         @contextmanager
         def loading(description: str) -> Iterator[None]:
-            with spinner(transient=True) as progress:
-                progress.add_task(description, total=None)
-                yield
+            # A spinner only on a terminal: piped, rich leaves an empty line among the FILE: why
+            # lines on stderr.
+            shown = spinner(transient=True) if console.is_terminal else nullcontext()
+            with shown as progress:
+                if progress is not None:
+                    progress.add_task(description, total=None)
+                try:
+                    yield
+                except Exception as exc:  # only the engine's start-up runs in here
+                    raise _EngineUnavailable(str(exc) or type(exc).__name__) from exc
 
-        run(cj.local_jokes(settings, checked, hint, lang, emit, loading))
+        try:
+            run(cj.local_jokes(settings, checked, hint, lang, emit, loading))
+        except _EngineUnavailable as exc:  # as a serve that is down: one line, exit 3
+            log.debug("what stopped the engine", exc_info=exc.__cause__)
+            reason = RedactingFilter(secret_values(settings)).redact(str(exc))  # e.g. API keys
+            cj.stderr(f"error: cannot load the {settings.engine.name!r} engine: {reason}")
+            raise typer.Exit(code=3) from None
     if demo:
         cj.stderr(cj.text("demo", lang))
     if failures:

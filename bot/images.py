@@ -17,6 +17,11 @@ may not exceed ``max_decoded_bytes``; all decodes of the process together share
 up. Pictures are shrunk in their own mode before any conversion, so a 16-bit or float picture is
 never copied at full size into a wider mode. After a large decode the C heap is trimmed
 (``malloc_trim`` on glibc) so a burst does not leave the process large.
+
+Colour: every mode Pillow decodes becomes RGB with its colours (CMYK, YCbCr, 8-bit CIELab TIFFs
+through LittleCMS, premultiplied grey + alpha, 16-bit and float grey by scaling). A TIFF Pillow
+has no decoder for (16-bit or ICC L*a*b*, float RGB) is refused as "unsupported" naming its
+colour space and sample layout, never as "damaged".
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import io
 import logging
 import math
@@ -435,6 +441,22 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
 
 _TIFF_TYPES = {1: "B", 3: "H", 4: "I"}  # BYTE, SHORT, LONG: what the layout tags use
 _SAMPLE_FORMATS = {1: "integer", 2: "signed integer", 3: "float"}
+#: PhotometricInterpretation → colour space, so a refusal says "CIELab" or "ICCLab" rather than
+#: a bare "3 × 8-bit integer" that an ordinary RGB TIFF is too.
+_PHOTOMETRIC = {
+    0: "grey",
+    1: "grey",
+    2: "RGB",
+    3: "palette",
+    4: "mask",
+    5: "CMYK",
+    6: "YCbCr",
+    8: "CIELab",
+    9: "ICCLab",
+    10: "ITULab",
+    32844: "LogL",
+    32845: "LogLuv",
+}
 
 
 def _tiff_first_ifd(data: bytes) -> dict[int, list[int]] | None:
@@ -465,14 +487,16 @@ def _tiff_first_ifd(data: bytes) -> dict[int, list[int]] | None:
 
 
 def tiff_layout(data: bytes) -> str | None:
-    """A readable description of a TIFF's pixels, e.g. "TIFF, 3 × 64-bit float" (None: unknown)."""
+    """A readable description of a TIFF's pixels, e.g. "TIFF RGB, 3 × 64-bit float" or
+    "TIFF CIELab, 3 × 16-bit integer" (None: unknown)."""
     tags = _tiff_first_ifd(data)
     if not tags or 256 not in tags or 257 not in tags:
         return None
     bits = tags.get(258, [1])
     samples = tags.get(277, [len(bits)])[0]
     kind = _SAMPLE_FORMATS.get(tags.get(339, [1])[0], "unusual")
-    return f"TIFF, {samples} × {bits[0]}-bit {kind}"
+    space = _PHOTOMETRIC.get(tags.get(262, [-1])[0])
+    return f"TIFF{' ' + space if space else ''}, {samples} × {bits[0]}-bit {kind}"
 
 
 # --------------------------------------------------------------------------- JPEG markers
@@ -766,15 +790,36 @@ def _orientation(im: Image.Image) -> int:
 
 
 def _to_rgb_or_rgba(im: Image.Image, fmt: str) -> Image.Image:
-    """Bring any decoded mode to RGB, or RGBA when it has transparency to flatten later."""
+    """Bring any decoded mode to RGB, or RGBA when it has transparency to flatten later.
+
+    Colour spaces go through Pillow's own conversions, which are correct: CIELab (TIFF
+    PhotometricInterpretation 8, signed a*/b*) through LittleCMS as D50 L*a*b* → sRGB, the
+    white point libtiff and Photoshop assume; CMYK, YCbCr and HSV by formula. Premultiplied grey
+    + alpha ("La": a TIFF with associated alpha) has no path of its own and is unpremultiplied
+    first. What still cannot be converted (a Pillow without LittleCMS) is "unsupported".
+    """
     if im.mode in ("RGB", "RGBA"):
         return im
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         return _wide_to_l(im).convert("RGB")
     try:
+        if im.mode == "La":
+            im = im.convert("LA")
         return im.convert("RGBA" if im.has_transparency_data else "RGB")
-    except ValueError as exc:  # e.g. LAB or HSV TIFFs: Pillow has no conversion
-        raise ImageRejected("unsupported", format=f"{fmt} {im.mode}") from exc
+    except _convert_errors() as exc:  # evaluated only when a conversion failed
+        raise ImageRejected("unsupported", format=f"{fmt} {im.mode}", detail=repr(exc)) from exc
+
+
+@functools.cache
+def _convert_errors() -> tuple[type[Exception], ...]:
+    """What a failed mode conversion raises: ValueError (no path between the modes),
+    ImportError (LAB without Pillow's LittleCMS module) or LittleCMS's own error. Looked up on
+    the first failure, so a normal decode never imports ImageCms."""
+    try:
+        from PIL.ImageCms import PyCMSError
+    except ImportError:  # pragma: no cover - a Pillow built without LittleCMS
+        return (ValueError, ImportError)
+    return (ValueError, ImportError, PyCMSError)
 
 
 def _wide_to_l(im: Image.Image) -> Image.Image:
