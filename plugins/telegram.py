@@ -34,7 +34,7 @@ from bot.moderation import moderation_for
 from bot.moderation_settings import check_subject
 from bot.outbox import Outbox, OutboxItem, OutboxWorker, RetryLater, Undeliverable
 from oogiri import PluginSettings, hookimpl
-from plugins.telegram_texts import text
+from plugins.telegram_texts import counted, text
 
 try:  # the ``telegram`` extra; without it the plugin loads but its channel refuses to start
     from telegram import (
@@ -91,6 +91,14 @@ MAX_WEBHOOK_BODY = 1 << 20
 VOTE_RE = re.compile(r"v:([1-9][0-9]{0,17}):([+-]1)")
 SECRET_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
 SENSITIVE_LOGGERS = ("httpx", "httpcore")  # they print request URLs, which hold the token
+# What ``/delete`` did with a removed joke's message, and the admin's answer for it.
+DeleteOutcome = Literal["deleted", "kept", "upgraded", "unsent"]
+DELETE_REPLIES: dict[DeleteOutcome, str] = {
+    "deleted": "joke_deleted",
+    "kept": "joke_deleted_kept",  # Telegram refused (older than 48 h, gone, no right)
+    "upgraded": "joke_deleted_upgraded",  # in a group since upgraded to a supergroup
+    "unsent": "joke_deleted_unsent",  # never delivered: no message anywhere
+}
 
 
 class TelegramSettings(PluginSettings):
@@ -953,7 +961,7 @@ class TelegramChannel:
                     "stats_line",
                     lang,
                     version=row.model_version,
-                    jokes=row.jokes,
+                    jokes=counted("jokes", row.jokes, lang),
                     up=row.up,
                     down=row.down,
                     rate=rate,
@@ -1118,6 +1126,15 @@ class TelegramChannel:
                             self._remember_shown(key, counts)
                         else:
                             log.warning("telegram: could not update vote counts: %s", exc)
+                    except ChatMigrated as exc:
+                        # A button of the old group's message pressed after the group became a
+                        # supergroup, and Telegram refused the edit for that reason. The message
+                        # stays in the old group; its id means nothing in the supergroup (see
+                        # _delete_joke_message), so nothing is edited there: the move is recorded.
+                        await self._chat_moved(chat_id, int(exc.new_chat_id))
+                        log.info(
+                            "telegram: vote counts not refreshed in upgraded group %s", chat_id
+                        )
                     except TelegramError as exc:
                         log.warning("telegram: could not update vote counts: %s", exc)
                 if not self._refreshing[key]:
@@ -1232,7 +1249,12 @@ class TelegramChannel:
                         joke_id = vote[0]
             target = (original.chat.id, original.message_id)
         if joke_id is None:
-            await self._reply(bot, message, text("delete_usage", lang))
+            # A reply to a message of another chat (``external_reply``; e.g. the old group's
+            # history shown above a supergroup's) carries neither the buttons nor, for a basic
+            # group, the message id: there is no telling which joke it was.
+            external = original is None and message.external_reply is not None
+            key = "delete_external" if external else "delete_usage"
+            await self._reply(bot, message, text(key, lang))
             return
         by = f"{CHANNEL}:user:{update.effective_user.id}"  # type: ignore[union-attr]
         try:
@@ -1247,14 +1269,52 @@ class TelegramChannel:
         except OogiriError as exc:
             await self._reply(bot, message, exc.user_message(lang))
             return
-        deleted = False
-        if target is not None:
-            try:
-                deleted = bool(await bot.delete_message(chat_id=target[0], message_id=target[1]))
-            except TelegramError as exc:  # older than 48 h, or no right to delete here
-                log.warning("telegram: could not delete joke %s's message: %s", joke_id, exc)
-        key = "joke_deleted" if deleted else "joke_deleted_kept"
-        await self._reply(bot, message, text(key, lang, joke_id=joke_id))
+        # the joke is removed (never sent again, out of training) whatever happens to its message
+        outcome = await self._delete_joke_message(bot, joke_id, target)
+        await self._reply(bot, message, text(DELETE_REPLIES[outcome], lang, joke_id=joke_id))
+
+    async def _delete_joke_message(
+        self, bot: Bot, joke_id: int, target: tuple[int, int] | None
+    ) -> DeleteOutcome:
+        """Delete the message that showed a removed joke, where Telegram still lets the bot.
+
+        ``target`` is where the message really is: the message an admin replied to, or the chat
+        and message id Telegram answered when the outbox delivered the joke. It is never mapped to
+        another chat. What this relies on about a group upgraded to a supergroup:
+
+        - Message ids are per chat (Bot API ``Message.message_id``: "Unique message identifier
+          inside this chat", python-telegram-bot's ``telegram/_message.py``): the supergroup is a
+          new chat with ids of its own, so the old group's message id names nothing there, or
+          another message — possibly one of the bot's, which it may delete. Never try it there.
+        - The upgrade creates a new supergroup and deactivates the basic group (TDLib's
+          ``upgradeBasicGroupChatToSupergroupChat``; Bot API ``migrate_to_chat_id``: "The group
+          has been migrated to a supergroup with the specified identifier"); the group's messages
+          are not moved into the supergroup. The Bot API server refuses every call needing write
+          access to a deactivated group with 400 "group chat was upgraded to a supergroup chat" and
+          ``parameters.migrate_to_chat_id`` (tdlib/telegram-bot-api ``Client::check_chat_access``;
+          ``deleteMessage`` checks ``AccessRights::Write``), which python-telegram-bot raises as
+          ``ChatMigrated``. So no bot can delete the old group's messages any more: the admin is
+          told so, and the move is recorded like any other refusal that reveals it.
+        """
+        if target is None:  # never delivered (pending, expired, dropped): nothing in any chat
+            return "unsent"
+        chat_id, message_id = target
+        if chat_id in self._moved:  # known upgraded: Telegram would refuse, as described above
+            return "upgraded"
+        try:
+            deleted = await bot.delete_message(chat_id=chat_id, message_id=message_id)
+        except ChatMigrated as exc:
+            await self._chat_moved(chat_id, int(exc.new_chat_id))
+            log.info(
+                "telegram: joke %s's message is in group %s, upgraded to a supergroup: kept",
+                joke_id,
+                chat_id,
+            )
+            return "upgraded"
+        except TelegramError as exc:  # older than 48 h, already gone, or no right to delete
+            log.warning("telegram: could not delete joke %s's message: %s", joke_id, exc)
+            return "kept"
+        return "deleted" if deleted else "kept"
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         error = context.error

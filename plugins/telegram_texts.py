@@ -91,9 +91,9 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "Like-rate per model version:",
         "zh": "各模型版本的好评率：",
     },
-    "stats_line": {
-        "en": "{version}: {jokes} jokes · {up} 👍 · {down} 👎 · {rate}",
-        "zh": "{version}：{jokes} 个笑话 · {up} 👍 · {down} 👎 · {rate}",
+    "stats_line": {  # {jokes} is counted("jokes", n, lang): "1 joke", "2 jokes"
+        "en": "{version}: {jokes} · {up} 👍 · {down} 👎 · {rate}",
+        "zh": "{version}：{jokes} · {up} 👍 · {down} 👎 · {rate}",
     },
     "no_votes": {"en": "no votes", "zh": "暂无投票"},
     "cmd_help": {"en": "How to use me", "zh": "使用说明"},
@@ -135,11 +135,54 @@ TEXTS: dict[str, dict[str, str]] = {
         "en": "Reply to one of my jokes with /delete (or /delete <joke id>).",
         "zh": "回复我的某个笑话发送 /delete（或 /delete <笑话 id>）。",
     },
+    # /delete in reply to a message of another chat (Telegram's external_reply: no buttons, and
+    # for a basic group not even the message id), e.g. the old group's history of a supergroup
+    "delete_external": {
+        "en": (
+            "That message is in another chat (for a supergroup: in the group it was before the "
+            "upgrade), so I can't tell which joke it is. Use /delete <joke id>."
+        ),
+        "zh": "那条消息属于另一个会话（对超级群来说：升级之前的那个群），我无法判断是哪个笑话。"
+        "请使用 /delete <笑话 id>。",
+    },
+    # what /delete did with the joke's message (the joke itself is removed in every case)
     "joke_deleted_kept": {
-        "en": "Joke {joke_id} removed from training, but I could not delete the message here.",
-        "zh": "笑话 {joke_id} 已从训练数据中移除，但没能删除这里的消息。",
+        "en": (
+            "Joke {joke_id} removed from training, but Telegram did not let me delete its message "
+            "(bots can delete only messages younger than 48 hours; or it is gone already)."
+        ),
+        "zh": "笑话 {joke_id} 已从训练数据中移除，但 Telegram 没让我删除它的消息"
+        "（机器人只能删除 48 小时以内的消息，或者它已被删除）。",
+    },
+    "joke_deleted_upgraded": {
+        "en": (
+            "Joke {joke_id} removed from training and won't be sent again. Its message is still "
+            "shown: it was posted in the group before the group was upgraded to a supergroup, "
+            "and Telegram doesn't let bots delete the old group's messages."
+        ),
+        "zh": "笑话 {joke_id} 已从训练数据中移除，也不会再发送。但它的消息还在："
+        "那条消息发在群升级为超级群之前，Telegram 不允许机器人删除旧群里的消息。",
+    },
+    "joke_deleted_unsent": {
+        "en": (
+            "Joke {joke_id} removed from training and won't be sent. I have no record of it "
+            "reaching a chat, so there was no message to delete."
+        ),
+        "zh": "笑话 {joke_id} 已从训练数据中移除，也不会再发送。没有它发到任何会话的记录，"
+        "所以没有消息可删。",
     },
 }
+
+# Numbers with their noun: {"one": …, "other": …} in English; Chinese has one form.
+COUNTED: dict[str, dict[str, dict[str, str]]] = {
+    "jokes": {"en": {"one": "{n} joke", "other": "{n} jokes"}, "zh": {"other": "{n} 个笑话"}},
+}
+
+
+def counted(key: str, n: int, lang: str = "en") -> str:
+    """``n`` with its noun in ``lang``: "1 joke", "2 jokes", "0 jokes"; "1 个笑话"."""
+    forms = COUNTED[key].get(lang) or COUNTED[key]["en"]
+    return forms.get("one" if n == 1 else "other", forms["other"]).format(n=n)
 
 
 def text(key: str, lang: str = "en", **params: Any) -> str:

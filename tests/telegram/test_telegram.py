@@ -541,7 +541,7 @@ async def test_help_privacy_languages_and_admin_stats(
     _, reply = await ask_joke(botapi, admin_chat, admin, text="/stats")
     assert reply["text"].splitlines() == [
         tg_text("stats_header", "en"),
-        "instant-0: 1 jokes · 1 👍 · 0 👎 · 100%",
+        "instant-0: 1 joke · 1 👍 · 0 👎 · 100%",
     ]
 
 
