@@ -60,7 +60,8 @@ class Metrics:
         # outbox and moderation (bot/outbox.py, bot/moderation.py)
         self.outbox = Counter(
             "oogiri_outbox",
-            "Outbox replies by channel and event (stored, delivered, retried, expired, dropped)",
+            "Outbox replies by channel and event "
+            "(stored, delivered, retried, expired, dropped, gave_up)",
             ["channel", "event"],
             registry=self.registry,
         )

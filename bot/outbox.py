@@ -10,11 +10,28 @@ retries, a 5xx, the network, the process killed), the row stays ``pending`` and 
   ``UPDATE … WHERE id = :id AND (claimed_by IS NULL OR lease_until < now)`` and sends only if that
   UPDATE changed the row (a claim lapses after ``lease_s``, e.g. when its holder was killed);
 * until it is older than ``max_age_s``: then it is marked ``expired``, counted in the
-  ``oogiri_outbox{event="expired"}`` metric and logged — never silently dropped.
+  ``oogiri_outbox{event="expired"}`` metric and logged — never silently dropped;
+* or until ``deliver`` has raised an unexpected exception (a bug; nothing a retry is known to fix)
+  on its ``max_attempts``-th failed attempt (default 10): then it is *given up* — marked
+  ``dropped``, its ``last_error`` starting "gave up after N failed attempts: …", counted as
+  ``event="gave_up"`` and logged — so that one poison reply blocks its chat for minutes (10–17
+  with the default backoff of 2 s doubling to 300 s, ±25 %), not until ``max_age_s``.
 
 This module knows no platform: the channel hands in a ``deliver`` coroutine that raises
 ``RetryLater`` (try again after a delay) or ``Undeliverable`` (the chat is gone, the bot was
-blocked: retrying cannot help).
+blocked: retrying cannot help; dropped at once). How a failure counts:
+
+* ``RetryLater(reason, seconds)`` — the platform said when (Telegram's 429 ``retry_after``, which
+  may legitimately be long and repeated): retried then, not counted;
+* ``RetryLater(reason)`` without a delay (a 5xx, a time-out, the network: the platform is having a
+  bad time, for every chat alike): retried with exponential backoff and never given up, so an
+  outage loses no reply; only ``max_age_s`` bounds it;
+* any other exception (a bug): retried with the same backoff, and given up at ``max_attempts``.
+
+``attempts`` counts the failed attempts without a platform delay (the backoff's exponent), plus
+one once delivered. What is logged or
+stored as a failure's reason never contains the row's longer payload strings (``scrub``: a Discord
+interaction token is one).
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ import asyncio
 import logging
 import os
 import random
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +56,8 @@ from bot.store import OutboxRow, Store, utcnow
 log = logging.getLogger(__name__)
 
 PENDING, DELIVERED, EXPIRED, DROPPED = "pending", "delivered", "expired", "dropped"
+GAVE_UP = "gave_up"  # the metric event of a row dropped after ``max_attempts`` failed attempts
+_SECRET_MIN_CHARS = 16  # payload strings at least this long are kept out of logs and last_error
 
 
 class RetryLater(Exception):
@@ -76,6 +96,18 @@ def _item(row: OutboxRow) -> OutboxItem:
     )
 
 
+def scrub(text: str, payload: dict[str, Any]) -> str:
+    """``text`` without the payload's longer strings (tokens, webhook URLs): what is logged or
+    stored as a failure's reason. Short values (ids, language codes) stay readable."""
+    for value in sorted(
+        (v for v in payload.values() if isinstance(v, str) and len(v) >= _SECRET_MIN_CHARS),
+        key=len,
+        reverse=True,
+    ):
+        text = text.replace(value, "**********")
+    return text
+
+
 def replica_id() -> str:
     """Who claims rows: unique per process (host-pid-random), readable in the table."""
     host = os.uname().nodename[:24] if hasattr(os, "uname") else "host"
@@ -95,10 +127,13 @@ class Outbox:
         max_age_s: float = 24 * 3600.0,
         retry_base_s: float = 2.0,
         retry_max_s: float = 300.0,
+        max_attempts: int = 10,
         metrics: Metrics | None = None,
     ) -> None:
         if lease_s <= 0 or max_age_s <= 0:
             raise ValueError("outbox lease_s and max_age_s must be positive")
+        if max_attempts < 1:
+            raise ValueError("outbox max_attempts must be at least 1")
         self.store = store
         self.channel = channel
         self.owner = owner or replica_id()
@@ -106,6 +141,7 @@ class Outbox:
         self.max_age_s = max_age_s
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
+        self.max_attempts = max_attempts
         self.metrics = metrics
 
     def _count(self, event: str, n: int = 1) -> None:
@@ -262,20 +298,63 @@ class Outbox:
         else:  # our lease lapsed and another sender took it: it may have been sent twice
             log.warning("outbox: reply %s was delivered after its claim lapsed", item.id)
 
-    async def failed(self, item: OutboxItem, reason: str, seconds: float | None = None) -> None:
-        """Give the row back, due again after ``seconds`` (default: exponential backoff)."""
+    async def failed(
+        self,
+        item: OutboxItem,
+        reason: str,
+        seconds: float | None = None,
+        *,
+        may_give_up: bool = False,
+    ) -> bool:
+        """Give the row back, due again after ``seconds``; False if it was given up instead.
+
+        ``seconds`` is the platform's own delay (a 429's ``retry_after``): respected, not counted.
+        Without it the failure counts in ``attempts`` and the row is due after an exponential
+        backoff. ``may_give_up`` (a bug, not a platform's bad time): at the ``max_attempts``-th
+        failure the row is given up instead, so its chat moves on.
+        """
+        reason = scrub(reason, item.payload)
+        attempts = item.attempts
         if seconds is None:
+            attempts += 1
+            if may_give_up and attempts >= self.max_attempts:
+                await self._give_up(item, attempts, reason)
+                return False
             seconds = min(self.retry_max_s, self.retry_base_s * 2 ** min(item.attempts, 16))
             seconds *= random.uniform(0.75, 1.25)
         await self._finish(
             item.id,
-            attempts=item.attempts + 1,
+            attempts=attempts,
             next_attempt_at=utcnow() + timedelta(seconds=max(0.0, seconds)),
             claimed_by=None,
             lease_until=None,
             last_error=reason[:500],
         )
         self._count("retried")
+        return True
+
+    async def _give_up(self, item: OutboxItem, attempts: int, reason: str) -> None:
+        """Drop a row that failed ``attempts`` times without a platform delay (a poison row)."""
+        done = await self._finish(
+            item.id,
+            state=DROPPED,
+            attempts=attempts,
+            finished_at=utcnow(),
+            claimed_by=None,
+            lease_until=None,
+            last_error=f"gave up after {attempts} failed attempts: {reason}"[:500],
+        )
+        if done:
+            self._count(GAVE_UP)
+            log.warning(
+                "outbox: %s reply %s (joke %s) given up after %d failed attempts, its chat "
+                "moves on: %s",
+                self.channel,
+                item.id,
+                item.joke_id,
+                attempts,
+                reason[:200],
+            )
 
     async def renew(self, item: OutboxItem) -> bool:
         """Extend this process's claim on a row it is still sending (a long flood-control wait
@@ -298,6 +377,8 @@ class Outbox:
         await self._finish(item.id, claimed_by=None, lease_until=None)
 
     async def drop(self, item: OutboxItem, reason: str) -> None:
+        """The row can never be delivered (``Undeliverable``): dropped at once."""
+        reason = scrub(reason, item.payload)
         done = await self._finish(
             item.id,
             state=DROPPED,
@@ -438,9 +519,17 @@ class OutboxWorker:
         except Undeliverable as exc:
             await self._safe(self.outbox.drop(item, str(exc)))
             return False
-        except Exception as exc:  # a bug or an unknown error: keep the row, try later
-            log.warning("outbox: sending reply %s failed", item.id, exc_info=True)
-            await self._safe(self.outbox.failed(item, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # a bug or an unknown error: retried up to max_attempts times
+            trace = "".join(traceback.format_exception(exc)).rstrip()
+            log.warning(
+                "outbox: sending reply %s failed (failure %d of at most %d):\n%s",
+                item.id,
+                item.attempts + 1,
+                self.outbox.max_attempts,
+                scrub(trace, item.payload),
+            )
+            failure = f"{type(exc).__name__}: {exc}"
+            await self._safe(self.outbox.failed(item, failure, may_give_up=True))
             self._wake.set()
             return False
         await self._safe(self.outbox.delivered(item, result))

@@ -787,7 +787,9 @@ class DiscordChannel:
     async def _deliver(self, item: OutboxItem) -> dict[str, Any] | None:
         """Send one stored follow-up (the outbox's callback): the joke with its vote buttons."""
         payload = item.payload
-        if item.joke_id is None or self.client is None:
+        if item.joke_id is None:
+            raise Undeliverable("an outbox row without a joke")
+        if self.client is None:
             raise RetryLater("the discord channel is not running", 1.0)
         try:
             joke = await self.service.get_joke(item.joke_id)
