@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +34,8 @@ from typing import Any
 
 from bot.settings import Settings
 from training import hub, oogiri_go
+from training.config import ConfigError, min_schedule_samples
+from training.environment import probe_python
 from training.export import FORMAT, ExportResult
 from training.gate import Gate, SanityStep
 from training.run import (
@@ -41,9 +44,13 @@ from training.run import (
     RunEvents,
     RunResult,
     TrainingPipeline,
+    check_launch,
     promote_version,
+    training_env,
     work_dir_of,
+    world_size,
 )
+from training.settings import TrainingSettings
 
 STEPS = ("pull", "data", "train", "promote")
 STATE_FILE = "state.json"
@@ -149,6 +156,29 @@ def dataset_out_dir(settings: Settings, opts: BootstrapOptions) -> Path:
     return oogiri_go.default_out(settings.data_dir / "datasets", opts.lang, opts.n, opts.min_star)
 
 
+def pull_key(opts: BootstrapOptions, dest: Path) -> dict[str, Any]:
+    """The inputs of the pull step (its marker's key)."""
+    return {"repo": opts.model, "revision": opts.revision or "main", "dest": str(dest)}
+
+
+def data_key(settings: Settings, opts: BootstrapOptions, out: Path) -> dict[str, Any]:
+    return {
+        "repo": opts.dataset,
+        "revision": opts.dataset_revision or "main",
+        "lang": opts.lang,
+        "n": opts.n,
+        "min_star": opts.min_star,
+        "heldout": opts.heldout,
+        "prompt": settings.prompt,
+        "recipe": oogiri_go.RECIPE_VERSION,
+        "out": str(out),
+    }
+
+
+def train_key(commit: str, built: oogiri_go.BuildResult, epochs: int) -> dict[str, Any]:
+    return {"base": commit, "data": built.report.get("created_at"), "epochs": epochs}
+
+
 class State:
     """Step markers: ``{"steps": {name: {"key": inputs, "done_at": …, …}}}``."""
 
@@ -207,6 +237,130 @@ def apply_defaults(settings: Settings) -> Settings:
         return settings
     training = t.model_copy(update=update)
     return settings.model_copy(update={"training": training})
+
+
+# --------------------------------------------------------------------------- before any download
+
+
+def preflight(settings: Settings, opts: BootstrapOptions) -> list[str]:
+    """Every problem that can be found in a second, before gigabytes are downloaded and hours
+    trained: the options, the training settings' schedule, the folders bootstrap writes and,
+    unless these inputs were trained already (a rerun that only promotes), the training venv.
+    Empty when bootstrap may start; each problem says what to do.
+
+    No GPU check: training needs one, but nothing here decides on its presence (the venv's
+    check only warns), and the CPU tests train with a stand-in.
+    """
+    problems: list[str] = []
+    try:
+        check_options(settings, opts)
+        options_ok = True
+    except BootstrapError as exc:
+        problems.append(str(exc))
+        options_ok = False
+    problems += _unwritable(settings, opts)
+    t = apply_defaults(settings).training
+    if options_ok:
+        problems += _schedule_problems(t, opts)
+    if not training_done(settings, opts):
+        problems += venv_problems(settings)
+    return problems
+
+
+def venv_problems(settings: Settings) -> list[str]:
+    """The training venv (``oogiri train setup``'s, or settings'): there, runnable, with
+    XTuner; and the evaluation python when settings name one."""
+    t = apply_defaults(settings).training
+    if t.xtuner_python is None:
+        where = Path(t.venv or settings.data_dir / "xtuner-venv")
+        return [
+            f"no training venv: none at {where} and OOGIRI_TRAINING__XTUNER_PYTHON is not set; "
+            f"run `oogiri train setup` (it makes {where}) or set OOGIRI_TRAINING__XTUNER_PYTHON "
+            "to an existing training venv's bin/python"
+        ]
+    env = training_env(t)
+    problems = check_launch(t, env)
+    python = Path(t.xtuner_python)
+    if python.exists():
+        problems += probe_python(python, env)
+    if t.eval_python is not None:
+        eval_python = Path(t.eval_python)
+        if not eval_python.is_file() or not os.access(eval_python, os.X_OK):
+            problems.append(
+                f"evaluation python {eval_python} (OOGIRI_TRAINING__EVAL_PYTHON) is not an "
+                "executable file: fix the setting, or unset it to evaluate with the training venv"
+            )
+    return problems
+
+
+def training_done(settings: Settings, opts: BootstrapOptions) -> bool:
+    """Whether a run with these options would skip its train step (every marker up to it
+    matches and the pulled model and built set are still there): it then needs no venv."""
+    if opts.restart:
+        return False
+    state = State(bootstrap_dir(settings) / STATE_FILE)
+    dest = model_dest(settings, opts)
+    pulled = state.done("pull", pull_key(opts, dest))
+    out = dataset_out_dir(settings, opts)
+    if not pulled or not state.done("data", data_key(settings, opts, out)):
+        return False
+    snap = hub.local_copy(dest, opts.model, "model", check=False)
+    built = oogiri_go.load_built(out)
+    if snap is None or built is None:
+        return False
+    epochs = train_epochs(apply_defaults(settings).training, opts)
+    mark = state.done("train", train_key(snap.commit, built, epochs))
+    return bool(mark and mark.get("version"))
+
+
+def _unwritable(settings: Settings, opts: BootstrapOptions) -> list[str]:
+    """The folders bootstrap writes (data_dir, work_dir, the model's), each to be a folder this
+    user can write, or to be creatable inside one."""
+    problems: list[str] = []
+    blocked: set[Path] = set()
+    for folder in (settings.data_dir, work_dir_of(settings), model_dest(settings, opts)):
+        there = Path(folder).absolute()
+        while not there.exists() and there.parent != there:
+            there = there.parent
+        if there in blocked:
+            continue
+        if not there.is_dir():
+            problems.append(
+                f"cannot create {folder}: {there} is not a folder; set OOGIRI_DATA_DIR (or "
+                "--model-dir) to a folder this user can write"
+            )
+        elif not os.access(there, os.W_OK | os.X_OK):
+            problems.append(
+                f"cannot write {folder}: {there} is not writable for this user; set "
+                "OOGIRI_DATA_DIR (or --model-dir) to a folder it can write"
+            )
+        else:
+            continue
+        blocked.add(there)
+    return problems
+
+
+def _schedule_problems(t: TrainingSettings, opts: BootstrapOptions) -> list[str]:
+    """The run's schedule, from --n alone: fewer samples than it needs end the run "skipped"
+    after the downloads."""
+    epochs = train_epochs(t, opts)
+    problems = []
+    if not t.lr > 0:
+        problems.append(f"OOGIRI_TRAINING__LR must be > 0 (got {t.lr})")
+    try:
+        gpus = world_size(training_env(t))
+        need = min_schedule_samples(
+            t.batch_size, t.accumulative_counts, gpus, epochs, t.warmup_ratio
+        )
+    except (ConfigError, ValueError) as exc:
+        return [*problems, f"the training settings make no schedule: {exc}"]
+    if opts.n < need:
+        problems.append(
+            f"--n {opts.n}: the training schedule needs at least {need} samples (batch_size "
+            f"{t.batch_size} × accumulative_counts {t.accumulative_counts} × {gpus} GPU(s), "
+            f"{epochs} epoch(s), warmup_ratio {t.warmup_ratio}); use --n {need} or more"
+        )
+    return problems
 
 
 # --------------------------------------------------------------------------- the data step of a run
@@ -337,7 +491,7 @@ async def bootstrap(
     try:
         # 1. pull
         dest = model_dest(settings, opts)
-        key = {"repo": opts.model, "revision": opts.revision or "main", "dest": str(dest)}
+        key = pull_key(opts, dest)
         mark = state.done("pull", key)
         snap = None
         if mark:
@@ -367,17 +521,7 @@ async def bootstrap(
         step = "data"
         out = dataset_out_dir(settings, opts)
         raw = dataset_raw_dir(settings, opts.dataset)
-        dkey = {
-            "repo": opts.dataset,
-            "revision": opts.dataset_revision or "main",
-            "lang": opts.lang,
-            "n": opts.n,
-            "min_star": opts.min_star,
-            "heldout": opts.heldout,
-            "prompt": settings.prompt,
-            "recipe": oogiri_go.RECIPE_VERSION,
-            "out": str(out),
-        }
+        dkey = data_key(settings, opts, out)
         built = oogiri_go.load_built(out) if state.done("data", dkey) else None
         if built is not None:
             events.phase("data", "skipped", f"{built.train} samples in {out}")
@@ -397,11 +541,7 @@ async def bootstrap(
         # 3. train → merge → gate → register
         step = "train"
         train_settings = _train_settings(settings, opts, dest, built)
-        tkey = {
-            "base": snap.commit,
-            "data": built.report.get("created_at"),
-            "epochs": train_settings.training.max_epochs,
-        }
+        tkey = train_key(snap.commit, built, train_settings.training.max_epochs)
         tmark = state.done("train", tkey)
         version: str | None = tmark.get("version") if tmark else None
         if version is not None and await store.get_model_version(version) is not None:
@@ -480,16 +620,19 @@ async def bootstrap(
     return result
 
 
+def train_epochs(t: TrainingSettings, opts: BootstrapOptions) -> int:
+    """--epochs, else settings' max_epochs if the operator set it, else the seed's 6."""
+    if opts.epochs is not None:
+        return opts.epochs
+    return t.max_epochs if "max_epochs" in t.model_fields_set else SEED_EPOCHS
+
+
 def _train_settings(
     settings: Settings, opts: BootstrapOptions, base: Path, built: oogiri_go.BuildResult
 ) -> Settings:
     """The run's settings: the pulled model as the base, the seed's epochs unless set."""
     t = apply_defaults(settings).training
-    update: dict[str, Any] = {"base_model": base}
-    if opts.epochs is not None:
-        update["max_epochs"] = opts.epochs
-    elif "max_epochs" not in t.model_fields_set:
-        update["max_epochs"] = SEED_EPOCHS
+    update: dict[str, Any] = {"base_model": base, "max_epochs": train_epochs(t, opts)}
     if t.base_dataset is None:
         update["base_dataset"] = built.files["train"]
     return settings.model_copy(update={"training": t.model_copy(update=update)})
@@ -590,5 +733,6 @@ __all__ = [
     "bootstrap",
     "check_options",
     "fetch_and_build",
+    "preflight",
     "summary",
 ]

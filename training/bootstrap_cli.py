@@ -16,8 +16,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from training.cli import (
     EXIT_BUSY,
     EXIT_FAILED,
+    EXIT_STATUS_HELP,
+    EXIT_USAGE,
     RichEvents,
     console,
+    exit_status,
     load_settings,
     make_progress,
     open_store,
@@ -163,7 +166,7 @@ class _BuildEvents:
         self.progress.update(task, completed=done, total=total)
 
 
-@train_cli.command("bootstrap")
+@train_cli.command("bootstrap", epilog=EXIT_STATUS_HELP)
 def bootstrap_cmd(
     model: Annotated[str, typer.Option(help="base model on the hub")] = "OpenGVLab/InternVL2-2B",
     revision: Annotated[str | None, typer.Option(help="base model revision")] = None,
@@ -184,7 +187,8 @@ def bootstrap_cmd(
     """Pull InternVL2-2B and Oogiri-GO, fine-tune with the seed's recipe, merge, check, promote.
 
     Resumable: a second run skips the finished steps. Ends with where the model is and how to
-    serve it.
+    serve it. Before any download it checks the options, the settings, the folders it writes and
+    the training venv (`oogiri train setup`).
     """
     from training import bootstrap
     from training.lock import LockBusy, training_lock
@@ -203,10 +207,16 @@ def bootstrap_cmd(
         offline=_offline(offline),
         restart=restart,
     )
-    try:
-        bootstrap.check_options(settings, opts)
-    except bootstrap.BootstrapError as exc:
-        _fail(str(exc))
+    problems = bootstrap.preflight(settings, opts)
+    if problems:
+        # one message, every problem, before gigabytes are downloaded (exit 2: nothing started)
+        console.print(
+            "[red]error:[/red] `oogiri train bootstrap` cannot start; nothing was downloaded:",
+            highlight=False,
+        )
+        for problem in problems:
+            console.print(f"  - {problem}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_USAGE)
 
     async def main() -> bootstrap.BootstrapResult:
         async with open_store(settings) as store:
@@ -225,10 +235,11 @@ def bootstrap_cmd(
         raise typer.Exit(EXIT_BUSY) from exc
     for line in bootstrap.summary(result, settings):
         console.print(line, highlight=False, markup=False)
-    if result.status == "failed":
-        raise typer.Exit(EXIT_FAILED)
-    if result.status == "rejected":
-        raise typer.Exit(2)
+    run = result.run
+    config_error = run is not None and run.status == "failed" and run.config_error
+    code = exit_status(result.status, config_error=config_error)
+    if code:
+        raise typer.Exit(code)
 
 
 def _events(progress: Progress, verbose: bool) -> Any:

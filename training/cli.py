@@ -40,8 +40,21 @@ train_cli = typer.Typer(no_args_is_help=True, help="Retrain the model from users
 models_cli = typer.Typer(no_args_is_help=True, help="The model registry: list, promote, roll back.")
 console = Console(stderr=True, soft_wrap=True)  # paths and errors stay on one line
 
-EXIT_FAILED = 1
+# The exit statuses of `oogiri train run` and `oogiri train bootstrap` (docs/training.md "Exit
+# status"; deploy/systemd/oogiri-train.service counts EXIT_REJECTED as success).
+EXIT_OK = 0  # succeeded (promoted, or passed with promotion off), A/B test started, nothing to do
+EXIT_FAILED = 1  # a step failed, was cancelled or interrupted: see the log
+EXIT_USAGE = 2  # bad options or settings, no/broken training venv: nothing was trained
+EXIT_REJECTED = 3  # trained and registered, but the gate rejected it: the active model stays
 EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the lock
+EXIT_STATUS_HELP = (
+    f"Exit status: {EXIT_OK} succeeded (promoted, or passed with --no-promote) or nothing to do; "
+    f"{EXIT_FAILED} failed (see the log); "
+    f"{EXIT_USAGE} usage or configuration error: bad options or settings, no training venv "
+    "(nothing was trained); "
+    f"{EXIT_REJECTED} ran to the end but the gate rejected the candidate (the active model "
+    f"stays); {EXIT_BUSY} another run holds the lock."
+)
 
 
 # --------------------------------------------------------------------------- plugin hooks
@@ -120,9 +133,40 @@ async def scheduler_loop(app: App) -> None:
 
 
 def load_settings() -> Settings:
+    """The settings, or one message and exit status 2 when they do not parse."""
+    from pydantic import ValidationError
+
     from bot.settings import Settings
 
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = [str(part) for part in error.get("loc", ())]
+            name = "OOGIRI_" + "__".join(loc).upper() if loc else "settings"
+            got = repr(error.get("input"))
+            got = got if len(got) <= 60 else got[:57] + "..."
+            problems.append(f"{name} ({'.'.join(loc)}): {error.get('msg')} (got {got})")
+        console.print(
+            "error: invalid settings (environment or .env): " + "; ".join(problems),
+            highlight=False,
+            markup=False,
+        )
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def exit_status(status: str, *, config_error: bool = False) -> int:
+    """The exit status of a finished run or bootstrap of ``status`` (``EXIT_STATUS_HELP``).
+
+    ``config_error``: the run failed before training because of its settings or environment
+    (``training.config.ConfigError``, e.g. no training venv).
+    """
+    if status == "failed":
+        return EXIT_USAGE if config_error else EXIT_FAILED
+    if status == "rejected":
+        return EXIT_REJECTED
+    return EXIT_OK  # succeeded, testing (a live A/B test decides), skipped (too little data)
 
 
 def run_async(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -306,7 +350,7 @@ def config_cmd(
     print(json.dumps({"config": str(target), **plan.as_dict()}, indent=2))
 
 
-@train_cli.command("run")
+@train_cli.command("run", epilog=EXIT_STATUS_HELP)
 def run_cmd(
     if_due: Annotated[
         bool, typer.Option("--if-due", help="only when the schedule says so (cron, CronJob)")
@@ -317,7 +361,10 @@ def run_cmd(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream the log")] = False,
 ) -> None:
-    """Export → xtuner train → convert → evaluate → register → promote (if the gate passes)."""
+    """Export → xtuner train → convert → evaluate → register → promote (if the gate passes).
+
+    With --if-due, not due and another run holding the lock are "nothing to do" (0).
+    """
     from training.lock import LockBusy
     from training.run import RunResult, run_guarded
 
@@ -344,8 +391,9 @@ def run_cmd(
         console.print(str(result), highlight=False)
         return
     print_result(result)
-    if result.status == "failed":
-        raise typer.Exit(EXIT_FAILED)
+    code = exit_status(result.status, config_error=result.config_error)
+    if code:
+        raise typer.Exit(code)
 
 
 @train_cli.command("status")

@@ -405,3 +405,51 @@ def check_venv(
         return {}, [f"{python} could not run the check: {' | '.join(tail)}"], []
     problems, warnings = check_problems(report)
     return report, problems, warnings
+
+
+# --------------------------------------------------------------------------- the quick probe
+
+PROBE_SCRIPT = (
+    "import importlib.util, sys; "
+    "print('OOGIRI-PROBE', '%d.%d' % sys.version_info[:2], "
+    "importlib.util.find_spec('xtuner') is not None)"
+)
+
+
+def probe_python(
+    python: Path, env: dict[str, str] | None = None, timeout_s: float = 60.0
+) -> list[str]:
+    """Problems of the training venv's python found in about a second: it runs, is a Python
+    XTuner supports and finds the ``xtuner`` package (located, not imported: the full import is
+    ``oogiri train setup --check``'s job). Empty when it looks fit to train."""
+    fix = "run `oogiri train setup` (again)"
+    try:
+        proc = subprocess.run(
+            [str(python), "-c", PROBE_SCRIPT],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout_s,
+            env=clean_env() if env is None else env,
+        )
+    except subprocess.TimeoutExpired:
+        return [f"training python {python} does not run: no answer in {timeout_s:.0f} s; {fix}"]
+    except OSError as exc:
+        return [f"training python {python} does not run ({exc.strerror or exc}); {fix}"]
+    report = next(
+        (line.split() for line in proc.stdout.splitlines() if line.startswith("OOGIRI-PROBE ")),
+        None,
+    )
+    if proc.returncode != 0 or report is None or len(report) != 3:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:]) or "no output"
+        return [f"training python {python} does not run (exit {proc.returncode}: {tail}); {fix}"]
+    _, version, has_xtuner = report
+    problems = []
+    if _version_tuple(version) >= (3, 13):
+        problems.append(
+            f"training python {python} is Python {version}: XTuner 0.2.0 needs Python < 3.13; "
+            "run `oogiri train setup --python python3.12`"
+        )
+    if has_xtuner != "True":
+        problems.append(f"xtuner is not installed for {python}: {fix}")
+    return problems

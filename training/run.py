@@ -398,6 +398,7 @@ class RunResult:
     log_path: Path | None = None
     decision: GateDecision | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    config_error: bool = False  # failed on its settings or environment (ConfigError): exit 2
 
 
 def live_ab_settings(settings: Settings, pm: Any) -> AbSettings | None:
@@ -730,6 +731,7 @@ class TrainingPipeline:
             self._say(f"FAILED at {step}: {message}")
             result.status, result.step = "failed", step
             result.error = f"{step}: {message}"
+            result.config_error = isinstance(exc, ConfigError)
             if not registered:
                 self._remove_unregistered(result)
         except BaseException:  # cancelled (Ctrl-C, shutdown): record it, then go

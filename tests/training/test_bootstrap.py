@@ -23,6 +23,7 @@ from bot.images import load
 from bot.settings import DEFAULT_PROMPT, ImageSettings, Settings
 from training import hub, oogiri_go
 from training.bootstrap import apply_defaults, read_state
+from training.cli import EXIT_REJECTED
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -398,7 +399,7 @@ def test_a_fine_tune_that_fails_the_sanity_gate_is_not_promoted(
 ) -> None:
     monkeypatch.setenv("OOGIRI_TRAINING__GATE_LANGUAGE", "en")  # the stand-in answers in Chinese
     r = invoke("train", "bootstrap", "--n", "6", "--epochs", "2")
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == EXIT_REJECTED, r.output  # as `train run`'s (test_review_exit.py)
     assert "bootstrap rejected" in r.output and "FAIL sanity" in r.output
     versions = registry()
     assert versions[0][1] == "active" and versions[-1][1] == "rejected"  # the base stays

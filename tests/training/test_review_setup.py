@@ -159,7 +159,7 @@ def test_a_damaged_compressed_picture_is_skipped_and_counted(tmp_path: Path) -> 
 def test_bootstrap_refuses_bad_input_before_downloading_anything(env: dict[str, Any]) -> None:
     """--n 0 was found only after the 4.4 GB model and the 1.37 GB pictures were downloaded."""
     r = invoke("train", "bootstrap", "--n", "0")
-    assert r.exit_code == 1 and "--n must be at least 1" in r.output, r.output
+    assert r.exit_code == 2 and "--n must be at least 1" in r.output, r.output  # usage error
     assert hub_downloads(env["hub"]) == []
     r = invoke("data", "oogiri-go", "--n", "0")
     assert r.exit_code == 1 and "--n must be at least 1" in r.output, r.output
@@ -172,10 +172,10 @@ def test_bootstrap_refuses_a_language_its_gate_would_reject(
     """--lang en with the bot in Chinese trained for hours, then the sanity gate (zh) rejected
     every English joke. Said before the download now; a matching setting lets it through."""
     r = invoke("train", "bootstrap", "--lang", "en")
-    assert r.exit_code == 1 and "OOGIRI_LANGUAGE" in r.output, r.output
+    assert r.exit_code == 2 and "OOGIRI_LANGUAGE" in r.output, r.output
     assert "Traceback" not in r.output and hub_downloads(env["hub"]) == []
     r = invoke("train", "bootstrap", "--lang", "jp")
-    assert r.exit_code == 1 and "GATE_LANGUAGE" in r.output, r.output
+    assert r.exit_code == 2 and "GATE_LANGUAGE" in r.output, r.output
     assert hub_downloads(env["hub"]) == []
     from training.bootstrap import BootstrapOptions, check_options
 

@@ -154,7 +154,8 @@ def test_gate_rejection_via_the_cli(env: dict[str, Any], monkeypatch: pytest.Mon
     seed(env)
     monkeypatch.setenv("FAKE_EVAL_CANDIDATE_LOSS", "3.0")
     r = invoke("train", "run")
-    assert r.exit_code == 0 and "rejected" in r.output and "FAIL heldout_loss" in r.output
+    assert r.exit_code == tcli.EXIT_REJECTED, r.output  # 3, not 0: cron/systemd can tell
+    assert "rejected" in r.output and "FAIL heldout_loss" in r.output
     assert not env["swaps"].exists()
 
 
