@@ -2,13 +2,18 @@
 
 With ``engine.name = "lmdeploy"`` and ``engine.manage = true``, ``oogiri serve``:
 
-* starts ``python -m lmdeploy serve api_server MODEL …`` with every relevant flag from settings
-  (:func:`build_command`: backend, --tp, --session-len, --cache-max-entry-count, --max-batch-size,
-  --chat-template (the shipped XTuner-matching InternVL2 template unless another is set),
-  --trust-remote-code, --api-keys, --server-name/--server-port, --model-name) and
-  ``OMP_NUM_THREADS``/``MKL_NUM_THREADS = engine.server_threads`` (LMDeploy's image preprocessing
-  otherwise spawns a thread per core per request and starves itself);
-* waits for ``/health``; appends the server's output to ``data_dir/logs/lmdeploy-PORT.log``;
+* starts ``lmdeploy serve api_server MODEL …`` through :mod:`bot.engines.lmdeploy_launch` with
+  every relevant flag from settings (:func:`build_command`: backend, --tp, --session-len,
+  --cache-max-entry-count, --max-batch-size, --chat-template (the shipped XTuner-matching InternVL2
+  template unless another is set), --trust-remote-code, --server-name/--server-port, --model-name)
+  and ``OMP_NUM_THREADS``/``MKL_NUM_THREADS = engine.server_threads`` (LMDeploy's image
+  preprocessing otherwise spawns a thread per core per request and starves itself). The API key is
+  never on a command line (any local user can read those): it goes to the child in the environment
+  variable ``LMDEPLOY_LAUNCH_API_KEY``, and the launcher hands it to LMDeploy inside the process
+  (:func:`launcher`, :func:`server_env`);
+* waits for ``/health`` and, with a key set, checks that ``/v1/models`` refuses a request without
+  it (a ``server_command`` that ignores the key is stopped, not served); appends the server's
+  output to ``data_dir/logs/lmdeploy-PORT.log``;
 * restarts it with exponential backoff (1 s … 60 s) when it exits or stops answering ``/health``;
 * swaps models blue/green on request (:meth:`ManagedLMDeploy.swap`): start the new model on the
   next free port (``engine.port + 1 …``), wait for health, warm it with a real picture request,
@@ -36,6 +41,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -50,9 +56,11 @@ from pydantic import Field
 
 from bot.engines.base import EngineHealth
 from bot.engines.internvl import CHAT_TEMPLATE
+from bot.engines.lmdeploy_launch import API_KEY_ENV, LAUNCH_FILE
 from bot.engines.openai_http import (
     CHAT_PATH,
     HEALTH_PATH,
+    MODELS_PATH,
     OpenAIHTTPEngine,
     Upstream,
     assert_only_data_urls,
@@ -101,7 +109,9 @@ class LMDeployEngineSettings(EngineSettings):
     extra_args: list[str] = Field(default_factory=list)
     server_command: list[str] = Field(
         default_factory=list,
-        description="argv that runs lmdeploy's CLI; empty: [this python, -m, lmdeploy]",
+        description="argv that runs lmdeploy's CLI; empty: this python through the launcher "
+        "(bot/engines/lmdeploy_launch.py); [PY, -m, MODULE] and [PY, FILE.py] also run through "
+        "it; anything else must read the API key from LMDEPLOY_LAUNCH_API_KEY",
     )
     server_host: str = Field(default="127.0.0.1", description="--server-name of the managed server")
     trust_remote_code: bool = Field(
@@ -137,8 +147,37 @@ class SwapError(EngineError):
 # --------------------------------------------------------------------------- command line
 
 
+def is_python(executable: str) -> bool:
+    name = Path(executable).name
+    return executable == sys.executable or re.fullmatch(r"python[0-9.]*", name) is not None
+
+
 def launcher(settings: LMDeployEngineSettings) -> list[str]:
-    return list(settings.server_command) or [sys.executable, "-m", "lmdeploy"]
+    """The argv prefix that runs LMDeploy's CLI, so that the API key can stay off every argv.
+
+    Empty ``server_command``: this Python runs :mod:`bot.engines.lmdeploy_launch` (by file, so it
+    needs nothing of the bot). A ``server_command`` that runs Python — ``[PY, -m, MODULE, …]`` or
+    ``[PY, FILE.py, …]`` — runs the same launcher under that ``PY`` with ``--module``/``--script``,
+    which hands the key to the module inside its process. Anything else (a binary, a shell
+    script) runs as given and gets the key only in ``LMDEPLOY_LAUNCH_API_KEY``: it must hand it to
+    LMDeploy itself; :meth:`ServerProcess.wait_healthy` refuses a server that answers without it.
+    """
+    cmd = list(settings.server_command)
+    if not cmd:
+        return [sys.executable, str(LAUNCH_FILE)]
+    if len(cmd) >= 2 and is_python(cmd[0]):
+        if cmd[1] == "-m" and len(cmd) >= 3:
+            return [cmd[0], str(LAUNCH_FILE), "--module", cmd[2], *cmd[3:]]
+        if cmd[1].endswith(".py"):
+            return [cmd[0], str(LAUNCH_FILE), "--script", cmd[1], *cmd[2:]]
+    return cmd
+
+
+def api_key_of(settings: LMDeployEngineSettings) -> str | None:
+    """The server's API key, or None (unset or empty: the server runs without one)."""
+    if settings.api_key is None:
+        return None
+    return settings.api_key.get_secret_value() or None
 
 
 def template_path(settings: LMDeployEngineSettings) -> Path:
@@ -148,7 +187,8 @@ def template_path(settings: LMDeployEngineSettings) -> Path:
 def build_command(
     settings: LMDeployEngineSettings, model_dir: Path | str, port: int, served_name: str
 ) -> list[str]:
-    """The ``lmdeploy serve api_server`` argv for one managed server."""
+    """The ``lmdeploy serve api_server`` argv for one managed server (never with the API key:
+    :func:`server_env` puts that in the child's environment)."""
     cmd = [
         *launcher(settings),
         "serve",
@@ -183,8 +223,6 @@ def build_command(
         and "--distributed-executor-backend" not in settings.extra_args
     ):
         cmd += ["--distributed-executor-backend", "mp"]  # else LMDeploy wants ray for tp > 1
-    if settings.api_key is not None and settings.api_key.get_secret_value():
-        cmd += ["--api-keys", settings.api_key.get_secret_value()]
     cmd += list(settings.extra_args)
     return cmd
 
@@ -210,6 +248,17 @@ def build_env(
     env["OMP_NUM_THREADS"] = threads
     env["MKL_NUM_THREADS"] = threads
     env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def server_env(settings: LMDeployEngineSettings, env: dict[str, str]) -> dict[str, str]:
+    """``env`` plus the API key for the launcher (or without the variable when no key is set)."""
+    env = dict(env)
+    key = api_key_of(settings)
+    if key:
+        env[API_KEY_ENV] = key
+    else:
+        env.pop(API_KEY_ENV, None)  # one in the bot's own environment is not this server's key
     return env
 
 
@@ -336,10 +385,12 @@ class ServerProcess:
         )
         self.command = build_command(self.settings, served_dir, self.port, self.served_name)
         self._rotate_log()
+        keyed = f" ({API_KEY_ENV}=**********)" if api_key_of(self.settings) else ""
         header = (
             f"\n===== {datetime.now(UTC).isoformat()} oogiri starts {self.label} "
-            f"on port {self.port}: {' '.join(redact(self.command))}\n"
+            f"on port {self.port}: {' '.join(redact(self.command))}{keyed}\n"
         )
+        env = self.env if self.env is not None else build_env(self.settings)
         with self._open_log(header) as logf:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
@@ -347,7 +398,7 @@ class ServerProcess:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=logf,
                     stderr=asyncio.subprocess.STDOUT,
-                    env=self.env if self.env is not None else build_env(self.settings),
+                    env=server_env(self.settings, env),  # the key: here, never in argv
                     start_new_session=True,  # its own process group: stop() reaches its workers
                 )
             except OSError as exc:
@@ -370,6 +421,7 @@ class ServerProcess:
                     f"while starting; log {self.log_path}:\n{self.log_tail()}"
                 )
             if await self.probe():
+                await self.check_key_required()
                 self.state = "healthy"
                 self.healthy_at = time.monotonic()
                 log.info("lmdeploy api_server for %s healthy after %.1f s", self.label,
@@ -388,6 +440,27 @@ class ServerProcess:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+    async def check_key_required(self) -> None:
+        """With a key set, ``/v1/models`` without it must be refused: a ``server_command`` that
+        ignored ``LMDEPLOY_LAUNCH_API_KEY`` would otherwise serve anyone."""
+        if not api_key_of(self.settings):
+            return
+        try:
+            response = await self._http.get(self.url + MODELS_PATH, timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise ServerFailed(
+                detail=f"lmdeploy api_server for {self.label}: cannot check that it requires the "
+                f"API key ({exc!r})"
+            ) from exc
+        if response.status_code < 400:
+            self.state = "unprotected"
+            raise ServerFailed(
+                detail=f"lmdeploy api_server for {self.label} answered {MODELS_PATH} without the "
+                f"API key (HTTP {response.status_code}): engine.server_command "
+                f"{self.command[0]!r} does not hand {API_KEY_ENV} to LMDeploy; run LMDeploy "
+                "through bot/engines/lmdeploy_launch.py (docs/lmdeploy.md)"
+            )
 
     def supervise(self) -> None:
         if self._watch is None:

@@ -17,6 +17,7 @@ import pytest
 from enginesupport import FAKES, jpeg_image
 
 from bot.engines import lmdeploy_plugin, lmdeploy_server
+from bot.engines.lmdeploy_launch import API_KEY_ENV, LAUNCH_FILE
 from bot.engines.lmdeploy_server import (
     TEMPLATE,
     ControlServer,
@@ -29,6 +30,7 @@ from bot.engines.lmdeploy_server import (
     build_env,
     control_request,
     redact,
+    server_env,
     socket_path,
 )
 from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
@@ -147,8 +149,9 @@ def test_command_line_has_every_setting(tmp_path: Path) -> None:
         extra_args=["--log-level", "INFO"],
     )
     cmd = build_command(e, tmp_path / "m", 24000, "oogiri-v2")
-    assert cmd[:5] == [sys.executable, "-m", "lmdeploy", "serve", "api_server"]
-    assert cmd[5] == str(tmp_path / "m")
+    # LMDeploy through the launcher, which takes the key from the environment (never argv)
+    assert cmd[:4] == [sys.executable, str(LAUNCH_FILE), "serve", "api_server"]
+    assert cmd[4] == str(tmp_path / "m")
 
     def flag(name: str) -> str:
         return cmd[cmd.index(name) + 1]
@@ -159,14 +162,16 @@ def test_command_line_has_every_setting(tmp_path: Path) -> None:
     assert flag("--max-prefill-token-num") == "4096"
     assert flag("--server-name") == "127.0.0.1" and flag("--model-name") == "oogiri-v2"
     assert flag("--chat-template") == str(TEMPLATE) and TEMPLATE.is_file()
-    assert flag("--api-keys") == "sk-secret" and "--trust-remote-code" in cmd
+    assert "--trust-remote-code" in cmd
+    assert "sk-secret" not in " ".join(cmd) and not any("--api-keys" in a for a in cmd)
     assert cmd[-2:] == ["--log-level", "INFO"]
     assert "--distributed-executor-backend" not in cmd  # turbomind needs no ray/mp choice
-    shown = redact(cmd)
-    assert "sk-secret" not in shown and shown[shown.index("--api-keys") + 1] == "**********"
+    shown = redact([*cmd, "--api-keys", "sk-in-extra-args"])  # e.g. an operator's extra_args
+    assert "sk-in-extra-args" not in shown and shown[-1] == "**********"
     env = build_env(e, base={"PATH": "/bin"})
     assert env["OMP_NUM_THREADS"] == "3" and env["MKL_NUM_THREADS"] == "3"
-    assert env["PATH"] == "/bin"
+    assert env["PATH"] == "/bin" and API_KEY_ENV not in env  # build_env is printable
+    assert server_env(e, env)[API_KEY_ENV] == "sk-secret"
 
     pt = EngineSettings(tp=2, chat_template=tmp_path / "t.json", trust_remote_code=False)
     cmd = build_command(pt, "m", 1, "x")
