@@ -3,7 +3,9 @@ name and starts again on the new folder when a promotion repoints the link; ``py
 training.rollout`` (the train job's promote command) returns once the new version answers.
 
 The command is taken from deploy/compose.yaml itself, interpolated as compose would, and run
-with ``lmdeploy`` resolving to the fake server (tests/fakes/fake_lmdeploy.py) over loopback."""
+with the launcher it bind-mounts (bot/engines/lmdeploy_launch.py) and an ``lmdeploy`` package on
+PYTHONPATH that runs the fake server (tests/fakes/fake_lmdeploy.py) over loopback; the key goes in
+as the container gets it, in LMDEPLOY_LAUNCH_API_KEY."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from training.rollout import repoint
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = ROOT / "tests" / "fakes" / "fake_lmdeploy.py"
+LAUNCHER = ROOT / "bot" / "engines" / "lmdeploy_launch.py"
 
 
 def compose_interpolate(text: str) -> str:
@@ -38,7 +41,12 @@ def server_script() -> str:
     doc = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text(encoding="utf-8"))
     command = doc["x-lmdeploy"]["command"]
     assert command[:2] == ["sh", "-c"]
-    return compose_interpolate(command[-1])
+    script = compose_interpolate(command[-1])
+    # the launcher's bind mount: this checkout's file
+    (mount,) = [v for v in doc["x-lmdeploy"]["volumes"] if str(v["source"]).endswith("launch.py")]
+    assert (ROOT / "deploy" / mount["source"]).resolve() == LAUNCHER
+    assert mount["target"] in script
+    return script.replace(mount["target"], str(LAUNCHER))
 
 
 def free_port() -> int:
@@ -73,17 +81,28 @@ def wait_for(url: str, want: list[str], timeout: float = 30) -> None:
 
 @pytest.fixture
 def bin_dir(tmp_path: Path) -> Path:
-    shim = tmp_path / "bin" / "lmdeploy"
-    shim.parent.mkdir()
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
-    shim.chmod(0o755)
-    py = tmp_path / "bin" / "python3"  # the image's python3 reads oogiri-model.json
-    py.symlink_to(sys.executable)
-    return shim.parent
+    # the image's python3 (LMDeploy's venv): runs the launcher and reads oogiri-model.json
+    py = tmp_path / "bin" / "python3"
+    py.parent.mkdir()
+    py.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    py.chmod(0o755)
+    return py.parent
+
+
+@pytest.fixture
+def fake_lmdeploy_package(tmp_path: Path) -> Path:
+    """``lmdeploy`` for the launcher's ``python -m lmdeploy``: the fake api_server."""
+    package = tmp_path / "pkg" / "lmdeploy"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        f"import runpy\nrunpy.run_path({str(FAKE)!r}, run_name='__main__')\n"
+    )
+    return package.parent
 
 
 def test_the_server_follows_the_link_and_the_promotion_waits_for_it(
-    tmp_path: Path, bin_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, bin_dir: Path, fake_lmdeploy_package: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OOGIRI_ENGINE__API_KEY", "k")  # what the train container has
     port = free_port()
@@ -99,7 +118,8 @@ def test_the_server_follows_the_link_and_the_promotion_waits_for_it(
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "LMDEPLOY_MODEL_LINK": str(link),
         "LMDEPLOY_HOST": "127.0.0.1",
-        "LMDEPLOY_API_KEY": "k",
+        "LMDEPLOY_LAUNCH_API_KEY": "k",  # the server answers /v1/models only with it
+        "PYTHONPATH": str(fake_lmdeploy_package),
         "LMDEPLOY_WATCH_S": "0.1",
         "FAKE_LMDEPLOY_STARTUP_S": "0.1",
         "OOGIRI_ENGINE__API_KEY": "k",

@@ -275,7 +275,11 @@ def test_compose_services(compose_config: dict[str, Any]) -> None:
         # serves the link's folder under its version's name, again after a promotion
         for flag in ('api_server "$$link"', "--backend", "--model-name", "oogiri-model.json"):
             assert flag.replace("$$", "$") in script.replace("$$", "$"), (name, flag)
-        assert "--chat-template" in script and "--api-keys" in script
+        assert "--chat-template" in script and "--api-keys" not in script
+        # LMDeploy starts through the bind-mounted launcher, the key in its environment
+        # (tests/deploy/test_deploy_api_key.py)
+        assert "python3 /opt/oogiri/lmdeploy_launch.py serve api_server" in script
+        assert "LMDEPLOY_LAUNCH_API_KEY" in server["environment"]
         assert any(v["target"] == "/models" and v["read_only"] for v in server["volumes"])
     gpu_ids = {
         services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
@@ -283,7 +287,7 @@ def test_compose_services(compose_config: dict[str, Any]) -> None:
     }
     assert len(gpu_ids) == 2, "each api_server gets its own GPU"
     assert services["lmdeploy-gpu1"]["environment"]["LMDEPLOY_PROXY_URL"].endswith(":8000")
-    assert "serve proxy" in services["lmdeploy-proxy"]["command"][-1]
+    assert "serve proxy" in " ".join(services["lmdeploy-proxy"]["command"])
     assert services["lmdeploy-proxy"]["profiles"] == ["scale"]
     assert "deploy" not in services["lmdeploy-proxy"], "the proxy needs no GPU"
     assert services["train"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"]
@@ -445,7 +449,11 @@ def test_kubernetes_shape(k8s_base: list[dict[str, Any]]) -> None:
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1, "one pod per GPU"
     script = server["args"][-1]
     assert server["command"] == ["sh", "-c"]
-    assert script.startswith("exec lmdeploy serve api_server /models/active")
+    # through the launcher, the key on no command line (tests/deploy/test_deploy_api_key.py)
+    assert script.startswith(
+        "exec python3 /opt/oogiri/lmdeploy_launch.py serve api_server /models/active"
+    )
+    assert "--api-keys" not in script
     # the served name is the folder's version: the bot labels jokes with the real version
     assert "/models/active/oogiri-model.json" in script and "--model-name" in script
     register = lmdeploy["containers"][1]
