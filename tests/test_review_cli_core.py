@@ -280,4 +280,6 @@ async def test_a_retry_after_zero_does_not_spin_the_outbox_loop(store: Store) ->
     worker.start()
     await asyncio.sleep(1.0)
     await worker.stop()
-    assert 1 <= sends <= 10, sends
+    # retried, not dropped (a second send), and paced: at most one round per poll_s (0.2 s) in the
+    # second the loop ran, where the spinning loop sent hundreds
+    assert 2 <= sends <= 6, sends

@@ -28,7 +28,8 @@ from typing import Any
 import httpx
 import pytest
 from enginesupport import FAKES, jpeg_image
-from test_lmdeploy_server import FAKE_CMD, PARAMS, PROMPT, alive, free_port_block, model_dir
+from test_lmdeploy_server import FAKE_CMD, PARAMS, PROMPT, alive, free_port_block
+from test_lmdeploy_server import managed_settings as lmd_settings
 
 from bot.engines import lmdeploy_launch
 from bot.engines.lmdeploy_launch import API_KEY_ENV, LAUNCH_FILE, lmdeploy_args, main
@@ -266,22 +267,7 @@ def fake_as_lmdeploy(root: Path) -> Path:
 
 
 def managed_settings(tmp_path: Path, server_command: list[str], **engine: object) -> Settings:
-    return Settings(
-        _env_file=None,
-        data_dir=tmp_path / "data",
-        engine={
-            "name": "lmdeploy",
-            "manage": True,
-            "model": str(model_dir(tmp_path, "model-a")),
-            "port": free_port_block(),
-            "server_command": server_command,
-            "api_key": KEY,
-            "retry_backoff_s": 0.05,
-            "startup_timeout_s": 30,
-            "max_dynamic_patch": 1,
-            **engine,
-        },
-    )
+    return lmd_settings(tmp_path, server_command=server_command, **({"api_key": KEY} | engine))
 
 
 @pytest.mark.parametrize("way", ["launcher", "python-script", "python-module"])

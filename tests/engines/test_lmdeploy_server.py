@@ -71,8 +71,8 @@ def fast_supervision(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_LMDEPLOY_DELAY_S", "0.02")
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def managed_settings(tmp_path: Path, **engine: object) -> Settings:
+    """Managed mode on the fake api_server (``FAKE_CMD``), quick to start and to retry."""
     return Settings(
         _env_file=None,
         data_dir=tmp_path / "data",
@@ -82,13 +82,18 @@ def settings(tmp_path: Path) -> Settings:
             "model": str(model_dir(tmp_path, "model-a")),
             "port": free_port_block(),
             "server_command": FAKE_CMD,
-            "api_key": "sk-managed",
             "retry_backoff_s": 0.05,
             "startup_timeout_s": 30,
             "drain_timeout_s": 20,
             "max_dynamic_patch": 1,
+            **engine,
         },
     )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return managed_settings(tmp_path, api_key="sk-managed")
 
 
 @pytest.fixture

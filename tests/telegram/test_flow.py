@@ -12,38 +12,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakebotapi import BOT_ID, BOT_USERNAME, FakeBotAPI, keyboard_counts
-from tgsupport import ADMIN_ID, StartBot, jokes_in
+from fakebotapi import BOT_ID, FakeBotAPI, keyboard_counts
+from tgsupport import (
+    ADMIN_ID,
+    FAST_OUTBOX,
+    MENTION,
+    StartBot,
+    jokes_in,
+    replies_to,
+    wait_until,
+)
 
 import plugins.telegram as tg
 from bot.outbox import Outbox
 from bot.store import Store
 
 GROUP = -1001234567890
-HANDLE = f"@{BOT_USERNAME}"
-MENTION = {
-    "caption": f"{HANDLE} 猫",
-    "caption_entities": [{"type": "mention", "offset": 0, "length": len(HANDLE)}],
-}
-FAST_OUTBOX = {"outbox_poll_s": 0.1}
 # PTB itself warns when it builds a RetryAfter from an int (its v22.2 deprecation).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:telegram")
 
 
-def replies_to(msg: dict[str, Any]):
-    return lambda p: (p.get("reply_parameters") or {}).get("message_id") == msg["message_id"]
-
-
 async def outbox_counts(app: Any) -> dict[str, int]:
     return await Outbox(app.store, "telegram").counts()
-
-
-async def wait_until(check: Any, within: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- admission

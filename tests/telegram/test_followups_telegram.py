@@ -7,16 +7,24 @@ is mocked.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakebotapi import BOT_ID, BOT_USERNAME, FakeBotAPI, keyboard_counts
+from fakebotapi import FakeBotAPI, keyboard_counts
 from sqlalchemy import select
-from tgsupport import ADMIN_ID, StartBot, jokes_in
+from tgsupport import (
+    ADMIN_ID,
+    FAST_OUTBOX,
+    MENTION,
+    StartBot,
+    basic_group,
+    bot_message,
+    joke_id_of,
+    jokes_in,
+    wait_until,
+)
 
-import plugins.telegram as tg
 from bot.app import App
 from bot.models import message as core_message
 from bot.moderation import moderation_for
@@ -25,45 +33,8 @@ from plugins.telegram_texts import text as tg_text
 
 OLD_GROUP = -4_000_123  # a basic group: small negative id
 SUPERGROUP = -1_009_000_000_123  # what Telegram upgrades it to
-HANDLE = f"@{BOT_USERNAME}"
-MENTION = {
-    "caption": f"{HANDLE} 猫",
-    "caption_entities": [{"type": "mention", "offset": 0, "length": len(HANDLE)}],
-}
-FAST_OUTBOX = {"outbox_poll_s": 0.1}
 # PTB itself warns when it builds a RetryAfter from an int (its v22.2 deprecation).
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:telegram")
-
-
-def basic_group(api: FakeBotAPI, chat_id: int = OLD_GROUP) -> dict[str, Any]:
-    chat = {"id": chat_id, "type": "group", "title": "Memes"}
-    api.chats[chat_id] = chat
-    return chat
-
-
-def joke_id_of(params: dict[str, Any]) -> int:
-    vote = tg.parse_vote(params["reply_markup"]["inline_keyboard"][0][0]["callback_data"])
-    assert vote is not None
-    return vote[0]
-
-
-def bot_message(api: FakeBotAPI, chat_id: int, joke_id: int) -> dict[str, Any]:
-    """The bot's message carrying joke ``joke_id``'s keyboard in ``chat_id``."""
-    for (cid, _), msg in api.messages.items():
-        markup = msg.get("reply_markup") or {}
-        rows = markup.get("inline_keyboard") or [[{}]]
-        data = rows[0][0].get("callback_data")
-        if cid == chat_id and msg["from"]["id"] == BOT_ID and data == tg.vote_data(joke_id, 1):
-            return msg
-    raise AssertionError(f"no message of joke {joke_id} in {chat_id}")
-
-
-async def wait_until(check: Any, within: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 async def outbox_counts(app: App) -> dict[str, int]:
@@ -95,7 +66,7 @@ async def test_a_joke_for_a_group_that_became_a_supergroup_is_sent_there_and_vot
     """Telegram answers a send into an upgraded group with 400 and ``migrate_to_chat_id``. The
     reply used to be dropped as undeliverable; it belongs in the supergroup."""
     app = await start_bot(telegram=FAST_OUTBOX)
-    group, member = basic_group(botapi), botapi.user(8101)
+    group, member = basic_group(botapi, OLD_GROUP), botapi.user(8101)
     botapi.push_message(group, member, photo=botapi.photo(chelsea_jpeg), **MENTION)
     botapi.migrate_chat(OLD_GROUP, SUPERGROUP)  # upgraded while the joke was being written
     (joke,) = await botapi.wait_for(
@@ -120,7 +91,7 @@ async def test_pending_replies_follow_the_group_to_its_supergroup_in_order(
     """Replies kept in the outbox (the first send failed, the second waits behind it) are
     retried after the upgrade; once the move is known the next one goes straight there."""
     app = await start_bot(telegram=FAST_OUTBOX)
-    group, member = basic_group(botapi), botapi.user(8201)
+    group, member = basic_group(botapi, OLD_GROUP), botapi.user(8201)
     botapi.fail_chat(OLD_GROUP, status=502)
     botapi.push_message(group, member, photo=botapi.photo(chelsea_jpeg), **MENTION)
     await wait_until(lambda: _failed_with(botapi, 502))
@@ -141,7 +112,7 @@ async def test_a_plain_reply_into_an_upgraded_group_reaches_the_supergroup(
     botapi: FakeBotAPI, start_bot: StartBot
 ) -> None:
     await start_bot()
-    group, member = basic_group(botapi), botapi.user(8301)
+    group, member = basic_group(botapi, OLD_GROUP), botapi.user(8301)
     botapi.migrate_chat(OLD_GROUP, SUPERGROUP)
     botapi.push_message(group, member, text="/help")  # sent just before the upgrade
     (answer,) = await botapi.wait_for(
@@ -164,7 +135,7 @@ async def test_votes_on_the_old_groups_jokes_keep_working_from_the_supergroup(
     one) are remembered in the database: every replica, and a restarted one, accepts the vote."""
     shared = {"store": {"url": store_url}, "data_dir": tmp_path / "shared"}
     app = await start_bot(**shared)
-    group, member = basic_group(botapi), botapi.user(8401)
+    group, member = basic_group(botapi, OLD_GROUP), botapi.user(8401)
     botapi.push_message(group, member, photo=botapi.photo(chelsea_jpeg), **MENTION)
     (joke,) = await botapi.wait_for("sendMessage", lambda p: "reply_markup" in p, within=10)
     joke_id = joke_id_of(joke)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from fake_hub import FakeHub  # pyright: ignore[reportMissingImports]  # tests/fakes, on sys.path by conftest.py
 from PIL import Image
-from trainhelp import FAKES, MODEL, SECRET, fake_eval_python, fake_venv, invoke
+from trainhelp import MODEL, SECRET, bootstrap_env, invoke
 
 from bot.images import load
 from bot.settings import DEFAULT_PROMPT, ImageSettings, Settings
@@ -216,26 +216,7 @@ def test_a_picture_the_bot_refuses_is_never_trained_on(tmp_path: Path) -> None:
 
 @pytest.fixture
 def env(fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    monkeypatch.chdir(tmp_path)
-    for var in list(os.environ):
-        if var.startswith("OOGIRI_") or var.startswith("FAKE_") or var in ("NNODES", "PORT"):
-            monkeypatch.delenv(var)
-    values = {
-        "OOGIRI_DATA_DIR": str(tmp_path / "data"),
-        "OOGIRI_STORE__URL": f"sqlite+aiosqlite:///{tmp_path / 'data' / 'oogiri.sqlite3'}",
-        "OOGIRI_PLUGINS": "training",
-        "OOGIRI_TRAINING__XTUNER_PYTHON": str(fake_venv(tmp_path / "venv")),
-        "OOGIRI_TRAINING__EVAL_PYTHON": str(fake_eval_python(tmp_path / "evalpy" / "python")),
-        "OOGIRI_TRAINING__BATCH_SIZE": "1",
-        "OOGIRI_TRAINING__ACCUMULATIVE_COUNTS": "1",
-        "OOGIRI_TRAINING__WARMUP_RATIO": "0.2",
-        "OOGIRI_TRAINING__PROMOTE_COMMAND": json.dumps(
-            ["{python}", str(FAKES / "fake_swap.py"), "{model_dir}", "{version}"]
-        ),
-        "FAKE_SWAP_RECORD": str(tmp_path / "swaps.json"),
-    }
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
+    bootstrap_env(tmp_path, monkeypatch)
     return {"tmp": tmp_path, "data": tmp_path / "data", "hub": fake_hub}
 
 

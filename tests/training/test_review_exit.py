@@ -14,7 +14,6 @@ convention for ``oogiri train run`` and ``oogiri train bootstrap``.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import subprocess
@@ -25,12 +24,12 @@ from typing import Any
 import pytest
 from fake_hub import FakeHub  # pyright: ignore[reportMissingImports]
 from trainhelp import (
-    FAKES,
-    fake_base_model,
-    fake_eval_python,
+    bootstrap_env,
     fake_venv,
+    hub_downloads,
     invoke,
     seed_ratings,
+    train_run_env,
 )
 
 from bot.settings import Settings
@@ -41,37 +40,11 @@ from training.cli import EXIT_BUSY, EXIT_FAILED, EXIT_REJECTED, EXIT_USAGE
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in list(os.environ):
-        if var.startswith(("OOGIRI_", "FAKE_")) or var in ("NNODES", "PORT", "NPROC_PER_NODE"):
-            monkeypatch.delenv(var)
-
-
 @pytest.fixture
 def boot(fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Bootstrap's settings as test_bootstrap.py has them, but no training venv yet."""
-    monkeypatch.chdir(tmp_path)
-    _clean_env(monkeypatch)
-    values = {
-        "OOGIRI_DATA_DIR": str(tmp_path / "data"),
-        "OOGIRI_STORE__URL": f"sqlite+aiosqlite:///{tmp_path / 'db' / 'oogiri.sqlite3'}",
-        "OOGIRI_PLUGINS": "training",
-        "OOGIRI_TRAINING__EVAL_PYTHON": str(fake_eval_python(tmp_path / "evalpy" / "python")),
-        "OOGIRI_TRAINING__BATCH_SIZE": "1",
-        "OOGIRI_TRAINING__ACCUMULATIVE_COUNTS": "1",
-        "OOGIRI_TRAINING__WARMUP_RATIO": "0.2",
-        "OOGIRI_TRAINING__PROMOTE_COMMAND": json.dumps(
-            ["{python}", str(FAKES / "fake_swap.py"), "{model_dir}", "{version}"]
-        ),
-        "FAKE_SWAP_RECORD": str(tmp_path / "swaps.json"),
-    }
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
+    bootstrap_env(tmp_path, monkeypatch, venv=False)
     return {"tmp": tmp_path, "data": tmp_path / "data", "hub": fake_hub}
-
-
-def downloads(h: FakeHub) -> list[dict[str, Any]]:
-    return [r for r in h.requests if r["method"] == "GET" and "/resolve/" in r["path"]]
 
 
 def hub_calls(h: FakeHub) -> list[dict[str, Any]]:
@@ -187,7 +160,7 @@ def test_a_bootstrap_that_already_trained_needs_no_venv_to_finish(
     assert r.exit_code == 0, r.output
     assert "promote  skipped" in r.output
     monkeypatch.delenv("OOGIRI_TRAINING__XTUNER_PYTHON")
-    before = len(downloads(boot["hub"]))
+    before = len(hub_downloads(boot["hub"]))
     r = invoke("train", "bootstrap", "--n", "6", "--epochs", "2")
     assert r.exit_code == 0, r.output
     assert "train    skipped" in r.output and "promote  done" in r.output
@@ -195,7 +168,7 @@ def test_a_bootstrap_that_already_trained_needs_no_venv_to_finish(
     # new inputs mean training again: refused before the new data set is fetched
     r = invoke("train", "bootstrap", "--n", "7", "--epochs", "2")
     assert r.exit_code == EXIT_USAGE and "oogiri train setup" in r.output, r.output
-    assert len(downloads(boot["hub"])) == before
+    assert len(hub_downloads(boot["hub"])) == before
     assert not (boot["data"] / "datasets" / "oogiri-go-cn-7").exists()
 
 
@@ -204,42 +177,17 @@ def test_a_bootstrap_that_already_trained_needs_no_venv_to_finish(
 
 @pytest.fixture
 def run_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """`oogiri train run` with the stand-in trainer (as test_training_cli.py)."""
-    monkeypatch.chdir(tmp_path)
-    _clean_env(monkeypatch)
-    db = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'oogiri.sqlite3'}"
-    values = {
-        "OOGIRI_DATA_DIR": str(tmp_path / "data"),
-        "OOGIRI_STORE__URL": db,
-        "OOGIRI_PLUGINS": "training",
-        "OOGIRI_TRAINING__BASE_MODEL": str(fake_base_model(tmp_path / "InternVL2-2B")),
-        "OOGIRI_TRAINING__XTUNER_PYTHON": str(fake_venv(tmp_path / "venv")),
-        "OOGIRI_TRAINING__EVAL_PYTHON": str(fake_eval_python(tmp_path / "evalpy" / "python")),
-        "OOGIRI_TRAINING__MIN_EXAMPLES": "2",
-        "OOGIRI_TRAINING__GATE_MIN_HELDOUT": "1",
-        "OOGIRI_TRAINING__HELDOUT_FRACTION": "0.25",
-        "OOGIRI_TRAINING__BATCH_SIZE": "1",
-        "OOGIRI_TRAINING__ACCUMULATIVE_COUNTS": "1",
-        "OOGIRI_TRAINING__MAX_EPOCHS": "2",
-        "OOGIRI_TRAINING__WARMUP_RATIO": "0.2",
-        "OOGIRI_TRAINING__MAX_LENGTH": "1024",
-        "OOGIRI_TRAINING__PROMOTE_COMMAND": json.dumps(
-            ["{python}", str(FAKES / "fake_swap.py"), "{model_dir}", "{version}"]
-        ),
-        "FAKE_SWAP_RECORD": str(tmp_path / "swaps.json"),
-        "OOGIRI_AB__ENABLED": "false",
-    }
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
+    """`oogiri train run` with the stand-in trainer and 8 rated jokes."""
+    env = train_run_env(tmp_path, monkeypatch)
 
     async def seed() -> None:
-        store = Store(db, tmp_path / "data" / "images")
+        store = Store(env["db"], tmp_path / "data" / "images")
         await store.upgrade()
         await seed_ratings(store, 8)
         await store.close()
 
     asyncio.run(seed())
-    return {"tmp": tmp_path, "venv": tmp_path / "venv"}
+    return env
 
 
 def test_train_run_exit_statuses(run_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from fake_hub import FakeHub  # pyright: ignore[reportMissingImports]  # tests/fakes, on sys.path by conftest.py
 from PIL import Image
-from trainhelp import DATA, MODEL, SECRET, invoke
+from trainhelp import DATA, MODEL, SECRET, hub_downloads, invoke
 
 import training.cli as tcli
 from training import hub, oogiri_go
@@ -42,10 +42,6 @@ def plain_settings() -> Any:
     from bot.settings import Settings
 
     return Settings(_env_file=None)  # pyright: ignore[reportCallIssue]
-
-
-def hub_downloads(h: FakeHub) -> list[dict[str, Any]]:
-    return [r for r in h.requests if r["method"] == "GET" and "/resolve/" in r["path"]]
 
 
 # --------------------------------------------------------------------------- downloads

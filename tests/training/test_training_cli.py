@@ -15,12 +15,9 @@ from typing import Any
 
 import pytest
 from trainhelp import (
-    FAKES,
-    fake_base_model,
-    fake_eval_python,
-    fake_venv,
     invoke,
     seed_ratings,
+    train_run_env,
 )
 
 import training.cli as tcli
@@ -41,37 +38,7 @@ from training.environment import (
 
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    monkeypatch.chdir(tmp_path)
-    for var in list(os.environ):
-        if var.startswith("OOGIRI_") or var.startswith("FAKE_") or var in ("NNODES", "PORT"):
-            monkeypatch.delenv(var)
-    db = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'oogiri.sqlite3'}"
-    swaps = tmp_path / "swaps.json"
-    values = {
-        "OOGIRI_DATA_DIR": str(tmp_path / "data"),
-        "OOGIRI_STORE__URL": db,
-        "OOGIRI_PLUGINS": "training",
-        "OOGIRI_TRAINING__BASE_MODEL": str(fake_base_model(tmp_path / "InternVL2-2B")),
-        "OOGIRI_TRAINING__XTUNER_PYTHON": str(fake_venv(tmp_path / "venv")),
-        "OOGIRI_TRAINING__EVAL_PYTHON": str(fake_eval_python(tmp_path / "evalpy" / "python")),
-        "OOGIRI_TRAINING__MIN_EXAMPLES": "2",
-        "OOGIRI_TRAINING__GATE_MIN_HELDOUT": "1",  # 1-2 held out here
-        "OOGIRI_TRAINING__HELDOUT_FRACTION": "0.25",
-        "OOGIRI_TRAINING__BATCH_SIZE": "1",
-        "OOGIRI_TRAINING__ACCUMULATIVE_COUNTS": "1",
-        "OOGIRI_TRAINING__MAX_EPOCHS": "2",
-        "OOGIRI_TRAINING__WARMUP_RATIO": "0.2",
-        "OOGIRI_TRAINING__MAX_LENGTH": "1024",
-        "OOGIRI_TRAINING__PROMOTE_COMMAND": json.dumps(
-            ["{python}", str(FAKES / "fake_swap.py"), "{model_dir}", "{version}"]
-        ),
-        "FAKE_SWAP_RECORD": str(swaps),
-        # the offline path; the live A/B step has its own tests (test_ab_live.py)
-        "OOGIRI_AB__ENABLED": "false",
-    }
-    for k, v in values.items():
-        monkeypatch.setenv(k, v)
-    return {"db": db, "swaps": swaps, "tmp": tmp_path}
+    return train_run_env(tmp_path, monkeypatch)
 
 
 def seed(env: dict[str, Any], n: int = 8) -> None:

@@ -4,8 +4,12 @@ and votes seeded through the Store API."""
 from __future__ import annotations
 
 import io
+import json
+import os
 from pathlib import Path
+from typing import Any
 
+import pytest
 import typer
 from PIL import Image
 from typer.testing import CliRunner, Result
@@ -73,12 +77,6 @@ async def vote(store: Store, joke_id: int, up: int = 0, down: int = 0, prefix: s
 
 
 # --------------------------------------------------------------------------- a training rig
-
-FAKES = Path(__file__).parent / "fakes"
-# what the fake Hugging Face Hub (conftest.py's ``fake_hub``) serves
-MODEL = "OpenGVLab/InternVL2-2B"
-DATA = "zhongshsh/CLoT-Oogiri-GO"
-SECRET = "hf_s3cret_token_for_tests"
 
 
 def fake_base_model(path: Path, max_dynamic_patch: int = 1) -> Path:
@@ -165,3 +163,72 @@ def invoke(*args: str) -> Result:
     return CliRunner().invoke(
         training_cli(), list(args), catch_exceptions=False, env={"COLUMNS": "200"}
     )
+
+
+# --------------------------------------------------------------------------- command environments
+
+
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No OOGIRI_/FAKE_ variable or launcher variable of the machine reaches a command."""
+    for var in list(os.environ):
+        if var.startswith(("OOGIRI_", "FAKE_")) or var in ("NNODES", "PORT", "NPROC_PER_NODE"):
+            monkeypatch.delenv(var)
+
+
+def _small_schedule(tmp_path: Path) -> dict[str, str]:
+    """A one-sample batch and the stand-in swap: what every command test trains with."""
+    return {
+        "OOGIRI_DATA_DIR": str(tmp_path / "data"),
+        "OOGIRI_STORE__URL": f"sqlite+aiosqlite:///{tmp_path / 'data' / 'oogiri.sqlite3'}",
+        "OOGIRI_PLUGINS": "training",
+        "OOGIRI_TRAINING__EVAL_PYTHON": str(fake_eval_python(tmp_path / "evalpy" / "python")),
+        "OOGIRI_TRAINING__BATCH_SIZE": "1",
+        "OOGIRI_TRAINING__ACCUMULATIVE_COUNTS": "1",
+        "OOGIRI_TRAINING__WARMUP_RATIO": "0.2",
+        "OOGIRI_TRAINING__PROMOTE_COMMAND": json.dumps(
+            ["{python}", str(FAKES / "fake_swap.py"), "{model_dir}", "{version}"]
+        ),
+        "FAKE_SWAP_RECORD": str(tmp_path / "swaps.json"),
+    }
+
+
+def bootstrap_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, venv: bool = True) -> None:
+    """`oogiri train bootstrap`'s environment in ``tmp_path`` (the hub is conftest's
+    ``fake_hub``); ``venv=False``: no training venv set up yet."""
+    monkeypatch.chdir(tmp_path)
+    clean_env(monkeypatch)
+    values = _small_schedule(tmp_path)
+    if venv:
+        values["OOGIRI_TRAINING__XTUNER_PYTHON"] = str(fake_venv(tmp_path / "venv"))
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+
+
+def train_run_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """`oogiri train run`'s environment in ``tmp_path``: the stand-in trainer, converter and
+    evaluator, 1-2 answers held out, the offline path (the live A/B step: test_ab_live.py)."""
+    monkeypatch.chdir(tmp_path)
+    clean_env(monkeypatch)
+    values = _small_schedule(tmp_path) | {
+        "OOGIRI_TRAINING__BASE_MODEL": str(fake_base_model(tmp_path / "InternVL2-2B")),
+        "OOGIRI_TRAINING__XTUNER_PYTHON": str(fake_venv(tmp_path / "venv")),
+        "OOGIRI_TRAINING__MIN_EXAMPLES": "2",
+        "OOGIRI_TRAINING__GATE_MIN_HELDOUT": "1",
+        "OOGIRI_TRAINING__HELDOUT_FRACTION": "0.25",
+        "OOGIRI_TRAINING__MAX_EPOCHS": "2",
+        "OOGIRI_TRAINING__MAX_LENGTH": "1024",
+        "OOGIRI_AB__ENABLED": "false",
+    }
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    return {
+        "db": values["OOGIRI_STORE__URL"],
+        "swaps": tmp_path / "swaps.json",
+        "tmp": tmp_path,
+        "venv": tmp_path / "venv",
+    }
+
+
+def hub_downloads(hub: Any) -> list[dict[str, Any]]:
+    """The file downloads among the requests ``hub`` (conftest's ``FakeHub``) answered."""
+    return [r for r in hub.requests if r["method"] == "GET" and "/resolve/" in r["path"]]
