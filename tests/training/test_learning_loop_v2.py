@@ -117,7 +117,10 @@ def test_dry_run_the_live_ab_step_decides_each_candidate(tmp_path: Path) -> None
     for name in ("round-1", "control"):
         ab = rec[name]["ab"]
         assert rec[name]["train"]["status"] == "testing"  # the offline gate passed it on
-        assert ab["outcome"] == "rejected" and "cannot reach" in ab["reason"]
+        # rejected by the rule (the interval's upper end below min_effect; below 0 it says
+        # "worse"), not timed out: which of the two depends on how the simulated votes fell
+        assert ab["outcome"] == "rejected"
+        assert "cannot reach" in ab["reason"] or "the candidate is worse" in ab["reason"]
         counted = ab["counted"]
         assert counted["control"]["votes"] >= 20 and counted["candidate"]["votes"] >= 20
         assert ab["active_after"] == ab["control_version"]  # the active model stayed
