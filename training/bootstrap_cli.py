@@ -41,9 +41,9 @@ def _offline(flag: bool) -> bool | None:
     return True if flag or offline_env() else None
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
     console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(EXIT_FAILED)
+    raise typer.Exit(code)
 
 
 @model_cli.command("pull")
@@ -107,6 +107,10 @@ def oogiri_go_cmd(
     """
     from training import bootstrap, hub, oogiri_go
 
+    try:  # bad options are a usage error (exit 2), found before anything is downloaded
+        oogiri_go.check_params(lang, n)
+    except oogiri_go.DataError as exc:
+        _fail(str(exc), EXIT_USAGE)
     settings = load_settings()
     opts = bootstrap.BootstrapOptions(
         dataset=repo,

@@ -158,7 +158,9 @@ def test_bootstrap_refuses_bad_input_before_downloading_anything(env: dict[str, 
     assert r.exit_code == 2 and "--n must be at least 1" in r.output, r.output  # usage error
     assert hub_downloads(env["hub"]) == []
     r = invoke("data", "oogiri-go", "--n", "0")
-    assert r.exit_code == 1 and "--n must be at least 1" in r.output, r.output
+    assert r.exit_code == 2 and "--n must be at least 1" in r.output, r.output  # same convention
+    r = invoke("data", "oogiri-go", "--lang", "fr")
+    assert r.exit_code == 2 and "--lang must be one of" in r.output, r.output
     assert hub_downloads(env["hub"]) == []
 
 
