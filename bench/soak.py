@@ -43,6 +43,7 @@ from bench.common import (
     latency_summary,
     machine,
     photo_jpegs,
+    tally,
     write_json,
     write_section,
 )
@@ -55,6 +56,7 @@ DOC = ROOT / "docs" / "reliability.md"
 COOKIE_SECRET = "soak-cookie-secret-0123456789abcdef"
 ANSWER_TIMEOUT_S = 45.0
 _NOT_TOLD = ("ok", "no answer")  # outcomes that are not an error the user was shown
+ERRORS = "{k} ×{v}"  # one error key and its count in a table cell
 
 
 @dataclass
@@ -401,10 +403,6 @@ async def _throwaway_postgres() -> ThrowawayPostgres | None:
         return None
 
 
-def _tally(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items())) or "–"
-
-
 def render(r: dict[str, Any]) -> str:
     faults = "; ".join(f"{f['fault']} at {f['at_s']} s for {f['for_s']} s" for f in r["faults"])
     lines = [
@@ -426,15 +424,16 @@ def render(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
         *(
             f"| {name} | {k['requests']} | {k['per_s']:.1f} | {k['ok']} | "
-            f"{_tally(k['told_error'])} | {k['unanswered']} | {k['p50_ms']} | {k['p95_ms']} | "
-            f"{k['p99_ms']} | {k['max_ms']} |"
+            f"{tally(k['told_error'], ERRORS, '–')} | {k['unanswered']} | {k['p50_ms']} | "
+            f"{k['p95_ms']} | {k['p99_ms']} | {k['max_ms']} |"
             for name, k in r["by_kind"].items()
         ),
         "",
         "| Phase | Requests | OK | Errors shown | p95 ms |",
         "|---|---:|---:|---|---:|",
         *(
-            f"| {name} | {p['requests']} | {p['ok']} | {_tally(p['errors'])} | {p['p95_ms']} |"
+            f"| {name} | {p['requests']} | {p['ok']} | {tally(p['errors'], ERRORS, '–')} | "
+            f"{p['p95_ms']} |"
             for name, p in r["by_phase"].items()
         ),
         "",
