@@ -47,6 +47,7 @@ from bench.common import (
     write_json,
     write_section,
 )
+from bench.telegram_load import read_store
 from bot.models import message
 from plugins.web import CSRF_HEADER, USER_COOKIE, Identities
 from tests.faults.faultsupport import BotProcess, ThrowawayPostgres
@@ -246,18 +247,8 @@ async def faults(
 async def stored_state(store_url: str, data_dir: Path) -> tuple[set[Any], dict[Any, int]]:
     """Every joke and vote the database holds after the run; jokes by store id (Telegram's
     buttons) and by public id (the web API), votes keyed by both."""
-    from sqlalchemy import select
-
-    from bot.store import JokeRow, RatingRow, Store
-
-    store = Store(store_url, data_dir / "images")
-    try:
-        async with store.session() as s:
-            public = dict((await s.execute(select(JokeRow.id, JokeRow.public_id))).all())
-            rated = select(RatingRow.joke_id, RatingRow.user_id, RatingRow.value)
-            rows = (await s.execute(rated)).all()
-    finally:
-        await store.close()
+    state = await read_store({"data_dir": str(data_dir), "store": {"url": store_url}})
+    public, rows = state["public_ids"], state["ratings"]
     jokes = set(public) | {p for p in public.values() if p}
     votes = {(j, u): v for j, u, v in rows}
     return jokes, votes | {(public[j], u): v for j, u, v in rows if public.get(j)}
