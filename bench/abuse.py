@@ -102,12 +102,6 @@ async def vote(
     return await c.post(f"/api/jokes/{joke}/rating", json={"value": value}, headers=headers)
 
 
-async def new_session(c: httpx.AsyncClient) -> httpx.Response:
-    """A fresh identity: no cookie sent, so the web channel signs a new one (and its token)."""
-    c.cookies.clear()
-    return await c.get("/api/session")
-
-
 def memory_mib(pid: int, key: str = "VmRSS") -> float:
     """A process's VmRSS (MiB); ``VmHWM`` is the kernel's exact high-water mark."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -172,7 +166,8 @@ async def sybil_votes(url: str, joke_id: str, n: int = 500) -> Counter[str]:
     outcomes: Counter[str] = Counter()
     async with client(url, MINTER, timeout=10) as c:
         for _ in range(n):
-            session = await new_session(c)
+            c.cookies.clear()  # no cookie sent: the web channel signs a new identity (and token)
+            session = await c.get("/api/session")
             if session.status_code != 200:
                 outcomes[f"session {session.status_code}"] += 1
                 continue
