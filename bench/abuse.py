@@ -51,6 +51,7 @@ from bench.common import (
     machine,
     markdown_table,
     photo_jpegs,
+    tally,
     utc_now,
     write_json,
     write_section,
@@ -99,12 +100,6 @@ async def vote(
 ) -> httpx.Response:
     """👍 (1) or 👎 (-1) on a web joke; ``headers`` carry the session's CSRF token."""
     return await c.post(f"/api/jokes/{joke}/rating", json={"value": value}, headers=headers)
-
-
-async def new_session(c: httpx.AsyncClient) -> httpx.Response:
-    """A fresh identity: no cookie sent, so the web channel signs a new one (and its token)."""
-    c.cookies.clear()
-    return await c.get("/api/session")
 
 
 def memory_mib(pid: int, key: str = "VmRSS") -> float:
@@ -171,7 +166,8 @@ async def sybil_votes(url: str, joke_id: str, n: int = 500) -> Counter[str]:
     outcomes: Counter[str] = Counter()
     async with client(url, MINTER, timeout=10) as c:
         for _ in range(n):
-            session = await new_session(c)
+            c.cookies.clear()  # no cookie sent: the web channel signs a new identity (and token)
+            session = await c.get("/api/session")
             if session.status_code != 200:
                 outcomes[f"session {session.status_code}"] += 1
                 continue
@@ -330,10 +326,6 @@ async def measure(args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     }
 
 
-def _tally(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-
-
 def render(doc: dict[str, Any]) -> str:
     r, s = doc["result"], doc["sybil_export"]
     load, at = doc.get("load_average_1_5_15_min"), ""
@@ -349,11 +341,11 @@ def render(doc: dict[str, Any]) -> str:
         ("ordinary users' upload p95, quiet → abuse",
          f"{r['ordinary_p95_quiet_s']:.3f} s → {r['ordinary_p95_abuse_s']:.3f} s",
          "within 2× of quiet"),
-        ("ordinary users' answers during abuse", _tally(r["ordinary_answers_abuse"]), "all 201"),
-        ("cookie-less flood (one network)", _tally(r["cookieless_flood"]), "limited"),
-        ("16 parallel 16-bit PNG bombs (16 networks)", _tally(r["bombs"]), "memory bounded"),
+        ("ordinary users' answers during abuse", tally(r["ordinary_answers_abuse"]), "all 201"),
+        ("cookie-less flood (one network)", tally(r["cookieless_flood"]), "limited"),
+        ("16 parallel 16-bit PNG bombs (16 networks)", tally(r["bombs"]), "memory bounded"),
         (f"session-minting vote flood ({sum(r['sybil_requests'].values())} tries)",
-         _tally(r["sybil_requests"]), "—"),
+         tally(r["sybil_requests"]), "—"),
         ("sybil votes reaching an export (default policy)",
          f"{s['in_export_default_policy']} of {s['votes_stored']} stored "
          f"(counted equally: {s['examples_if_counted_equally']} example)", "0"),

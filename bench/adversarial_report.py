@@ -23,11 +23,10 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, ROOT, write_json, write_section
+from bench.common import RESULTS, ROOT, tally, write_json, write_section
 
 DOC = ROOT / "docs" / "reliability.md"
 CASES = RESULTS / "reliability-cases.json"
@@ -193,17 +192,13 @@ def render_referenced(outcomes: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _tally(outcomes: Iterable[str]) -> str:
-    return ", ".join(f"{n} {k}" for k, n in sorted(Counter(outcomes).items()))
-
-
 def render_summary(records: list[dict[str, Any]], outcomes: dict[str, str], seconds: float) -> str:
     referenced = (outcomes.get(node, "not run") for _, node, _ in REFERENCED)
     kinds = len({(r["suite"], r["kind"]) for r in records})
-    cases = _tally(r["outcome"] for r in records)
+    cases = tally(Counter(r["outcome"] for r in records), "{v} {k}")
     parts = [
         f"- **{len(records)} recorded cases** in {kinds} kinds: {cases}",
-        f"- **{len(REFERENCED)} referenced tests**: {_tally(referenced)}",
+        f"- **{len(REFERENCED)} referenced tests**: {tally(Counter(referenced), '{v} {k}')}",
     ]
     if peaks := [r["peak_mb"] for r in records if r.get("peak_mb") is not None]:
         parts.append(f"- highest peak RSS of any case: **{max(peaks):.0f} MB** (limit 1024 MB)")

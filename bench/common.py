@@ -453,6 +453,11 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def tally(counts: dict[str, int], item: str = "{k}: {v}", empty: str = "") -> str:
+    """Counts on one line in key order, 'a: 2, b: 1'; ``item`` spells one (``{k}``, ``{v}``)."""
+    return ", ".join(item.format(k=k, v=v) for k, v in sorted(counts.items())) or empty
+
+
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; cells go through ``fmt`` unless already strings."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

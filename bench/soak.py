@@ -43,9 +43,11 @@ from bench.common import (
     latency_summary,
     machine,
     photo_jpegs,
+    tally,
     write_json,
     write_section,
 )
+from bench.telegram_load import read_store
 from bot.models import message
 from plugins.web import CSRF_HEADER, USER_COOKIE, Identities
 from tests.faults.faultsupport import BotProcess, ThrowawayPostgres
@@ -55,6 +57,7 @@ DOC = ROOT / "docs" / "reliability.md"
 COOKIE_SECRET = "soak-cookie-secret-0123456789abcdef"
 ANSWER_TIMEOUT_S = 45.0
 _NOT_TOLD = ("ok", "no answer")  # outcomes that are not an error the user was shown
+ERRORS = "{k} ×{v}"  # one error key and its count in a table cell
 
 
 @dataclass
@@ -244,18 +247,8 @@ async def faults(
 async def stored_state(store_url: str, data_dir: Path) -> tuple[set[Any], dict[Any, int]]:
     """Every joke and vote the database holds after the run; jokes by store id (Telegram's
     buttons) and by public id (the web API), votes keyed by both."""
-    from sqlalchemy import select
-
-    from bot.store import JokeRow, RatingRow, Store
-
-    store = Store(store_url, data_dir / "images")
-    try:
-        async with store.session() as s:
-            public = dict((await s.execute(select(JokeRow.id, JokeRow.public_id))).all())
-            rated = select(RatingRow.joke_id, RatingRow.user_id, RatingRow.value)
-            rows = (await s.execute(rated)).all()
-    finally:
-        await store.close()
+    state = await read_store({"data_dir": str(data_dir), "store": {"url": store_url}})
+    public, rows = state["public_ids"], state["ratings"]
     jokes = set(public) | {p for p in public.values() if p}
     votes = {(j, u): v for j, u, v in rows}
     return jokes, votes | {(public[j], u): v for j, u, v in rows if public.get(j)}
@@ -401,10 +394,6 @@ async def _throwaway_postgres() -> ThrowawayPostgres | None:
         return None
 
 
-def _tally(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items())) or "–"
-
-
 def render(r: dict[str, Any]) -> str:
     faults = "; ".join(f"{f['fault']} at {f['at_s']} s for {f['for_s']} s" for f in r["faults"])
     lines = [
@@ -426,15 +415,16 @@ def render(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
         *(
             f"| {name} | {k['requests']} | {k['per_s']:.1f} | {k['ok']} | "
-            f"{_tally(k['told_error'])} | {k['unanswered']} | {k['p50_ms']} | {k['p95_ms']} | "
-            f"{k['p99_ms']} | {k['max_ms']} |"
+            f"{tally(k['told_error'], ERRORS, '–')} | {k['unanswered']} | {k['p50_ms']} | "
+            f"{k['p95_ms']} | {k['p99_ms']} | {k['max_ms']} |"
             for name, k in r["by_kind"].items()
         ),
         "",
         "| Phase | Requests | OK | Errors shown | p95 ms |",
         "|---|---:|---:|---|---:|",
         *(
-            f"| {name} | {p['requests']} | {p['ok']} | {_tally(p['errors'])} | {p['p95_ms']} |"
+            f"| {name} | {p['requests']} | {p['ok']} | {tally(p['errors'], ERRORS, '–')} | "
+            f"{p['p95_ms']} |"
             for name, p in r["by_phase"].items()
         ),
         "",

@@ -253,6 +253,14 @@ def _reply_key(params: dict[str, Any]) -> Key:
     return int(params["chat_id"]), int(replied or 0)
 
 
+def _vote_on(params: dict[str, Any]) -> tuple[int, int] | None:
+    """(joke, value) of a sendMessage's first vote button, by the bot's own parser; None if none."""
+    from plugins.telegram import parse_vote
+
+    rows = (params.get("reply_markup") or {}).get("inline_keyboard") or [[{}]]
+    return parse_vote(rows[0][0].get("callback_data"))
+
+
 @dataclass
 class Votable:
     joke_id: int
@@ -351,6 +359,8 @@ class Crowd:
         return update
 
     def _vote(self) -> dict[str, Any] | None:
+        from plugins.telegram import vote_data
+
         choice: tuple[Votable, dict[str, Any], int] | None = None
         if self.answered and self.rng.random() < REVOTE_SHARE:
             # someone whose last vote the bot has answered changes (80%) or repeats it
@@ -372,8 +382,7 @@ class Crowd:
         self.sent["vote_change" if pair in self.final else "vote"] += 1
         self.final[pair] = value
         self.pending[pair] = (target, user)
-        data = f"v:{target.joke_id}:{'+1' if value > 0 else '-1'}"
-        update = self.api.callback_update(user, target.message, data)
+        update = self.api.callback_update(user, target.message, vote_data(target.joke_id, value))
         self.open_votes[update["callback_query"]["id"]] = (update["update_id"], pair)
         return update
 
@@ -388,7 +397,6 @@ class Crowd:
         self.last_answer = max(self.last_answer, now)
 
     def on_reply(self, params: dict[str, Any], message: dict[str, Any], now: float) -> None:
-        from plugins.telegram import parse_vote
         from plugins.telegram_texts import text
 
         self.replies += 1
@@ -406,8 +414,7 @@ class Crowd:
             if params.get("text") != text("send_picture", lang) or markup:
                 self.wrong.append(f"polite reply {key}: {params.get('text')!r}"[:200])
             return
-        buttons = [b for row in markup.get("inline_keyboard", []) for b in row]
-        if (vote := parse_vote(buttons[0].get("callback_data")) if buttons else None) is None:
+        if (vote := _vote_on(params)) is None:
             self.wrong.append(f"joke reply {key} without vote buttons: {params.get('text')!r}")
             return
         self.jokes[vote[0]] = params["text"]
@@ -448,8 +455,9 @@ async def _pg_admin(base: str, sql: str) -> None:
 
 
 async def read_store(settings: dict[str, Any]) -> dict[str, Any]:
-    """What the bot left in its store (both scenarios): ratings, jokes, (joke, user) pairs rated
-    more than once, request outcomes, jokes per chat, the Telegram outbox's rows by state."""
+    """What the bot left in its store (both scenarios, and the soak): ratings, jokes, their public
+    ids, (joke, user) pairs rated more than once, request outcomes, jokes per chat, the Telegram
+    outbox's rows by state."""
     from sqlalchemy import func, select
 
     from bot.outbox import Outbox
@@ -460,6 +468,7 @@ async def read_store(settings: dict[str, Any]) -> dict[str, Any]:
     queries = {
         "ratings": select(RatingRow.joke_id, RatingRow.user_id, RatingRow.value),
         "jokes": select(JokeRow.id, JokeRow.text),
+        "public_ids": select(JokeRow.id, JokeRow.public_id),
         "twice": pairs.select_from(RatingRow).having(func.count() > 1),
         "per_chat": select(JokeRow.chat_id, func.count()).group_by(JokeRow.chat_id),
     }
@@ -471,6 +480,7 @@ async def read_store(settings: dict[str, Any]) -> dict[str, Any]:
         return {
             "ratings": rows["ratings"],
             "jokes": dict(rows["jokes"]),  # type: ignore[arg-type]
+            "public_ids": dict(rows["public_ids"]),  # type: ignore[arg-type]
             "duplicate_pairs": len(rows["twice"]),
             "per_chat": dict(rows["per_chat"]),  # type: ignore[arg-type]
             "outcomes": await store.request_outcomes(),
@@ -688,10 +698,8 @@ class FloodCrowd:
         self.flood_files: set[str] = set()
 
     def on_reply(self, params: dict[str, Any], message: dict[str, Any], now: float) -> None:
-        markup = params.get("reply_markup") or {}
-        if "inline_keyboard" in markup:
-            data = markup["inline_keyboard"][0][0]["callback_data"]  # v:<joke>:<value>
-            self.joke_sends[int(data.split(":")[1])] += 1
+        if (vote := _vote_on(params)) is not None:
+            self.joke_sends[vote[0]] += 1
             key = _reply_key(params)
             self.answered.setdefault(key, now)
             if key in self.waiters:
