@@ -740,7 +740,6 @@ def into_doc(text: str, block: str, doc: Path = DOC) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", type=Path)
-    ap.add_argument("--model", help="overrides the plan's model folder")
     ap.add_argument("--images", type=Path, help="folder with the photos (overrides the plan's)")
     ap.add_argument("--out", type=Path, default=Path("goodput-out"))
     ap.add_argument("--port", type=int, default=24100)
@@ -768,8 +767,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.plan:
         ap.error("--plan or --render")
     plan = Plan.model_validate_json(args.plan.read_text())
-    if args.model:
-        plan = plan.model_copy(update={"model": args.model})
     if args.images:
         plan = plan.model_copy(update={"photos_dir": str(args.images)})
     if args.dry_run_fake:

@@ -542,6 +542,7 @@ BOT_ENGINE_FIELDS = {
     "breaker_failures",
     "timeout_s",
     "request_extra",
+    "served_model_name",
 }
 
 
@@ -572,7 +573,6 @@ class BotProcesses:
             "name": "lmdeploy",
             "manage": False,
             **es.model_dump(include=BOT_ENGINE_FIELDS),
-            "served_model_name": es.served_model_name,
             "api_key": es.api_key.get_secret_value() if es.api_key else None,
         }
         limits = {"per_user_per_minute": 0, "per_chat_per_minute": 0, **(limits or {})}
