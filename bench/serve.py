@@ -4,9 +4,10 @@ A closed loop keeps N requests in flight per cell for ``warmup_s`` + ``measure_s
 finishing in the measuring window count. Every answer is forced to ``max_new_tokens`` tokens
 (``ignore_eos`` + ``min_new_tokens``), so cells differ only in what is measured. Paths: ``raw``
 (pre-built bodies from a bare httpx client: the server alone; one in flight, photos as they are,
-is "the seed's way"), ``engine`` (``OpenAIHTTPEngine.generate``), ``service``
-(``JokeService.tell`` in this process: validation, limits, hooks, engine, SQLite store) and
-``web`` (``bots`` real ``oogiri serve`` processes, the load POSTed to ``/api/jokes``).
+is "the seed's way"), ``service`` (``JokeService.tell`` in this process: validation, limits,
+hooks, engine, SQLite store) and ``web`` (``bots`` real ``oogiri serve`` processes, the load
+POSTed to ``/api/jokes``). The table's legend keeps ``engine`` (the engine alone), a path no
+longer run, so that saved results render as they did.
 
 A ``--plan FILE`` (``Plan``; bench/plans/serve-*.json) runs several server configurations and
 cell sweeps in one device call. A config's ``launch`` (``Launch``) starts api_servers on
@@ -72,7 +73,7 @@ from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher
 from bot.engines.openai_http import OpenAIHTTPEngine, body_error
 from bot.models import GenerationParams, NormalizedImage, Usage
-from bot.settings import DEFAULT_PROMPT, Settings
+from bot.settings import Settings
 
 SERVED_NAME = "oogiri-bench"
 #: How long one request may take (s) before it counts as failed.
@@ -92,7 +93,7 @@ class Strict(BaseModel):
 
 
 class Cell(Strict):
-    path: Literal["raw", "engine", "service", "web"] = "raw"
+    path: Literal["raw", "service", "web"] = "raw"
     inflight: int = Field(1, ge=1)
     mdp: int = Field(6, ge=1)
     presize: bool = True
@@ -344,41 +345,33 @@ class Bench:
         room = cell.inflight + 8  # headroom: no limit of the bench's holds a request back
         es = engine_settings(urls, n, cell.mdp, presize=cell.presize, api_key=api_key,
                              max_in_flight=room, timeout_s=REQUEST_TIMEOUT_S)  # fmt: skip
-        if cell.path in ("raw", "web"):
-            limits = httpx.Limits(max_connections=room)
-            client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False)
-            cleanup.append(client.aclose)
+        if cell.path == "service":
+            return await self.in_process_bot(es, cell, cleanup)
+        limits = httpx.Limits(max_connections=room)
+        client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False)
+        cleanup.append(client.aclose)
         if cell.path == "raw":
             for i in range(len(photos)):  # build bodies before the clock starts
                 await asyncio.to_thread(self.raw_body, i, cell)
             return lambda i: post_chat(
                 client, urls[i % len(urls)], self.raw_body(i % len(photos), cell), api_key
             )
-        if cell.path == "web":
-            bots = await BotProcesses.launch(
-                es,
-                self.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}",
-                port=self.plan.port + 200,
-                count=cell.bots,
-                startup_timeout_s=self.startup_timeout_s,
-                limits={"max_concurrency": room},
-            )
-            cleanup.insert(0, bots.stop)
-            return lambda i: post_joke(
-                client, bots.urls[i % len(bots.urls)], photos[i % len(photos)], n
-            )
-        if cell.path == "engine":
-            engine = OpenAIHTTPEngine(es)
-            cleanup.append(engine.close)
-            images = [as_normalized(p) for p in photos]
-            params = GenerationParams(max_new_tokens=n, max_dynamic_patch=cell.mdp)
+        bots = await BotProcesses.launch(
+            es,
+            self.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}",
+            port=self.plan.port + 200,
+            count=cell.bots,
+            startup_timeout_s=self.startup_timeout_s,
+            limits={"max_concurrency": room},
+        )
+        cleanup.insert(0, bots.stop)
+        return lambda i: post_joke(
+            client, bots.urls[i % len(bots.urls)], photos[i % len(photos)], n
+        )
 
-            async def through_engine(i: int) -> dict[str, int]:
-                gen = await engine.generate(images[i % len(images)], DEFAULT_PROMPT, params)
-                return usage_tokens(gen.usage)
-
-            return through_engine
-        # the bot in this process: no plugins, no per-user limits, its own SQLite
+    async def in_process_bot(self, es: EngineSettings, cell: Cell, cleanup: Cleanup) -> Call:
+        """The ``service`` path: the bot in this process, no plugins, no per-user limits, its own
+        SQLite."""
         from bot.app import App
         from bot.models import JokeRequest
         from bot.plugins import make_manager
@@ -397,7 +390,7 @@ class Bench:
 
         async def service(i: int) -> dict[str, int]:
             request = JokeRequest(
-                image_bytes=photos[i % len(photos)],
+                image_bytes=self.photos[i % len(self.photos)],
                 channel="bench",
                 user_id=f"bench:{i}",
                 filename="photo.jpg",

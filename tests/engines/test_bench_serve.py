@@ -44,7 +44,7 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
                     "server_command": [sys.executable, str(FAKES / "fake_lmdeploy.py")],
                 },
                 "cells": [
-                    {"path": ["raw", "engine", "service"], "inflight": [1, 4], "mdp": [1, 6]},
+                    {"path": ["raw", "service"], "inflight": [1, 4], "mdp": [1, 6]},
                 ],
             },
             {
@@ -74,7 +74,7 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads((out / "serve-results.json").read_text())
     rows = doc["rows"]
-    assert len(rows) == 1 + 3 * 2 * 2 + 1
+    assert len(rows) == 1 + 2 * 2 * 2 + 1
     assert len((out / "serve-results.jsonl").read_text().splitlines()) == len(rows)
     for row in rows:
         assert "skipped" not in row, row
