@@ -314,7 +314,9 @@ def device_info() -> dict[str, Any]:
 class Bench:
     """What a plan's cells share: the plan, the photos and their pre-built bodies."""
 
-    def __init__(self, plan: Plan, photos: list[bytes], out: Path, startup_timeout_s: float):
+    def __init__(
+        self, plan: Plan, photos: list[bytes], out: Path, startup_timeout_s: float
+    ) -> None:
         self.plan = plan
         self.photos = photos
         self.out = out
