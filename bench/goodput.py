@@ -62,13 +62,13 @@ from bench.serve import (
     SERVED_NAME,
     BotProcesses,
     Launch,
+    Launched,
     Strict,
     engine_settings,
     launch_servers,
     post_chat,
     post_joke,
     raw_body,
-    stop_servers,
 )
 
 FAKE_SERVER = [sys.executable, str(ROOT / "tests/fakes/fake_lmdeploy.py")]
@@ -197,7 +197,7 @@ class Servers:
     def __init__(self) -> None:
         self.urls: dict[str, list[str]] = {}
         self.errors: dict[str, str] = {}
-        self.started: list[Any] = []
+        self.started: list[Launched] = []
 
     async def start(self, plan: Plan, out: Path, port: int, startup_timeout_s: float) -> None:
         await asyncio.gather(
@@ -233,17 +233,15 @@ class Servers:
                 raise ValueError(f"group {name}: needs launch + the plan's model, or fake")
             else:
                 launch, model = group.launch, Path(plan.model)
-            servers, proxy = await launch_servers(
-                launch, model, port, out / "logs" / name, startup_s, env
-            )
-            self.started.append((servers, proxy))
-            self.urls[name] = [proxy.url] if proxy is not None else [s.url for s in servers]
+            started = await launch_servers(launch, model, port, out / "logs" / name, startup_s, env)
+            self.started.append(started)
+            self.urls[name] = started.urls
         except Exception as exc:  # one group failing must not lose the others' steps
             self.errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
 
     async def stop(self) -> None:
-        for servers, proxy in reversed(self.started):
-            await stop_servers(servers, proxy, grace_s=10)
+        for started in reversed(self.started):
+            await started.stop(grace_s=10)
 
 
 # --------------------------------------------------------------------------- requests
@@ -742,7 +740,6 @@ def into_doc(text: str, block: str, doc: Path = DOC) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", type=Path)
-    ap.add_argument("--model", help="overrides the plan's model folder")
     ap.add_argument("--images", type=Path, help="folder with the photos (overrides the plan's)")
     ap.add_argument("--out", type=Path, default=Path("goodput-out"))
     ap.add_argument("--port", type=int, default=24100)
@@ -770,8 +767,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.plan:
         ap.error("--plan or --render")
     plan = Plan.model_validate_json(args.plan.read_text())
-    if args.model:
-        plan = plan.model_copy(update={"model": args.model})
     if args.images:
         plan = plan.model_copy(update={"photos_dir": str(args.images)})
     if args.dry_run_fake:

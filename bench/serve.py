@@ -4,14 +4,15 @@ A closed loop keeps N requests in flight per cell for ``warmup_s`` + ``measure_s
 finishing in the measuring window count. Every answer is forced to ``max_new_tokens`` tokens
 (``ignore_eos`` + ``min_new_tokens``), so cells differ only in what is measured. Paths: ``raw``
 (pre-built bodies from a bare httpx client: the server alone; one in flight, photos as they are,
-is "the seed's way"), ``engine`` (``OpenAIHTTPEngine.generate``), ``service``
-(``JokeService.tell`` in this process: validation, limits, hooks, engine, SQLite store) and
-``web`` (``bots`` real ``oogiri serve`` processes, the load POSTed to ``/api/jokes``).
+is "the seed's way"), ``service`` (``JokeService.tell`` in this process: validation, limits,
+hooks, engine, SQLite store) and ``web`` (``bots`` real ``oogiri serve`` processes, the load
+POSTed to ``/api/jokes``). The table's legend keeps ``engine`` (the engine alone), a path no
+longer run, so that saved results render as they did.
 
 A ``--plan FILE`` (``Plan``; bench/plans/serve-*.json) runs several server configurations and
 cell sweeps in one device call. A config's ``launch`` (``Launch``) starts api_servers on
-consecutive ports with the managed mode's code (logs under OUT/logs; ``--launch MODEL``
-overrides the plan's model); without one, its ``base_urls`` or ``--base-url`` (repeatable)::
+consecutive ports with the managed mode's code (logs under OUT/logs), serving the plan's model
+or the config's own::
 
     {"model": "/path/model", "warmup_s": 5, "measure_s": 20, "max_new_tokens": 64,
      "configs": [{"name": "OMP=2", "launch": {"servers": 1, "server_threads": 2},
@@ -41,6 +42,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,10 +72,12 @@ from bot.engines import tiling
 from bot.engines.lmdeploy_server import LMDeployEngineSettings as EngineSettings
 from bot.engines.lmdeploy_server import ServerProcess, build_env, launcher
 from bot.engines.openai_http import OpenAIHTTPEngine, body_error
-from bot.models import GenerationParams, NormalizedImage
-from bot.settings import DEFAULT_PROMPT, Settings
+from bot.models import GenerationParams, NormalizedImage, Usage
+from bot.settings import Settings
 
 SERVED_NAME = "oogiri-bench"
+#: How long one request may take (s) before it counts as failed.
+REQUEST_TIMEOUT_S = 600.0
 #: A request of one cell, given its index: the token counts it reports (see ``common.timed``).
 Call = Callable[[int], Awaitable[dict[str, int]]]
 Cleanup = list[Callable[[], Awaitable[Any]]]
@@ -89,7 +93,7 @@ class Strict(BaseModel):
 
 
 class Cell(Strict):
-    path: Literal["raw", "engine", "service", "web"] = "raw"
+    path: Literal["raw", "service", "web"] = "raw"
     inflight: int = Field(1, ge=1)
     mdp: int = Field(6, ge=1)
     presize: bool = True
@@ -134,9 +138,7 @@ class Config(Strict):
 
     name: str
     cells: list[Cell]
-    launch: Launch | None = None
-    base_urls: list[str] = Field(default_factory=list)
-    api_key: str | None = None
+    launch: Launch
     model: str | None = Field(None, description="this config's own model folder")
 
     @field_validator("cells", mode="before")
@@ -156,13 +158,12 @@ class Config(Strict):
 class Plan(Strict):
     """A plan file (see the module's docstring)."""
 
-    model: str | None = None
-    warmup_s: float | None = None
-    measure_s: float | None = None
-    max_new_tokens: int | None = None
+    model: str
+    warmup_s: float = 5.0
+    measure_s: float = 20.0
+    max_new_tokens: int = 64
     configs: list[Config]
-    port: int | None = None
-    deadline_s: float | None = None
+    port: int = 23333
     about: str | list[str] | None = Field(None, alias="_about", description="a note for readers")
 
 
@@ -178,7 +179,6 @@ def engine_settings(
     max_in_flight: int = 4096,
     timeout_s: float = 300,
     api_key: str | None = None,
-    model_name: str = SERVED_NAME,
 ) -> EngineSettings:
     """The bot's engine as the benches run it: every answer forced to ``max_new_tokens`` tokens,
     no retries and no breaker (a failure is counted, never avoided)."""
@@ -186,7 +186,7 @@ def engine_settings(
         name="lmdeploy",
         base_urls=urls,
         api_key=api_key,
-        served_model_name=model_name,
+        served_model_name=SERVED_NAME,
         max_new_tokens=max_new_tokens,
         max_dynamic_patch=mdp,
         presize_to_tiles=presize,
@@ -198,11 +198,11 @@ def engine_settings(
     )
 
 
-def raw_body(jpeg: bytes, mdp: int, max_new_tokens: int, model_name: str = SERVED_NAME) -> bytes:
+def raw_body(jpeg: bytes, mdp: int, max_new_tokens: int) -> bytes:
     """A chat request for api_server, forced to ``max_new_tokens`` output tokens."""
     n = max_new_tokens
     return json.dumps(
-        chat_body(model_name, jpeg, mdp, n, ignore_eos=True, min_new_tokens=n)
+        chat_body(SERVED_NAME, jpeg, mdp, n, ignore_eos=True, min_new_tokens=n)
     ).encode()
 
 
@@ -312,13 +312,22 @@ def device_info() -> dict[str, Any]:
 
 
 class Bench:
-    """What a plan's cells share: the arguments, the photos and their pre-built bodies."""
+    """What a plan's cells share: the plan, the photos and their pre-built bodies."""
 
-    def __init__(self, args: argparse.Namespace, photos: list[bytes], out: Path) -> None:
-        self.args = args
+    def __init__(
+        self, plan: Plan, photos: list[bytes], out: Path, startup_timeout_s: float
+    ) -> None:
+        self.plan = plan
         self.photos = photos
         self.out = out
+        self.startup_timeout_s = startup_timeout_s
         self._bodies: dict[tuple[int, bool, int], bytes] = {}
+
+    def windows(self, cell: Cell) -> tuple[float, float]:
+        """The cell's warm-up and measuring window (s): its own, else the plan's."""
+        warmup = cell.warmup_s if cell.warmup_s is not None else self.plan.warmup_s
+        measure = cell.measure_s if cell.measure_s is not None else self.plan.measure_s
+        return warmup, measure
 
     def raw_body(self, index: int, cell: Cell) -> bytes:
         key = (index, cell.presize, cell.mdp)
@@ -326,8 +335,7 @@ class Bench:
             image = as_normalized(self.photos[index])
             if cell.presize:
                 image = tiling.presize(image, cell.mdp)
-            n, name = self.args.max_new_tokens, self.args.model_name
-            self._bodies[key] = raw_body(image.jpeg, cell.mdp, n, name)
+            self._bodies[key] = raw_body(image.jpeg, cell.mdp, self.plan.max_new_tokens)
         return self._bodies[key]
 
     async def caller(
@@ -335,46 +343,37 @@ class Bench:
     ) -> Call:
         """The cell's path, ready to run: one request per call (what it needs closed after goes
         into ``cleanup``)."""
-        photos, n = self.photos, self.args.max_new_tokens
+        photos, n = self.photos, self.plan.max_new_tokens
+        room = cell.inflight + 8  # headroom: no limit of the bench's holds a request back
         es = engine_settings(urls, n, cell.mdp, presize=cell.presize, api_key=api_key,
-                             max_in_flight=cell.inflight + 8, timeout_s=self.args.request_timeout_s,
-                             model_name=self.args.model_name)  # fmt: skip
-        if cell.path in ("raw", "web"):
-            limits = httpx.Limits(max_connections=cell.inflight + 8)
-            timeout = self.args.request_timeout_s
-            client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
-            cleanup.append(client.aclose)
+                             max_in_flight=room, timeout_s=REQUEST_TIMEOUT_S)  # fmt: skip
+        if cell.path == "service":
+            return await self.in_process_bot(es, cell, cleanup)
+        limits = httpx.Limits(max_connections=room)
+        client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits, trust_env=False)
+        cleanup.append(client.aclose)
         if cell.path == "raw":
             for i in range(len(photos)):  # build bodies before the clock starts
                 await asyncio.to_thread(self.raw_body, i, cell)
             return lambda i: post_chat(
                 client, urls[i % len(urls)], self.raw_body(i % len(photos), cell), api_key
             )
-        if cell.path == "web":
-            bots = await BotProcesses.launch(
-                es,
-                self.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}",
-                port=self.args.port + 200,
-                count=cell.bots,
-                startup_timeout_s=self.args.startup_timeout_s,
-                limits={"max_concurrency": cell.inflight + 8},
-            )
-            cleanup.insert(0, bots.stop)
-            return lambda i: post_joke(
-                client, bots.urls[i % len(bots.urls)], photos[i % len(photos)], n
-            )
-        if cell.path == "engine":
-            engine = OpenAIHTTPEngine(es)
-            cleanup.append(engine.close)
-            images = [as_normalized(p) for p in photos]
-            params = GenerationParams(max_new_tokens=n, max_dynamic_patch=cell.mdp)
+        bots = await BotProcesses.launch(
+            es,
+            self.out / "bots" / f"{cell.path}-{cell.inflight}-{cell.mdp}-{time.time_ns()}",
+            port=self.plan.port + 200,
+            count=cell.bots,
+            startup_timeout_s=self.startup_timeout_s,
+            limits={"max_concurrency": room},
+        )
+        cleanup.insert(0, bots.stop)
+        return lambda i: post_joke(
+            client, bots.urls[i % len(bots.urls)], photos[i % len(photos)], n
+        )
 
-            async def through_engine(i: int) -> dict[str, int]:
-                gen = await engine.generate(images[i % len(images)], DEFAULT_PROMPT, params)
-                return usage_tokens(gen.usage)
-
-            return through_engine
-        # the bot in this process: no plugins, no per-user limits, its own SQLite
+    async def in_process_bot(self, es: EngineSettings, cell: Cell, cleanup: Cleanup) -> Call:
+        """The ``service`` path: the bot in this process, no plugins, no per-user limits, its own
+        SQLite."""
         from bot.app import App
         from bot.models import JokeRequest
         from bot.plugins import make_manager
@@ -393,7 +392,7 @@ class Bench:
 
         async def service(i: int) -> dict[str, int]:
             request = JokeRequest(
-                image_bytes=photos[i % len(photos)],
+                image_bytes=self.photos[i % len(self.photos)],
                 channel="bench",
                 user_id=f"bench:{i}",
                 filename="photo.jpg",
@@ -406,15 +405,13 @@ class Bench:
 
         return service
 
-    async def run_cell(
-        self, config: Config, cell: Cell, urls: list[str], api_key: str | None
-    ) -> dict[str, Any]:
-        warmup = cell.warmup_s if cell.warmup_s is not None else self.args.warmup_s
-        measure = cell.measure_s if cell.measure_s is not None else self.args.measure_s
+    async def run_cell(self, config: Config, cell: Cell, urls: list[str]) -> dict[str, Any]:
+        warmup, measure = self.windows(cell)
+        launch = config.launch
         cleanup: Cleanup = []
         sampler = Sampler(gpu_now, every_s=1.0)
         try:
-            call = await self.caller(cell, urls, api_key, cleanup)
+            call = await self.caller(cell, urls, launch.api_key, cleanup)
             sampler.start()
             window, w0, w1 = await closed_loop(
                 lambda i: timed(lambda: call(i)), cell.inflight, warmup, measure
@@ -427,14 +424,13 @@ class Bench:
         ok = [s for s in window if s.ok]
         lat = latency_summary([s.latency for s in ok])
         gpu = sampler.values(w0, w1)  # only while the window measures
-        launch = config.launch
         return {
             "config": config.name,
-            "servers": launch.servers if launch else len(urls),
-            "gpus": len(set(launch.gpus)) or 1 if launch else None,
+            "servers": launch.servers,
+            "gpus": len(set(launch.gpus)) or 1,
             "bots": cell.bots,
-            "proxy": bool(launch and launch.proxy),
-            "server_threads": launch.server_threads if launch else None,
+            "proxy": launch.proxy,
+            "server_threads": launch.server_threads,
             **cell.model_dump(),
             "warmup_s": warmup,
             "measure_s": measure,
@@ -451,11 +447,9 @@ class Bench:
         }
 
 
-def usage_tokens(usage: Any) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens if usage else 0,
-        "completion_tokens": usage.completion_tokens if usage else 0,
-    }
+def usage_tokens(usage: Usage | None) -> dict[str, int]:
+    """A generation's token counts as ``common.timed`` takes them (none known: zeros)."""
+    return asdict(usage) if usage else {}
 
 
 class UsageTap(OpenAIHTTPEngine):
@@ -543,6 +537,7 @@ BOT_ENGINE_FIELDS = {
     "breaker_failures",
     "timeout_s",
     "request_extra",
+    "served_model_name",
 }
 
 
@@ -573,7 +568,6 @@ class BotProcesses:
             "name": "lmdeploy",
             "manage": False,
             **es.model_dump(include=BOT_ENGINE_FIELDS),
-            "served_model_name": es.served_model_name,
             "api_key": es.api_key.get_secret_value() if es.api_key else None,
         }
         limits = {"per_user_per_minute": 0, "per_chat_per_minute": 0, **(limits or {})}
@@ -626,7 +620,7 @@ async def launch_servers(
     log_dir: Path,
     startup_timeout_s: float,
     env: dict[str, str] | None = None,
-) -> tuple[list[ServerProcess], Child | None]:
+) -> Launched:
     """``launch.servers`` api_servers on port, port+1, … (``launch.proxy``: LMDeploy's router,
     ``lmdeploy serve proxy``, on port+100), healthy; ``env`` adds to their environment."""
     settings = launch.engine_settings(startup_timeout_s)
@@ -648,32 +642,46 @@ async def launch_servers(
         base = build_env(settings)
     base |= env or {}
     gpus = launch.gpus
-    servers = []
+    started = Launched(proxy=proxy)
     for i in range(launch.servers):
         own = base | {"CUDA_VISIBLE_DEVICES": str(gpus[i % len(gpus)])} if gpus else base
-        servers.append(
+        started.servers.append(
             ServerProcess(settings, model, port + i, SERVED_NAME, f"bench-{i}", log_dir, env=own)
         )
     try:
-        for server in servers:
+        for server in started.servers:
             await server.start()
-        await asyncio.gather(*(s.wait_healthy() for s in servers))
+        await asyncio.gather(*(s.wait_healthy() for s in started.servers))
         if proxy is not None:  # until it lists every server (they register themselves)
             await proxy.wait_ready(
                 "/nodes/status",
                 60,
-                lambda r: r.status_code == 200 and len(r.json()) >= len(servers),
+                lambda r: r.status_code == 200 and len(r.json()) >= len(started.servers),
             )
     except BaseException:
-        await stop_servers(servers, proxy, grace_s=10)
+        await started.stop(grace_s=10)
         raise
-    return servers, proxy
+    return started
 
 
-async def stop_servers(servers: list[ServerProcess], proxy: Child | None, grace_s: float) -> None:
-    await asyncio.gather(*(s.stop(grace_s=grace_s) for s in servers), return_exceptions=True)
-    if proxy is not None:
-        await asyncio.to_thread(proxy.stop, 10)
+@dataclass
+class Launched:
+    """What ``launch_servers`` started: the api_servers and LMDeploy's proxy, if any."""
+
+    servers: list[ServerProcess] = field(default_factory=list)
+    proxy: Child | None = None
+
+    @property
+    def urls(self) -> list[str]:
+        """Where requests go: the proxy, else every server."""
+        return [self.proxy.url] if self.proxy is not None else [s.url for s in self.servers]
+
+    async def stop(self, grace_s: float) -> None:
+        await asyncio.gather(
+            *(s.stop(grace_s=grace_s) for s in self.servers), return_exceptions=True
+        )
+        if self.proxy is not None:
+            await asyncio.to_thread(self.proxy.stop, 10)
 
 
 # --------------------------------------------------------------------------- report
@@ -802,16 +810,16 @@ def load_results(names: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- main
 
 
-async def run(args: argparse.Namespace, configs: list[Config], model: Path | None) -> dict:
+async def run(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     began = time.monotonic()
     images = Path(args.images) if args.images else None
     photos = await asyncio.to_thread(phone_photos, images, not args.no_phone_size)
     meta = await asyncio.to_thread(device_info)
-    meta |= {"model": str(model) if model else None, "max_new_tokens": args.max_new_tokens}
+    meta |= {"model": str(Path(plan.model)), "max_new_tokens": plan.max_new_tokens}
     meta["photos"] = len(photos)
     doc: dict[str, Any] = {"meta": meta, "rows": []}
-    bench = Bench(args, photos, out)
+    bench = Bench(plan, photos, out, args.startup_timeout_s)
 
     def remaining() -> float:
         return args.deadline_s - (time.monotonic() - began) if args.deadline_s else float("inf")
@@ -821,64 +829,42 @@ async def run(args: argparse.Namespace, configs: list[Config], model: Path | Non
         append_jsonl(out / "serve-results.jsonl", row)
         print(json.dumps(row, ensure_ascii=False), flush=True)
 
-    for config in configs:
-        servers: list[ServerProcess] = []
-        proxy: Child | None = None
+    for config in plan.configs:
+        started = Launched()
         try:
-            urls = config.base_urls or list(args.base_url)
-            api_key = config.api_key or args.api_key
-            if config.launch is not None:
-                served = Path(config.model) if config.model else model
-                if served is None:
-                    raise SystemExit("--launch/plan 'launch' needs a model folder")
-                if remaining() < 60:
-                    for cell in config.cells:
-                        emit({"config": config.name, **cell.model_dump(), "skipped": "deadline"})
-                    continue
-                t0 = time.monotonic()
-                startup_s = min(args.startup_timeout_s, remaining())
-                servers, proxy = await launch_servers(
-                    config.launch, served, args.port, out / "logs", startup_s
-                )
-                took = time.monotonic() - t0
-                print(
-                    f"# {config.name}: {len(servers)} server(s) healthy in {took:.0f} s", flush=True
-                )
-                urls = [proxy.url] if proxy is not None else [s.url for s in servers]
-                api_key = config.launch.api_key
+            if remaining() < 60:
+                for cell in config.cells:
+                    emit({"config": config.name, **cell.model_dump(), "skipped": "deadline"})
+                continue
+            t0 = time.monotonic()
+            startup_s = min(args.startup_timeout_s, remaining())
+            model = Path(config.model or plan.model)
+            started = await launch_servers(config.launch, model, plan.port, out / "logs", startup_s)
+            took = time.monotonic() - t0
+            count = len(started.servers)
+            print(f"# {config.name}: {count} server(s) healthy in {took:.0f} s", flush=True)
             for cell in config.cells:
-                need = (cell.warmup_s or args.warmup_s) + (cell.measure_s or args.measure_s) + 5
-                if remaining() < need:
+                if remaining() < sum(bench.windows(cell)) + 5:
                     emit({"config": config.name, **cell.model_dump(), "skipped": "deadline"})
                     continue
-                emit(await bench.run_cell(config, cell, urls, api_key))
+                emit(await bench.run_cell(config, cell, started.urls))
         except Exception as exc:  # a config that cannot start must not lose the others' numbers
             print(f"# {config.name} failed: {exc!r}", flush=True)
-            for s in servers:
+            for s in started.servers:
                 print(s.log_tail(40), flush=True)
-            if proxy is not None:
-                print(proxy.log_tail(), flush=True)
+            if started.proxy is not None:
+                print(started.proxy.log_tail(), flush=True)
             emit({"config": config.name, "skipped": f"failed: {failure_summary(exc)}"})
         finally:
-            await stop_servers(servers, proxy, grace_s=20)
+            await started.stop(grace_s=20)
     write_json(out / "serve-results.json", doc)
     (out / "serve.md").write_text(render_markdown(doc) + "\n", encoding="utf-8")
     return doc
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Serving benchmark (see the module docstring).")
     p.add_argument("--plan", help="JSON plan: several server configs and cell sweeps")
-    p.add_argument("--base-url", action="append", default=[], help="running server(s)")
-    p.add_argument("--launch", metavar="MODEL", help="the model folder, instead of the plan's")
-    p.add_argument("--server-command", default="", help="argv prefix instead of python -m lmdeploy")
-    p.add_argument("--port", type=int, default=23333)
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--model-name", default=SERVED_NAME, help="served model name")
-    p.add_argument("--warmup-s", type=float, default=5.0)
-    p.add_argument("--measure-s", type=float, default=20.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--startup-timeout-s", type=float, default=420.0)
     p.add_argument("--deadline-s", type=float, default=0.0, help="stop starting cells after this")
     p.add_argument("--images", default=None, help="folder of photos (default: skimage's)")
@@ -887,26 +873,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     p.add_argument("--render", nargs="+", help="only re-render saved serve-results.json file(s)")
     args = p.parse_args(argv)
-    if not (args.plan or args.render):
-        p.error("give --plan FILE (or --render RESULTS)")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     if args.render:
         doc = load_results(args.render)
-    else:
+    elif args.plan:
         plan = Plan.model_validate_json(Path(args.plan).read_text(encoding="utf-8"))
-        for key in ("warmup_s", "measure_s", "max_new_tokens", "port", "deadline_s"):
-            if getattr(plan, key) is not None:  # the plan's own, else the flag's
-                setattr(args, key, getattr(plan, key))
-        model = Path(args.launch or plan.model) if args.launch or plan.model else None
-        for config in plan.configs:
-            if config.launch and not config.launch.server_command and args.server_command:
-                config.launch.server_command = args.server_command.split()
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        doc = asyncio.run(run(args, plan.configs, model))
+        doc = asyncio.run(run(plan, args))
+    else:
+        p.error("give --plan FILE (or --render RESULTS)")
     markdown = render_markdown(doc)
     print(markdown)
     if args.write_docs:

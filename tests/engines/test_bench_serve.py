@@ -44,7 +44,7 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
                     "server_command": [sys.executable, str(FAKES / "fake_lmdeploy.py")],
                 },
                 "cells": [
-                    {"path": ["raw", "engine", "service"], "inflight": [1, 4], "mdp": [1, 6]},
+                    {"path": ["raw", "service"], "inflight": [1, 4], "mdp": [1, 6]},
                 ],
             },
             {
@@ -74,7 +74,7 @@ def test_serve_bench_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads((out / "serve-results.json").read_text())
     rows = doc["rows"]
-    assert len(rows) == 1 + 3 * 2 * 2 + 1
+    assert len(rows) == 1 + 2 * 2 * 2 + 1
     assert len((out / "serve-results.jsonl").read_text().splitlines()) == len(rows)
     for row in rows:
         assert "skipped" not in row, row
@@ -141,16 +141,17 @@ def test_a_plan_expands_its_sweeps_in_order_and_refuses_typos() -> None:
     from bench.serve import Plan
 
     doc = {
+        "model": "/m",
         "configs": [
             {
                 "name": "c",
-                "base_urls": ["http://127.0.0.1:1"],
+                "launch": {"servers": 1},
                 "cells": [
                     {"path": ["raw", "service"], "inflight": [1, 8], "mdp": 6, "baseline": True},
                     {"path": "web", "bots": [1, 2]},
                 ],
             }
-        ]
+        ],
     }
     cells = Plan.model_validate(doc).configs[0].cells
     assert [(c.path, c.inflight, c.bots) for c in cells] == [
@@ -161,3 +162,12 @@ def test_a_plan_expands_its_sweeps_in_order_and_refuses_typos() -> None:
     doc["configs"][0]["cells"][0]["infligth"] = [64]
     with pytest.raises(pydantic.ValidationError):
         Plan.model_validate(doc)
+
+
+def test_every_committed_plan_validates() -> None:
+    from bench.serve import Plan
+
+    plans = sorted((ROOT / "bench" / "plans").glob("serve-*.json"))
+    assert plans
+    for path in plans:
+        Plan.model_validate_json(path.read_text(encoding="utf-8"))

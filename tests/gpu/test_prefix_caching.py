@@ -211,12 +211,12 @@ async def test_prefix_caching_never_mixes_pictures(tmp_path: Path) -> None:
         servers=1, extra_args=["--enable-prefix-caching", "--logprobs-mode", "raw_logprobs"]
     )
     model = Path(os.environ["OOGIRI_GPU_MODEL"])
-    servers, _ = await launch_servers(launch, model, 24600, tmp_path / "logs", 420)
+    started = await launch_servers(launch, model, 24600, tmp_path / "logs", 420)
     try:
         result = await check("http://127.0.0.1:24600", SERVED_NAME)
     finally:
-        await asyncio.gather(*(s.stop(grace_s=10) for s in servers))
-    log = servers[0].log_path.read_text(errors="replace")
+        await started.stop(grace_s=10)
+    log = started.servers[0].log_path.read_text(errors="replace")
     # LMDeploy 0.18 turns caching off for InternVL's path: then the test proves only that
     # nothing is shared, and says so
     result["lmdeploy_disabled_caching"] = "Prefix caching is disabled" in log
