@@ -115,6 +115,10 @@ class Config:
     ab_max_days: float = 0.004  # ~6 minutes: an undecided test times out (keeps the active model)
     ab_users: int = 40  # simulated people in the A/B phase, each sticky to one arm
     ab_cap: int = 20  # counted votes per voter per arm (the product's default)
+    # new people who join a test still undecided once the earlier ones have used their caps, in
+    # groups of ab_users, as a deployment's new users do over days (0: a fixed audience; the
+    # seed-1 device run stopped undecided at 60 people: docs/learning-loop.md, fifth session)
+    ab_arrivals: int = 0
     ab_heldout_samples: int = 8  # held-out answers per picture and arm during the test
     gate_loss_tolerance: float = 1.0
     # the base mix (issue 15 C): neutral pictures with answers naming the five things uniformly,
@@ -717,23 +721,15 @@ class Experiment:
                 got = str(a.get("model_version") or v) if a["status"] == 201 else v
                 if _score(held.setdefault(got, {}), pic, a, self.audience):
                     held_texts.setdefault(got, []).append(a["text"] or "")
-            # (3) votes until the product decides
-            for _ in range(c.ab_cap + 10 if arm_of else 0):
-                test = await self.ab_test_of(version)
-                if test is None or test.get("status") != "running" or self.left() < 60:
-                    break
-                turn = [(u, rng.choice(self.train_pool)) for u in people]
-                answers = await gather_limited(c.concurrency, (u.joke(p) for u, p in turn))
-                votes = []
-                for (u, picture), a in zip(turn, answers, strict=True):
-                    if a["status"] != 201:
-                        continue
-                    value = self.audience.vote(str(a["id"]), a["text"], 0, picture.name)
-                    votes.append((u, str(a["id"]), value))
-                    cast[str(a["model_version"])] += 1
-                    rows.append(self.joke_row(label, picture, a, [value], ab=True))
-                await gather_limited(c.concurrency, (u.rate(j, v) for u, j, v in votes))
-                await asyncio.sleep(1.0)
+            # (3) votes until the product decides; newcomers while it waits (ab_arrivals)
+            test = await self.vote_turns(version, people if arm_of else [], rng, rows, cast, label)
+            joined = 0
+            while joined < c.ab_arrivals and test is not None and test.get("status") == "running":
+                n = min(c.ab_users, c.ab_arrivals - joined)
+                async with users(self.url, n) as newcomers:
+                    test = await self.vote_turns(version, newcomers, rng, rows, cast, label)
+                joined += n
+            rec["ab_arrivals"] = joined
             # (4) the decision and its effect; the decider ticks every few seconds
             for _ in range(10 if arm_of else 0):
                 test = await self.ab_test_of(version)
@@ -777,6 +773,37 @@ class Experiment:
             "active_after": await active_version(),
             "seconds": round(time.monotonic() - started, 2),
         }
+
+    async def vote_turns(
+        self,
+        version: str,
+        people: list[WebUser],
+        rng: random.Random,
+        rows: list[dict[str, Any]],
+        cast: Counter[str],
+        label: str,
+    ) -> dict[str, Any] | None:
+        """Turns in which every person asks about a training picture and rates the answer, past
+        the vote cap (later votes are not counted), until the test ends; its last state."""
+        c = self.cfg
+        test = None
+        for _ in range(c.ab_cap + 10 if people else 0):
+            test = await self.ab_test_of(version)
+            if test is None or test.get("status") != "running" or self.left() < 60:
+                break
+            turn = [(u, rng.choice(self.train_pool)) for u in people]
+            answers = await gather_limited(c.concurrency, (u.joke(p) for u, p in turn))
+            votes = []
+            for (u, picture), a in zip(turn, answers, strict=True):
+                if a["status"] != 201:
+                    continue
+                value = self.audience.vote(str(a["id"]), a["text"], 0, picture.name)
+                votes.append((u, str(a["id"]), value))
+                cast[str(a["model_version"])] += 1
+                rows.append(self.joke_row(label, picture, a, [value], ab=True))
+            await gather_limited(c.concurrency, (u.rate(j, v) for u, j, v in votes))
+            await asyncio.sleep(1.0)
+        return test
 
     def wait_for_training_env(self) -> None:
         if self.wait_file is None:

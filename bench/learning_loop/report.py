@@ -148,6 +148,8 @@ def _ab_cell(row: dict[str, Any]) -> str:
         f"counted votes (control {_pct(d.get('control_rate'))}, candidate "
         f"{_pct(d.get('candidate_rate'))}; lift {_interval(d.get('difference_interval'), True)})"
     )
+    if ab.get("ab_arrivals"):
+        out += f"; {ab['ab_arrivals']} people joined while it waited"
     if cand.get("heldout_n"):
         out += (
             f"; held-out: candidate {_pct(cand.get('heldout_rate'))}, control "

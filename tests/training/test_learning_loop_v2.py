@@ -133,3 +133,34 @@ def test_dry_run_the_live_ab_step_decides_each_candidate(tmp_path: Path) -> None
     assert [d["outcome"] for d in v["ab_decisions"]] == ["rejected", "rejected"]
     table = (out / "summary.md").read_text(encoding="utf-8")
     assert "live A/B" in table and "per source photo" in table
+
+
+def test_dry_run_newcomers_join_a_test_that_waits(tmp_path: Path) -> None:
+    """With a fixed audience a test can stall once everyone has used the vote cap (the seed-1
+    device run: 1,200 of ~1,500 votes needed). ``--ab-arrivals`` lets new people join while the
+    product still says "wait": their votes are counted under the same cap, and the product, not
+    the harness, still decides (here the A/A dry run cannot reach 3 points within 0.004 days)."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OOGIRI_", "FAKE_"))}
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bench.learning_loop", "--dry-run"]
+    args += ["--state", str(tmp_path / "state"), "--out", str(out), "--rounds", "1"]
+    args += ["--control", "none", "--train-images", "12", "--heldout-images", "2"]
+    args += ["--answers-per-image", "2", "--samples-per-image", "2", "--image-size", "96"]
+    args += ["--heldout-fraction", "0.5", "--ab-min-effect", "0.03", "--ab-min-votes", "500"]
+    args += ["--ab-users", "4", "--ab-cap", "3", "--ab-arrivals", "8"]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text("utf-8").splitlines()]
+    ab = next(r for r in records if r.get("step") == "round-1")["ab"]
+    assert ab["ab_arrivals"] == 8  # two groups of four joined
+    counted = ab["counted"]
+    voters = counted["control"]["voters"] + counted["candidate"]["voters"]
+    assert voters == 12, counted  # the first four and the eight newcomers
+    for arm in ("control", "candidate"):  # the cap held for everyone
+        assert counted[arm]["votes"] <= 3 * counted[arm]["voters"], counted
+    assert ab["outcome"] == "stopped" and ab["active_after"] == ab["control_version"]
+    assert "8 people joined while it waited" in (out / "summary.md").read_text("utf-8")
