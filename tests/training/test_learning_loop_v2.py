@@ -3,6 +3,9 @@ picture (issue 15 C). A model that says 猫 to everything must score poorly."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,24 +97,29 @@ def test_distinct_share() -> None:
     assert distinct_share([]) is None
 
 
-def test_dry_run_the_live_ab_step_decides_each_candidate(tmp_path: Path) -> None:
-    """The harness's A/B path on the CPU stand-ins: each trained candidate goes to the product's
-    live A/B step (``testing``), simulated people on both arms vote through the web API, and the
-    product's decision (``GET /api/ab``) is what is recorded. The instant engine answers alike on
-    both arms, so with the dry run's large minimum effect every candidate is rejected."""
-    import json
-    import os
-    import subprocess
-
+def _dry_run(tmp_path: Path, *extra: str) -> tuple[list[dict], Path]:
+    """Run ``bench.learning_loop --dry-run`` for one round on the CPU stand-ins and return its
+    records and output folder; ``extra`` adds or overrides options."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OOGIRI_", "FAKE_"))}
     out = tmp_path / "out"
     args = [sys.executable, "-m", "bench.learning_loop", "--dry-run"]
     args += ["--state", str(tmp_path / "state"), "--out", str(out), "--rounds", "1"]
     args += ["--train-images", "12", "--heldout-images", "2", "--answers-per-image", "2"]
     args += ["--samples-per-image", "2", "--image-size", "96", "--heldout-fraction", "0.5"]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*args, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    records = [json.loads(x) for x in (out / "results.jsonl").read_text("utf-8").splitlines()]
+    lines = (out / "results.jsonl").read_text("utf-8").splitlines()
+    return [json.loads(x) for x in lines], out
+
+
+def test_dry_run_the_live_ab_step_decides_each_candidate(tmp_path: Path) -> None:
+    """The harness's A/B path on the CPU stand-ins: each trained candidate goes to the product's
+    live A/B step (``testing``), simulated people on both arms vote through the web API, and the
+    product's decision (``GET /api/ab``) is what is recorded. The instant engine answers alike on
+    both arms, so with the dry run's large minimum effect every candidate is rejected."""
+    records, out = _dry_run(tmp_path)
     rec = {r["step"]: r for r in records if r["kind"] == "step"}
     assert list(rec) == ["round-0", "round-1", "control"]
     for name in ("round-1", "control"):
@@ -140,21 +148,10 @@ def test_dry_run_newcomers_join_a_test_that_waits(tmp_path: Path) -> None:
     device run: 1,200 of ~1,500 votes needed). ``--ab-arrivals`` lets new people join while the
     product still says "wait": their votes are counted under the same cap, and the product, not
     the harness, still decides (here the A/A dry run cannot reach 3 points within 0.004 days)."""
-    import json
-    import os
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OOGIRI_", "FAKE_"))}
-    out = tmp_path / "out"
-    args = [sys.executable, "-m", "bench.learning_loop", "--dry-run"]
-    args += ["--state", str(tmp_path / "state"), "--out", str(out), "--rounds", "1"]
-    args += ["--control", "none", "--train-images", "12", "--heldout-images", "2"]
-    args += ["--answers-per-image", "2", "--samples-per-image", "2", "--image-size", "96"]
-    args += ["--heldout-fraction", "0.5", "--ab-min-effect", "0.03", "--ab-min-votes", "500"]
-    args += ["--ab-users", "4", "--ab-cap", "3", "--ab-arrivals", "8"]
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    records = [json.loads(x) for x in (out / "results.jsonl").read_text("utf-8").splitlines()]
+    extra = ["--control", "none", "--ab-min-effect", "0.03", "--ab-min-votes", "500"]
+    records, out = _dry_run(
+        tmp_path, *extra, "--ab-users", "4", "--ab-cap", "3", "--ab-arrivals", "8"
+    )
     ab = next(r for r in records if r.get("step") == "round-1")["ab"]
     assert ab["ab_arrivals"] == 8  # two groups of four joined
     counted = ab["counted"]
