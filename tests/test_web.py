@@ -243,6 +243,21 @@ async def test_hint_too_long(make_app: AppFactory, chelsea: bytes) -> None:
     assert r.status_code == 400 and r.json()["error"] == "hint_too_long"
 
 
+@pytest.mark.parametrize(
+    ("limit", "noun"), [(1, "character"), (2, "characters"), (0, "characters")]
+)
+async def test_hint_too_long_counts_its_noun(
+    make_app: AppFactory, chelsea: bytes, limit: int, noun: str
+) -> None:
+    app = await make_app(limits={"max_hint_chars": limit})
+    async with client_for(app) as client:
+        en = await upload(client, chelsea, data={"hint": "xyz"}, headers={"Accept-Language": "en"})
+        zh = await upload(client, chelsea, data={"hint": "xyz"}, headers={"Accept-Language": "zh"})
+    assert en.status_code == 400
+    assert en.json()["message"] == f"The hint is too long (at most {limit} {noun})."
+    assert zh.json()["message"] == f"提示太长了（最多 {limit} 个字）。"
+
+
 class BodyProbe:
     """A request body that counts how much of it the server actually pulled."""
 
