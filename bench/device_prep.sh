@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Prepare what the GPU machine needs for issue 3's device runs (it has no internet): run HERE, on a
 # machine with PyPI. Writes the git-ignored folder .device/ (carry it: run(carry=[".device"])):
-#   .device/wheels/      cp312 manylinux wheels: LMDeploy's serving deps + the bot's core + pytest
+#   .device/wheels/      cp312 manylinux wheels: LMDeploy's serving deps + the bot's core
+#   .device/testwheels/  pytest (+ pytest-asyncio, iniconfig) and redis: only bench/device_run.sh's
+#                        `test` path installs them; the training scripts leave them behind
 #   .device/lmdeploy/    LMDeploy's Python package only (the PyPI wheel without TurboMind's CUDA-12
 #                        library, lib64/ and include/, which cannot load on the CUDA-13 device)
 #   .device/photos/      a few real photos (scikit-image's) for bench/serve.py
 #   .device/train/       (TRAIN=1, the default) XTuner 0.2.0's environment: its pinned wheels, the
 #                        DeepSpeed 0.16.2 sdist, bitsandbytes 0.50.2 unpacked with only the CUDA-13
-#                        library; plus ext/internvl2-code/ (OpenGVLab's InternVL code, git-ignored)
+#                        library (.device/train-extra/: setuptools, only if DeepSpeed does not
+#                        build with the device's); plus ext/internvl2-code/ (OpenGVLab's InternVL code, git-ignored)
 #                        for scripts/device/train_loop.sh. Carry [".device", "ext"].
 #   .device/pretrained-base/  (with TRAIN) the learning loop's tiny base, pretrained on this CPU
 # Versions: the set recorded in shared/FIELD-NOTES.md as working with LMDeploy 0.18.0 there, plus
@@ -41,11 +44,13 @@ for req in fastapi==0.165.0 starlette==1.10.0 opentelemetry-api==1.45.2 pydantic
   apache-tvm-ffi==0.1.11 importlib-metadata zipp \
   httpx==0.28.1 httpcore==1.0.9 h11==0.16.0 anyio==4.16.0 idna certifi \
   pydantic-settings==2.16.3 python-dotenv pluggy sqlalchemy==2.1.9 greenlet aiosqlite alembic \
-  mako markupsafe pytest pytest-asyncio iniconfig pygments typing-extensions \
-  python-multipart itsdangerous typer rich markdown-it-py mdurl shellingham redis \
+  mako markupsafe pygments typing-extensions \
+  python-multipart itsdangerous typer rich markdown-it-py mdurl shellingham \
   prometheus-client greenlet; do
   dl "$req"
 done
+mkdir -p "$OUT/testwheels"
+for req in pytest pytest-asyncio iniconfig redis; do dl "$req" "$OUT/testwheels"; done
 
 # LMDeploy itself: the Python package only.
 if [ ! -f "$OUT/lmdeploy/lmdeploy/version.py" ]; then
@@ -89,7 +94,7 @@ if [ "${TRAIN:-1}" = 1 ]; then
     dl "$req" "$OUT/train"
   done
   # only if the device's setuptools cannot build the DeepSpeed sdist
-  mkdir -p "$OUT/train/extra" && dl setuptools==84.2.1 "$OUT/train/extra"
+  mkdir -p "$OUT/train-extra" && dl setuptools==84.2.1 "$OUT/train-extra"
   [ -f "$OUT/train/deepspeed-0.16.2.tar.gz" ] || "$PY" -m pip download -q --no-deps \
     --no-binary=:all: -d "$OUT/train" deepspeed==0.16.2
   if [ ! -d "$OUT/train/bnb/bitsandbytes" ]; then
@@ -123,9 +128,14 @@ if [ "${PRETRAINED:-$TRAIN_DEFAULT}" = 1 ] && [ ! -f "$OUT/pretrained-base/oogir
 fi
 du -sh "$OUT"/* "$OUT"
 # What a device call sends: the working tree (tracked and untracked-not-ignored files) plus the
-# carried folders, 64 MiB at most; the wheels-off/ folder stays here.
+# carried folders, 64 MiB at most. The training scripts (learning_loop.sh, train_loop.sh,
+# train_throughput.sh) need only these:
+CARRY=".device/lmdeploy .device/photos .device/train .device/wheels ext"
+[ -d "$OUT/pretrained-base" ] && CARRY="${CARRY/ ext/ .device/pretrained-base ext}"
 tree=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
-carried=$(du -sbc "$OUT" ext --exclude=wheels-off 2>/dev/null | tail -1 | cut -f1)
+# shellcheck disable=SC2086  # CARRY is a list of paths without spaces
+carried=$(du -sbc $CARRY 2>/dev/null | tail -1 | cut -f1)
 awk -v t="$tree" -v c="$carried" 'BEGIN {
   printf "carried: %.1f MiB + the tree %.1f MiB = %.1f MiB (the limit is 64)\n", c/1048576, t/1048576, (c+t)/1048576
-  if (c + t > 64 * 1048576) print "!! over the limit: carry less (see docs/learning-loop.md)" }'
+  if (c + t > 64 * 1048576) print "!! over the limit: carry less (docs/learning-loop.md, \"The 64 MiB limit\")" }'
+echo "training scripts: run(..., carry=[$(printf '"%s", ' $CARRY | sed 's/, $//')])"

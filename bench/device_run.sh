@@ -11,7 +11,9 @@
 #   bash bench/device_run.sh goodput bench/plans/goodput-device.json # issue 20: goodput (open
 #        loop, admission on/off, Zipf with prefix caching on/off), the prefix-caching safety
 #        check and the profiled server, one call (≈ 5 min); DEVICE_DIR: where .device/ is
-# Needs .device/ from bench/device_prep.sh carried with the tree: run(carry=[".device"]).
+# Needs .device/ from bench/device_prep.sh carried with the tree: run(carry=[".device"]) after a
+# TRAIN=0 prep; with the training folders there, carry only what this script uses:
+# run(carry=[".device/wheels", ".device/testwheels", ".device/lmdeploy", ".device/photos"]).
 # Everything worth keeping goes to $OUT (the device tool's folder; ./device-out elsewhere).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,7 @@ SITE=/tmp/oogiri-site
 DEV=$(cd "${DEVICE_DIR:-.device}" && pwd)
 if [ ! -f "$SITE/.done" ]; then
   python3 -m pip install -q --no-index --no-deps --target "$SITE" "$DEV"/wheels/*.whl \
+    $(ls "$DEV"/testwheels/*.whl 2>/dev/null) \
     2>&1 | grep -v "^WARNING" | tail -3
   touch "$SITE/.done"
 fi

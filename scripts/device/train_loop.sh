@@ -21,8 +21,8 @@
 #       It prints the carried total (≈ 58 MiB + the tree; the limit is 64 MiB).
 #
 # ---- 2. the device call -------------------------------------------------------------------------
-#   run(command="bash scripts/device/train_loop.sh", carry=[".device", "ext"],
-#       timeout_s=600)
+#   run(command="bash scripts/device/train_loop.sh", timeout_s=600, carry=[".device/lmdeploy",
+#       ".device/photos", ".device/train", ".device/wheels", "ext"])   (device_prep.sh prints it)
 #
 # Knobs (environment): BUDGET (s, default 530), PY (python, default python3), WORK (scratch,
 # default /tmp/oogiri-train-loop), ENGINE (auto | lmdeploy | instant: instant = no LMDeploy, the

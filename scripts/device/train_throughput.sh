@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 6's training-throughput figures, in one device call: XTuner QLoRA on full-size random
 # InternVL2-2B shapes, the tutorial's settings vs tuned ones (bench/train_throughput.py).
-#   run(command="bash scripts/device/train_throughput.sh", carry=[".device", "ext"])
+#   run(command="bash scripts/device/train_throughput.sh", carry=[".device/lmdeploy",
+#       ".device/photos", ".device/train", ".device/wheels", "ext"])   (device_prep.sh prints it)
 # Reuses what train_loop.sh left on a still-warm machine (/tmp/oogiri-train-loop/{xt,site}) and
 # the full-size model bench/device_run.sh builds (/tmp/oogiri-full-internvl2); builds what is
 # missing. Knobs: ITERS (default 30), ONLY (setting names, comma-separated), BUDGET (s, 570).

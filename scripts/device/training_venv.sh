@@ -31,7 +31,7 @@ env -u PYTHONPATH DS_BUILD_OPS=0 "${PIP[@]}" install -q --no-index --no-deps \
   --no-build-isolation "$D"/train/deepspeed-*.tar.gz 2>&1 | grep -v '^WARNING' | tail -5
 if ! env -u PYTHONPATH "$XT/bin/python" -c "import deepspeed" 2>/dev/null; then
   echo "DeepSpeed did not build with the machine's setuptools: retrying with setuptools 84"
-  env -u PYTHONPATH "${PIP[@]}" install -q --no-index --no-deps "$D"/train/extra/setuptools-*.whl
+  env -u PYTHONPATH "${PIP[@]}" install -q --no-index --no-deps "$D"/train-extra/setuptools-*.whl
   env -u PYTHONPATH DS_BUILD_OPS=0 "${PIP[@]}" install -q --no-index --no-deps \
     --no-build-isolation "$D"/train/deepspeed-*.tar.gz 2>&1 | grep -v '^WARNING' | tail -5
 fi
