@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare what the GPU machine needs for issue 3's device runs (it has no internet): run HERE, on a
-# machine with PyPI. Writes the git-ignored folder .device/ (carry it: run(carry=[".device"])):
+# machine with PyPI. Writes the git-ignored folder .device/; a device call carries the parts its
+# script uses (all of it is over a call's 64 MiB with TRAIN=1): the list this script ends with.
 #   .device/wheels/      cp312 manylinux wheels: LMDeploy's serving deps + the bot's core
 #   .device/testwheels/  pytest (+ pytest-asyncio, iniconfig) and redis: only bench/device_run.sh's
 #                        `test` path installs them; the training scripts leave them behind
@@ -10,8 +11,8 @@
 #   .device/train/       (TRAIN=1, the default) XTuner 0.2.0's environment: its pinned wheels, the
 #                        DeepSpeed 0.16.2 sdist, bitsandbytes 0.50.2 unpacked with only the CUDA-13
 #                        library (.device/train-extra/: setuptools, only if DeepSpeed does not
-#                        build with the device's); plus ext/internvl2-code/ (OpenGVLab's InternVL code, git-ignored)
-#                        for scripts/device/train_loop.sh. Carry [".device", "ext"].
+#                        build with the device's); plus ext/internvl2-code/ (OpenGVLab's
+#                        InternVL code, git-ignored) for the training scripts.
 #   .device/pretrained-base/  (with TRAIN) the learning loop's tiny base, pretrained on this CPU
 # Versions: the set recorded in shared/FIELD-NOTES.md as working with LMDeploy 0.18.0 there, plus
 # the bot's own pins from the CPU environment.
@@ -130,11 +131,13 @@ du -sh "$OUT"/* "$OUT"
 # What a device call sends: the working tree (tracked and untracked-not-ignored files) plus the
 # carried folders, 64 MiB at most. The training scripts (learning_loop.sh, train_loop.sh,
 # train_throughput.sh) need only these:
-CARRY=".device/lmdeploy .device/photos .device/train .device/wheels ext"
-[ -d "$OUT/pretrained-base" ] && CARRY="${CARRY/ ext/ .device/pretrained-base ext}"
+CARRY=""
+for path in .device/lmdeploy .device/photos .device/train .device/wheels .device/pretrained-base ext; do
+  [ -e "$path" ] && CARRY="$CARRY $path"
+done
 tree=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s+0}')
 # shellcheck disable=SC2086  # CARRY is a list of paths without spaces
-carried=$(du -sbc $CARRY 2>/dev/null | tail -1 | cut -f1)
+carried=$(du -sbc $CARRY /dev/null 2>/dev/null | tail -1 | cut -f1)
 awk -v t="$tree" -v c="$carried" 'BEGIN {
   printf "carried: %.1f MiB + the tree %.1f MiB = %.1f MiB (the limit is 64)\n", c/1048576, t/1048576, (c+t)/1048576
   if (c + t > 64 * 1048576) print "!! over the limit: carry less (docs/learning-loop.md, \"The 64 MiB limit\")" }'

@@ -62,9 +62,7 @@ MESSAGES: dict[str, dict[str, str]] = {
     },
     "hint_too_long": {
         "en": "The hint is too long (at most {limit} characters).",
-        "en_one": "The hint is too long (at most {limit} character).",
         "zh": "提示太长了（最多 {limit} 个字）。",
-        "count": "limit",
     },
     "no_such_joke": {"en": "That joke no longer exists.", "zh": "这个笑话不存在了。"},
     "unavailable": {
@@ -78,15 +76,21 @@ MESSAGES: dict[str, dict[str, str]] = {
 }
 
 
+# Singular forms: key -> (the parameter that counts, texts by language for when it is 1), so that
+# English says "1 character", not "1 characters". Chinese has no plural and needs none.
+SINGULAR: dict[str, tuple[str, dict[str, str]]] = {
+    "hint_too_long": ("limit", {"en": "The hint is too long (at most {limit} character)."}),
+}
+
+
 def message(key: str, lang: str = "en", **params: Any) -> str:
-    """``key``'s text in ``lang``. An entry whose ``count`` names a parameter may have a
-    singular form, ``<lang>_one``, for when that parameter is 1 ("1 character", not "1 characters").
-    """
     table = MESSAGES.get(key) or {"en": key, "zh": key}
     text = table.get(lang) or table["en"]
-    count = table.get("count")
-    if count is not None and params.get(count) == 1:
-        text = table.get(f"{lang}_one") or text
+    if key in SINGULAR:
+        count, singular = SINGULAR[key]
+        n = params.get(count)
+        if isinstance(n, int) and not isinstance(n, bool) and n == 1:
+            text = singular.get(lang) or text
     try:
         return text.format(**params)
     except (KeyError, IndexError):
