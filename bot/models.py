@@ -61,8 +61,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "笑话引擎暂时没有响应，请稍后再试。",
     },
     "hint_too_long": {
-        "en": "The hint is too long (at most {limit} characters).",
-        "zh": "提示太长了（最多 {limit} 个字）。",
+        "en": "The hint is too long (at most {limit}).",  # {limit}: "1 character", "200 characters"
+        "zh": "提示太长了（最多 {limit}）。",
     },
     "no_such_joke": {"en": "That joke no longer exists.", "zh": "这个笑话不存在了。"},
     "unavailable": {
@@ -76,21 +76,28 @@ MESSAGES: dict[str, dict[str, str]] = {
 }
 
 
-# Singular forms: key -> (the parameter that counts, texts by language for when it is 1), so that
-# English says "1 character", not "1 characters". Chinese has no plural and needs none.
-SINGULAR: dict[str, tuple[str, dict[str, str]]] = {
-    "hint_too_long": ("limit", {"en": "The hint is too long (at most {limit} character)."}),
+# A number with its noun, by language: {"one": …, "other": …} in English; Chinese has one form.
+Forms = dict[str, dict[str, str]]
+CHARACTERS: Forms = {
+    "en": {"one": "{n} character", "other": "{n} characters"},
+    "zh": {"other": "{n} 个字"},
 }
+# Message parameters that are counts of a noun: key -> {parameter: the noun's forms}.
+COUNTED_PARAMS: dict[str, dict[str, Forms]] = {"hint_too_long": {"limit": CHARACTERS}}
+
+
+def counted(forms: Forms, n: int, lang: str = "en") -> str:
+    """``n`` with its noun in ``lang``: "1 character", "2 characters", "0 characters"; "1 个字"."""
+    by_count = forms.get(lang) or forms["en"]
+    return by_count.get("one" if n == 1 else "other", by_count["other"]).format(n=n)
 
 
 def message(key: str, lang: str = "en", **params: Any) -> str:
     table = MESSAGES.get(key) or {"en": key, "zh": key}
     text = table.get(lang) or table["en"]
-    if key in SINGULAR:
-        count, singular = SINGULAR[key]
-        n = params.get(count)
-        if isinstance(n, int) and not isinstance(n, bool) and n == 1:
-            text = singular.get(lang) or text
+    for name, forms in COUNTED_PARAMS.get(key, {}).items():
+        if isinstance(params.get(name), int):
+            params[name] = counted(forms, params[name], lang)
     try:
         return text.format(**params)
     except (KeyError, IndexError):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bot.models import Forms
+from bot.models import counted as counted_forms
 from bot.moderation import MODERATION_TEXTS
 
 TEXTS: dict[str, dict[str, str]] = {
@@ -174,15 +176,14 @@ TEXTS: dict[str, dict[str, str]] = {
 }
 
 # Numbers with their noun: {"one": …, "other": …} in English; Chinese has one form.
-COUNTED: dict[str, dict[str, dict[str, str]]] = {
+COUNTED: dict[str, Forms] = {
     "jokes": {"en": {"one": "{n} joke", "other": "{n} jokes"}, "zh": {"other": "{n} 个笑话"}},
 }
 
 
 def counted(key: str, n: int, lang: str = "en") -> str:
     """``n`` with its noun in ``lang``: "1 joke", "2 jokes", "0 jokes"; "1 个笑话"."""
-    forms = COUNTED[key].get(lang) or COUNTED[key]["en"]
-    return forms.get("one" if n == 1 else "other", forms["other"]).format(n=n)
+    return counted_forms(COUNTED[key], n, lang)
 
 
 def text(key: str, lang: str = "en", **params: Any) -> str:

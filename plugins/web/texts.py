@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bot.models import message
+from bot.models import Forms, message
+from bot.models import counted as counted_forms
 
 if TYPE_CHECKING:
     from fastapi import Request
@@ -135,22 +136,15 @@ PAGE_TEXTS: dict[str, dict[str, str]] = {
 
 #: Texts with a count ``{n}``: one form per plural category the language has (CLDR): English
 #: "one" (exactly 1) and "other"; Chinese has no plural, so only "other".
-COUNT_TEXTS: dict[str, dict[str, dict[str, str]]] = {
-    "en": {
-        "jokes": {"one": "{n} joke", "other": "{n} jokes"},
-        "votes": {"one": "{n} vote", "other": "{n} votes"},
-    },
-    "zh": {
-        "jokes": {"other": "{n} 个梗"},
-        "votes": {"other": "{n} 票"},
-    },
+COUNT_TEXTS: dict[str, Forms] = {
+    "jokes": {"en": {"one": "{n} joke", "other": "{n} jokes"}, "zh": {"other": "{n} 个梗"}},
+    "votes": {"en": {"one": "{n} vote", "other": "{n} votes"}, "zh": {"other": "{n} 票"}},
 }
 
 
 def counted(key: str, n: int, lang: str) -> str:
     """``n`` with its noun in ``lang``: "1 vote", "2 votes"; "1 票", "2 票"."""
-    forms = (COUNT_TEXTS.get(lang) or COUNT_TEXTS["en"])[key]
-    return forms.get("one" if n == 1 else "other", forms["other"]).format(n=n)
+    return counted_forms(COUNT_TEXTS[key], n, lang)
 
 
 def web_message(key: str, lang: str, **params: Any) -> str:
