@@ -149,15 +149,17 @@ def test_dry_run_newcomers_join_a_test_that_waits(tmp_path: Path) -> None:
     product still says "wait": their votes are counted under the same cap, and the product, not
     the harness, still decides (here the A/A dry run cannot reach 3 points within 0.004 days)."""
     extra = ["--control", "none", "--ab-min-effect", "0.03", "--ab-min-votes", "500"]
+    # Each person's arm is a hash of their (random) session: with 4 people all landed on the
+    # control arm about once in 8 runs and the candidate was never served; with 12, once in ~2,000.
     records, out = _dry_run(
-        tmp_path, *extra, "--ab-users", "4", "--ab-cap", "3", "--ab-arrivals", "8"
+        tmp_path, *extra, "--ab-users", "12", "--ab-cap", "3", "--ab-arrivals", "24"
     )
     ab = next(r for r in records if r.get("step") == "round-1")["ab"]
-    assert ab["ab_arrivals"] == 8  # two groups of four joined
+    assert ab["ab_arrivals"] == 24  # two groups of twelve joined
     counted = ab["counted"]
     voters = counted["control"]["voters"] + counted["candidate"]["voters"]
-    assert voters == 12, counted  # the first four and the eight newcomers
+    assert voters == 36, counted  # the first twelve and the 24 newcomers
     for arm in ("control", "candidate"):  # the cap held for everyone
         assert counted[arm]["votes"] <= 3 * counted[arm]["voters"], counted
     assert ab["outcome"] == "stopped" and ab["active_after"] == ab["control_version"]
-    assert "8 people joined while it waited" in (out / "summary.md").read_text("utf-8")
+    assert "24 people joined while it waited" in (out / "summary.md").read_text("utf-8")
