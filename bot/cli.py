@@ -379,7 +379,7 @@ def check_unknown_settings(settings: Settings, strict: bool) -> None:
     for key in settings.unknown_keys():
         console.print(f"[yellow]warning:[/yellow] unknown setting {key}: nothing reads it")
     if strict and settings.unknown_keys():
-        console.print("[red]error:[/red] unknown settings and --strict (or OOGIRI_STRICT)")
+        settings_error(UnknownSettingsError(settings.unknown_keys()))
         raise typer.Exit(code=2)
 
 

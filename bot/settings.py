@@ -23,6 +23,7 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -173,7 +174,6 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
-        toml_file=os.environ.get("OOGIRI_CONFIG_FILE", "oogiri.toml"),
     )
 
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -242,7 +242,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = TomlConfigSettingsSource(settings_cls)
+        # read at each Settings(): a file the operator names must exist, the default need not
+        named = os.environ.get("OOGIRI_CONFIG_FILE")
+        if named and not Path(named).is_file():
+            raise SettingsError(f"OOGIRI_CONFIG_FILE names {named}, which is not a file")
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=named or "oogiri.toml")
         return (
             init_settings,
             env_settings,
@@ -302,7 +306,8 @@ class UnknownSettingsError(ValueError):
     def __init__(self, keys: list[str]) -> None:
         self.keys = keys
         super().__init__(
-            "unknown settings (typo, or a plugin that is not installed?): " + ", ".join(keys)
+            "unknown settings (typo, or a plugin that is not installed?), refused in strict mode"
+            " (--strict or OOGIRI_STRICT): " + ", ".join(keys)
         )
 
 
@@ -437,6 +442,10 @@ def settings_error_message(exc: BaseException) -> str:
     from pydantic_settings import SettingsError
 
     if isinstance(exc, ValidationError):
+        for error in exc.errors(include_url=False, include_input=False):
+            # strict mode refuses while the settings are read: the same words as --strict's
+            if isinstance(unknown := error.get("ctx", {}).get("error"), UnknownSettingsError):
+                return str(unknown)
         lines = [
             f"  {_setting_name(tuple(error['loc']))}: {error['msg']}"
             for error in exc.errors(include_url=False, include_input=False)
@@ -485,7 +494,7 @@ class _UnknownKeys(PydanticBaseSettingsSource):
         for source in self.sources:
             if isinstance(source, TomlConfigSettingsSource):
                 unknown += [
-                    f"{self.config.get('toml_file')}: {key}"
+                    f"{source.toml_file_path}: {key}"
                     for key in _unknown_in_toml(self.settings_cls, source.toml_data, "")
                 ]
                 continue

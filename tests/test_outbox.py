@@ -237,7 +237,8 @@ def test_moderation_cli_changes_the_shared_lists(
     import plugins.moderation as moderation_plugin
 
     monkeypatch.setenv("OOGIRI_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("OOGIRI_CONFIG_FILE", str(tmp_path / "none.toml"))
+    (tmp_path / "empty.toml").write_text("")  # not the working directory's oogiri.toml
+    monkeypatch.setenv("OOGIRI_CONFIG_FILE", str(tmp_path / "empty.toml"))
     monkeypatch.delenv("OOGIRI_STORE__URL", raising=False)
     cli = typer.Typer()
     moderation_plugin.oogiri_register_commands(cli=cli)

@@ -77,7 +77,8 @@ def test_unknown_keys_are_reported_from_env_and_dotenv(
     )
     monkeypatch.setenv("OOGIRI_PROMTP", "value-xyz")
     monkeypatch.setenv("OOGIRI_ENGINE__REQUEST_EXTRA__IGNORE_EOS", "true")  # a dict takes any key
-    monkeypatch.setenv("OOGIRI_CONFIG_FILE", "oogiri.toml")  # not a setting, but ours
+    (tmp_path / "empty.toml").write_text("")
+    monkeypatch.setenv("OOGIRI_CONFIG_FILE", str(tmp_path / "empty.toml"))  # not a setting
     monkeypatch.setenv("OOGIRI_TEST_MARKER", "1")
     s = Settings(_env_file=str(dotenv), data_dir=tmp_path)
     assert s.prompt == "讲个笑话"
@@ -139,6 +140,33 @@ def test_config_show_masks_secrets_and_strict_refuses_unknown_keys(
     assert result.exit_code == 0 and "OOGIRI_DISCORD__TOKNE" in result.stderr
     result = CliRunner().invoke(cli, ["config", "show", "--strict"])
     assert result.exit_code == 2 and "OOGIRI_DISCORD__TOKNE" in result.output
+    # OOGIRI_STRICT refuses while the settings are read, in the same words, not pydantic's
+    monkeypatch.setenv("OOGIRI_STRICT", "true")
+    for command in (["config", "show"], ["plugins"]):
+        strict = CliRunner().invoke(cli, command)
+        assert strict.exit_code == 2, strict.output
+        said = " ".join(strict.stderr.split())
+        assert "refused in strict mode" in said and "OOGIRI_DISCORD__TOKNE" in said, said
+        assert "Value error" not in said
+    flagged = " ".join(result.stderr.split())
+    assert "refused in strict mode (--strict or OOGIRI_STRICT)" in flagged, flagged
+
+
+def test_a_named_config_file_must_exist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A mistyped OOGIRI_CONFIG_FILE is an error, not a configuration silently left unread."""
+    from bot.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OOGIRI_DATA_DIR", str(tmp_path))
+    (tmp_path / "mine.toml").write_text('prompt = "from mine"\n')
+    monkeypatch.setenv("OOGIRI_CONFIG_FILE", "mine.toml")
+    shown = CliRunner().invoke(cli, ["config", "show"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["prompt"] == "from mine"
+    monkeypatch.setenv("OOGIRI_CONFIG_FILE", "mnie.toml")
+    missing = CliRunner().invoke(cli, ["config", "show"])
+    assert missing.exit_code == 2 and "OOGIRI_CONFIG_FILE names mnie.toml" in missing.stderr
+    monkeypatch.delenv("OOGIRI_CONFIG_FILE")  # the default oogiri.toml may be absent
+    assert CliRunner().invoke(cli, ["config", "show"]).exit_code == 0
 
 
 @pytest.fixture

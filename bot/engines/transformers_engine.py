@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.engines.base import EngineHealth
 from bot.engines.internvl.convert_internvl2 import is_internvl2_folder
-from bot.engines.internvl.tinymodel import version_label
+from bot.engines.internvl.tinymodel import LOCAL_EXTRA, version_label
 from bot.hookspecs import hookimpl
 from bot.models import EngineError, Generation, GenerationParams, NormalizedImage, Usage
 
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "the transformers engine needs torch and transformers: pip install 'oogiri[local]'"
+INSTALL_HINT = f"the transformers engine needs torch and transformers: {LOCAL_EXTRA}"
 DEMO_DIR = Path("models") / "tiny-demo"
 PROMPT_SLOT = "\ue000oogiri-prompt\ue001"  # private-use characters: never part of the template
 DEMO_WARNING = (

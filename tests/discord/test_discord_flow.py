@@ -55,11 +55,12 @@ async def test_no_sync_at_start_by_default_and_sync_on_demand(
     assert [scope for scope, _ in fake.command_puts] == [None, GUILD]
 
 
-def test_discord_sync_cli_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_discord_sync_cli_needs_a_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import typer
 
     monkeypatch.delenv("OOGIRI_DISCORD__TOKEN", raising=False)
-    monkeypatch.setenv("OOGIRI_CONFIG_FILE", "/nonexistent.toml")
+    (tmp_path / "empty.toml").write_text("")  # not the working directory's oogiri.toml
+    monkeypatch.setenv("OOGIRI_CONFIG_FILE", str(tmp_path / "empty.toml"))
     cli = typer.Typer()
     discord_bot.oogiri_register_commands(cli=cli)
     result = CliRunner().invoke(cli, ["discord", "sync", "--guild", "5"])

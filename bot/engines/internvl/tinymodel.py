@@ -24,6 +24,9 @@ import json
 from pathlib import Path
 from typing import Any, cast
 
+# what adds torch and transformers, for an install from PyPI and from a checkout
+LOCAL_EXTRA = "pip install 'oogiri[local]' (from a checkout: pip install -e '.[local]')"
+
 MARKER = "oogiri-model.json"
 LAYOUTS = ("hf", "internvl2")
 TOKENIZERS = ("fast", "sentencepiece")
@@ -165,7 +168,7 @@ def make_tiny_model(
         )
     except ImportError as exc:  # the core install has no torch/transformers
         raise RuntimeError(
-            "building the tiny model needs torch and transformers: pip install 'oogiri[local]'"
+            f"building the tiny model needs torch and transformers: {LOCAL_EXTRA}"
         ) from exc
 
     out_dir = Path(out_dir)
