@@ -115,12 +115,14 @@ def quiet_logs(settings: Settings, verbose: int) -> None:
 
 
 def spinner(transient: bool = False) -> Progress:
+    """A spinner for a person at a terminal; nothing in a log file (the log says what happens)."""
     return Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
         console=console,
         transient=transient,
+        disable=not console.is_terminal,
     )
 
 
@@ -143,6 +145,8 @@ def serve(
     configure_logging(settings)
     check_unknown_settings(settings, strict)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # 7 lines of "context impl" noise
+    if not console.is_terminal:  # a service's log: no tqdm bars ("Loading weights 0%|…") in it
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     from bot.plugins import collect
 

@@ -222,6 +222,21 @@ def test_joke_server_answers_with_its_own_errors_in_our_language(
     assert line["message"] == message("too_many_pixels", "zh", width=451, height=300)
 
 
+def test_serve_on_its_defaults_logs_plain_lines(tmp_path: Path) -> None:
+    """README's first command (`oogiri serve`, no model): the demo is said plainly, and a log file
+    gets log lines only, no spinner or tqdm bars ("Loading weights 0%|…")."""
+    bot = BotProcess(
+        tmp_path / "data",
+        OOGIRI_ENGINE__NAME="transformers",
+        OOGIRI_PLUGINS="web,engine_transformers",
+    )
+    with running(bot, cli=True):
+        assert httpx.get(bot.url + "/healthz", timeout=10).json()["engine"]["demo"] is True
+    log = bot.log_path.read_text()
+    assert "NO MODEL CONFIGURED" in log and "web: serving on" in log, log
+    assert not re.search(r"it/s\]|\d+%\||⠋|loading engine", log), log
+
+
 # --------------------------------------------------------------------------- other commands
 
 
