@@ -237,7 +237,7 @@ def joke(
     ] = 0,
 ) -> None:
     """Tell one joke per image (the CLI channel); the help text is ``JOKE_HELP``."""
-    from contextlib import contextmanager, nullcontext
+    from contextlib import contextmanager
 
     from bot import cli_joke as cj
 
@@ -316,12 +316,10 @@ def joke(
 
         @contextmanager
         def loading(description: str) -> Iterator[None]:
-            # A spinner only on a terminal: piped, rich leaves an empty line among the FILE: why
-            # lines on stderr.
-            shown = spinner(transient=True) if console.is_terminal else nullcontext()
-            with shown as progress:
-                if progress is not None:
-                    progress.add_task(description, total=None)
+            # spinner() shows only on a terminal: piped, rich would leave an empty line among
+            # the FILE: why lines on stderr.
+            with spinner(transient=True) as progress:
+                progress.add_task(description, total=None)
                 try:
                     yield
                 except Exception as exc:  # only the engine's start-up runs in here
