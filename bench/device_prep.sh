@@ -140,5 +140,5 @@ tree=$(git ls-files -co --exclude-standard -z | xargs -0 stat -c %s 2>/dev/null 
 carried=$(du -sbc $CARRY /dev/null 2>/dev/null | tail -1 | cut -f1)
 awk -v t="$tree" -v c="$carried" 'BEGIN {
   printf "carried: %.1f MiB + the tree %.1f MiB = %.1f MiB (the limit is 64)\n", c/1048576, t/1048576, (c+t)/1048576
-  if (c + t > 64 * 1048576) print "!! over the limit: carry less (docs/learning-loop.md, \"The 64 MiB limit\")" }'
+  if (c + t > 63 * 1048576) print "!! near or over the limit (the device tool counted 63.4 MiB as over): move bench/results out of the checkout for the calls (docs/learning-loop.md, \"The 64 MiB limit\")" }'
 echo "training scripts: run(..., carry=[$(printf '"%s", ' $CARRY | sed 's/, $//')])"

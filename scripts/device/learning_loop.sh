@@ -11,7 +11,9 @@
 # ---- 2. the device calls ---------------------------------------------------------------------
 #   run(command="bash scripts/device/learning_loop.sh", timeout_s=600, carry=[".device/lmdeploy",
 #       ".device/photos", ".device/train", ".device/wheels", ".device/pretrained-base", "ext"])
-# (the list device_prep.sh prints: all of .device/ with the tree is over the 64 MiB a call takes)
+# (the list device_prep.sh prints: all of .device/ with the tree is over the 64 MiB a call takes;
+# with every committed result even that list is: move bench/results out of the checkout for the
+# calls and back afterwards, docs/learning-loop.md "The 64 MiB limit")
 # The experiment resumes: everything lives in $WORK (/tmp, kept while the machine stays warm, ~30 s
 # after a call). When the output ends with "pending: …", make the same call again AT ONCE. A cold
 # machine has lost $WORK: the wrapper then starts over (each call's results stay in its $OUT).
