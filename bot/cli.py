@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -78,7 +79,9 @@ console = Console(stderr=True)
 
 def settings_error(exc: BaseException) -> None:
     """Say which setting is wrong (its OOGIRI_ variable) on stderr, without a traceback."""
-    console.print(f"[red]settings error:[/red] {escape(settings_error_message(exc))}")
+    console.print(  # one line in a log, however long
+        f"[red]settings error:[/red] {escape(settings_error_message(exc))}", soft_wrap=True
+    )
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -108,10 +111,16 @@ def quiet_logs(settings: Settings, verbose: int) -> None:
     else:
         level = "WARNING"
     logging.getLogger().setLevel(level)
-    if not verbose:  # transformers' and the hub's progress bars ("Loading weights …")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not verbose:
+        no_progress_bars()
     if level != "DEBUG":
         logging.getLogger("alembic").setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+def no_progress_bars() -> None:
+    """No tqdm bars from transformers and the hub ("Loading weights 0%|…"): both read this
+    variable when they are first imported, which the CLI does only after its options are read."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def spinner(transient: bool = False) -> Progress:
@@ -145,8 +154,8 @@ def serve(
     configure_logging(settings)
     check_unknown_settings(settings, strict)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # 7 lines of "context impl" noise
-    if not console.is_terminal:  # a service's log: no tqdm bars ("Loading weights 0%|…") in it
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not console.is_terminal:  # a service's log
+        no_progress_bars()
 
     from bot.plugins import collect
 
@@ -163,9 +172,12 @@ def serve(
     async def main() -> None:
         from bot.cli_joke import write_serve_marker
 
+        started = time.perf_counter()
+        log.info("loading engine %r …", settings.engine.name)  # minutes for a large model
         with spinner() as progress:
             progress.add_task(f"loading engine {settings.engine.name!r} …", total=None)
             app = await App.create(settings, pm=pm)
+        log.info("engine %r loaded in %.1f s", app.engine.name, time.perf_counter() - started)
         marker = write_serve_marker(settings)  # `oogiri joke` finds this serve without probing
         try:
             await app.serve_forever()
@@ -372,17 +384,21 @@ def config_show(
 ) -> None:
     """Print the effective settings as JSON, secrets masked; unknown keys warned on stderr."""
     settings = load_settings()
+    if strict:  # refused before anything is printed, as OOGIRI_STRICT refuses
+        check_unknown_settings(settings, strict)
     print(json.dumps(settings.masked(), indent=2, ensure_ascii=False))
-    check_unknown_settings(settings, strict)
+    check_unknown_settings(settings, strict=False)  # after the JSON, where they are seen
 
 
 def check_unknown_settings(settings: Settings, strict: bool) -> None:
-    """Unknown OOGIRI_ keys (typos, settings of plugins not installed): warn, or exit 2."""
-    for key in settings.unknown_keys():
-        console.print(f"[yellow]warning:[/yellow] unknown setting {key}: nothing reads it")
-    if strict and settings.unknown_keys():
-        settings_error(UnknownSettingsError(settings.unknown_keys()))
+    """Unknown OOGIRI_ keys (typos, settings of plugins not installed): warn (never the value),
+    or exit 2 with the message strict mode gives (``OOGIRI_STRICT`` refuses in ``Settings()``)."""
+    keys = settings.unknown_keys()
+    if strict and keys:
+        settings_error(UnknownSettingsError(keys))
         raise typer.Exit(code=2)
+    for key in keys:
+        console.print(f"[yellow]warning:[/yellow] unknown setting {key}: nothing reads it")
 
 
 @db_cli.command("upgrade")

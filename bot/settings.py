@@ -7,7 +7,6 @@ that printing settings (``oogiri config show``) or logging them never leaks a to
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import threading
@@ -30,8 +29,6 @@ from pydantic_settings import (
 from bot.ab_settings import AbSettings
 from bot.moderation_settings import ModerationSettings
 from bot.plugins import add_settings_section, make_manager, settings_sections
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "请你根据这张图片，讲一个脑洞大开的梗"
 
@@ -219,15 +216,6 @@ class Settings(BaseSettings):
         """OOGIRI_ keys of env, .env and TOML that no setting reads (``where: KEY`` each)."""
         return list(self._unknown)
 
-    def report_unknown(self, strict: bool = False) -> None:
-        """Warn about each unknown key; raise ``UnknownSettingsError`` instead when strict."""
-        if not self._unknown:
-            return
-        if strict or self.strict:
-            raise UnknownSettingsError(self._unknown)
-        for key in self._unknown:
-            log.warning("unknown setting %s: no installed plugin reads it (typo?)", key)
-
     @field_validator("channels", "plugins", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
@@ -242,11 +230,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # read at each Settings(): a file the operator names must exist, the default need not
-        named = os.environ.get("OOGIRI_CONFIG_FILE")
-        if named and not Path(named).is_file():
-            raise SettingsError(f"OOGIRI_CONFIG_FILE names {named}, which is not a file")
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=named or "oogiri.toml")
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file())
         return (
             init_settings,
             env_settings,
@@ -298,6 +282,21 @@ NOT_SETTINGS = (
     "test_",
     "gpu_",
 )
+
+
+def _config_file() -> Path | None:
+    """The TOML file to read, looked up at each ``Settings()``: ``OOGIRI_CONFIG_FILE`` (``~``
+    expanded; empty or /dev/null: none), else ./oogiri.toml if there is one. A file the operator
+    names must exist: a typo would otherwise leave the whole file silently unread."""
+    named = os.environ.get("OOGIRI_CONFIG_FILE")
+    if named is None:
+        return Path("oogiri.toml")
+    if named in ("", os.devnull):
+        return None
+    path = Path(named).expanduser()
+    if not path.is_file():
+        raise SettingsError(f"OOGIRI_CONFIG_FILE names {named} ({path.absolute()}), not a file")
+    return path
 
 
 class UnknownSettingsError(ValueError):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-import logging
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+import typer
 from typer.testing import CliRunner
 
 from bot.engines.lmdeploy_server import LMDeployEngineSettings
-from bot.settings import EngineSettings, Settings, UnknownSettingsError, register_section
+from bot.cli import check_unknown_settings
+from bot.settings import DEFAULT_PROMPT, EngineSettings, Settings, register_section
 from oogiri import PluginSettings
 from plugins.discord_bot import DiscordSettings
 from plugins.telegram import TelegramSettings
@@ -69,7 +71,7 @@ def test_toml_sections_of_plugins(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 def test_unknown_keys_are_reported_from_env_and_dotenv(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dotenv = tmp_path / ".env"
     dotenv.write_text(
@@ -86,11 +88,14 @@ def test_unknown_keys_are_reported_from_env_and_dotenv(
         ".env: OOGIRI_TELEGRAM__TOKN",
         "env: OOGIRI_PROMTP",
     ]
-    with caplog.at_level(logging.WARNING):
-        s.report_unknown()
-    assert "OOGIRI_PROMTP" in caplog.text and "value-xyz" not in caplog.text  # never the value
-    with pytest.raises(UnknownSettingsError, match="OOGIRI_PROMTP"):
-        s.report_unknown(strict=True)
+    check_unknown_settings(s, strict=False)
+    warned = capsys.readouterr().err
+    assert "OOGIRI_PROMTP" in warned and "value-xyz" not in warned  # never the value
+    with pytest.raises(typer.Exit):
+        check_unknown_settings(s, strict=True)
+    refused = capsys.readouterr().err
+    assert "OOGIRI_PROMTP" in refused and "refused in strict mode" in refused
+    assert "warning" not in refused and "value-xyz" not in refused
     monkeypatch.setenv("OOGIRI_STRICT", "true")
     with pytest.raises(ValueError, match="OOGIRI_PROMTP"):
         Settings(_env_file=str(dotenv), data_dir=tmp_path)
@@ -162,10 +167,27 @@ def test_a_named_config_file_must_exist(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("OOGIRI_CONFIG_FILE", "mine.toml")
     shown = CliRunner().invoke(cli, ["config", "show"])
     assert shown.exit_code == 0 and json.loads(shown.stdout)["prompt"] == "from mine"
-    monkeypatch.setenv("OOGIRI_CONFIG_FILE", "mnie.toml")
-    missing = CliRunner().invoke(cli, ["config", "show"])
-    assert missing.exit_code == 2 and "OOGIRI_CONFIG_FILE names mnie.toml" in missing.stderr
-    monkeypatch.delenv("OOGIRI_CONFIG_FILE")  # the default oogiri.toml may be absent
+    (tmp_path / "mine.toml").write_text('prompt = "from mine"\npromtp = "x"\n')
+    shown = CliRunner().invoke(cli, ["config", "show"])
+    assert "unknown setting mine.toml: promtp" in shown.stderr  # the file it read, named
+    for missing in ("mnie.toml", str(tmp_path)):  # a typo, a folder
+        monkeypatch.setenv("OOGIRI_CONFIG_FILE", missing)
+        refused = CliRunner().invoke(cli, ["config", "show"])
+        said = " ".join(refused.stderr.split())
+        assert refused.exit_code == 2 and f"OOGIRI_CONFIG_FILE names {missing} (" in said, said
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("OOGIRI_CONFIG_FILE", "~/mine.toml")
+    shown = CliRunner().invoke(cli, ["config", "show"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["prompt"] == "from mine"
+    (tmp_path / "oogiri.toml").write_text('prompt = "from the working directory"\n')
+    for none in ("", os.devnull):  # no file at all, not even ./oogiri.toml
+        monkeypatch.setenv("OOGIRI_CONFIG_FILE", none)
+        shown = CliRunner().invoke(cli, ["config", "show"])
+        assert shown.exit_code == 0 and json.loads(shown.stdout)["prompt"] == DEFAULT_PROMPT
+    monkeypatch.delenv("OOGIRI_CONFIG_FILE")
+    shown = CliRunner().invoke(cli, ["config", "show"])
+    assert json.loads(shown.stdout)["prompt"] == "from the working directory"
+    (tmp_path / "oogiri.toml").unlink()  # the default file may be absent
     assert CliRunner().invoke(cli, ["config", "show"]).exit_code == 0
 
 

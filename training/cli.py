@@ -133,27 +133,11 @@ async def scheduler_loop(app: App) -> None:
 
 
 def load_settings() -> Settings:
-    """The settings, or one message and exit status 2 when they do not parse."""
-    from pydantic import ValidationError
+    """The settings, or the core CLI's message (each invalid OOGIRI_ variable, never its value)
+    and exit status 2 (``EXIT_USAGE``) when they do not parse."""
+    from bot.cli import load_settings as load_core_settings
 
-    from bot.settings import Settings
-
-    try:
-        return Settings()
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            loc = [str(part) for part in error.get("loc", ())]
-            name = "OOGIRI_" + "__".join(loc).upper() if loc else "settings"
-            got = repr(error.get("input"))
-            got = got if len(got) <= 60 else got[:57] + "..."
-            problems.append(f"{name} ({'.'.join(loc)}): {error.get('msg')} (got {got})")
-        console.print(
-            "error: invalid settings (environment or .env): " + "; ".join(problems),
-            highlight=False,
-            markup=False,
-        )
-        raise typer.Exit(EXIT_USAGE) from None
+    return load_core_settings()
 
 
 def exit_status(status: str, *, config_error: bool = False) -> int:

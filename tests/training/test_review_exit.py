@@ -145,7 +145,7 @@ def test_bootstrap_checks_folders_settings_and_schedule_first(
     r = invoke("train", "bootstrap")
     assert r.exit_code == EXIT_USAGE and "Traceback" not in r.output, r.output
     assert "invalid settings" in r.output and "OOGIRI_TRAINING__BATCH_SIZE" in r.output
-    assert "'four'" in r.output and r.output.strip().count("\n") == 0, r.output
+    assert "valid integer" in r.output and "four" not in r.output, r.output  # never the value
     assert hub_calls(boot["hub"]) == []
     r = invoke("train", "run")
     assert r.exit_code == EXIT_USAGE and "invalid settings" in r.output, r.output

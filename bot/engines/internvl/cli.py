@@ -11,7 +11,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bot.cli import spinner  # the core's: shown only on a terminal
 
 console = Console(stderr=True)
 dev = typer.Typer(no_args_is_help=True, help="Developer tools.")
@@ -24,12 +26,6 @@ def register(cli: Any) -> None:
             group.typer_instance.registered_commands.extend(dev.registered_commands)
             return
     cli.add_typer(dev, name="dev")
-
-
-def spinner() -> Progress:
-    return Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
-    )
 
 
 @dev.command("make-tiny-model")
