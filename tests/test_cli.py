@@ -239,6 +239,17 @@ def test_serve_on_its_defaults_logs_plain_lines(tmp_path: Path) -> None:
     assert not re.search(r"it/s\]|\d+%\||[\u2800-\u28ff]", log), log  # tqdm, rich's spinner
 
 
+def test_make_tiny_model_prints_one_line_when_piped(tmp_path: Path) -> None:
+    """No tqdm bars ("Writing model shards 0%|…") or spinner between the command and its result."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    made = subprocess.run(
+        [OOGIRI, "dev", "make-tiny-model", str(tmp_path / "m")],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert made.stderr.strip() == f"model written to {tmp_path / 'm'}", made.stderr
+
+
 # --------------------------------------------------------------------------- other commands
 
 

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bot.cli import spinner  # the core's: shown only on a terminal
+from bot.cli import no_progress_bars, spinner  # the core's: shown only on a terminal
 
 console = Console(stderr=True)
 dev = typer.Typer(no_args_is_help=True, help="Developer tools.")
@@ -46,6 +46,7 @@ def make_tiny_model_cmd(
     """Build a randomly initialised InternVL model (no downloads; tiny in seconds)."""
     from bot.engines.internvl.tinymodel import make_tiny_model
 
+    no_progress_bars()  # the spinner says what happens; transformers' bars would split it
     try:
         with spinner() as progress:
             progress.add_task(f"building {size} {layout} model …", total=None)
@@ -55,7 +56,7 @@ def make_tiny_model_cmd(
     except (ValueError, RuntimeError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2) from None
-    console.print(f"model written to {path}")
+    console.print(f"model written to {path}", soft_wrap=True)  # a path, whole
 
 
 @dev.command("convert-internvl2")
