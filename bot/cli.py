@@ -154,8 +154,6 @@ def serve(
     configure_logging(settings)
     check_unknown_settings(settings, strict)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # 7 lines of "context impl" noise
-    if not console.is_terminal:  # a service's log
-        no_progress_bars()
 
     from bot.plugins import collect
 
@@ -436,6 +434,8 @@ NO_PLUGIN_COMMANDS = frozenset({"joke"})
 
 
 def main() -> None:
+    if not console.is_terminal:  # a pipe or a service's log: no tqdm bars in it, any command
+        no_progress_bars()
     args = sys.argv[1:]
     if args and args[0] in NO_PLUGIN_COMMANDS:
         cli(prog_name="oogiri")
